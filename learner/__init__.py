@@ -1,0 +1,1 @@
+"""The learner: a torch.distributed trainer over groups of (possibly stale) completions."""

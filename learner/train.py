@@ -1,0 +1,221 @@
+"""The learner: DDP over a transformers causal LM, off-policy-aware loss, versioned weights.
+
+Start (one machine, R ranks; gloo on CPU, nccl on GPU)::
+
+    torchrun --standalone --nproc-per-node 2 -m learner.train --config configs/tiny.toml
+
+Version ``V`` = optimizer steps taken (DESIGN.md). Each step rank 0 asks the selector for the
+batch built for ``V`` (so every row has staleness ``V - v <= max_staleness``), broadcasts it, every
+rank trains on its shard, and rank 0 publishes version ``V + 1``. Checkpoints store the version,
+so a restarted learner continues the count and the rollout servers' versions stay meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import zmq
+
+from protocol.config import Config
+from protocol.messages import BatchRequest, ProtocolError, TrainBatch
+from protocol.metrics import Monitor
+from protocol.sockets import batch_client, close, recv, send
+from protocol.weights import pack_weights
+
+log = logging.getLogger("podsrl.learner")
+
+
+class BatchSource:
+    """Rank 0's side of the batches link: one request per step, re-sent if the selector went quiet."""
+
+    def __init__(self, ctx: zmq.Context, cfg: Config) -> None:
+        self.cfg = cfg
+        self.sock = batch_client(ctx, cfg.net)
+        self.request_id = 0
+        self.rejected = 0
+        self.stale_rows = 0
+
+    def get(self, version: int) -> tuple[TrainBatch, float]:
+        """The batch for learner version ``version`` and the seconds spent waiting for it."""
+        t0 = time.monotonic()
+        while True:
+            self.request_id += 1
+            send(self.sock, BatchRequest(request_id=self.request_id, version=version,
+                                         num_groups=self.cfg.learner.groups_per_step))
+            deadline = time.monotonic() + self.cfg.learner.batch_timeout_s
+            while time.monotonic() < deadline:
+                if not self.sock.poll(500):
+                    continue
+                try:
+                    _, batch = recv(self.sock, TrainBatch)
+                except ProtocolError as e:
+                    self.rejected += 1
+                    log.warning("rejected a batch: %s", e)
+                    continue
+                batch = self._fresh(batch, version)
+                if batch is not None:
+                    return batch, time.monotonic() - t0
+            log.info("no batch for version %d after %.0fs; asking the selector at %s:%d again",
+                     version, time.monotonic() - t0, self.cfg.net.selector_host, self.cfg.net.batch_port)
+
+    def _fresh(self, batch: TrainBatch, version: int) -> TrainBatch | None:
+        """Enforce the staleness bound here too: a late reply to an old request may hold stale rows."""
+        stale = version - batch.versions > self.cfg.max_staleness
+        if stale.any():
+            self.stale_rows += int(stale.sum())
+            log.warning("dropping a batch with %d rows staler than K=%d (late reply)", stale.sum(),
+                        self.cfg.max_staleness)
+            return None
+        if batch.size < self.cfg.learner.nproc:
+            self.rejected += 1
+            return None
+        return batch
+
+
+def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    if not dist.is_initialized():
+        use_cuda = cfg.learner.device == "cuda" or (cfg.learner.device == "auto" and torch.cuda.is_available())
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cfg.learner.device == "cpu" or not torch.cuda.is_available():
+        return rank, world, torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    return rank, world, torch.device("cuda", local)
+
+
+def shard(batch: TrainBatch, rank: int, world: int) -> dict[str, list[torch.Tensor] | torch.Tensor]:
+    """Rows ``rank::world`` of a batch as tensors (ragged rows as lists)."""
+    rows = np.arange(rank, batch.size, world)
+    pe = np.cumsum(batch.prompt_lens)
+    ce = np.cumsum(batch.completion_lens)
+    ps, cs = pe - batch.prompt_lens, ce - batch.completion_lens
+    t = torch.from_numpy
+    return {
+        "prompts": [t(batch.prompt_ids[ps[i]:pe[i]].astype(np.int64)) for i in rows],
+        "completions": [t(batch.completion_ids[cs[i]:ce[i]].astype(np.int64)) for i in rows],
+        "behav": [t(batch.logprobs[cs[i]:ce[i]].copy()) for i in rows],
+        "advantages": t(batch.advantages[rows].copy()),
+    }
+
+
+def pad(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    out = torch.zeros((len(rows), width), dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict, cfg: Config, world: int,
+               device: torch.device) -> dict[str, float]:
+    from learner.losses import LossConfig, LossInputs, compute_loss
+    from learner.model import completion_logprobs
+
+    logp, mask = completion_logprobs(model, data["prompts"], data["completions"], cfg.rollout.temperature, device)
+    behav = pad(data["behav"], mask.shape[1]).to(device)
+    totals = torch.tensor([mask.sum().item(), float(mask.shape[0])], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)  # global token and sequence counts, so the loss is the global mean
+    lc = cfg.learner.loss
+    loss_cfg = LossConfig(**lc.model_dump(), max_len=cfg.max_new_tokens)
+    # One optimizer step per batch: the proximal policy of decoupled PPO is the current one at step
+    # start, i.e. exactly logp without gradient; no second forward pass is needed.
+    inputs = LossInputs(logp=logp, behav_logp=behav, advantages=data["advantages"].to(device), mask=mask,
+                        prox_logp=logp.detach())
+    loss, metrics = compute_loss(inputs, loss_cfg, total_tokens=float(totals[0]), total_seqs=float(totals[1]))
+    opt.zero_grad(set_to_none=True)
+    (loss * world).backward()  # DDP averages gradients over ranks; the loss is already a global mean
+    if cfg.learner.grad_clip > 0:
+        metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.learner.grad_clip))
+    opt.step()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    from protocol.cli import common_parser, configure
+
+    parser = argparse.ArgumentParser(prog="learner.train", parents=[common_parser()], description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    cfg = configure(args, role=f"learner-{rank}", quiet=rank != 0)
+    torch.set_num_threads(cfg.learner.threads)
+    from learner.checkpoint import load_latest, save_checkpoint
+    from learner.model import build_tiny_model, load_model
+    from learner.publisher import WeightPublisher
+
+    rank, world, device = setup_distributed(cfg)
+    ctx = zmq.Context() if rank == 0 else None
+    publisher = source = monitor = None
+    try:
+        if rank == 0 and cfg.model.init == "tiny" and not cfg.model_dir.exists():
+            build_tiny_model(cfg, cfg.model_dir)
+        dist.barrier()
+        model = load_model(cfg.model_dir, device)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+        version = load_latest(cfg, model, opt) if cfg.run.resume else 0
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        model_config = model.config.to_json_string()
+        if rank == 0:
+            assert ctx is not None
+            publisher = WeightPublisher(ctx, cfg.net)
+            publisher.publish(pack_weights(model.state_dict(), version, model_config))
+            source = BatchSource(ctx, cfg)
+            monitor = Monitor(cfg.run.dir, "learner")
+            log.info("learner up: %d rank(s) on %s, version %d; %s", world, device, version, cfg.summary())
+        while version < cfg.run.steps:
+            t0 = time.monotonic()
+            box: list = [None]
+            wait_s = 0.0
+            if rank == 0:
+                assert source is not None
+                batch, wait_s = source.get(version)
+                box = [batch]
+            dist.broadcast_object_list(box, src=0)
+            batch = box[0]
+            t1 = time.monotonic()
+            metrics = train_step(ddp, opt, shard(batch, rank, world), cfg, world, device)
+            version += 1
+            if rank == 0:
+                assert publisher is not None and monitor is not None and source is not None
+                publisher.publish(pack_weights(model.state_dict(), version, model_config))
+                stale = batch.version - batch.versions
+                metrics.update({
+                    **batch.stats, "version": version, "time/wait_for_batch": wait_s,
+                    "time/train": time.monotonic() - t1, "time/step": time.monotonic() - t0,
+                    "train/samples": batch.size, "train/samples_per_s": batch.size / (time.monotonic() - t0),
+                    "staleness/mean": float(stale.mean()), "staleness/max": int(stale.max()),
+                    **{f"staleness/hist_{k}": int((stale == k).sum()) for k in range(cfg.max_staleness + 1)},
+                    "learner/batches_rejected": source.rejected, "learner/stale_rows_dropped": source.stale_rows,
+                    "reward/kept_mean": float(batch.rewards.mean())})
+                monitor.log(version, metrics)
+            every = cfg.learner.checkpoint_every
+            if (every and version % every == 0) or version == cfg.run.steps:
+                save_checkpoint(cfg, model, opt, version, rank)
+        if rank == 0:
+            assert publisher is not None
+            publisher.publish(pack_weights(model.state_dict(), version, model_config), final=True)
+            log.info("learner done at version %d", version)
+    finally:
+        if publisher is not None:
+            publisher.close()
+        if source is not None:
+            close(source.sock)
+        if monitor is not None:
+            monitor.close()
+        if ctx is not None:
+            ctx.term()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The wire contract every podsrl process speaks: messages, codec, sockets, config, metrics."""

@@ -1,0 +1,261 @@
+"""The typed run configuration: one TOML file per run, every key overridable as ``section.key=value``.
+
+Every process parses the same file and reads its own section. Unknown keys are errors. The full
+reference with defaults is ``docs/CONFIG.md``; ``configs/tiny.toml`` is the default run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(Section):
+    dir: str = Field("runs/tiny", description="run directory: metrics, checkpoints, model, logs")
+    seed: int = Field(0, description="base seed; each process derives its own from it")
+    steps: int = Field(600, ge=1, description="optimizer steps (= policy versions) to train")
+    resume: bool = Field(True, description="continue from the run directory's latest checkpoint if there is one")
+
+
+class TinyModelConfig(Section):
+    hidden_size: int = Field(64, ge=8, description="width of the tiny Llama built when model.init='tiny'")
+    num_layers: int = Field(2, ge=1, description="decoder layers")
+    num_heads: int = Field(4, ge=1, description="attention heads")
+    intermediate_size: int = Field(128, ge=8, description="MLP width")
+
+
+class ModelConfig(Section):
+    path: str = Field("", description="local model directory; '' means <run.dir>/model")
+    init: Literal["tiny", "pretrained"] = Field(
+        "tiny", description="'tiny': build a small Llama from model.tiny if path is empty; 'pretrained': path must exist")
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+# Token layout of the built-in tasks, shared by the task (rollout side) and the tiny model (learner side).
+PAD_ID, BOS_ID, SEP_ID, EOS_ID = 0, 1, 2, 3
+NUM_SPECIAL = 4
+
+
+class TaskConfig(Section):
+    type: Literal["copy", "reverse"] = Field("copy", description="built-in task (rollout_server/tasks.py)")
+    length: int = Field(3, ge=1, le=32, description="symbols per prompt")
+    symbols: int = Field(12, ge=2, le=200, description="alphabet size")
+
+
+class EngineConfig(Section):
+    type: Literal["torch", "vllm"] = Field("torch", description="generation engine; vllm needs a CUDA GPU")
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vllm only")
+
+
+class RolloutConfig(Section):
+    servers: int = Field(2, ge=0, description="rollout servers the launcher starts on this machine")
+    group_size: int = Field(16, ge=1, description="n: completions sampled per prompt")
+    prompts_per_call: int = Field(4, ge=1, description="prompts generated together in one engine call")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (log-probs are of this distribution)")
+    max_new_tokens: int = Field(0, ge=0, description="0 = the task's answer length + 1")
+    threads: int = Field(1, ge=1, description="torch threads per rollout server")
+    heartbeat_s: float = Field(2.0, gt=0, description="heartbeat period to the selector")
+    engine: EngineConfig = EngineConfig()
+
+
+class SelectorConfig(Section):
+    rule: Literal["max_variance", "max_reward", "random", "all"] = Field(
+        "max_variance", description="down-sampling rule (PODS max_variance; 'all' = plain GRPO)")
+    keep: int = Field(4, ge=1, description="m: completions kept per group (ignored by rule='all')")
+    zero_variance: Literal["drop", "keep"] = Field(
+        "keep", description="groups whose kept rewards are all equal: 'keep' (zero advantage) or 'drop' (DAPO); "
+        "'drop' starves the learner once the task is solved")
+    adv_norm: Literal["std", "mean"] = Field("std", description="(r-mean)/(std+eps), or mean-centred only")
+    buffer_groups: int = Field(256, ge=1, description="processed groups held; full buffer = back-pressure")
+    peer_timeout_s: float = Field(10.0, gt=0, description="a rollout server silent this long is reported dead")
+
+
+class LossSettings(Section):
+    type: Literal["grpo_is", "decoupled_ppo", "tis", "m2po", "rec_oneside"] = Field(
+        "grpo_is", description="policy loss (docs/LOSSES.md)")
+    clip_low: float = Field(0.2, ge=0, lt=1, description="epsilon_low of the clipped ratio")
+    clip_high: float = Field(0.28, ge=0, description="epsilon_high (DAPO clip-higher)")
+    tis_cap: float = Field(2.0, gt=0, description="C: truncation of the importance weight (tis)")
+    behav_cap: float = Field(2.0, gt=0, description="cap on pi_prox/pi_behav (decoupled_ppo)")
+    m2_tau: float = Field(0.04, gt=0, description="M2PO second-moment threshold")
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "constant"] = Field(
+        "token_mean", description="how token losses become one number")
+
+
+class LearnerConfig(Section):
+    nproc: int = Field(1, ge=1, description="torchrun ranks (processes) on this machine")
+    groups_per_step: int = Field(8, ge=1, description="groups per optimizer step")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables")
+    checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints; 0 = only at the end")
+    threads: int = Field(1, ge=1, description="torch threads per rank")
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda'")
+    batch_timeout_s: float = Field(30.0, gt=0, description="re-send a batch request after this long without one")
+    loss: LossSettings = LossSettings()
+
+
+class NetConfig(Section):
+    bind_host: str = Field("127.0.0.1", description="address the selector and learner bind ('0.0.0.0' for remote servers)")
+    selector_host: str = Field("127.0.0.1", description="where rollout servers and the learner find the selector")
+    learner_host: str = Field("127.0.0.1", description="where rollout servers and the selector find the learner")
+    group_port: int = Field(5555, ge=1, le=65535, description="groups link (selector PULL)")
+    batch_port: int = Field(5556, ge=1, le=65535, description="batches link (selector ROUTER)")
+    announce_port: int = Field(5557, ge=1, le=65535, description="announce link (learner PUB)")
+    weights_port: int = Field(5558, ge=1, le=65535, description="weights link (learner ROUTER)")
+    group_hwm: int = Field(64, ge=1, description="selector receive queue, in messages")
+    max_group_mib: int = Field(16, ge=1, description="a larger group message is rejected and counted")
+    max_batch_mib: int = Field(1024, ge=1, description="largest train batch the learner accepts")
+    send_timeout_s: float = Field(1.0, gt=0, description="rollout: wait this long for the selector, then retry")
+    weights_timeout_s: float = Field(60.0, gt=0, description="rollout: give up a weight fetch after this long")
+
+
+class Config(Section):
+    max_staleness: int = Field(2, ge=0, description="K: no sample with learner_version - sample_version > K is trained")
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    selector: SelectorConfig = SelectorConfig()
+    learner: LearnerConfig = LearnerConfig()
+    net: NetConfig = NetConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.selector.rule != "all" and self.selector.keep > self.rollout.group_size:
+            raise ValueError(f"selector.keep={self.selector.keep} > rollout.group_size={self.rollout.group_size}: "
+                             "cannot keep more completions than are sampled")
+        if self.samples_per_step < self.learner.nproc:
+            raise ValueError(f"{self.samples_per_step} samples per step cannot feed learner.nproc={self.learner.nproc} "
+                             "ranks: raise learner.groups_per_step")
+        if self.model.init == "pretrained" and not self.model.path:
+            raise ValueError("model.init='pretrained' needs model.path=<local directory>")
+        return self
+
+    # Derived sizes, computed once here and logged by every process at start-up.
+    @property
+    def kept_per_group(self) -> int:
+        return self.rollout.group_size if self.selector.rule == "all" else self.selector.keep
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.learner.groups_per_step * self.kept_per_group
+
+    @property
+    def vocab_size(self) -> int:
+        return self.task.symbols + NUM_SPECIAL
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.rollout.max_new_tokens or self.task.length + 1
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.model.path) if self.model.path else Path(self.run.dir) / "model"
+
+    def summary(self) -> str:
+        return (f"K={self.max_staleness} n={self.rollout.group_size} m={self.kept_per_group} "
+                f"rule={self.selector.rule} groups/step={self.learner.groups_per_step} "
+                f"samples/step={self.samples_per_step} loss={self.learner.loss.type} steps={self.run.steps}")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=3`` -> (["a", "b"], 3); the value is read as TOML, else taken as a string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r} is not key=value (e.g. learner.lr=1e-3)")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML run file (or the defaults) and apply dotted overrides; raise ValueError on any error."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        problems = "\n".join(f"  {'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']} (got {err['input']!r})"
+                             for err in e.errors())
+        raise ValueError(f"invalid config{f' {path}' if path else ''}:\n{problems}\n"
+                         "Every key is listed in docs/CONFIG.md (or: podsrl config --reference).") from None
+
+
+def to_toml(cfg: Config) -> str:
+    """The complete resolved config as TOML, written into the run directory for the record."""
+    lines: list[str] = []
+
+    def emit(prefix: str, model: BaseModel) -> None:
+        subs = []
+        for name, value in model:
+            if isinstance(value, BaseModel):
+                subs.append((f"{prefix}{name}", value))
+            else:
+                lines.append(f"{name} = {_toml_value(value)}")
+        for sub_name, sub in subs:
+            lines.append(f"\n[{sub_name}]")
+            emit(f"{sub_name}.", sub)
+
+    emit("", cfg)
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def config_reference() -> str:
+    """docs/CONFIG.md's tables, generated from the field descriptions (a test keeps them in sync)."""
+    out = ["# Configuration reference", "",
+           "Generated by `podsrl config --reference` from `protocol/config.py`; do not edit by hand.",
+           "A run is one TOML file (`configs/tiny.toml` is the default); any key can be overridden on the",
+           "command line as `section.key=value`, e.g. `podsrl run max_staleness=0 learner.loss.type=tis`.",
+           "Unknown keys and out-of-range values are errors that name the key.", ""]
+
+    def table(title: str, model: type[BaseModel]) -> None:
+        rows, subs = [], []
+        for name, f in model.model_fields.items():
+            if isinstance(f.default, BaseModel):
+                subs.append((f"{title}.{name}" if title else name, type(f.default)))
+                continue
+            ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+            bounds = ", ".join(f"{sym} {getattr(m, op)}" for m in f.metadata for op, sym in ops.items()
+                               if hasattr(m, op))
+            rows.append(f"| `{name}` | `{_toml_value(f.default)}` | {f.description}{f' ({bounds})' if bounds else ''} |")
+        if rows:
+            out.extend([f"## `[{title}]`" if title else "## top level", "", "| key | default | meaning |",
+                        "|---|---|---|", *rows, ""])
+        for sub_title, sub in subs:
+            table(sub_title, sub)
+
+    table("", Config)
+    return "\n".join(out)

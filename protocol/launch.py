@@ -1,0 +1,169 @@
+"""``podsrl run``: start the selector, the learner (torchrun) and R rollout servers on this machine.
+
+Each child is its own process (own session, so torchrun's workers go with it), logging to
+``<run>/logs/<name>.log``. The launcher prints one progress line per learner step from the
+learner's metrics file, and ends when the learner does: the rest exit on its final announcement
+and are terminated if they linger. Ctrl-C or SIGTERM stops everything; no child outlives the
+launcher. Exit status: 0 if every child succeeded, 1 if any failed (its log tail is printed),
+130 if interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from protocol.cli import configure, torchrun_command
+from protocol.config import Config, to_toml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Child:
+    name: str
+    cmd: list[str]
+    proc: subprocess.Popen | None = None
+    log: IO[bytes] | None = None
+
+    def start(self, logs: Path, env: dict[str, str]) -> None:
+        self.log = (logs / f"{self.name}.log").open("ab")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=os.getcwd())
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+
+def log_tail(run_dir: Path, name: str, lines: int = 15) -> str:
+    path = run_dir / "logs" / f"{name}.log"
+    text = path.read_text(errors="replace").splitlines() if path.exists() else []
+    return "\n".join(f"    {line}" for line in text[-lines:])
+
+
+def children(cfg: Config, config_path: Path) -> list[Child]:
+    py, conf = sys.executable, ["--config", str(config_path)]
+    kids = [Child("selector", [py, "-m", "selector.server", *conf]),
+            Child("learner", torchrun_command(str(config_path), [], cfg.learner.nproc))]
+    for i in range(cfg.rollout.servers):
+        kids.append(Child(f"rollout-{i}", [py, "-m", "rollout_server.server", *conf, "--server-id", f"rollout-{i}",
+                                           "--seed", str(cfg.run.seed * 1000 + i)]))
+    return kids
+
+
+class Progress:
+    """Follows ``metrics/learner.jsonl`` and prints one line per step."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.path = Path(cfg.run.dir) / "metrics" / "learner.jsonl"
+        self.offset = self.path.stat().st_size if self.path.exists() else 0  # skip earlier runs' records
+        self.rewards: list[float] = []
+        self.t0 = time.monotonic()
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open() as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        end = chunk.rfind("\n") + 1
+        self.offset += len(chunk[:end].encode())
+        for line in chunk[:end].splitlines():
+            m = json.loads(line)
+            self.rewards.append(m.get("reward/mean") or 0.0)
+            print(f"step {m['step']:>4}/{self.cfg.run.steps}  reward {self.rewards[-1]:.3f}  "
+                  f"staleness {m.get('staleness/mean', 0):.2f} (max {m.get('staleness/max', 0)}, K={self.cfg.max_staleness})  "
+                  f"{m.get('train/samples_per_s', 0):6.1f} samples/s  wait {m.get('time/wait_for_batch', 0):5.2f}s  "
+                  f"dropped {m.get('staleness/dropped', 0)}  {time.monotonic() - self.t0:5.0f}s", flush=True)
+
+    def summary(self) -> str:
+        r = self.rewards
+        if not r:
+            return "no steps completed"
+        k = max(1, len(r) // 10)
+        first, last = sum(r[:k]) / k, sum(r[-k:]) / k
+        return (f"{len(r)} steps in {time.monotonic() - self.t0:.0f}s; mean reward first 10% {first:.3f} "
+                f"-> last 10% {last:.3f}")
+
+
+def launch(args: argparse.Namespace) -> int:
+    cfg = configure(args, role="launcher")
+    run_dir = Path(cfg.run.dir)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.toml"
+    config_path.write_text(to_toml(cfg))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    print(f"podsrl run: {cfg.summary()}\n  run dir {run_dir}  (logs in {run_dir / 'logs'}, metrics in "
+          f"{run_dir / 'metrics'})", flush=True)
+    kids = children(cfg, config_path)
+    progress = Progress(cfg)
+    interrupted = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    failed: list[str] = []
+    try:
+        for kid in kids:
+            kid.start(run_dir / "logs", env)
+        # Each child leads its own process group (torchrun's workers included): tests and users can
+        # check that none outlives the run.
+        (run_dir / "pids.json").write_text(json.dumps({k.name: k.proc.pid for k in kids if k.proc}))
+        learner = next(k for k in kids if k.name == "learner")
+        while not interrupted:
+            time.sleep(0.5)
+            progress.poll()
+            for kid in kids:
+                rc = kid.proc.poll() if kid.proc else None
+                if rc is not None and rc != 0 and kid.name not in failed:
+                    failed.append(kid.name)
+                    print(f"\n{kid.name} exited with status {rc}; last lines of its log:\n{log_tail(run_dir, kid.name)}",
+                          file=sys.stderr, flush=True)
+            rollouts_alive = any(k.proc.poll() is None for k in kids if k.name.startswith("rollout") and k.proc)
+            if learner.proc.poll() is not None or "selector" in failed or (cfg.rollout.servers and not rollouts_alive):
+                break
+        progress.poll()
+        if not interrupted:
+            deadline = time.monotonic() + 15  # the rest leave on the learner's final announcement
+            while time.monotonic() < deadline and any(k.proc.poll() is None for k in kids if k.proc):
+                time.sleep(0.2)
+    finally:
+        for kid in kids:
+            kid.stop()
+        deadline = time.monotonic() + 10
+        for kid in kids:
+            if kid.proc is not None:
+                try:
+                    kid.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    kid.stop(signal.SIGKILL)
+                    kid.proc.wait()
+            if kid.log is not None:
+                kid.log.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    print(f"podsrl run: {progress.summary()}", flush=True)
+    if interrupted:
+        print("podsrl run: interrupted; all processes stopped", file=sys.stderr)
+        return 130
+    if learner.proc.returncode != 0 and "learner" not in failed:
+        failed.append("learner")
+    if failed:
+        print(f"podsrl run: failed: {', '.join(failed)} (logs in {run_dir / 'logs'})", file=sys.stderr)
+        return 1
+    return 0

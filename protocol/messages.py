@@ -1,0 +1,229 @@
+"""Every message podsrl processes exchange, as typed frozen dataclasses.
+
+Scalars travel in a msgpack header; arrays travel as raw little-endian frames described by
+``ARRAYS`` (dtype, ndim). :mod:`protocol.codec` turns these into frames and back, strictly:
+a payload either decodes into one of these types with every invariant of :meth:`check` true,
+or raises :class:`ProtocolError`. Change ``PROTOCOL_VERSION`` with any change to this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+I32, I64, F32, U8 = np.dtype("<i4"), np.dtype("<i8"), np.dtype("<f4"), np.dtype("u1")
+
+
+class ProtocolError(ValueError):
+    """A payload that is not a valid message. ``reason`` is a short counter key."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _require(ok: bool, detail: str) -> None:
+    if not ok:
+        raise ProtocolError("invariant", detail)
+
+
+def _ragged(flat: np.ndarray, lens: np.ndarray, what: str) -> None:
+    """``flat`` is the concatenation of rows whose lengths are ``lens``."""
+    _require(bool((lens >= 0).all()), f"{what}: negative lengths")
+    _require(int(lens.sum()) == flat.shape[0], f"{what}: lengths sum {int(lens.sum())} != {flat.shape[0]} items")
+
+
+class Message:
+    """Base of all messages. ``ARRAYS`` maps array fields to (dtype, ndim)."""
+
+    TYPE: ClassVar[str]
+    ARRAYS: ClassVar[dict[str, tuple[np.dtype, int]]] = {}
+
+    def check(self) -> None:
+        """Cross-field invariants; raise ProtocolError. Field types are checked by the codec."""
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """A rollout server announces itself to the selector when it (re)joins."""
+
+    TYPE: ClassVar[str] = "hello"
+    server_id: str
+    host: str
+    pid: int
+    engine: str
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """A rollout server is alive; sent on the group channel every ``heartbeat_s``."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    server_id: str
+    version: int
+    groups_sent: int
+    state: str  # "generating" | "waiting_for_weights" | "loading_weights"
+
+
+@dataclass(frozen=True)
+class ScoredGroup(Message):
+    """The n completions of one prompt, sampled with policy ``version``, scored by the task's verifier."""
+
+    TYPE: ClassVar[str] = "scored_group"
+    ARRAYS: ClassVar[dict[str, tuple[np.dtype, int]]] = {
+        "prompt_ids": (I32, 1),
+        "completion_ids": (I32, 1),  # n completions concatenated
+        "completion_lens": (I32, 1),  # [n]
+        "logprobs": (F32, 1),  # behaviour log-prob of each completion token
+        "rewards": (F32, 1),  # [n]
+    }
+    server_id: str
+    group_id: int
+    version: int
+    task: str
+    gen_seconds: float
+    prompt_ids: np.ndarray
+    completion_ids: np.ndarray
+    completion_lens: np.ndarray
+    logprobs: np.ndarray
+    rewards: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.rewards.shape[0])
+
+    def check(self) -> None:
+        _require(self.version >= 0, f"version must be >= 0, got {self.version}")
+        _require(self.prompt_ids.shape[0] > 0, "empty prompt")
+        _require(self.completion_lens.shape[0] == self.n, "completion_lens and rewards differ in length")
+        _require(self.n > 0, "a group needs at least one completion")
+        _ragged(self.completion_ids, self.completion_lens, "completion_ids")
+        _require(self.logprobs.shape == self.completion_ids.shape, "logprobs and completion_ids differ in length")
+        _require(bool((self.logprobs <= 1e-4).all()), "log-probs must be <= 0")
+
+
+@dataclass(frozen=True)
+class BatchRequest(Message):
+    """The learner (rank 0) asks the selector for the batch that makes version ``version + 1``."""
+
+    TYPE: ClassVar[str] = "batch_request"
+    request_id: int
+    version: int
+    num_groups: int
+
+    def check(self) -> None:
+        _require(self.version >= 0 and self.num_groups > 0, "version >= 0 and num_groups > 0 required")
+
+
+@dataclass(frozen=True)
+class TrainBatch(Message):
+    """Down-sampled, advantage-annotated samples for one optimizer step (one row per completion)."""
+
+    TYPE: ClassVar[str] = "train_batch"
+    ARRAYS: ClassVar[dict[str, tuple[np.dtype, int]]] = {
+        "prompt_ids": (I32, 1),
+        "prompt_lens": (I32, 1),  # [B]
+        "completion_ids": (I32, 1),
+        "completion_lens": (I32, 1),  # [B]
+        "logprobs": (F32, 1),
+        "advantages": (F32, 1),  # [B]
+        "rewards": (F32, 1),  # [B]
+        "versions": (I64, 1),  # [B] policy version that generated each row
+        "group_index": (I32, 1),  # [B] which group of this batch a row came from
+        "server_index": (I32, 1),  # [B] index into ``servers``
+    }
+    request_id: int
+    version: int  # learner version the batch was assembled for
+    servers: list
+    stats: dict  # selector counters since the previous batch (str -> number)
+    prompt_ids: np.ndarray
+    prompt_lens: np.ndarray
+    completion_ids: np.ndarray
+    completion_lens: np.ndarray
+    logprobs: np.ndarray
+    advantages: np.ndarray
+    rewards: np.ndarray
+    versions: np.ndarray
+    group_index: np.ndarray
+    server_index: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.prompt_lens.shape[0])
+
+    def check(self) -> None:
+        b = self.size
+        for name in ("completion_lens", "advantages", "rewards", "versions", "group_index", "server_index"):
+            _require(getattr(self, name).shape[0] == b, f"{name} has {getattr(self, name).shape[0]} rows, expected {b}")
+        _ragged(self.prompt_ids, self.prompt_lens, "prompt_ids")
+        _ragged(self.completion_ids, self.completion_lens, "completion_ids")
+        _require(self.logprobs.shape == self.completion_ids.shape, "logprobs and completion_ids differ in length")
+        _require(all(isinstance(s, str) for s in self.servers), "servers must be strings")
+        _require(b == 0 or int(self.server_index.max()) < len(self.servers), "server_index out of range")
+        _require(all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in self.stats.items()),
+                 "stats must map str to numbers")
+
+
+@dataclass(frozen=True)
+class WeightsAnnouncement(Message):
+    """Published by the learner after each new version; ``final`` tells everyone the run is over."""
+
+    TYPE: ClassVar[str] = "weights_announcement"
+    version: int
+    nbytes: int
+    crc32: int
+    final: bool
+
+
+@dataclass(frozen=True)
+class WeightsRequest(Message):
+    """A rollout server asks for a version's weights; ``version = -1`` means the latest."""
+
+    TYPE: ClassVar[str] = "weights_request"
+    version: int
+
+
+@dataclass(frozen=True)
+class Weights(Message):
+    """A complete policy version: one contiguous byte buffer and the manifest to slice it.
+
+    ``tensors`` is a list of ``[name, torch_dtype, shape, offset, nbytes]``; ``model_config`` is the
+    transformers config as JSON, so a rollout server on any machine can build the model with no files.
+    """
+
+    TYPE: ClassVar[str] = "weights"
+    ARRAYS: ClassVar[dict[str, tuple[np.dtype, int]]] = {"data": (U8, 1)}
+    version: int
+    crc32: int
+    model_config: str
+    tensors: list
+    data: np.ndarray = field(repr=False)
+
+    def check(self) -> None:
+        end = 0
+        for entry in self.tensors:
+            _require(isinstance(entry, list) and len(entry) == 5, f"bad tensor entry {entry!r}")
+            name, dtype, shape, offset, nbytes = entry
+            _require(isinstance(name, str) and isinstance(dtype, str) and isinstance(shape, list),
+                     f"bad tensor entry {name!r}")
+            _require(offset == end and nbytes >= 0, f"tensor {name} is not contiguous in the buffer")
+            end = offset + nbytes
+        _require(end == self.data.shape[0], f"manifest covers {end} bytes, buffer has {self.data.shape[0]}")
+
+
+MESSAGES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (Hello, Heartbeat, ScoredGroup, BatchRequest, TrainBatch, WeightsAnnouncement, WeightsRequest, Weights)
+}
+
+
+def scalar_fields(cls: type[Message]) -> dict[str, Any]:
+    """Name -> Python type of every non-array field (the annotation strings are resolved here)."""
+    kinds = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
+    return {f.name: kinds[str(f.type)] for f in dataclasses.fields(cls) if f.name not in cls.ARRAYS}  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Selector process: down-samples groups of completions (PODS) and computes advantages."""

@@ -1,0 +1,246 @@
+"""The selector: gate staleness, down-sample each group with PODS, batch, serve the learner.
+
+Start alone::
+
+    podsrl selector --config configs/tiny.toml net.bind_host=0.0.0.0
+
+Groups arrive from any number of rollout servers (PULL). A group whose staleness would exceed
+``max_staleness`` is dropped and counted, at arrival and again when a batch is cut for a learner
+version. Kept groups wait in a bounded FIFO; when it is full the selector stops reading, which
+back-pressures the rollout servers instead of buffering without bound. The learner asks for each
+batch (ROUTER), so a batch is always built for the exact version it will train. One plain loop
+with a ``zmq.Poller``; malformed messages are rejected, counted and logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from protocol.config import Config
+from protocol.messages import (
+    BatchRequest,
+    Heartbeat,
+    Hello,
+    ProtocolError,
+    ScoredGroup,
+    TrainBatch,
+    WeightsAnnouncement,
+)
+from protocol.metrics import Monitor
+from protocol.sockets import MIB, announce_subscriber, batch_server, close, group_receiver, recv, send
+from selector.batch import KeptGroup, build_batch, keep_group
+
+log = logging.getLogger("podsrl.selector")
+
+
+@dataclass
+class Peer:
+    """What the selector knows of one rollout server."""
+
+    last_seen: float
+    version: int = -1
+    state: str = "joined"
+    groups: int = 0
+    dead: bool = False
+
+
+@dataclass
+class Selector:
+    cfg: Config
+    ctx: zmq.Context = field(default_factory=zmq.Context)
+
+    def __post_init__(self) -> None:
+        self.groups = group_receiver(self.ctx, self.cfg.net)
+        self.batches = batch_server(self.ctx, self.cfg.net)
+        self.sub = announce_subscriber(self.ctx, self.cfg.net)
+        self.buffer: deque[KeptGroup] = deque()
+        self.pending: tuple[list[bytes], BatchRequest] | None = None
+        self.version = 0  # newest learner version seen (announcements and requests)
+        self.peers: dict[str, Peer] = {}
+        self.counts: Counter[str] = Counter()  # since the last batch; reset when a batch is sent
+        self.totals: Counter[str] = Counter()  # since start
+        self.rng = np.random.default_rng(self.cfg.run.seed)
+        self.monitor = Monitor(self.cfg.run.dir, "selector", tensorboard=False)
+        self.stopping = False
+        self.batches_sent = 0
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counts[key] += n
+        self.totals[key] += n
+
+    # -- handlers ------------------------------------------------------------------------------
+    def on_group_socket(self) -> None:
+        try:
+            _, msg = recv(self.groups, (Hello, Heartbeat, ScoredGroup), max_bytes=self.cfg.net.max_group_mib * MIB)
+        except ProtocolError as e:
+            self.count(f"rejected/{e.reason}")
+            log.warning("rejected a message on the groups link (%s); %d rejected so far",
+                        e, sum(v for k, v in self.totals.items() if k.startswith("rejected/")))
+            return
+        peer = self.peers.get(msg.server_id)
+        if peer is None:
+            peer = self.peers[msg.server_id] = Peer(last_seen=time.monotonic())
+            log.info("rollout server %s joined (%s)", msg.server_id, type(msg).__name__)
+        elif peer.dead:
+            log.info("rollout server %s is back", msg.server_id)
+            peer.dead = False
+        peer.last_seen = time.monotonic()
+        if isinstance(msg, Heartbeat):
+            peer.version, peer.state = msg.version, msg.state
+        elif isinstance(msg, ScoredGroup):
+            peer.version, peer.groups = msg.version, peer.groups + 1
+            self.on_group(msg)
+
+    def drop_stale(self, server_id: str) -> None:
+        """Never train on s > K (DESIGN.md): drop and count, per rollout server too."""
+        self.count("staleness/dropped")
+        self.count(f"staleness/dropped/{server_id}")
+
+    def on_group(self, group: ScoredGroup) -> None:
+        self.count("groups/received")
+        if self.version - group.version > self.cfg.max_staleness:
+            self.drop_stale(group.server_id)
+            return
+        kept = keep_group(group, self.cfg.selector, self.cfg.kept_per_group, self.rng)
+        if kept is None:
+            self.count("selector/zero_variance_dropped")
+            self._warn_starving()
+            return
+        if kept.zero_variance:
+            self.count("selector/zero_variance_kept")
+        self.buffer.append(kept)
+
+    def _warn_starving(self) -> None:
+        dropped, received = self.totals["selector/zero_variance_dropped"], self.totals["groups/received"]
+        if dropped in (1000, 10000, 100000) and dropped > 0.9 * received:
+            log.warning("%d of %d groups had zero reward variance and were dropped: the task is solved or too "
+                        "hard for this policy, and the learner is starved. Set selector.zero_variance=keep, or "
+                        "change the task", dropped, received)
+
+    def on_request(self) -> None:
+        try:
+            route, req = recv(self.batches, BatchRequest, routed=True)
+        except ProtocolError as e:
+            self.count(f"rejected/{e.reason}")
+            log.warning("rejected a message on the batches link (%s)", e)
+            return
+        self.version = max(self.version, req.version)
+        self.pending = (route, req)  # a re-sent request replaces the one it repeats
+
+    def on_announcement(self) -> None:
+        try:
+            _, msg = recv(self.sub, WeightsAnnouncement)
+        except ProtocolError as e:
+            self.count(f"rejected/{e.reason}")
+            return
+        self.version = max(self.version, msg.version)
+        if msg.final:
+            self.stopping = True
+
+    def try_serve(self) -> None:
+        if self.pending is None:
+            return
+        route, req = self.pending
+        if any(req.version - g.version > self.cfg.max_staleness for g in self.buffer):
+            for g in self.buffer:
+                if req.version - g.version > self.cfg.max_staleness:
+                    self.drop_stale(g.server_id)
+            self.buffer = deque(g for g in self.buffer if req.version - g.version <= self.cfg.max_staleness)
+        if len(self.buffer) < req.num_groups:
+            return
+        take = [self.buffer.popleft() for _ in range(req.num_groups)]
+        stats = {**self.counts, "selector/buffer_groups": len(self.buffer), "selector/peers_alive":
+                 sum(not p.dead for p in self.peers.values())}
+        batch = build_batch(take, req, stats)
+        try:
+            send(self.batches, batch, *route)
+        except zmq.ZMQError as e:  # the learner went away: keep the groups for whoever asks next
+            self.buffer.extendleft(reversed(take))
+            self.count("selector/undeliverable_batches")
+            log.warning("batch for learner version %d undeliverable (%s); groups kept", req.version, e)
+        else:
+            self.batches_sent += 1
+            self.monitor.log(req.version, self._metrics(batch))
+            self.counts.clear()
+        self.pending = None
+
+    def _metrics(self, batch: TrainBatch) -> dict[str, float]:
+        stale = batch.version - batch.versions
+        return {**batch.stats, "selector/batch_rows": batch.size, "staleness/mean": float(stale.mean()),
+                "staleness/max": int(stale.max()), "reward/kept_mean": float(batch.rewards.mean())}
+
+    def check_peers(self) -> None:
+        """Report silent rollout servers. Only meaningful while we read the groups link: under
+        back-pressure their heartbeats queue up unread, so reading resumes with a fresh grace period."""
+        now = time.monotonic()
+        for sid, peer in self.peers.items():
+            if not peer.dead and now - peer.last_seen > self.cfg.selector.peer_timeout_s:
+                peer.dead = True
+                self.count("peers/dead")
+                self.count(f"peers/dead/{sid}")
+                log.warning("rollout server %s silent for %.0fs: marked dead (its groups so far are kept)",
+                            sid, now - peer.last_seen)
+
+    # -- loop ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        log.info("selector up: groups on :%d, batches on :%d; %s", self.cfg.net.group_port,
+                 self.cfg.net.batch_port, self.cfg.summary())
+        poller = zmq.Poller()
+        poller.register(self.batches, zmq.POLLIN)
+        poller.register(self.sub, zmq.POLLIN)
+        reading = False
+        last_check = time.monotonic()
+        try:
+            while not self.stopping:
+                want = len(self.buffer) < self.cfg.selector.buffer_groups  # full buffer: back-pressure
+                if want != reading:
+                    (poller.register if want else poller.unregister)(self.groups, *([zmq.POLLIN] if want else []))
+                    reading = want
+                    if reading:
+                        for peer in self.peers.values():
+                            peer.last_seen = max(peer.last_seen, time.monotonic())
+                events = dict(poller.poll(200))
+                if self.groups in events:
+                    for _ in range(64):  # drain a burst before serving, without starving the other links
+                        self.on_group_socket()
+                        if not self.groups.poll(0) or len(self.buffer) >= self.cfg.selector.buffer_groups:
+                            break
+                if self.sub in events:
+                    self.on_announcement()
+                if self.batches in events:
+                    self.on_request()
+                self.try_serve()
+                if reading and time.monotonic() - last_check > 1.0:
+                    self.check_peers()
+                    last_check = time.monotonic()
+        finally:
+            log.info("selector stopping: %s", dict(self.totals))
+            self.monitor.log(self.version, {f"total/{k}": v for k, v in self.totals.items()})
+            close(self.groups, self.batches, self.sub)
+            self.ctx.term()
+            self.monitor.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from protocol.cli import common_parser, configure
+
+    parser = argparse.ArgumentParser(prog="podsrl selector", parents=[common_parser()], description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cfg = configure(parser.parse_args(argv), role="selector")
+    selector = Selector(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(selector, "stopping", True))
+    selector.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The whole pipeline through the launcher: real processes, sockets, gloo process group, tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, child_env
+
+from protocol.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def podsrl_run(run_dir: Path, overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "protocol.cli", "run", "--config", str(ROOT / "configs/tiny.toml"),
+           f"run.dir={run_dir}", "learner.checkpoint_every=0", *overrides]
+    return subprocess.run(cmd, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_all_exited(run_dir: Path) -> None:
+    for pgid in json.loads((run_dir / "pids.json").read_text()).values():
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pgid, 0)  # no process of that child's group (torchrun's workers included) remains
+
+
+def first_last(values: list[float]) -> tuple[float, float]:
+    k = max(1, len(values) // 10)
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+def test_async_two_ranks_learns_within_staleness_bound(run_dir, net_overrides):
+    k = 2
+    res = podsrl_run(run_dir, [f"max_staleness={k}", "learner.nproc=2", "run.steps=200", *net_overrides])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert_all_exited(run_dir)
+    steps = read_metrics(run_dir / "metrics" / "learner.jsonl")
+    assert [m["step"] for m in steps] == list(range(1, 201))
+    assert all(m["staleness/max"] <= k for m in steps), "a sample staler than K was trained on"
+    assert max(m["staleness/max"] for m in steps) >= 1, "the async run never overlapped generation and training"
+    first, last = first_last([m["reward/mean"] for m in steps])
+    assert last > first + 0.15, f"reward did not rise: {first:.3f} -> {last:.3f}"
+    assert "mean reward first 10%" in res.stdout
+    # Both rollout servers contributed and the final checkpoint holds the version.
+    assert {"rollout-0", "rollout-1"} <= {p for p in (run_dir / "metrics").glob("rollout-*.jsonl")
+                                          for p in [p.stem.removeprefix("rollout-")]}
+    assert (run_dir / "checkpoints" / "latest").read_text() == "v000200"
+
+
+def test_synchronous_baseline_k0_same_code_path(run_dir, net_overrides):
+    res = podsrl_run(run_dir, ["max_staleness=0", "run.steps=250", *net_overrides])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert_all_exited(run_dir)
+    steps = read_metrics(run_dir / "metrics" / "learner.jsonl")
+    assert len(steps) == 250 and all(m["staleness/max"] == 0 for m in steps)
+    first, last = first_last([m["reward/mean"] for m in steps])
+    assert last > first + 0.1, f"reward did not rise: {first:.3f} -> {last:.3f}"
+
+
+def test_restarted_learner_resumes_its_version(run_dir, net_overrides):
+    base = ["run.steps=20", "learner.checkpoint_every=10", *net_overrides]
+    assert podsrl_run(run_dir, base).returncode == 0
+    res = podsrl_run(run_dir, [*base[1:], "run.steps=30"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    steps = [m["step"] for m in read_metrics(run_dir / "metrics" / "learner.jsonl")]
+    assert steps == list(range(1, 31)), "the restarted learner did not continue from version 20"
+    assert "resumed from" in (run_dir / "logs" / "learner.log").read_text()
+
+
+def test_dead_rollout_server_is_reported_and_training_continues(run_dir, net_overrides):
+    cmd = [sys.executable, "-m", "protocol.cli", "run", "--config", str(ROOT / "configs/tiny.toml"),
+           f"run.dir={run_dir}", "run.steps=600", "selector.peer_timeout_s=3", "rollout.heartbeat_s=0.3", *net_overrides]
+    launcher = subprocess.Popen(cmd, env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        metrics = run_dir / "metrics" / "learner.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 5):
+            assert time.monotonic() < deadline and launcher.poll() is None, "pipeline did not start"
+            time.sleep(0.2)
+        victim = json.loads((run_dir / "pids.json").read_text())["rollout-1"]
+        os.killpg(victim, signal.SIGKILL)
+        out, err = launcher.communicate(timeout=240)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 1, "a failed child must make the launcher exit non-zero"
+    assert "rollout-1 exited with status -9" in err
+    assert_all_exited(run_dir)
+    assert len(read_metrics(metrics)) == 600, "training did not continue on the surviving server"
+    selector_log = (run_dir / "logs" / "selector.log").read_text()
+    assert "rollout server rollout-1 silent" in selector_log
+    totals = read_metrics(run_dir / "metrics" / "selector.jsonl")[-1]
+    assert totals["total/peers/dead/rollout-1"] == 1

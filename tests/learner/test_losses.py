@@ -1,0 +1,460 @@
+"""Tests for learner.losses against independent, loop-based float references of each formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from learner.losses import (
+    LOSSES,
+    LossConfig,
+    LossInputs,
+    aggregate,
+    build_loss,
+    compute_loss,
+    diagnostics,
+)
+
+F64 = torch.float64
+B, T = 3, 5
+CFG = LossConfig()
+ALL = ["grpo_is", "decoupled_ppo", "tis", "m2po", "rec_oneside"]
+
+Grid = list[list[float]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent references: plain Python floats, math.exp, explicit loops over (b, t).
+# ----------------------------------------------------------------------------------------------
+
+
+def _clip(x: float, lo: float, hi: float) -> float:
+    return min(max(x, lo), hi)
+
+
+def _ppo(r: float, a: float, cfg: LossConfig) -> float:
+    return -min(r * a, _clip(r, 1 - cfg.clip_low, 1 + cfg.clip_high) * a)
+
+
+def ref_tokens(kind: str, lp: Grid, bl: Grid, px: Grid | None, adv: Grid, msk: Grid, cfg: LossConfig) -> Grid:
+    nb, nt = len(lp), len(lp[0])
+    out = [[0.0] * nt for _ in range(nb)]
+    if kind == "m2po":
+        items = sorted(
+            ((lp[b][t] - bl[b][t]) ** 2, b, t) for b in range(nb) for t in range(nt) if msk[b][t] > 0
+        )  # ascending: pop() removes the largest d²
+        dropped = set()
+        while items and sum(v for v, _, _ in items) / len(items) > cfg.m2_tau:
+            _, b, t = items.pop()
+            dropped.add((b, t))
+    for b in range(nb):
+        for t in range(nt):
+            a = adv[b][t]
+            if kind == "grpo_is":
+                out[b][t] = _ppo(math.exp(lp[b][t] - bl[b][t]), a, cfg)
+            elif kind == "decoupled_ppo":
+                assert px is not None
+                w = min(math.exp(px[b][t] - bl[b][t]), cfg.behav_cap)
+                out[b][t] = w * _ppo(math.exp(lp[b][t] - px[b][t]), a, cfg)
+            elif kind == "tis":
+                old = px[b][t] if px is not None else lp[b][t]
+                w = min(math.exp(old - bl[b][t]), cfg.tis_cap)
+                out[b][t] = w * _ppo(math.exp(lp[b][t] - old), a, cfg)
+            elif kind == "m2po":
+                out[b][t] = 0.0 if (b, t) in dropped else -math.exp(lp[b][t] - bl[b][t]) * a
+            elif kind == "rec_oneside":
+                r = math.exp(lp[b][t] - bl[b][t])
+                drop = (a > 0 and r > 1 + cfg.clip_high) or (a < 0 and r < 1 - cfg.clip_low)
+                out[b][t] = 0.0 if drop else -a * lp[b][t]
+    return out
+
+
+def ref_aggregate(tok: Grid, mask: Grid, mode: str, max_len: int | None = None) -> float:
+    nb = len(tok)
+    if mode == "token_mean":
+        num = sum(tok[b][t] * mask[b][t] for b in range(nb) for t in range(len(tok[b])))
+        return num / sum(sum(row) for row in mask)
+    if mode == "seq_mean_token_mean":
+        total = 0.0
+        for b in range(nb):
+            n = sum(mask[b])
+            total += sum(x * m for x, m in zip(tok[b], mask[b], strict=True)) / n if n else 0.0
+        return total / nb
+    assert mode == "constant" and max_len is not None
+    return sum(tok[b][t] * mask[b][t] for b in range(nb) for t in range(len(tok[b]))) / (nb * max_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def _both_sides_clipped(logp: torch.Tensor, ref: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> bool:
+    r = torch.exp(logp - ref)
+    a = adv if adv.dim() == 2 else adv[:, None].expand_as(r)
+    m = mask > 0
+    low = (m & (a < 0) & (r < 1 - CFG.clip_low)).any()
+    high = (m & (a > 0) & (r > 1 + CFG.clip_high)).any()
+    return bool(low and high)
+
+
+def make_batch(per_token: bool, seed: int = 0) -> LossInputs:
+    """Seeded B=3, T=5 batch; the first seed where both clip sides are active (vs behav and vs prox)."""
+    for s in range(seed, seed + 1000):
+        g = torch.Generator().manual_seed(s)
+        behav = -torch.randn(B, T, generator=g, dtype=F64).abs()
+        prox = behav + (torch.rand(B, T, generator=g, dtype=F64) * 2 - 1) * 0.5
+        logp = prox + (torch.rand(B, T, generator=g, dtype=F64) * 2 - 1) * 0.5
+        mask = (torch.rand(B, T, generator=g, dtype=F64) > 0.3).to(F64)
+        mask[torch.arange(B), torch.randint(0, T, (B,), generator=g)] = 1.0  # >= 1 token per row
+        shape = (B, T) if per_token else (B,)
+        adv = torch.randn(*shape, generator=g, dtype=F64)
+        if _both_sides_clipped(logp, behav, adv, mask) and _both_sides_clipped(logp, prox, adv, mask):
+            return LossInputs(logp.requires_grad_(), behav, adv, mask, prox_logp=prox)
+    raise AssertionError("no seed gave clipping on both sides")
+
+
+def _grids(inp: LossInputs, with_prox: bool = True) -> tuple[Grid, Grid, Grid | None, Grid, Grid]:
+    adv = inp.advantages if inp.advantages.dim() == 2 else inp.advantages[:, None].expand(B, T)
+    px = inp.prox_logp.tolist() if (with_prox and inp.prox_logp is not None) else None
+    return inp.logp.detach().tolist(), inp.behav_logp.tolist(), px, adv.tolist(), inp.mask.tolist()
+
+
+def _drop_prox(inp: LossInputs) -> LossInputs:
+    return LossInputs(inp.logp, inp.behav_logp, inp.advantages, inp.mask)
+
+
+CASES = [(k, p) for k in ALL for p in (True, False)] + [("tis_noprox", True), ("tis_noprox", False)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference comparisons
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "per_token"), CASES)
+def test_matches_loop_reference(kind: str, per_token: bool) -> None:
+    inp = make_batch(per_token)
+    loss_type = "tis" if kind == "tis_noprox" else kind
+    if kind == "tis_noprox":
+        inp = _drop_prox(inp)
+    lp, bl, px, adv, mask = _grids(inp)
+    ref = ref_tokens(loss_type, lp, bl, px, adv, mask, CFG)
+    tok, metrics = LOSSES[loss_type](inp, CFG)
+    assert tok.shape == (B, T) and tok.dtype == F64
+    # The per-token contract covers completion tokens; padding is the caller's mask to apply.
+    ref_masked = torch.tensor(ref, dtype=F64) * inp.mask
+    torch.testing.assert_close(tok.detach() * inp.mask, ref_masked, atol=1e-6, rtol=0)
+    for key in ("loss/clipfrac_low", "loss/clipfrac_high", "loss/masked_frac"):
+        assert torch.is_tensor(metrics[key]) and 0.0 <= float(metrics[key]) <= 1.0
+    for mode in ("token_mean", "seq_mean_token_mean", "constant"):
+        cfg = LossConfig(type=loss_type, aggregation=mode, max_len=7)
+        loss, floats = compute_loss(inp, cfg)
+        expected = ref_aggregate(ref, mask, mode, max_len=7)
+        assert loss.item() == pytest.approx(expected, abs=1e-6)
+        assert floats["loss/pg_loss"] == pytest.approx(expected, abs=1e-6)
+        assert loss.requires_grad
+
+
+def test_batches_exercise_clipping_and_masking() -> None:
+    """Guard that the reference comparisons above are not vacuous."""
+    inp = make_batch(per_token=False)
+    _, m = LOSSES["grpo_is"](inp, CFG)
+    assert m["loss/clipfrac_low"] > 0 and m["loss/clipfrac_high"] > 0
+    _, m = LOSSES["decoupled_ppo"](inp, CFG)
+    assert m["loss/clipfrac_low"] > 0 and m["loss/clipfrac_high"] > 0
+    _, m = LOSSES["m2po"](inp, CFG)
+    assert 0 < m["loss/masked_frac"] < 1
+    _, m = LOSSES["rec_oneside"](inp, CFG)
+    assert m["loss/clipfrac_low"] > 0 and m["loss/clipfrac_high"] > 0
+    assert m["loss/masked_frac"] == pytest.approx(float(m["loss/clipfrac_low"] + m["loss/clipfrac_high"]))
+
+
+def test_clip_fractions_match_reference_counts() -> None:
+    inp = make_batch(per_token=True)
+    lp, bl, _, adv, mask = _grids(inp)
+    low = high = n = 0
+    for b in range(B):
+        for t in range(T):
+            if mask[b][t] > 0:
+                r = math.exp(lp[b][t] - bl[b][t])
+                n += 1
+                low += adv[b][t] < 0 and r < 1 - CFG.clip_low
+                high += adv[b][t] > 0 and r > 1 + CFG.clip_high
+    _, m = compute_loss(inp, LossConfig(type="grpo_is"))
+    assert m["loss/clipfrac_low"] == pytest.approx(low / n)
+    assert m["loss/clipfrac_high"] == pytest.approx(high / n)
+    assert m["loss/masked_frac"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients
+# ----------------------------------------------------------------------------------------------
+
+
+def _away_from_edges(logp: torch.Tensor, refs: list[torch.Tensor]) -> torch.Tensor:
+    """Shift logp so that no ratio exp(logp − ref) lies within 1e-3 of a clip edge."""
+    logp = logp.clone()
+    edges = (1 - CFG.clip_low, 1 + CFG.clip_high)
+    for _ in range(100):
+        near = torch.zeros_like(logp, dtype=torch.bool)
+        for ref in refs:
+            r = torch.exp(logp - ref)
+            for e in edges:
+                near |= (r - e).abs() < 1e-3
+        if not near.any():
+            return logp
+        logp = torch.where(near, logp + 0.01, logp)
+    raise AssertionError("could not move ratios away from clip edges")
+
+
+@pytest.mark.parametrize("kind", ["grpo_is", "decoupled_ppo", "tis", "rec_oneside"])
+@pytest.mark.parametrize("per_token", [True, False])
+def test_gradcheck(kind: str, per_token: bool) -> None:
+    base = make_batch(per_token)
+    assert base.prox_logp is not None
+    logp0 = _away_from_edges(base.logp.detach(), [base.behav_logp, base.prox_logp])
+    cfg = LossConfig(type=kind)
+
+    def f(logp: torch.Tensor) -> torch.Tensor:
+        inp = LossInputs(logp, base.behav_logp, base.advantages, base.mask, prox_logp=base.prox_logp)
+        tok, _ = LOSSES[kind](inp, cfg)
+        return aggregate(tok, base.mask, "token_mean")
+
+    assert torch.autograd.gradcheck(f, (logp0.requires_grad_(),), eps=1e-6, atol=1e-6)
+
+
+def test_grpo_is_gradient_matches_analytic_form() -> None:
+    base = make_batch(per_token=True)
+    logp = _away_from_edges(base.logp.detach(), [base.behav_logp]).requires_grad_()
+    inp = LossInputs(logp, base.behav_logp, base.advantages, base.mask)
+    loss, _ = compute_loss(inp, LossConfig(type="grpo_is"))
+    (grad,) = torch.autograd.grad(loss, logp)
+    lp, bl, _, adv, mask = _grids(inp)
+    n = sum(sum(row) for row in mask)
+    n_clipped = 0
+    for b in range(B):
+        for t in range(T):
+            r, a = math.exp(lp[b][t] - bl[b][t]), adv[b][t]
+            clipped = (a > 0 and r > 1 + CFG.clip_high) or (a < 0 and r < 1 - CFG.clip_low)
+            n_clipped += clipped and mask[b][t] > 0
+            expected = 0.0 if clipped else -r * a * mask[b][t] / n
+            assert grad[b, t].item() == pytest.approx(expected, abs=1e-9)
+    assert n_clipped > 0
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_on_policy_all_losses_give_the_policy_gradient(per_token: bool) -> None:
+    base = make_batch(per_token)
+    values = base.behav_logp.clone()
+    adv = base.advantages if per_token else base.advantages[:, None].expand(B, T)
+    expected = -adv * base.mask / base.mask.sum()
+    grads = {}
+    for kind in [*ALL, "tis_noprox"]:
+        logp = values.clone().requires_grad_()
+        prox = None if kind == "tis_noprox" else values.clone()
+        inp = LossInputs(logp, values.clone(), base.advantages, base.mask, prox_logp=prox)
+        loss, m = compute_loss(inp, LossConfig(type="tis" if kind == "tis_noprox" else kind))
+        (grads[kind],) = torch.autograd.grad(loss, logp)
+        assert m["loss/masked_frac"] == m["loss/clipfrac_low"] == m["loss/clipfrac_high"] == 0.0
+    for kind, g in grads.items():
+        torch.testing.assert_close(g, expected, atol=1e-12, rtol=0, msg=kind)
+        torch.testing.assert_close(g, grads["grpo_is"], atol=1e-12, rtol=0, msg=kind)
+
+
+def test_padding_garbage_never_produces_nan() -> None:
+    base = make_batch(per_token=False)
+    pad = base.mask == 0
+    assert pad.any()
+    garbage_lp = torch.where(pad, torch.full_like(base.behav_logp, 1e4), base.logp.detach())
+    garbage_bl = torch.where(pad, torch.full_like(base.behav_logp, -math.inf), base.behav_logp)
+    garbage_px = torch.where(pad, torch.full_like(base.behav_logp, math.inf), base.prox_logp)
+    for kind in ALL:
+        logp = garbage_lp.clone().requires_grad_()
+        inp = LossInputs(logp, garbage_bl, base.advantages, base.mask, prox_logp=garbage_px)
+        clean = LossInputs(base.logp, base.behav_logp, base.advantages, base.mask, prox_logp=base.prox_logp)
+        loss, m = compute_loss(inp, LossConfig(type=kind))
+        (g,) = torch.autograd.grad(loss, logp)
+        assert torch.isfinite(g).all() and (g[pad] == 0).all(), kind
+        assert all(math.isfinite(v) for v in m.values()), kind
+        assert loss.item() == pytest.approx(compute_loss(clean, LossConfig(type=kind))[0].item(), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# M2PO
+# ----------------------------------------------------------------------------------------------
+
+
+def test_m2po_masks_exactly_the_largest_second_moments() -> None:
+    behav = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.5]], dtype=F64)
+    d = torch.tensor([[1.0, 0.1, 0.0], [0.5, 0.0, -0.05]], dtype=F64)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=F64)
+    logp = (behav + d).requires_grad_()
+    # d² over the 5 tokens: 1, .01, .25, 0, .0025 -> M2 = .2525; dropping 1 leaves .065625 > .04,
+    # dropping .25 as well leaves .0125/3 <= .04: the two largest go, and they sit in different rows.
+    adv = torch.tensor([1.5, -2.0], dtype=F64)
+    inp = LossInputs(logp, behav, adv, mask)
+    tok, m = LOSSES["m2po"](inp, CFG)
+    kept = torch.tensor([[0, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    expected = torch.where(kept, -torch.exp(d) * adv[:, None], 0.0)
+    torch.testing.assert_close(tok.detach() * mask, expected, atol=1e-12, rtol=0)
+    assert m["loss/m2"].item() == pytest.approx(0.2525)
+    assert m["loss/masked_frac"].item() == pytest.approx(2 / 5)
+    assert m["loss/m2_masked_frac"].item() == pytest.approx(2 / 5)
+    (g,) = torch.autograd.grad(aggregate(tok, mask, "token_mean"), logp)
+    assert (g[~kept] == 0).all() and (g[kept] != 0).all()
+    remaining = d[kept].square().mean().item()
+    assert remaining <= CFG.m2_tau
+
+
+def test_m2po_below_threshold_masks_nothing() -> None:
+    behav = torch.tensor([[-1.0, -2.0, -0.3, -0.7]], dtype=F64)
+    d = torch.tensor([[0.1, -0.15, 0.05, 0.2]], dtype=F64)  # M2 = .0206 <= .04
+    mask = torch.ones(1, 4, dtype=F64)
+    inp = LossInputs((behav + d).requires_grad_(), behav, torch.tensor([0.7], dtype=F64), mask)
+    tok, m = LOSSES["m2po"](inp, CFG)
+    torch.testing.assert_close(tok.detach(), -torch.exp(d) * 0.7, atol=1e-12, rtol=0)
+    assert m["loss/masked_frac"].item() == 0.0
+    assert m["loss/m2"].item() == pytest.approx(d.square().mean().item())
+
+
+def test_m2po_huge_ratio_is_masked_without_nan() -> None:
+    behav = torch.tensor([[-90.0, -1.0, -1.0]])
+    logp = torch.tensor([[-0.1, -1.0, -1.05]]).requires_grad_()  # exp(89.9) overflows float32
+    inp = LossInputs(logp, behav, torch.tensor([-1.0]), torch.ones(1, 3))
+    loss, m = compute_loss(inp, LossConfig(type="m2po"))
+    (g,) = torch.autograd.grad(loss, logp)
+    assert torch.isfinite(loss) and torch.isfinite(g).all() and g[0, 0] == 0
+    assert m["loss/masked_frac"] == pytest.approx(1 / 3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(-2.0, 2.0, allow_nan=False), min_size=1, max_size=12),
+    st.floats(0.0, 0.5),
+)
+def test_m2po_greedy_mask_is_minimal(ds: list[float], tau: float) -> None:
+    d = torch.tensor([ds], dtype=F64)
+    inp = LossInputs(d.clone(), torch.zeros_like(d), torch.ones(1, dtype=F64), torch.ones_like(d))
+    tok, m = LOSSES["m2po"](inp, LossConfig(m2_tau=tau))
+    kept = tok.detach() != 0
+    k = len(ds) - int(kept.sum())
+    assert m["loss/masked_frac"].item() == pytest.approx(k / len(ds))
+    sq = sorted((x * x for x in ds), reverse=True)
+    rest = sq[k:]
+    assert (sum(rest) / len(rest) if rest else 0.0) <= tau + 1e-12
+    if k > 0:  # dropping one token fewer would not have been enough
+        assert sum(sq[k - 1 :]) / len(sq[k - 1 :]) > tau
+    if rest:  # the dropped tokens are the largest ones
+        dropped = [x * x for x, kp in zip(ds, kept[0].tolist(), strict=True) if not kp]
+        assert min(dropped, default=math.inf) >= rest[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation, diagnostics, compute_loss
+# ----------------------------------------------------------------------------------------------
+
+
+def test_aggregate_global_totals_and_empty_rows() -> None:
+    tok = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=F64)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=F64)
+    assert aggregate(tok, mask, "token_mean").item() == pytest.approx(1.5)
+    assert aggregate(tok, mask, "token_mean", total_tokens=6).item() == pytest.approx(0.5)
+    assert aggregate(tok, mask, "seq_mean_token_mean").item() == pytest.approx(0.75)  # empty row counts 0
+    assert aggregate(tok, mask, "seq_mean_token_mean", total_seqs=3).item() == pytest.approx(0.5)
+    assert aggregate(tok, mask, "constant", max_len=4).item() == pytest.approx(3 / 8)
+    assert aggregate(tok, mask, "constant", max_len=4, total_seqs=6).item() == pytest.approx(3 / 24)
+
+
+def _one_by_three(pad: bool) -> LossInputs:
+    ln2 = math.log(2.0)
+    behav = [-1.0, -1.0, -1.0] + ([5.0] if pad else [])
+    logp = [-1.0, -1.0 + ln2, -1.0 - ln2] + ([-40.0] if pad else [])  # ratios 1, 2, 1/2
+    mask = [1.0, 1.0, 1.0] + ([0.0] if pad else [])
+    t = [torch.tensor([row], dtype=F64) for row in (logp, behav, mask)]
+    return LossInputs(t[0], t[1], torch.zeros(1, dtype=F64), t[2])
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_diagnostics_hand_computed(pad: bool) -> None:
+    ln2 = math.log(2.0)
+    d = diagnostics(_one_by_three(pad))
+    assert d["loss/ratio_mean"] == pytest.approx(3.5 / 3)
+    assert d["loss/ratio_max"] == pytest.approx(2.0)
+    assert d["loss/ess"] == pytest.approx(3.5**2 / (3 * (1 + 4 + 0.25)))
+    assert d["loss/m2"] == pytest.approx(2 * ln2**2 / 3)
+    assert d["loss/kl_behav"] == pytest.approx((0 + (1 - ln2) + (ln2 - 0.5)) / 3)  # = 1/6
+    assert d["loss/entropy_proxy"] == pytest.approx(1.0)
+    assert d["loss/tokens"] == 3.0
+    assert all(isinstance(v, float) for v in d.values())
+
+
+def test_diagnostics_equal_ratios_and_on_policy() -> None:
+    base = make_batch(per_token=False)
+    shifted = LossInputs(base.behav_logp + 0.3, base.behav_logp, base.advantages, base.mask)
+    d = diagnostics(shifted)
+    assert d["loss/ess"] == pytest.approx(1.0)
+    assert d["loss/ratio_mean"] == pytest.approx(math.exp(0.3))
+    on = diagnostics(LossInputs(base.behav_logp.clone(), base.behav_logp, base.advantages, base.mask))
+    assert on["loss/kl_behav"] == pytest.approx(0.0, abs=1e-15)
+    assert on["loss/ess"] == pytest.approx(1.0) and on["loss/m2"] == 0.0
+    assert 0.0 < diagnostics(base)["loss/ess"] < 1.0
+
+
+def test_compute_loss_returns_namespaced_floats() -> None:
+    _, m = compute_loss(make_batch(per_token=False), LossConfig(type="decoupled_ppo"))
+    expected = {
+        "loss/clipfrac_low", "loss/clipfrac_high", "loss/masked_frac", "loss/pg_loss", "loss/ratio_mean",
+        "loss/ratio_max", "loss/ess", "loss/m2", "loss/kl_behav", "loss/entropy_proxy", "loss/tokens",
+    }
+    assert expected <= set(m)
+    assert all(k.startswith("loss/") and isinstance(v, float) for k, v in m.items())
+
+
+def test_low_precision_inputs_are_upcast() -> None:
+    base = make_batch(per_token=False)
+    inp = LossInputs(
+        base.logp.detach().bfloat16().requires_grad_(), base.behav_logp.float(), base.advantages.float(),
+        base.mask.float(),
+    )
+    loss, _ = compute_loss(inp, CFG)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert inp.logp.grad is not None and inp.logp.grad.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_errors() -> None:
+    x = torch.zeros(3, 5, dtype=F64)
+    with pytest.raises(ValueError, match=r"behav_logp has shape \(3, 4\).*\(3, 5\)"):
+        LossInputs(x, torch.zeros(3, 4, dtype=F64), torch.zeros(3, dtype=F64), x)
+    with pytest.raises(ValueError, match=r"advantages has shape \(5,\)"):
+        LossInputs(x, x, torch.zeros(5, dtype=F64), x)
+    with pytest.raises(ValueError, match=r"prox_logp has shape"):
+        LossInputs(x, x, torch.zeros(3, dtype=F64), x, prox_logp=torch.zeros(3, 5, 1))
+    with pytest.raises(ValueError, match="floating-point"):
+        LossInputs(x, x, torch.zeros(3, dtype=F64), torch.ones(3, 5, dtype=torch.bool))
+    inp = LossInputs(x, x, torch.zeros(3, dtype=F64), torch.ones_like(x))
+    with pytest.raises(ValueError, match="prox_logp"):
+        compute_loss(inp, LossConfig(type="decoupled_ppo"))
+    with pytest.raises(ValueError, match="max_len"):
+        aggregate(x, torch.ones_like(x), "constant")
+    with pytest.raises(ValueError, match="max_len"):
+        compute_loss(inp, LossConfig(aggregation="constant"))
+    with pytest.raises(ValueError, match="decoupled_ppo.*grpo_is.*m2po.*rec_oneside.*tis"):
+        build_loss(LossConfig(type="ppo"))
+    with pytest.raises(ValueError, match="valid types"):
+        compute_loss(inp, LossConfig(type="ppo"))
+    with pytest.raises(ValueError, match="aggregation"):
+        LossConfig(aggregation="sum")
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate(x, torch.ones_like(x), "sum")
+    assert set(LOSSES) == set(ALL)
