@@ -46,10 +46,11 @@ def load_model(path: Path, device: torch.device) -> torch.nn.Module:
 
 
 def completion_logprobs(model: torch.nn.Module, prompt_ids: list[torch.Tensor], completion_ids: list[torch.Tensor],
-                        temperature: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                        temperature: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each completion given its prompt, at the sampling temperature.
 
-    Returns ``(logp, mask)``, both ``(B, Lmax)``: row i holds completion i's tokens left-aligned.
+    Returns ``(logp, mask, entropy)``, each ``(B, Lmax)``: row i holds completion i's tokens
+    left-aligned; ``entropy`` is the (detached) entropy of the sampling distribution at each token.
     Sequences are right-padded, so positions start at 0 for every row as they did when sampled.
     """
     rows = [torch.cat([p, c]) for p, c in zip(prompt_ids, completion_ids, strict=True)]
@@ -68,5 +69,8 @@ def completion_logprobs(model: torch.nn.Module, prompt_ids: list[torch.Tensor], 
     mask = (torch.arange(lmax, device=device)[None, :] < clen[:, None]).float()
     sel = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1]))
     targets = ids.gather(1, (pos + 1).clamp(max=width - 1))
-    logp = torch.log_softmax(sel, dim=-1).gather(2, targets[:, :, None])[:, :, 0]
-    return logp * mask, mask
+    log_dist = torch.log_softmax(sel, dim=-1)
+    logp = log_dist.gather(2, targets[:, :, None])[:, :, 0]
+    with torch.no_grad():
+        entropy = -(log_dist.exp() * log_dist).sum(-1) * mask
+    return logp * mask, mask, entropy

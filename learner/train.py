@@ -119,7 +119,8 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict, c
     from learner.losses import LossConfig, LossInputs, compute_loss
     from learner.model import completion_logprobs
 
-    logp, mask = completion_logprobs(model, data["prompts"], data["completions"], cfg.rollout.temperature, device)
+    logp, mask, entropy = completion_logprobs(model, data["prompts"], data["completions"], cfg.rollout.temperature,
+                                              device)
     behav = pad(data["behav"], mask.shape[1]).to(device)
     totals = torch.tensor([mask.sum().item(), float(mask.shape[0])], dtype=torch.float64, device=device)
     dist.all_reduce(totals)  # global token and sequence counts, so the loss is the global mean
@@ -130,6 +131,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict, c
     inputs = LossInputs(logp=logp, behav_logp=behav, advantages=data["advantages"].to(device), mask=mask,
                         prox_logp=logp.detach())
     loss, metrics = compute_loss(inputs, loss_cfg, total_tokens=float(totals[0]), total_seqs=float(totals[1]))
+    metrics["loss/entropy"] = float(entropy.sum() / mask.sum().clamp(min=1))
     opt.zero_grad(set_to_none=True)
     (loss * world).backward()  # DDP averages gradients over ranks; the loss is already a global mean
     if cfg.learner.grad_clip > 0:
@@ -170,15 +172,21 @@ def main(argv: list[str] | None = None) -> int:
             source = BatchSource(ctx, cfg)
             monitor = Monitor(cfg.run.dir, "learner")
             log.info("learner up: %d rank(s) on %s, version %d; %s", world, device, version, cfg.summary())
+        started = time.monotonic()
         while version < cfg.run.steps:
             t0 = time.monotonic()
             box: list = [None]
             wait_s = 0.0
             if rank == 0:
                 assert source is not None
-                batch, wait_s = source.get(version)
-                box = [batch]
-            dist.broadcast_object_list(box, src=0)
+                if cfg.run.max_seconds and t0 - started > cfg.run.max_seconds:
+                    log.info("run.max_seconds=%s reached at version %d", cfg.run.max_seconds, version)
+                else:
+                    batch, wait_s = source.get(version)
+                    box = [batch]
+            dist.broadcast_object_list(box, src=0)  # None: every rank stops together
+            if box[0] is None:
+                break
             batch = box[0]
             t1 = time.monotonic()
             metrics = train_step(ddp, opt, shard(batch, rank, world), cfg, world, device)
@@ -197,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                     "reward/kept_mean": float(batch.rewards.mean())})
                 monitor.log(version, metrics)
             every = cfg.learner.checkpoint_every
-            if (every and version % every == 0) or version == cfg.run.steps:
+            if every and version % every == 0:
                 save_checkpoint(cfg, model, opt, version, rank)
+        if not (cfg.learner.checkpoint_every and version % cfg.learner.checkpoint_every == 0):
+            save_checkpoint(cfg, model, opt, version, rank)  # the final version is always kept
         if rank == 0:
             assert publisher is not None
             publisher.publish(pack_weights(model.state_dict(), version, model_config), final=True)

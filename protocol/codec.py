@@ -51,7 +51,7 @@ def decode(frames: Sequence[Buffer], expect: type[M] | tuple[type[Message], ...]
         raise ProtocolError("malformed", f"header is not msgpack ({type(e).__name__})") from None
     if not isinstance(header, dict) or set(header) != {"t", "v", "f", "a"}:
         raise ProtocolError("malformed", "header must be a map with keys t, v, f, a")
-    if header["v"] != PROTOCOL_VERSION:
+    if type(header["v"]) is not int or header["v"] != PROTOCOL_VERSION:
         raise ProtocolError("version", f"protocol version {header['v']!r}, this process speaks {PROTOCOL_VERSION}")
     cls = MESSAGES.get(header["t"]) if isinstance(header["t"], str) else None
     if cls is None:
@@ -73,7 +73,7 @@ def _scalars(cls: type[Message]) -> dict[str, type]:
 def _check_scalars(cls: type[Message], fields: Any) -> dict[str, Any]:
     spec = _scalars(cls)
     if not isinstance(fields, dict) or set(fields) != set(spec):
-        got = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
+        got = sorted(map(str, fields)) if isinstance(fields, dict) else type(fields).__name__
         raise ProtocolError("schema", f"{cls.TYPE}: fields {got}, expected {sorted(spec)}")
     out = {}
     for name, kind in spec.items():
@@ -99,12 +99,13 @@ def _check_arrays(cls: type[Message], specs: Any, frames: Sequence[Buffer]) -> d
         if spec[1] != dtype.str:
             raise ProtocolError("dtype", f"{cls.TYPE}.{name}: dtype {spec[1]!r}, expected {dtype.str!r}")
         shape = spec[2]
-        if not (isinstance(shape, list) and len(shape) == ndim and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and len(shape) == ndim and all(type(d) is int and d >= 0 for d in shape)):
             raise ProtocolError("shape", f"{cls.TYPE}.{name}: shape {shape!r}, expected {ndim} non-negative dims")
         nbytes = math.prod(shape) * dtype.itemsize
         if len(frame) != nbytes:
             raise ProtocolError("shape", f"{cls.TYPE}.{name}: shape {shape} needs {nbytes} bytes, frame has {len(frame)}")
         arr = np.frombuffer(frame, dtype=dtype).reshape(shape)
+        arr.flags.writeable = False  # a view of the received (or the sender's) memory: never written
         if dtype.kind == "f" and not np.isfinite(arr).all():
             raise ProtocolError("non_finite", f"{cls.TYPE}.{name} contains NaN or inf")
         out[name] = arr

@@ -6,10 +6,11 @@ reference with defaults is ``docs/CONFIG.md``; ``configs/tiny.toml`` is the defa
 
 from __future__ import annotations
 
+import json
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
@@ -21,6 +22,8 @@ class RunConfig(Section):
     dir: str = Field("runs/tiny", description="run directory: metrics, checkpoints, model, logs")
     seed: int = Field(0, description="base seed; each process derives its own from it")
     steps: int = Field(600, ge=1, description="optimizer steps (= policy versions) to train")
+    max_seconds: float = Field(0.0, ge=0, description="also stop training after this many seconds (0 = no limit); "
+                               "for equal wall-clock comparisons")
     resume: bool = Field(True, description="continue from the run directory's latest checkpoint if there is one")
 
 
@@ -228,8 +231,8 @@ def to_toml(cfg: Config) -> str:
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, str):  # a JSON string is a TOML basic string once DEL is escaped too
+        return json.dumps(v).replace("\x7f", "\\u007f")
     return repr(v)
 
 

@@ -62,6 +62,40 @@ def children(cfg: Config, config_path: Path) -> list[Child]:
     return kids
 
 
+class MemoryMonitor:
+    """Samples the resident memory of each child's process tree (torchrun's workers included)."""
+
+    def __init__(self, kids: list[Child], run_dir: Path, every_s: float = 2.0) -> None:
+        from protocol.metrics import Monitor
+
+        self.kids, self.every_s, self.last = kids, every_s, 0.0
+        self.peak: dict[str, float] = {}
+        self.monitor = Monitor(run_dir, "launcher", tensorboard=False)
+
+    def poll(self, step: int) -> None:
+        if time.monotonic() - self.last < self.every_s:
+            return
+        self.last = time.monotonic()
+        import psutil
+
+        sample = {}
+        for kid in self.kids:
+            if kid.proc is None or kid.proc.poll() is not None:
+                continue
+            try:
+                root = psutil.Process(kid.proc.pid)
+                procs = [root, *root.children(recursive=True)]
+                sample[kid.name] = sum(p.memory_info().rss for p in procs) / 2**20
+            except psutil.Error:  # exited between the check and the read
+                continue
+            self.peak[kid.name] = max(self.peak.get(kid.name, 0.0), sample[kid.name])
+        self.monitor.log(step, {f"rss_mib/{k}": v for k, v in sample.items()})
+
+    def close(self) -> None:
+        self.monitor.log(-1, {f"peak_rss_mib/{k}": v for k, v in self.peak.items()})
+        self.monitor.close()
+
+
 class Progress:
     """Follows ``metrics/learner.jsonl`` and prints one line per step."""
 
@@ -110,6 +144,7 @@ def launch(args: argparse.Namespace) -> int:
           f"{run_dir / 'metrics'})", flush=True)
     kids = children(cfg, config_path)
     progress = Progress(cfg)
+    memory = MemoryMonitor(kids, run_dir)
     interrupted = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -128,6 +163,7 @@ def launch(args: argparse.Namespace) -> int:
         while not interrupted:
             time.sleep(0.5)
             progress.poll()
+            memory.poll(len(progress.rewards))
             for kid in kids:
                 rc = kid.proc.poll() if kid.proc else None
                 if rc is not None and rc != 0 and kid.name not in failed:
@@ -155,9 +191,11 @@ def launch(args: argparse.Namespace) -> int:
                     kid.proc.wait()
             if kid.log is not None:
                 kid.log.close()
+        memory.close()
         for s, h in old.items():
             signal.signal(s, h)
-    print(f"podsrl run: {progress.summary()}", flush=True)
+    print(f"podsrl run: {progress.summary()}; peak RSS MiB: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in memory.peak.items()), flush=True)
     if interrupted:
         print("podsrl run: interrupted; all processes stopped", file=sys.stderr)
         return 130

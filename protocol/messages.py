@@ -9,6 +9,7 @@ or raises :class:`ProtocolError`. Change ``PROTOCOL_VERSION`` with any change to
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,6 +18,17 @@ import numpy as np
 PROTOCOL_VERSION = 1
 
 I32, I64, F32, U8 = np.dtype("<i4"), np.dtype("<i8"), np.dtype("<f4"), np.dtype("u1")
+
+
+WEIGHTS_ALIGN = 64  # bytes; every tensor of a Weights buffer starts at a multiple of this
+
+
+def _int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _number(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
 
 
 class ProtocolError(ValueError):
@@ -165,9 +177,10 @@ class TrainBatch(Message):
         _ragged(self.completion_ids, self.completion_lens, "completion_ids")
         _require(self.logprobs.shape == self.completion_ids.shape, "logprobs and completion_ids differ in length")
         _require(all(isinstance(s, str) for s in self.servers), "servers must be strings")
-        _require(b == 0 or int(self.server_index.max()) < len(self.servers), "server_index out of range")
-        _require(all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in self.stats.items()),
-                 "stats must map str to numbers")
+        _require(b == 0 or (int(self.server_index.min()) >= 0 and int(self.server_index.max()) < len(self.servers)),
+                 "server_index out of range")
+        _require(all(isinstance(k, str) and _number(v) for k, v in self.stats.items()),
+                 "stats must map str to finite numbers")
 
 
 @dataclass(frozen=True)
@@ -193,7 +206,8 @@ class WeightsRequest(Message):
 class Weights(Message):
     """A complete policy version: one contiguous byte buffer and the manifest to slice it.
 
-    ``tensors`` is a list of ``[name, torch_dtype, shape, offset, nbytes]``; ``model_config`` is the
+    ``tensors`` is a list of ``[name, torch_dtype, shape, offset, nbytes]`` in buffer order, every
+    offset a multiple of ``WEIGHTS_ALIGN`` (so each tensor can be viewed in place); ``model_config`` is the
     transformers config as JSON, so a rollout server on any machine can build the model with no files.
     """
 
@@ -210,11 +224,14 @@ class Weights(Message):
         for entry in self.tensors:
             _require(isinstance(entry, list) and len(entry) == 5, f"bad tensor entry {entry!r}")
             name, dtype, shape, offset, nbytes = entry
-            _require(isinstance(name, str) and isinstance(dtype, str) and isinstance(shape, list),
-                     f"bad tensor entry {name!r}")
-            _require(offset == end and nbytes >= 0, f"tensor {name} is not contiguous in the buffer")
+            _require(isinstance(name, str) and isinstance(dtype, str) and isinstance(shape, list)
+                     and all(_int(d) and d >= 0 for d in shape) and _int(offset) and _int(nbytes),
+                     f"bad tensor entry {entry!r}")
+            _require(offset >= end and offset % WEIGHTS_ALIGN == 0 and nbytes >= 0,
+                     f"tensor {name}: offset {offset} overlaps the previous tensor or is not aligned")
             end = offset + nbytes
-        _require(end == self.data.shape[0], f"manifest covers {end} bytes, buffer has {self.data.shape[0]}")
+        _require(end <= self.data.shape[0] < end + WEIGHTS_ALIGN,
+                 f"manifest covers {end} bytes, buffer has {self.data.shape[0]}")
 
 
 MESSAGES: dict[str, type[Message]] = {

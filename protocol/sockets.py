@@ -37,13 +37,13 @@ def _socket(ctx: zmq.Context, kind: int, *, sndhwm: int = 1000, rcvhwm: int = 10
     return sock
 
 
-def _bind(sock: zmq.Socket, host: str, port: int) -> zmq.Socket:
+def _bind(sock: zmq.Socket, host: str, port: int, key: str) -> zmq.Socket:
     try:
         sock.bind(f"tcp://{host}:{port}")
     except zmq.ZMQError as e:
         sock.close(0)
         raise OSError(f"cannot bind tcp://{host}:{port} ({e}); is another podsrl run using it? "
-                      "Change the port with net.<link>_port=...") from None
+                      f"Choose another port with net.{key}=...") from None
     return sock
 
 
@@ -58,7 +58,7 @@ def group_receiver(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:
     so nothing is dropped in transit. Frames over 4x ``max_group_mib`` disconnect the sender (hard
     guard); messages over ``max_group_mib`` are rejected and counted by :func:`recv`."""
     sock = _socket(ctx, zmq.PULL, rcvhwm=net.group_hwm, maxmsgsize=4 * net.max_group_mib * MIB)
-    return _bind(sock, net.bind_host, net.group_port)
+    return _bind(sock, net.bind_host, net.group_port, "group_port")
 
 
 def group_sender(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:
@@ -72,7 +72,7 @@ def batch_server(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:
     comes back with a new identity and simply asks again, so no batch is sent without a request."""
     sock = _socket(ctx, zmq.ROUTER, maxmsgsize=MIB)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished learner raises instead of vanishing
-    return _bind(sock, net.bind_host, net.batch_port)
+    return _bind(sock, net.bind_host, net.batch_port, "batch_port")
 
 
 def batch_client(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:
@@ -83,7 +83,7 @@ def batch_client(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:
 def announce_publisher(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:
     """Learner side of *announce*: PUB, binds. Announcements are idempotent (the latest wins), so a
     slow subscriber may miss some: it always fetches the newest version over *weights*."""
-    return _bind(_socket(ctx, zmq.PUB, sndhwm=100), net.bind_host, net.announce_port)
+    return _bind(_socket(ctx, zmq.PUB, sndhwm=100), net.bind_host, net.announce_port, "announce_port")
 
 
 def announce_subscriber(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:
@@ -97,7 +97,7 @@ def weight_server(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:
     """Learner side of *weights*: ROUTER, binds. Each reply is one zero-copy multipart message of the
     whole version; a slow peer's reply waits in its own pipe, so a fast peer never waits for it."""
     sock = _socket(ctx, zmq.ROUTER, sndhwm=4, maxmsgsize=MIB)
-    return _bind(sock, net.bind_host, net.weights_port)
+    return _bind(sock, net.bind_host, net.weights_port, "weights_port")
 
 
 def weight_client(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:

@@ -1,0 +1,1 @@
+"""podsrl benchmarks: ratios measured side by side in one run. ``python -m bench`` runs them all."""
