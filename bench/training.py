@@ -34,6 +34,8 @@ class Curve:
     idle_frac: float
     peak_rss: dict[str, float]
     selector_rss: list[float]
+    train_s: float  # median learner compute per step
+    gen_s: float  # rollout time to produce one step's groups
 
     def time_to(self, threshold: float) -> float:
         return next((t for t, r in zip(self.times, self.rewards, strict=True) if r >= threshold), float("inf"))
@@ -49,6 +51,7 @@ def run_job(overrides: list[str], port_base: int, window: int = 10) -> Curve:
             raise RuntimeError(f"job {overrides} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
         steps = read_metrics(Path(tmp) / "run/metrics/learner.jsonl")
         launcher = read_metrics(Path(tmp) / "run/metrics/launcher.jsonl")
+        rollout = read_metrics(Path(tmp) / "run/metrics/rollout-rollout-0.jsonl")
     t0 = steps[0]["time"] - steps[0]["time/step"]
     raw = [m["reward/mean"] for m in steps]
     smooth = [statistics.fmean(raw[max(0, i - window + 1):i + 1]) for i in range(len(raw))]
@@ -56,7 +59,12 @@ def run_job(overrides: list[str], port_base: int, window: int = 10) -> Curve:
     idle = sum(m["time/wait_for_batch"] for m in steps) / busy
     peak = {k.removeprefix("peak_rss_mib/"): v for k, v in launcher[-1].items() if k.startswith("peak_rss_mib/")}
     sel = [m["rss_mib/selector"] for m in launcher[:-1] if "rss_mib/selector" in m]
-    return Curve([m["time"] - t0 for m in steps], smooth, idle, peak, sel)
+    groups_per_s = (rollout[-1]["rollout/groups_sent"] - rollout[0]["rollout/groups_sent"]) / max(
+        1e-9, rollout[-1]["time"] - rollout[0]["time"])
+    per_step = next(int(o.split("=")[1]) for o in [*overrides, "learner.groups_per_step=8"]
+                    if o.startswith("learner.groups_per_step="))
+    return Curve([m["time"] - t0 for m in steps], smooth, idle, peak, sel,
+                 statistics.median(m["time/train"] for m in steps), per_step / groups_per_s)
 
 
 def async_vs_sync(quick: bool = False) -> list[Result]:
@@ -73,7 +81,11 @@ def async_vs_sync(quick: bool = False) -> list[Result]:
     peak = {name: max(c.peak_rss.get(name, 0) for cs in curves.values() for c in cs)
             for name in ("selector", "learner", "rollout-0")}
     sel = curves[2][0].selector_rss
-    notes = (f"median over seeds {seeds}; time to smoothed reward >= {threshold}: K=2 {t[2]:.1f}s, K=0 {t[0]:.1f}s; "
+    g = statistics.median(c.gen_s for c in curves[0])
+    tr = statistics.median(c.train_s for c in curves[0])
+    notes = (f"per step: generation {g * 1e3:.0f} ms, training {tr * 1e3:.0f} ms, so overlapping them can speed "
+             f"up wall-clock per step by at most (g+t)/max(g,t) = {(g + tr) / max(g, tr):.2f}x; "
+             f"median over seeds {seeds}; time to smoothed reward >= {threshold}: K=2 {t[2]:.1f}s, K=0 {t[0]:.1f}s; "
              f"learner idle K=2 {idle[2]:.0%}, K=0 {idle[0]:.0%}; peak RSS MiB {peak}; selector RSS first/last "
              f"sample {sel[0] if sel else 0:.0f}/{sel[-1] if sel else 0:.0f} MiB")
     return [

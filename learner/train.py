@@ -12,7 +12,6 @@ so a restarted learner continues the count and the rollout servers' versions sta
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -141,10 +140,9 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict, c
 
 
 def main(argv: list[str] | None = None) -> int:
-    from protocol.cli import common_parser, configure
+    from protocol.cli import configure, process_parser
 
-    parser = argparse.ArgumentParser(prog="learner.train", parents=[common_parser()], description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = process_parser("learner.train", __doc__)
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     cfg = configure(args, role=f"learner-{rank}", quiet=rank != 0)

@@ -29,6 +29,12 @@ def common_parser() -> argparse.ArgumentParser:
     return p
 
 
+def process_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of one process's own entry point: its module docstring is its ``--help``."""
+    return argparse.ArgumentParser(prog=prog, parents=[common_parser()], description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def configure(args: argparse.Namespace, role: str, quiet: bool = False) -> Config:
     """Parse the config (exit 2 with the reason if invalid) and set up logging for one process."""
     try:

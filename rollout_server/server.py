@@ -12,7 +12,6 @@ One plain loop, no threads; every wait is a bounded poll so heartbeats keep flow
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -180,10 +179,9 @@ class RolloutServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from protocol.cli import common_parser, configure
+    from protocol.cli import configure, process_parser
 
-    parser = argparse.ArgumentParser(prog="podsrl rollout", parents=[common_parser()], description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = process_parser("podsrl rollout", __doc__)
     parser.add_argument("--server-id", default=f"{socket.gethostname()}-{os.getpid()}", help="unique name")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: run.seed + pid)")
     args = parser.parse_args(argv)

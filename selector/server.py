@@ -14,7 +14,6 @@ with a ``zmq.Poller``; malformed messages are rejected, counted and logged, neve
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
@@ -231,10 +230,9 @@ class Selector:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from protocol.cli import common_parser, configure
+    from protocol.cli import configure, process_parser
 
-    parser = argparse.ArgumentParser(prog="podsrl selector", parents=[common_parser()], description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = process_parser("podsrl selector", __doc__)
     cfg = configure(parser.parse_args(argv), role="selector")
     selector = Selector(cfg)
     signal.signal(signal.SIGTERM, lambda *_: setattr(selector, "stopping", True))
