@@ -7,6 +7,7 @@ Log-probs are those of the distribution actually sampled: ``log_softmax(logits /
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,12 +44,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 class TorchEngine:
-    """A KV-cached sampling loop over any transformers causal LM (CPU or CUDA)."""
+    """A KV-cached sampling loop over any transformers causal LM (CPU or CUDA).
+
+    Each prompt is prefilled once and its KV cache shared by its n rows; rows that sampled EOS are
+    dropped from the batch (their later tokens are PAD and are trimmed anyway); the forward after
+    the last token is skipped. Sampling is deterministic in ``seed`` (the same prompts, n, seed and
+    weights give the same completions on the same device).
+    """
+
+    compact_frac = 0.125  # drop finished rows once they are this fraction of the batch (each drop copies the cache)
 
     def __init__(self, cfg: Config) -> None:
         self.device = resolve_device(cfg.rollout.engine.device)
         self.model: torch.nn.Module | None = None
         self.version: int | None = None
+        self._last_logits_only = False  # the model takes logits_to_keep (the prefill needs only the last)
 
     def load(self, weights: Weights) -> None:
         """Install a complete, checksummed version (``unpack_weights`` verifies it first)."""
@@ -58,6 +68,7 @@ class TorchEngine:
 
             config = AutoConfig.for_model(**json.loads(weights.model_config))
             self.model = AutoModelForCausalLM.from_config(config).to(self.device).eval()
+            self._last_logits_only = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.model.load_state_dict(tensors, strict=True)
         self.version = weights.version
 
@@ -65,44 +76,58 @@ class TorchEngine:
     def generate(self, prompts: list[np.ndarray], n: int, max_new_tokens: int, temperature: float,
                  seed: int) -> Samples:
         assert self.model is not None, "load weights before generating"
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        rows = [p for p in prompts for _ in range(n)]
-        width = max(len(p) for p in rows)
-        ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, p in enumerate(rows):  # left padding keeps every row's next token at the end
-            ids[i, width - len(p):] = torch.from_numpy(p.astype(np.int64))
+        dev, rows = self.device, len(prompts) * n
+        if rows == 0 or max_new_tokens <= 0:
+            return Samples([np.empty(0, np.int32)] * rows, [np.empty(0, np.float32)] * rows)
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        lens = [len(p) for p in prompts]
+        width = max(lens)
+        ids = np.full((len(prompts), width), PAD_ID, np.int64)
+        mask = np.zeros((len(prompts), width + max_new_tokens), np.int64)  # every step's mask, sliced
+        for i, p in enumerate(prompts):  # left padding keeps every row's next token at the end
+            ids[i, width - len(p):] = p
             mask[i, width - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        tokens, logps = [], []
-        done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
-        next_pos = positions[:, -1:] + 1
-        for _ in range(max_new_tokens):
-            logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
+        ids_t, mask_t = torch.from_numpy(ids).to(dev), torch.from_numpy(mask).to(dev)
+        positions = (mask_t[:, :width].cumsum(1) - 1).clamp(min=0)
+        extra = {"logits_to_keep": 1} if self._last_logits_only else {}
+        out = self.model(input_ids=ids_t, attention_mask=mask_t[:, :width], position_ids=positions, use_cache=True,
+                         **extra)
+        cache = out.past_key_values
+        expand = torch.arange(len(prompts), device=dev).repeat_interleave(n)  # prompt-major rows
+        cache.reorder_cache(expand)
+        logits, mask_t, next_pos = out.logits[expand, -1], mask_t[expand], positions[expand, -1:] + 1
+        padded = min(lens) != width  # without padding the mask is all ones: let the model skip it
+        tokens = torch.full((rows, max_new_tokens), PAD_ID, dtype=torch.long, device=dev)
+        logps = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=dev)
+        live = torch.arange(rows, device=dev)  # output row of each batch row
+        done = torch.zeros(rows, dtype=torch.bool, device=dev)  # sampled EOS, still in the batch
+        for t in range(max_new_tokens):
+            logp = torch.log_softmax(logits.float() / temperature, dim=-1)
             tok = torch.multinomial(logp.exp(), 1, generator=gen)
-            tokens.append(torch.where(done[:, None], PAD_ID, tok))
-            logps.append(logp.gather(1, tok))
+            tokens[live, t] = torch.where(done, PAD_ID, tok[:, 0])
+            logps[live, t] = logp.gather(1, tok)[:, 0]
             done |= tok[:, 0] == EOS_ID
-            if bool(done.all()):
+            if t == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones_like(tok)], 1)
-            out = self.model(input_ids=tok, attention_mask=mask, position_ids=next_pos,
-                             past_key_values=out.past_key_values, use_cache=True)
-            next_pos = next_pos + 1
-        return _trim(torch.cat(tokens, 1).cpu().numpy(), torch.cat(logps, 1).cpu().numpy())
+            finished = int(done.sum())
+            if finished == live.numel():
+                break
+            if finished and finished >= self.compact_frac * live.numel():
+                keep = (~done).nonzero()[:, 0]
+                cache.reorder_cache(keep)
+                live, mask_t, next_pos, tok, done = live[keep], mask_t[keep], next_pos[keep], tok[keep], done[keep]
+            out = self.model(input_ids=tok, attention_mask=mask_t[:, :width + t + 1] if padded else None,
+                             position_ids=next_pos, past_key_values=cache, use_cache=True)
+            logits, next_pos = out.logits[:, -1], next_pos + 1
+        return self._trim(tokens.cpu().numpy(), logps.cpu().numpy())
 
-
-def _trim(tokens: np.ndarray, logps: np.ndarray) -> Samples:
-    """Cut each row after its first EOS (kept) or at the token budget."""
-    ids, lps = [], []
-    for row, lp in zip(tokens, logps, strict=True):
-        eos = np.flatnonzero(row == EOS_ID)
-        end = int(eos[0]) + 1 if eos.size else row.shape[0]
-        ids.append(row[:end].astype(np.int32))
-        lps.append(lp[:end].astype(np.float32))
-    return Samples(ids, lps)
+    @staticmethod
+    def _trim(tokens: np.ndarray, logps: np.ndarray) -> Samples:
+        """Cut each row after its first EOS (kept) or at the token budget."""
+        is_eos = tokens == EOS_ID
+        ends = np.where(is_eos.any(1), is_eos.argmax(1) + 1, tokens.shape[1]).tolist()
+        tokens = tokens.astype(np.int32)
+        return Samples([tokens[i, :e] for i, e in enumerate(ends)], [logps[i, :e] for i, e in enumerate(ends)])
 
 
 def _vllm(cfg: Config) -> Engine:

@@ -145,9 +145,11 @@ class RolloutServer:
                                        seed=int(self.rng.integers(2**62)))
         gen_s = time.monotonic() - t0
         n = cfg.group_size
+        rewards_all = []
         for i, prompt in enumerate(prompts):
             ids, lps = samples.ids[i * n:(i + 1) * n], samples.logprobs[i * n:(i + 1) * n]
             rewards = np.array([self.task.score(prompt, c) for c in ids], dtype=np.float32)
+            rewards_all.append(rewards)
             group = ScoredGroup(
                 server_id=self.server_id, group_id=self.groups_sent, version=version, task=self.task.name,
                 gen_seconds=gen_s / len(prompts), prompt_ids=prompt,
@@ -157,8 +159,7 @@ class RolloutServer:
             self.groups_sent += 1
         tokens = sum(len(c) for c in samples.ids)
         self.monitor.log(version, {"rollout/groups_sent": self.groups_sent, "rollout/tokens_per_s": tokens / gen_s,
-                                   "rollout/reward_mean": float(np.mean([self.task.score(p, c) for p, c in zip(
-                                       [p for p in prompts for _ in range(n)], samples.ids, strict=True)])),
+                                   "rollout/reward_mean": float(np.mean(rewards_all)),
                                    **{f"rollout/{k}": v for k, v in self.counters.items()}})
 
     def run(self) -> None:
