@@ -8,7 +8,9 @@ never compare numbers across runs, only ratios within one.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -66,9 +68,27 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 7, min_time: f
     return {k: statistics.median(v) for k, v in runs.items()}
 
 
-def machine() -> dict[str, Any]:
-    import os
+def free_ports(k: int) -> list[int]:
+    """k distinct free loopback ports (all bound at once, so they differ)."""
+    socks = [socket.socket() for _ in range(k)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def child_env() -> dict[str, str]:
+    """Environment of a benchmark's child process: the repo importable, one thread."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
                             "cpus": os.cpu_count()}
     try:

@@ -16,7 +16,6 @@ Everything runs on one torch thread, as a rollout server does (``rollout.threads
 
 from __future__ import annotations
 
-import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import zmq
 
-from bench.common import Result, interleaved, print_results
+from bench.common import Result, free_ports, interleaved, print_results
 from learner.model import build_tiny_model, load_model
 from protocol.config import EOS_ID, PAD_ID, Config, load_config
 from protocol.sockets import group_receiver
@@ -35,16 +34,6 @@ TINY: list[str] = []  # the defaults: copy task, length 3, group_size 16, prompt
 BIG = ["task.length=16", "rollout.max_new_tokens=17", "model.tiny.hidden_size=256", "model.tiny.num_layers=4",
        "model.tiny.intermediate_size=512"]
 BIG_VOCAB = [*BIG, "task.symbols=200"]
-
-
-def free_ports(k: int) -> list[int]:
-    socks = [socket.socket() for _ in range(k)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _config(run_dir: Path, overrides: list[str]) -> Config:

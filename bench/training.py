@@ -51,7 +51,8 @@ def run_job(overrides: list[str], port_base: int, window: int = 10) -> Curve:
             raise RuntimeError(f"job {overrides} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
         steps = read_metrics(Path(tmp) / "run/metrics/learner.jsonl")
         launcher = read_metrics(Path(tmp) / "run/metrics/launcher.jsonl")
-        rollout = read_metrics(Path(tmp) / "run/metrics/rollout-rollout-0.jsonl")
+        rollout = [m for m in read_metrics(Path(tmp) / "run/metrics/rollout-rollout-0.jsonl")
+                   if "rollout/groups_sent" in m]
     t0 = steps[0]["time"] - steps[0]["time/step"]
     raw = [m["reward/mean"] for m in steps]
     smooth = [statistics.fmean(raw[max(0, i - window + 1):i + 1]) for i in range(len(raw))]

@@ -16,7 +16,6 @@ into phases (ends of the slowest client, from before pack) and single-process ra
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 import statistics
 import time
 import zlib
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 import zmq
 
-from bench.common import Result, interleaved, median_time, print_results
+from bench.common import Result, free_ports, interleaved, median_time, print_results
 from protocol.codec import decode, encode
 from protocol.config import NetConfig
 from protocol.messages import Weights, WeightsAnnouncement, WeightsRequest
@@ -53,16 +52,6 @@ SIZES = {  # name -> Llama shape; parameter counts are printed with the results
     "10M": llama_spec(256, 704, 11, 2048),
     "100M": llama_spec(768, 2048, 12, 10_000),
 }
-
-
-def free_ports(k: int) -> list[int]:
-    socks = [socket.socket() for _ in range(k)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _client(conn: Any, net: dict[str, Any], raw_go: int, raw_data: int, spec: list[tuple[str, list[int]]]) -> None:

@@ -45,10 +45,24 @@ def _require(ok: bool, detail: str) -> None:
         raise ProtocolError("invariant", detail)
 
 
+def _invariant(detail: str) -> ProtocolError:
+    """The error of a failed ``check``; callers test first and format ``detail`` only on failure."""
+    return ProtocolError("invariant", detail)
+
+
 def _ragged(flat: np.ndarray, lens: np.ndarray, what: str) -> None:
     """``flat`` is the concatenation of rows whose lengths are ``lens``."""
-    _require(bool((lens >= 0).all()), f"{what}: negative lengths")
-    _require(int(lens.sum()) == flat.shape[0], f"{what}: lengths sum {int(lens.sum())} != {flat.shape[0]} items")
+    if lens.shape[0] <= 64:  # a few Python ints beat two numpy reductions (~1 us each); sums are exact both ways
+        items = lens.tolist()
+        if items and min(items) < 0:
+            raise _invariant(f"{what}: negative lengths")
+        total = sum(items)
+    else:
+        if int(lens.min()) < 0:
+            raise _invariant(f"{what}: negative lengths")
+        total = int(lens.sum())
+    if total != flat.shape[0]:
+        raise _invariant(f"{what}: lengths sum {total} != {flat.shape[0]} items")
 
 
 class Message:
@@ -111,13 +125,22 @@ class ScoredGroup(Message):
         return int(self.rewards.shape[0])
 
     def check(self) -> None:
-        _require(self.version >= 0, f"version must be >= 0, got {self.version}")
-        _require(self.prompt_ids.shape[0] > 0, "empty prompt")
-        _require(self.completion_lens.shape[0] == self.n, "completion_lens and rewards differ in length")
-        _require(self.n > 0, "a group needs at least one completion")
+        if self.version < 0:
+            raise _invariant(f"version must be >= 0, got {self.version}")
+        if self.prompt_ids.shape[0] <= 0:
+            raise _invariant("empty prompt")
+        n = self.rewards.shape[0]
+        if self.completion_lens.shape[0] != n:
+            raise _invariant("completion_lens and rewards differ in length")
+        if n <= 0:
+            raise _invariant("a group needs at least one completion")
         _ragged(self.completion_ids, self.completion_lens, "completion_ids")
-        _require(self.logprobs.shape == self.completion_ids.shape, "logprobs and completion_ids differ in length")
-        _require(bool((self.logprobs <= 1e-4).all()), "log-probs must be <= 0")
+        logprobs = self.logprobs
+        if logprobs.shape != self.completion_ids.shape:
+            raise _invariant("logprobs and completion_ids differ in length")
+        # max() <= 1e-4 is False for a NaN too (and the codec has rejected NaN before check() runs)
+        if not (logprobs.size == 0 or logprobs.max() <= 1e-4):
+            raise _invariant("log-probs must be <= 0")
 
 
 @dataclass(frozen=True)
@@ -130,7 +153,8 @@ class BatchRequest(Message):
     num_groups: int
 
     def check(self) -> None:
-        _require(self.version >= 0 and self.num_groups > 0, "version >= 0 and num_groups > 0 required")
+        if not (self.version >= 0 and self.num_groups > 0):
+            raise _invariant("version >= 0 and num_groups > 0 required")
 
 
 @dataclass(frozen=True)
@@ -172,15 +196,21 @@ class TrainBatch(Message):
     def check(self) -> None:
         b = self.size
         for name in ("completion_lens", "advantages", "rewards", "versions", "group_index", "server_index"):
-            _require(getattr(self, name).shape[0] == b, f"{name} has {getattr(self, name).shape[0]} rows, expected {b}")
+            rows = getattr(self, name).shape[0]
+            if rows != b:
+                raise _invariant(f"{name} has {rows} rows, expected {b}")
         _ragged(self.prompt_ids, self.prompt_lens, "prompt_ids")
         _ragged(self.completion_ids, self.completion_lens, "completion_ids")
-        _require(self.logprobs.shape == self.completion_ids.shape, "logprobs and completion_ids differ in length")
-        _require(all(isinstance(s, str) for s in self.servers), "servers must be strings")
-        _require(b == 0 or (int(self.server_index.min()) >= 0 and int(self.server_index.max()) < len(self.servers)),
-                 "server_index out of range")
-        _require(all(isinstance(k, str) and _number(v) for k, v in self.stats.items()),
-                 "stats must map str to finite numbers")
+        if self.logprobs.shape != self.completion_ids.shape:
+            raise _invariant("logprobs and completion_ids differ in length")
+        for s in self.servers:
+            if not isinstance(s, str):
+                raise _invariant("servers must be strings")
+        if b and (int(self.server_index.min()) < 0 or int(self.server_index.max()) >= len(self.servers)):
+            raise _invariant("server_index out of range")
+        for k, v in self.stats.items():
+            if not (isinstance(k, str) and _number(v)):
+                raise _invariant("stats must map str to finite numbers")
 
 
 @dataclass(frozen=True)
@@ -222,16 +252,17 @@ class Weights(Message):
     def check(self) -> None:
         end = 0
         for entry in self.tensors:
-            _require(isinstance(entry, list) and len(entry) == 5, f"bad tensor entry {entry!r}")
+            if not (isinstance(entry, list) and len(entry) == 5):
+                raise _invariant(f"bad tensor entry {entry!r}")
             name, dtype, shape, offset, nbytes = entry
-            _require(isinstance(name, str) and isinstance(dtype, str) and isinstance(shape, list)
-                     and all(_int(d) and d >= 0 for d in shape) and _int(offset) and _int(nbytes),
-                     f"bad tensor entry {entry!r}")
-            _require(offset >= end and offset % WEIGHTS_ALIGN == 0 and nbytes >= 0,
-                     f"tensor {name}: offset {offset} overlaps the previous tensor or is not aligned")
+            if not (isinstance(name, str) and isinstance(dtype, str) and isinstance(shape, list)
+                    and all(_int(d) and d >= 0 for d in shape) and _int(offset) and _int(nbytes)):
+                raise _invariant(f"bad tensor entry {entry!r}")
+            if not (offset >= end and offset % WEIGHTS_ALIGN == 0 and nbytes >= 0):
+                raise _invariant(f"tensor {name}: offset {offset} overlaps the previous tensor or is not aligned")
             end = offset + nbytes
-        _require(end <= self.data.shape[0] < end + WEIGHTS_ALIGN,
-                 f"manifest covers {end} bytes, buffer has {self.data.shape[0]}")
+        if not end <= self.data.shape[0] < end + WEIGHTS_ALIGN:
+            raise _invariant(f"manifest covers {end} bytes, buffer has {self.data.shape[0]}")
 
 
 MESSAGES: dict[str, type[Message]] = {

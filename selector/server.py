@@ -36,7 +36,7 @@ from protocol.messages import (
 )
 from protocol.metrics import Monitor
 from protocol.sockets import MIB, announce_subscriber, batch_server, close, group_receiver, recv, send
-from selector.batch import KeptGroup, build_batch, keep_group
+from selector.batch import KeptGroup, build_batch, keep_groups
 
 log = logging.getLogger("podsrl.selector")
 
@@ -63,6 +63,7 @@ class Selector:
         self.sub = announce_subscriber(self.ctx, self.cfg.net)
         self.buffer: deque[KeptGroup] = deque()
         self.pending: tuple[list[bytes], BatchRequest] | None = None
+        self.scanned_version: int | None = None  # request version the buffer was last gated for in try_serve
         self.version = 0  # newest learner version seen (announcements and requests)
         self.peers: dict[str, Peer] = {}
         self.counts: Counter[str] = Counter()  # since the last batch; reset when a batch is sent
@@ -78,13 +79,20 @@ class Selector:
 
     # -- handlers ------------------------------------------------------------------------------
     def on_group_socket(self) -> None:
+        msg = self.receive_group_message()
+        if isinstance(msg, ScoredGroup):
+            self.on_groups([msg])
+
+    def receive_group_message(self) -> Hello | Heartbeat | ScoredGroup | None:
+        """Read one message from the groups link and update its peer; a ScoredGroup is returned for
+        ``on_groups`` (None for a rejected message)."""
         try:
             _, msg = recv(self.groups, (Hello, Heartbeat, ScoredGroup), max_bytes=self.cfg.net.max_group_mib * MIB)
         except ProtocolError as e:
             self.count(f"rejected/{e.reason}")
             log.warning("rejected a message on the groups link (%s); %d rejected so far",
                         e, sum(v for k, v in self.totals.items() if k.startswith("rejected/")))
-            return
+            return None
         peer = self.peers.get(msg.server_id)
         if peer is None:
             peer = self.peers[msg.server_id] = Peer(last_seen=time.monotonic())
@@ -97,7 +105,7 @@ class Selector:
             peer.version, peer.state = msg.version, msg.state
         elif isinstance(msg, ScoredGroup):
             peer.version, peer.groups = msg.version, peer.groups + 1
-            self.on_group(msg)
+        return msg
 
     def drop_stale(self, server_id: str) -> None:
         """Never train on s > K (DESIGN.md): drop and count, per rollout server too."""
@@ -105,18 +113,28 @@ class Selector:
         self.count(f"staleness/dropped/{server_id}")
 
     def on_group(self, group: ScoredGroup) -> None:
-        self.count("groups/received")
-        if self.version - group.version > self.cfg.max_staleness:
-            self.drop_stale(group.server_id)
-            return
-        kept = keep_group(group, self.cfg.selector, self.cfg.kept_per_group, self.rng)
-        if kept is None:
-            self.count("selector/zero_variance_dropped")
-            self._warn_starving()
-            return
-        if kept.zero_variance:
-            self.count("selector/zero_variance_kept")
-        self.buffer.append(kept)
+        self.on_groups([group])
+
+    def on_groups(self, groups: list[ScoredGroup]) -> None:
+        """Gate staleness, down-sample the fresh groups of a burst in one ``keep_groups`` call, buffer
+        the kept ones. Counters, warnings and the buffer change in arrival order, group by group, and
+        the draws from ``self.rng`` are those of one ``keep_group`` per fresh group."""
+        limit = self.cfg.max_staleness
+        fresh = [g for g in groups if self.version - g.version <= limit]
+        kept_groups = iter(keep_groups(fresh, self.cfg.selector, self.cfg.kept_per_group, self.rng))
+        for group in groups:
+            self.count("groups/received")
+            if self.version - group.version > limit:
+                self.drop_stale(group.server_id)
+                continue
+            kept = next(kept_groups)
+            if kept is None:
+                self.count("selector/zero_variance_dropped")
+                self._warn_starving()
+                continue
+            if kept.zero_variance:
+                self.count("selector/zero_variance_kept")
+            self.buffer.append(kept)
 
     def _warn_starving(self) -> None:
         dropped, received = self.totals["selector/zero_variance_dropped"], self.totals["groups/received"]
@@ -149,11 +167,15 @@ class Selector:
         if self.pending is None:
             return
         route, req = self.pending
-        if any(req.version - g.version > self.cfg.max_staleness for g in self.buffer):
-            for g in self.buffer:
-                if req.version - g.version > self.cfg.max_staleness:
-                    self.drop_stale(g.server_id)
-            self.buffer = deque(g for g in self.buffer if req.version - g.version <= self.cfg.max_staleness)
+        # Re-gate the buffer only for a new request version: a group admitted since the last scan
+        # passed the arrival gate with self.version >= req.version, so it is fresh enough for req.
+        if req.version != self.scanned_version:
+            if any(req.version - g.version > self.cfg.max_staleness for g in self.buffer):
+                for g in self.buffer:
+                    if req.version - g.version > self.cfg.max_staleness:
+                        self.drop_stale(g.server_id)
+                self.buffer = deque(g for g in self.buffer if req.version - g.version <= self.cfg.max_staleness)
+            self.scanned_version = req.version
         if len(self.buffer) < req.num_groups:
             return
         take = [self.buffer.popleft() for _ in range(req.num_groups)]
@@ -209,10 +231,21 @@ class Selector:
                             peer.last_seen = max(peer.last_seen, time.monotonic())
                 events = dict(poller.poll(200))
                 if self.groups in events:
-                    for _ in range(64):  # drain a burst before serving, without starving the other links
-                        self.on_group_socket()
-                        if not self.groups.poll(0) or len(self.buffer) >= self.cfg.selector.buffer_groups:
+                    # Drain a burst before serving, without starving the other links; decode it all,
+                    # then gate and down-sample it in one go. ``room`` counts the groups that will pass
+                    # the staleness gate (zero-variance drops are known only after down-sampling).
+                    burst: list[ScoredGroup] = []
+                    room = self.cfg.selector.buffer_groups - len(self.buffer)
+                    for _ in range(64):
+                        msg = self.receive_group_message()
+                        if isinstance(msg, ScoredGroup):
+                            burst.append(msg)
+                            if self.version - msg.version <= self.cfg.max_staleness:
+                                room -= 1
+                        if not self.groups.poll(0) or room <= 0:
                             break
+                    if burst:
+                        self.on_groups(burst)
                 if self.sub in events:
                     self.on_announcement()
                 if self.batches in events:

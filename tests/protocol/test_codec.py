@@ -612,3 +612,190 @@ def test_fuzz_mutated_scored_group(frames: list[bytes]) -> None:
         assert isinstance(msg, ScoredGroup)
         assert np.isfinite(msg.logprobs).all() and np.isfinite(msg.rewards).all()
         assert math.isfinite(msg.gen_seconds)
+
+
+# --------------------------------------------------------------------------------------------------
+# The lighter decode keeps the contract: a differential fuzz against the reference decoder (the
+# straightforward implementation decode replaced), float scans, lazy details, how instances are made.
+# --------------------------------------------------------------------------------------------------
+
+import warnings  # noqa: E402
+
+
+def _reference_decode(frames: list, expect: Any = None) -> Message:
+    """The plain decoder (all(genexpr), math.prod, eager np.isfinite scans, cls(**values)), with
+    ScoredGroup's original checks: the behaviour the codec must keep."""
+    if not frames:
+        raise ProtocolError("malformed", "no frames")
+    if len(frames[0]) > codec.MAX_HEADER_BYTES:
+        raise ProtocolError("too_large", "header")
+    try:
+        header = msgpack.unpackb(frames[0], raw=False, strict_map_key=True, use_list=True)
+    except Exception:  # noqa: BLE001
+        raise ProtocolError("malformed", "header is not msgpack") from None
+    if not isinstance(header, dict) or set(header) != {"t", "v", "f", "a"}:
+        raise ProtocolError("malformed", "keys")
+    if type(header["v"]) is not int or header["v"] != PROTOCOL_VERSION:
+        raise ProtocolError("version", "version")
+    cls = MESSAGES.get(header["t"]) if isinstance(header["t"], str) else None
+    if cls is None or (expect is not None and not issubclass(cls, expect)):
+        raise ProtocolError("unknown_type", "type")
+    spec = {f.name: {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}[str(f.type)]
+            for f in dataclasses.fields(cls) if f.name not in cls.ARRAYS}
+    fields = header["f"]
+    if not isinstance(fields, dict) or set(fields) != set(spec):
+        raise ProtocolError("schema", "fields")
+    values: dict[str, Any] = {}
+    for name, kind in spec.items():
+        value = fields[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ProtocolError("schema", name)
+        if kind is float and not math.isfinite(value):
+            raise ProtocolError("non_finite", name)
+        values[name] = value
+    specs, arrays = header["a"], frames[1:]
+    if not isinstance(specs, list) or len(specs) != len(cls.ARRAYS) or len(arrays) != len(cls.ARRAYS):
+        raise ProtocolError("schema", "arrays")
+    for s, (name, (dtype, ndim)), frame in zip(specs, cls.ARRAYS.items(), arrays, strict=True):
+        if not (isinstance(s, list) and len(s) == 3 and s[0] == name):
+            raise ProtocolError("schema", name)
+        if s[1] != dtype.str:
+            raise ProtocolError("dtype", name)
+        shape = s[2]
+        if not (isinstance(shape, list) and len(shape) == ndim and all(type(d) is int and d >= 0 for d in shape)):
+            raise ProtocolError("shape", name)
+        if len(frame) != math.prod(shape) * dtype.itemsize:
+            raise ProtocolError("shape", name)
+        arr = np.frombuffer(frame, dtype=dtype).reshape(shape)
+        if dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ProtocolError("non_finite", name)
+        values[name] = arr
+    msg = cls(**values)
+    if isinstance(msg, ScoredGroup):
+        ok = (msg.version >= 0 and msg.prompt_ids.shape[0] > 0 and msg.completion_lens.shape[0] == msg.n
+              and msg.n > 0 and bool((msg.completion_lens >= 0).all())
+              and int(msg.completion_lens.sum()) == msg.completion_ids.shape[0]
+              and msg.logprobs.shape == msg.completion_ids.shape and bool((msg.logprobs <= 1e-4).all()))
+        if not ok:
+            raise ProtocolError("invariant", "check")
+    else:
+        msg.check()
+    return msg
+
+
+def _outcome(decoder: Callable[..., Message], frames: list, expect: Any = None) -> Any:
+    try:
+        msg = decoder(frames, expect)
+    except ProtocolError as e:
+        return e.reason
+    return msg
+
+
+def _assert_same_outcome(frames: list, expect: Any = None) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new float scan must not warn where the old one did not
+        got = _outcome(decode, frames, expect)
+    want = _outcome(_reference_decode, frames, expect)
+    if isinstance(want, str):
+        assert got == want
+    else:
+        assert not isinstance(got, str), got
+        assert_same_message(got, want)
+        for name in type(got).ARRAYS:
+            assert not getattr(got, name).flags.writeable
+
+
+@FUZZ
+@given(mutated_scored_group())
+def test_fuzz_same_outcome_as_the_reference_decoder(frames: list[bytes]) -> None:
+    _assert_same_outcome(frames)
+    _assert_same_outcome(frames, ScoredGroup)
+
+
+@FUZZ
+@given(st.sampled_from(TYPES), st.data())
+def test_fuzz_every_type_same_outcome_as_the_reference_decoder(cls: type[Message], data: st.DataObject) -> None:
+    frames = [bytearray(f) for f in frames_of(FACTORIES[cls]())]
+    for _ in range(data.draw(st.integers(0, 4))):
+        i = data.draw(st.integers(0, len(frames) - 1))
+        if frames[i]:
+            frames[i][data.draw(st.integers(0, len(frames[i]) - 1))] = data.draw(st.integers(0, 255))
+    _assert_same_outcome([bytes(f) for f in frames])
+
+
+@pytest.mark.parametrize("value", [1e30, -3e38, 3.4e38, 1e-45])
+def test_huge_or_tiny_finite_floats_are_accepted_without_warnings(value: float) -> None:
+    """Values whose squares overflow float32 take the exact scan; they are finite, so accepted."""
+    msg = dataclasses.replace(make_scored_group(), rewards=np.full(4, value, np.float32),
+                              logprobs=np.full(13, -abs(value), np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = decode(frames_of(msg))
+    assert_same_message(got, msg)
+
+
+@pytest.mark.parametrize("bits", [0x7FC00000, 0x7FA00000, 0xFFA00001, 0x7F800000, 0xFF800000],
+                         ids=["qnan", "snan", "neg-snan", "inf", "-inf"])
+@pytest.mark.parametrize("name", ["logprobs", "rewards"])
+def test_nan_and_inf_bit_patterns_are_non_finite_without_warnings(bits: int, name: str) -> None:
+    def poison(a: np.ndarray) -> None:
+        a.view(np.uint32)[0] = bits
+
+    frames = with_array_frame(make_scored_group(), name, poison)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        err = rejected(frames, "non_finite")
+    assert name in err.detail
+
+
+def test_reasons_come_array_by_array_in_order() -> None:
+    """A non-finite array is reported before a later array's bad spec, and after an earlier one's."""
+    frames = with_array_frame(make_scored_group(), "logprobs", lambda a: a.__setitem__(0, np.nan))
+    header = header_of(frames)
+    header["a"][4][1] = "<f8"  # rewards (after logprobs): dtype
+    rejected([msgpack.packb(header, use_bin_type=True), *frames[1:]], "non_finite")
+    header["a"][4][1] = "<f4"
+    header["a"][1][2] = [999]  # completion_ids (before logprobs): shape
+    rejected([msgpack.packb(header, use_bin_type=True), *frames[1:]], "shape")
+
+
+def test_invariant_details_are_formatted_on_failure() -> None:
+    err = rejected(_scored(completion_lens=np.array([4, 4, 2, 4], I32)), "invariant")
+    assert err.detail == "completion_ids: lengths sum 14 != 13 items"
+    err = rejected(_scored(version=-1), "invariant")
+    assert err.detail == "version must be >= 0, got -1"
+    err = rejected(_batch(rewards=np.zeros(2, F32)), "invariant")
+    assert err.detail == "rewards has 2 rows, expected 3"
+    err = rejected(_weights(tensors=[["a", "float32", [17], 0]]), "invariant")
+    assert err.detail == "bad tensor entry ['a', 'float32', [17], 0]"
+    long_lens = np.r_[np.full(99, 0, I32), I32(-1), np.full(28, 0, I32)]  # > 64 lengths: the numpy branch
+    err = rejected(_scored(completion_lens=long_lens, rewards=np.zeros(128, F32)), "invariant")
+    assert err.detail == "completion_ids: negative lengths"
+
+
+@pytest.mark.parametrize("cls", TYPES, ids=lambda c: c.TYPE)
+def test_decoded_instances_are_ordinary_frozen_dataclasses(cls: type[Message]) -> None:
+    msg = FACTORIES[cls]()
+    got = decode(frames_of(msg))
+    assert list(vars(got)) == [f.name for f in dataclasses.fields(cls)]
+    assert repr(got) == repr(dataclasses.replace(got))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.version = 1  # type: ignore[misc]
+
+
+def test_a_message_class_with_post_init_is_built_through_its_init(monkeypatch) -> None:
+    seen: list[str] = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Ping(Message):
+        TYPE = "ping_test"
+        text: str
+
+        def __post_init__(self) -> None:
+            seen.append(self.text)
+
+    monkeypatch.setitem(MESSAGES, Ping.TYPE, Ping)
+    got = decode(frames_of(Ping(text="hi")))
+    assert isinstance(got, Ping) and got.text == "hi" and seen == ["hi", "hi"]
