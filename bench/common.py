@@ -106,9 +106,9 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def save(results: list[Result], path: Path) -> None:
+def save(results: list[Result], meta: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    path.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1))
 
 
 def print_results(results: list[Result]) -> None:
