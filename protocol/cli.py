@@ -70,11 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("learner", help="the learner alone, through torchrun", parents=[common_parser()])
     conf = sub.add_parser("config", help="print the resolved config as TOML", parents=[common_parser()])
     conf.add_argument("--reference", action="store_true", help="print the reference of every key (docs/CONFIG.md)")
-    sub.add_parser("plot", help="plot a run's metrics (PNG)", add_help=False)
-    if argv and argv[0] in ("selector", "rollout", "plot"):  # these own their full argument parsing
+    if argv and argv[0] in ("selector", "rollout"):  # these own their full argument parsing
         from importlib import import_module
 
-        module = {"selector": "selector.server", "rollout": "rollout_server.server", "plot": "protocol.plot"}[argv[0]]
+        module = {"selector": "selector.server", "rollout": "rollout_server.server"}[argv[0]]
         return int(import_module(module).main(argv[1:]))
     args = parser.parse_args(argv)
     if args.cmd == "config":

@@ -1,0 +1,36 @@
+"""The console script: instant help, and config errors that name the key and the fix."""
+
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, child_env
+
+
+def podsrl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "protocol.cli", *args], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("cmd", ["run", "selector", "rollout", "learner", "config"])
+def test_help_of_every_command(cmd):
+    res = podsrl(cmd, "--help")
+    assert res.returncode == 0 and "--config" in res.stdout
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from protocol.cli import main\ntry:\n main(['--help'])\nexcept SystemExit: pass\n" \
+           "assert 'torch' not in sys.modules, 'torch imported for --help'"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_invalid_config_exits_2_naming_the_key_and_the_reference():
+    res = podsrl("run", "selector.keep=99", "learner.bogus=1")
+    assert res.returncode == 2
+    assert "learner.bogus" in res.stderr and "docs/CONFIG.md" in res.stderr
+
+
+def test_config_prints_resolved_toml():
+    res = podsrl("config", "max_staleness=0", "learner.loss.type=m2po")
+    assert res.returncode == 0 and "max_staleness = 0" in res.stdout and 'type = "m2po"' in res.stdout
