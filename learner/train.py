@@ -67,7 +67,7 @@ class BatchSource:
 
     def _fresh(self, batch: TrainBatch, version: int) -> TrainBatch | None:
         """Enforce the staleness bound here too: a late reply to an old request may hold stale rows."""
-        stale = version - batch.versions > self.cfg.max_staleness
+        stale = self.cfg.too_stale(version, batch.versions)
         if stale.any():
             self.stale_rows += int(stale.sum())
             log.warning("dropping a batch with %d rows staler than K=%d (late reply)", stale.sum(),
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             source = BatchSource(ctx, cfg)
             monitor = Monitor(cfg.run.dir, "learner")
             log.info("learner up: %d rank(s) on %s, version %d; %s", world, device, version, cfg.summary())
-        started = time.monotonic()
+        started, saved = time.monotonic(), None
         while version < cfg.run.steps:
             t0 = time.monotonic()
             box: list = [None]
@@ -205,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             every = cfg.learner.checkpoint_every
             if every and version % every == 0:
                 save_checkpoint(cfg, model, opt, version, rank)
-        if not (cfg.learner.checkpoint_every and version % cfg.learner.checkpoint_every == 0):
-            save_checkpoint(cfg, model, opt, version, rank)  # the final version is always kept
+                saved = version
+        if saved != version:  # the final version is always kept
+            save_checkpoint(cfg, model, opt, version, rank)
         if rank == 0:
             assert publisher is not None
             publisher.publish(pack_weights(model.state_dict(), version, model_config), final=True)

@@ -63,7 +63,7 @@ def decode(frames: Sequence[Buffer], expect: type[M] | tuple[type[Message], ...]
         raise ProtocolError("unknown_type", f"message type {name!r}")
     if expect is not None and not issubclass(cls, expect):
         raise ProtocolError("unknown_type", f"{cls.TYPE!r} is not expected on this socket")
-    plan = _PLANS.get(cls) or _plan(cls)
+    plan = _plan(cls)
     values = _check_scalars(plan, header["f"])
     _check_arrays(plan, header["a"], frames, values)
     if plan.direct:  # what the dataclass __init__ would do, without its per-field object.__setattr__
@@ -96,19 +96,15 @@ class _Plan(NamedTuple):
     direct: bool  # instances can be built by filling __dict__ (a plain dataclass: no __post_init__, all init)
 
 
-_PLANS: dict[type[Message], _Plan] = {}
-
-
+@cache
 def _plan(cls: type[Message]) -> _Plan:
     spec = _scalars(cls)
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
     direct = (not hasattr(cls, "__post_init__") and all(f.init for f in fields)
               and {f.name for f in fields} == set(spec) | set(cls.ARRAYS) and "__slots__" not in cls.__dict__)
-    plan = _Plan(cls, tuple(spec.items()), frozenset(spec),
+    return _Plan(cls, tuple(spec.items()), frozenset(spec),
                  tuple((name, dtype, dtype.str, ndim, dtype.itemsize, dtype.kind == "f")
                        for name, (dtype, ndim) in cls.ARRAYS.items()), direct)
-    _PLANS[cls] = plan
-    return plan
 
 
 def _check_scalars(plan: _Plan, fields: Any) -> dict[str, Any]:

@@ -143,6 +143,12 @@ class Config(Section):
             raise ValueError("model.init='pretrained' needs model.path=<local directory>")
         return self
 
+    def too_stale(self, learner_version: int, sample_version: Any) -> Any:
+        """DESIGN.md's bound, the one definition every role uses: a sample made by ``sample_version``
+        (an int or an array of them) is never trained by the update that makes ``learner_version + 1``
+        when its staleness ``learner_version - sample_version`` exceeds ``max_staleness``."""
+        return learner_version - sample_version > self.max_staleness
+
     # Derived sizes, computed once here and logged by every process at start-up.
     @property
     def kept_per_group(self) -> int:

@@ -40,11 +40,6 @@ class ProtocolError(ValueError):
         self.detail = detail
 
 
-def _require(ok: bool, detail: str) -> None:
-    if not ok:
-        raise ProtocolError("invariant", detail)
-
-
 def _invariant(detail: str) -> ProtocolError:
     """The error of a failed ``check``; callers test first and format ``detail`` only on failure."""
     return ProtocolError("invariant", detail)

@@ -100,7 +100,7 @@ class RolloutServer:
     def sync_weights(self) -> None:
         """Load the newest version; block only while our lag would make a group useless."""
         have = self.engine.version
-        must = have is None or self.latest - have > self.cfg.max_staleness
+        must = have is None or self.cfg.too_stale(self.latest, have)
         if not must and self.latest <= have:
             return
         self.state = "loading_weights" if not must else "waiting_for_weights"

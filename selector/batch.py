@@ -87,8 +87,8 @@ def build_batch(groups: list[KeptGroup], req: BatchRequest, stats: dict[str, flo
         completion_ids=np.concatenate([c for g in groups for c in g.completions]).astype(np.int32),
         completion_lens=np.array([len(c) for g in groups for c in g.completions], np.int32),
         logprobs=np.concatenate([lp for g in groups for lp in g.logprobs]).astype(np.float32),
-        advantages=np.concatenate([np.asarray(g.advantages, np.float32)[:len(g.completions)] for g in groups]),
-        rewards=np.concatenate([np.asarray(g.rewards, np.float32)[:len(g.completions)] for g in groups]),
+        advantages=np.concatenate([g.advantages for g in groups]).astype(np.float32),
+        rewards=np.concatenate([g.rewards for g in groups]).astype(np.float32),
         versions=np.array([g.version for g in rows], np.int64),
         group_index=np.array([gi for gi, g in enumerate(groups) for _ in g.completions], np.int32),
         server_index=np.array([index[g.server_id] for g in rows], np.int32))

@@ -280,14 +280,7 @@ def _fast_max_variance(
     could overflow differently) finish on the numpy path from the same tie-broken order.
     """
     n = len(r)
-    if n < 16:
-        total = _np_sum(r)
-    else:  # _np_sum inlined for the common sizes
-        acc = list(map(add, r[:8], r[8:16]))
-        for i in range(16, n - 7, 8):
-            acc = list(map(add, acc, r[i:i + 8]))
-        r0, r1, r2, r3, r4, r5, r6, r7 = acc
-        total = 0.0 + reduce(add, r[n - n % 8:], ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)))
+    total = _np_sum(r)
     if not -_INF < total < _INF:  # NaN, inf, or an overflowing sum: the numpy path decides
         return None
     m = operator.index(m)  # a TypeError here is the numpy path's too
@@ -321,11 +314,10 @@ def _fast_max_variance(
     kr = [r[j] for j in kept]
     if max(kr) == min(kr):
         return GroupDecision(np.array(kept, _I64), np.zeros(m, _F32), True, zero_variance == "drop")
-    mu = (0.0 + reduce(add, kr, -0.0) if m < 8 else _np_sum(kr)) / m  # _np_sum, inlined below 8 items
+    mu = _np_sum(kr) / m
     centred = [x - mu for x in kr]
     if adv_norm == "std":
-        sq = map(mul, centred, centred)
-        d = math.sqrt((0.0 + reduce(add, sq, -0.0) if m < 8 else _np_sum(list(sq))) / m) + eps
+        d = math.sqrt(_np_sum(list(map(mul, centred, centred))) / m) + eps
         centred = [x / d for x in centred]
     return GroupDecision(np.array(kept, _I64), np.array(centred, _F32), False, False)
 

@@ -78,11 +78,6 @@ class Selector:
         self.totals[key] += n
 
     # -- handlers ------------------------------------------------------------------------------
-    def on_group_socket(self) -> None:
-        msg = self.receive_group_message()
-        if isinstance(msg, ScoredGroup):
-            self.on_groups([msg])
-
     def receive_group_message(self) -> Hello | Heartbeat | ScoredGroup | None:
         """Read one message from the groups link and update its peer; a ScoredGroup is returned for
         ``on_groups`` (None for a rejected message)."""
@@ -112,19 +107,16 @@ class Selector:
         self.count("staleness/dropped")
         self.count(f"staleness/dropped/{server_id}")
 
-    def on_group(self, group: ScoredGroup) -> None:
-        self.on_groups([group])
-
     def on_groups(self, groups: list[ScoredGroup]) -> None:
         """Gate staleness, down-sample the fresh groups of a burst in one ``keep_groups`` call, buffer
         the kept ones. Counters, warnings and the buffer change in arrival order, group by group, and
         the draws from ``self.rng`` are those of one ``keep_group`` per fresh group."""
-        limit = self.cfg.max_staleness
-        fresh = [g for g in groups if self.version - g.version <= limit]
+        stale = [self.cfg.too_stale(self.version, g.version) for g in groups]
+        fresh = [g for g, s in zip(groups, stale, strict=True) if not s]
         kept_groups = iter(keep_groups(fresh, self.cfg.selector, self.cfg.kept_per_group, self.rng))
-        for group in groups:
+        for group, is_stale in zip(groups, stale, strict=True):
             self.count("groups/received")
-            if self.version - group.version > limit:
+            if is_stale:
                 self.drop_stale(group.server_id)
                 continue
             kept = next(kept_groups)
@@ -170,11 +162,13 @@ class Selector:
         # Re-gate the buffer only for a new request version: a group admitted since the last scan
         # passed the arrival gate with self.version >= req.version, so it is fresh enough for req.
         if req.version != self.scanned_version:
-            if any(req.version - g.version > self.cfg.max_staleness for g in self.buffer):
-                for g in self.buffer:
-                    if req.version - g.version > self.cfg.max_staleness:
-                        self.drop_stale(g.server_id)
-                self.buffer = deque(g for g in self.buffer if req.version - g.version <= self.cfg.max_staleness)
+            kept: deque[KeptGroup] = deque()
+            for g in self.buffer:
+                if self.cfg.too_stale(req.version, g.version):
+                    self.drop_stale(g.server_id)
+                else:
+                    kept.append(g)
+            self.buffer = kept
             self.scanned_version = req.version
         if len(self.buffer) < req.num_groups:
             return
@@ -240,7 +234,7 @@ class Selector:
                         msg = self.receive_group_message()
                         if isinstance(msg, ScoredGroup):
                             burst.append(msg)
-                            if self.version - msg.version <= self.cfg.max_staleness:
+                            if not self.cfg.too_stale(self.version, msg.version):
                                 room -= 1
                         if not self.groups.poll(0) or room <= 0:
                             break
