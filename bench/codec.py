@@ -36,7 +36,7 @@ import numpy as np
 import zmq
 
 from bench.common import ROOT, Result, child_env, free_port, interleaved, print_results
-from protocol.codec import decode, encode
+from protocol.codec import Buffer, decode, encode
 from protocol.config import NetConfig
 from protocol.messages import ScoredGroup
 from protocol.sockets import MIB, close, group_receiver, group_sender, recv, send
@@ -264,10 +264,18 @@ def run(quick: bool = False) -> list[Result]:
         label = f"{n}x{t_}"
         big_frames = encode(big)
         fns[f"allocating memcpy {label}"] = allocating_memcpy(big)
-        fns[f"bytes copy {label}"] = lambda f=big_frames: wire_copy(f)
+
+        def copy_frames(f: list[Buffer] = big_frames) -> list[bytes]:
+            return wire_copy(f)
+
+        fns[f"bytes copy {label}"] = copy_frames
         if (n, t_) != (N, T):
             fns[f"memcpy {label}"] = _memcpy(big)[0]
-            fns[f"podsrl (b) {label}"] = lambda b=big: decode(wire_copy(encode(b)), ScoredGroup)
+
+            def roundtrip(b: ScoredGroup = big) -> ScoredGroup:
+                return decode(wire_copy(encode(b)), ScoredGroup)
+
+            fns[f"podsrl (b) {label}"] = roundtrip
     for name in ("podsrl (a)", "podsrl (b)", "pickle", "msgpack bin", "msgpack lists"):  # correct before timed
         out = fns[name]()
         assert all(np.array_equal(getattr(out, k), getattr(g, k)) for k in ARRAYS), name

@@ -78,7 +78,8 @@ def brute_force_numpy(idx: np.ndarray) -> Any:
 
 
 def brute_force_python(r: list[float], m: int) -> tuple[int, ...]:
-    best, arg = -1.0, ()
+    best = -1.0
+    arg: tuple[int, ...] = ()
     for sub in itertools.combinations(range(len(r)), m):
         vals = [r[i] for i in sub]
         mu = sum(vals) / m
@@ -238,7 +239,7 @@ def _pusher_main(idx: int, selector_port: int, relay_port: int, ctl_port: int, a
             wait = 100.0 if mode == "idle" else 0.0
             if mode == "paced":
                 wait = max(0.0, (next_t - time.monotonic()) * 1000)
-            if sub.poll(wait):
+            if sub.poll(int(wait)):  # wait >= 0; zmq's Poller would truncate a float the same way
                 cmd = msgpack.unpackb(sub.recv())
                 if cmd[0] == "ping":
                     ack.send(msgpack.packb(idx))
@@ -309,7 +310,7 @@ class _Learner:
             send(self.sock, BatchRequest(request_id=self.request_id, version=0, num_groups=BATCH_GROUPS))
             self.outstanding = True
 
-    def receive(self, timeout_ms: float) -> tuple[int, np.ndarray] | None:
+    def receive(self, timeout_ms: int) -> tuple[int, np.ndarray] | None:
         """(arrival monotonic ns, send stamps of the batch's groups), or None on timeout."""
         if not self.sock.poll(timeout_ms):
             return None
@@ -393,7 +394,7 @@ class _Rig:
                 raise RuntimeError(f"{target} served no batch\n{self.logs()}")
         self.drain(target)
 
-    def drain(self, target: str, quiet_ms: float = 250) -> None:
+    def drain(self, target: str, quiet_ms: int = 250) -> None:
         """Stop the pushers and take batches until none comes for ``quiet_ms``; one request stays outstanding."""
         self.command("idle", target)
         learner = self.learners[target]

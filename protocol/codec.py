@@ -30,12 +30,12 @@ MAX_HEADER_BYTES = 8 << 20  # manifests of large models are the biggest headers 
 
 def encode(msg: Message) -> list[Buffer]:
     cls = type(msg)
-    fields = {name: getattr(msg, name) for name in _scalars(cls)}
+    fields = {name: getattr(msg, name) for name in _scalars(cls)}  # type: ignore[arg-type]  # python/mypy#20409
     arrays, frames = [], []
     for name, (dtype, _) in cls.ARRAYS.items():
         arr = np.ascontiguousarray(getattr(msg, name), dtype=dtype)
         arrays.append([name, dtype.str, list(arr.shape)])
-        frames.append(memoryview(arr).cast("B"))
+        frames.append(arr.data.cast("B"))  # ndarray.data is memoryview(arr)
     header = msgpack.packb({"t": cls.TYPE, "v": PROTOCOL_VERSION, "f": fields, "a": arrays}, use_bin_type=True)
     return [header, *frames]
 
@@ -63,7 +63,7 @@ def decode(frames: Sequence[Buffer], expect: type[M] | tuple[type[Message], ...]
         raise ProtocolError("unknown_type", f"message type {name!r}")
     if expect is not None and not issubclass(cls, expect):
         raise ProtocolError("unknown_type", f"{cls.TYPE!r} is not expected on this socket")
-    plan = _plan(cls)
+    plan = _plan(cls)  # type: ignore[arg-type]  # python/mypy#20409
     values = _check_scalars(plan, header["f"])
     _check_arrays(plan, header["a"], frames, values)
     if plan.direct:  # what the dataclass __init__ would do, without its per-field object.__setattr__
@@ -72,7 +72,7 @@ def decode(frames: Sequence[Buffer], expect: type[M] | tuple[type[Message], ...]
     else:
         msg = cls(**values)
     msg.check()
-    return msg  # type: ignore[return-value]
+    return msg  # type: ignore[return-value]  # issubclass(cls, expect) above; mypy cannot tie cls to M
 
 
 _HEADER_KEYS = frozenset(("t", "v", "f", "a"))
@@ -81,6 +81,8 @@ _isfinite = math.isfinite
 _vdot = np.vdot
 
 
+# Calls of these cached functions carry ``type: ignore[arg-type]``: mypy wrongly reports a class object
+# as not ``Hashable`` (python/mypy#20409), the type that functools.cache asks of arguments.
 @cache
 def _scalars(cls: type[Message]) -> dict[str, type]:
     return scalar_fields(cls)
@@ -90,7 +92,7 @@ class _Plan(NamedTuple):
     """What decoding one message class needs, worked out once per class."""
 
     cls: type[Message]
-    scalars: tuple[tuple[str, type], ...]  # (name, Python type) in field order
+    scalars: tuple[tuple[str, type[Any]], ...]  # (name, Python type) in field order
     keys: frozenset[str]  # the scalar field names
     arrays: tuple[tuple[str, np.dtype, str, int, int, bool], ...]  # (name, dtype, dtype.str, ndim, itemsize, is_float)
     direct: bool  # instances can be built by filling __dict__ (a plain dataclass: no __post_init__, all init)
@@ -98,8 +100,8 @@ class _Plan(NamedTuple):
 
 @cache
 def _plan(cls: type[Message]) -> _Plan:
-    spec = _scalars(cls)
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    spec = _scalars(cls)  # type: ignore[arg-type]  # python/mypy#20409
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]  # every concrete Message is a dataclass
     direct = (not hasattr(cls, "__post_init__") and all(f.init for f in fields)
               and {f.name for f in fields} == set(spec) | set(cls.ARRAYS) and "__slots__" not in cls.__dict__)
     return _Plan(cls, tuple(spec.items()), frozenset(spec),
@@ -122,7 +124,7 @@ def _check_scalars(plan: _Plan, fields: Any) -> dict[str, Any]:
     return out
 
 
-def _coerce(cls: type[Message], name: str, kind: type, value: Any) -> Any:
+def _coerce(cls: type[Message], name: str, kind: type[Any], value: Any) -> Any:
     """The general scalar check, for values whose type is not exactly ``kind``."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

@@ -120,7 +120,7 @@ def recv(sock: zmq.Socket, expect: type[M] | tuple[type[Message], ...], *, route
     size = sum(len(b) for b in body)
     if max_bytes is not None and size > max_bytes:
         raise ProtocolError("too_large", f"message of {size} bytes > limit {max_bytes}")
-    return route, decode(body, expect)  # type: ignore[arg-type]
+    return route, decode(body, expect)
 
 
 def close(*socks: zmq.Socket | None) -> None:

@@ -81,6 +81,7 @@ class Selector:
     def receive_group_message(self) -> Hello | Heartbeat | ScoredGroup | None:
         """Read one message from the groups link and update its peer; a ScoredGroup is returned for
         ``on_groups`` (None for a rejected message)."""
+        msg: Hello | Heartbeat | ScoredGroup
         try:
             _, msg = recv(self.groups, (Hello, Heartbeat, ScoredGroup), max_bytes=self.cfg.net.max_group_mib * MIB)
         except ProtocolError as e:
@@ -173,8 +174,8 @@ class Selector:
         if len(self.buffer) < req.num_groups:
             return
         take = [self.buffer.popleft() for _ in range(req.num_groups)]
-        stats = {**self.counts, "selector/buffer_groups": len(self.buffer), "selector/peers_alive":
-                 sum(not p.dead for p in self.peers.values())}
+        stats: dict[str, float] = {**self.counts, "selector/buffer_groups": len(self.buffer),
+                                   "selector/peers_alive": sum(not p.dead for p in self.peers.values())}
         batch = build_batch(take, req, stats)
         try:
             send(self.batches, batch, *route)
