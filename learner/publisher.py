@@ -4,7 +4,8 @@ It runs one background thread that alone owns both sockets, so serving a slow re
 never stalls training, and a fast local one never waits for the slow one (each reply is one
 zero-copy message in its peer's own pipe). The training thread hands over a packed version with
 :meth:`publish`; only the newest version is kept, and requests that arrive before version 0 exists
-are answered as soon as it does.
+are answered as soon as it does. A request ``with_files`` also gets the tokenizer's files (read once at
+start-up), so a rollout server needs no files of its own.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import zmq
 from protocol.config import NetConfig
 from protocol.messages import ProtocolError, Weights, WeightsAnnouncement, WeightsRequest
 from protocol.sockets import announce_publisher, close, recv, send, weight_server
+from protocol.weights import with_files
 
 log = logging.getLogger("podsrl.learner")
 
 
 class WeightPublisher:
-    def __init__(self, ctx: zmq.Context, net: NetConfig) -> None:
+    def __init__(self, ctx: zmq.Context, net: NetConfig, files: dict[str, bytes] | None = None) -> None:
         self._ctx = ctx
+        self._files = files or {}
         self._latest: Weights | None = None
         self._lock = threading.Lock()
         self._wake_addr = f"inproc://publisher-{id(self)}"
@@ -49,7 +52,7 @@ class WeightPublisher:
     def _serve(self) -> None:
         wake = self._ctx.socket(zmq.PAIR)
         wake.connect(self._wake_addr)
-        waiting: list[list[bytes]] = []  # requests that came before version 0
+        waiting: list[tuple[list[bytes], bool]] = []  # (route, with_files) of requests not yet answered
         poller = zmq.Poller()
         poller.register(wake, zmq.POLLIN)
         poller.register(self._router, zmq.POLLIN)
@@ -58,8 +61,8 @@ class WeightPublisher:
                 events = dict(poller.poll())
                 if self._router in events:
                     try:
-                        route, _ = recv(self._router, WeightsRequest, routed=True)
-                        waiting.append(route)
+                        route, req = recv(self._router, WeightsRequest, routed=True)
+                        waiting.append((route, req.with_files))
                     except ProtocolError as e:
                         self.rejected += 1
                         log.warning("rejected a weights request: %s", e)
@@ -74,8 +77,8 @@ class WeightPublisher:
                 with self._lock:
                     latest = self._latest
                 if latest is not None:
-                    for route in waiting:
-                        send(self._router, latest, *route)
+                    for route, files in waiting:
+                        send(self._router, with_files(latest, self._files) if files else latest, *route)
                         self.served += 1
                     waiting.clear()
         finally:

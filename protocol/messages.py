@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 I32, I64, F32, U8 = np.dtype("<i4"), np.dtype("<i8"), np.dtype("<f4"), np.dtype("u1")
 
 
 WEIGHTS_ALIGN = 64  # bytes; every tensor of a Weights buffer starts at a multiple of this
+_SAFE_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # a file name, never a path
 
 
 def _int(v: Any) -> bool:
@@ -221,10 +223,13 @@ class WeightsAnnouncement(Message):
 
 @dataclass(frozen=True)
 class WeightsRequest(Message):
-    """A rollout server asks for a version's weights; ``version = -1`` means the latest."""
+    """A rollout server asks for a version's weights; ``version = -1`` means the latest.
+
+    ``with_files``: also send the model's tokenizer files (a rollout server asks once, on joining)."""
 
     TYPE: ClassVar[str] = "weights_request"
     version: int
+    with_files: bool = False
 
 
 @dataclass(frozen=True)
@@ -233,18 +238,30 @@ class Weights(Message):
 
     ``tensors`` is a list of ``[name, torch_dtype, shape, offset, nbytes]`` in buffer order, every
     offset a multiple of ``WEIGHTS_ALIGN`` (so each tensor can be viewed in place); ``model_config`` is the
-    transformers config as JSON, so a rollout server on any machine can build the model with no files.
+    transformers config as JSON, and ``files`` (``[name, nbytes]`` in order) slices ``file_data`` into
+    the tokenizer's files (sent only to a request ``with_files``; empty otherwise), so a rollout server
+    on any machine can build the model and its tokenizer with no files of its own.
     """
 
     TYPE: ClassVar[str] = "weights"
-    ARRAYS: ClassVar[dict[str, tuple[np.dtype, int]]] = {"data": (U8, 1)}
+    ARRAYS: ClassVar[dict[str, tuple[np.dtype, int]]] = {"data": (U8, 1), "file_data": (U8, 1)}
     version: int
     crc32: int
     model_config: str
     tensors: list
+    files: list
     data: np.ndarray = field(repr=False)
+    file_data: np.ndarray = field(default_factory=lambda: np.empty(0, U8), repr=False)
 
     def check(self) -> None:
+        total = 0
+        for entry in self.files:
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                    and _SAFE_FILE.fullmatch(entry[0]) and _int(entry[1]) and entry[1] >= 0):
+                raise _invariant(f"bad file entry {str(entry)[:80]}: [plain file name, nbytes] expected")
+            total += entry[1]
+        if total != self.file_data.shape[0]:
+            raise _invariant(f"files cover {total} bytes, file_data has {self.file_data.shape[0]}")
         end = 0
         for entry in self.tensors:
             if not (isinstance(entry, list) and len(entry) == 5):

@@ -94,7 +94,8 @@ def make_weights() -> Weights:
     tensors = [["lm.weight", "float32", [3, 4], 0, 48], ["lm.bias", "float32", [3], 64, 12],
                ["step", "int64", [], 128, 8]]
     return Weights(version=12, crc32=zlib.crc32(data), model_config=json.dumps({"hidden_size": 4}),
-                   tensors=tensors, data=data)
+                   tensors=tensors, data=data, files=[["tokenizer.json", 5], ["chat_template.jinja", 2]],
+                   file_data=np.frombuffer(b"{...}ok", np.uint8))
 
 
 FACTORIES: dict[type[Message], Callable[[], Message]] = {
@@ -414,7 +415,7 @@ def test_frame_length_mismatch() -> None:
     rejected([*frames[:1], frames[1] + b"\x00", *frames[2:]], "shape")
     rejected([*frames[:-1], frames[-1][:-4]], "shape")
     w = frames_of(make_weights())
-    rejected([w[0], w[1][:-1]], "shape")
+    rejected([w[0], w[1][:-1], w[2]], "shape")
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])

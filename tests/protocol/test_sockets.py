@@ -197,7 +197,7 @@ def test_weights_request_and_reply(ctx: zmq.Context, net: NetConfig) -> None:
     assert req.version == -1
 
     data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)  # larger than the server's 1 MiB
-    weights = Weights(version=2, crc32=zlib.crc32(data), model_config="{}",
+    weights = Weights(version=2, crc32=zlib.crc32(data), model_config="{}", files=[],
                       tensors=[["w", "uint8", [data.shape[0]], 0, data.shape[0]]], data=data)
     sockets.send(server, weights, *route)
     wait_readable(client)

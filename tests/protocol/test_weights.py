@@ -131,7 +131,7 @@ def test_packed_buffer_is_a_snapshot() -> None:
 def _flip(frames: list[bytes], index: int) -> list[bytes]:
     data = bytearray(frames[1])
     data[index] ^= 0xFF
-    return [frames[0], bytes(data)]
+    return [frames[0], bytes(data), *frames[2:]]
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
@@ -149,7 +149,7 @@ def test_wrong_announced_crc_fails() -> None:
     frames = wire(encode(pack_weights(Tiny().state_dict(), version=5, model_config=MODEL_CONFIG)))
     header = msgpack.unpackb(frames[0])
     header["f"]["crc32"] ^= 1
-    msg = decode([msgpack.packb(header, use_bin_type=True), frames[1]])
+    msg = decode([msgpack.packb(header, use_bin_type=True), *frames[1:]])
     with pytest.raises(ProtocolError, match="crc32") as info:
         unpack_weights(msg)
     assert info.value.reason == "invariant"
@@ -159,7 +159,7 @@ def _with_manifest(edit: Any) -> Weights:
     frames = wire(encode(pack_weights(Tiny().state_dict(), version=2, model_config=MODEL_CONFIG)))
     header = msgpack.unpackb(frames[0])
     edit(header["f"]["tensors"])
-    return decode([msgpack.packb(header, use_bin_type=True), frames[1]])
+    return decode([msgpack.packb(header, use_bin_type=True), *frames[1:]])
 
 
 @pytest.mark.parametrize("dtype", ["float128", "bfloat17", "Tensor", "nn", "", "torch.float32", "__name__"])
@@ -189,7 +189,36 @@ def test_round_trip_with_unaligned_offsets(case: str) -> None:
 
 def test_manifest_shape_disagreeing_with_nbytes() -> None:
     data = np.zeros(8, np.uint8)
-    msg = Weights(version=1, crc32=zlib.crc32(data), model_config="{}",
+    msg = Weights(version=1, crc32=zlib.crc32(data), model_config="{}", files=[],
                   tensors=[["w", "float32", [3], 0, 8]], data=data)
     with pytest.raises(ProtocolError):
         unpack_weights(decode(wire(encode(msg))))
+
+
+def test_tokenizer_files_travel_with_a_version() -> None:
+    from protocol.weights import unpack_files, with_files
+
+    w = pack_weights({"w": torch.arange(4, dtype=torch.float32)}, 3, "{}")
+    files = {"tokenizer.json": b'{"a": 1}', "tokenizer_config.json": b"{}", "empty.txt": b""}
+    got = decode(wire(encode(with_files(w, files))))
+    assert unpack_files(got) == files
+    assert np.array_equal(got.data, w.data) and unpack_files(decode(wire(encode(w)))) == {}
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "a/b.json", "", ".hidden", "x" * 200, "a\\b"])
+def test_file_names_that_are_paths_are_rejected(name: str) -> None:
+    from protocol.weights import with_files
+
+    w = with_files(pack_weights({"w": torch.zeros(2)}, 0, "{}"), {name: b"x"})
+    with pytest.raises(ProtocolError, match="file entry"):
+        decode(wire(encode(w)))
+
+
+def test_file_sizes_must_cover_file_data() -> None:
+    import dataclasses
+
+    from protocol.weights import with_files
+
+    w = with_files(pack_weights({"w": torch.zeros(2)}, 0, "{}"), {"a.json": b"xyz"})
+    with pytest.raises(ProtocolError, match="cover"):
+        decode(wire(encode(dataclasses.replace(w, files=[["a.json", 2]]))))
