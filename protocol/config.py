@@ -32,28 +32,102 @@ class TinyModelConfig(Section):
     num_layers: int = Field(2, ge=1, description="decoder layers")
     num_heads: int = Field(4, ge=1, description="attention heads")
     intermediate_size: int = Field(128, ge=8, description="MLP width")
+    alphabet: str = Field("", description="characters of the tiny model's character-level tokenizer; '' = every "
+                          "character that occurs in the task's rows")
+    max_positions: int = Field(512, ge=16, description="longest prompt + completion the tiny model takes")
 
 
 class ModelConfig(Section):
-    path: str = Field("", description="local model directory; '' means <run.dir>/model")
+    path: str = Field("", description="local transformers model directory (config, safetensors, tokenizer); "
+                      "'' means <run.dir>/model")
     init: Literal["tiny", "pretrained"] = Field(
-        "tiny", description="'tiny': build a small Llama from model.tiny if path is empty; 'pretrained': path must exist")
+        "tiny", description="'tiny': build a small Llama and a character tokenizer if the directory does not "
+        "exist; 'pretrained': path must exist")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="compute dtype of the engine and the learner, and of published weights "
+        "(the learner keeps fp32 master weights and optimizer state)")
     tiny: TinyModelConfig = TinyModelConfig()
 
 
-# Token layout of the built-in tasks, shared by the task (rollout side) and the tiny model (learner side).
-PAD_ID, BOS_ID, SEP_ID, EOS_ID = 0, 1, 2, 3
-NUM_SPECIAL = 4
+BUILTIN_TASKS = ("copy", "reverse")
 
 
 class TaskConfig(Section):
-    type: Literal["copy", "reverse"] = Field("copy", description="built-in task (rollout_server/tasks.py)")
-    length: int = Field(3, ge=1, le=32, description="symbols per prompt")
-    symbols: int = Field(12, ge=2, le=200, description="alphabet size")
+    type: Literal["copy", "reverse", "dataset"] = Field(
+        "copy", description="'copy'/'reverse': built-in generated tasks; 'dataset': rows of task.dataset "
+        "(the default whenever task.dataset is set)")
+    length: int = Field(3, ge=1, le=32, description="copy/reverse: symbols per prompt")
+    symbols: int = Field(12, ge=2, le=26, description="copy/reverse: alphabet size (letters a..)")
+    dataset: str = Field("", description="local JSONL or Parquet file, or a `datasets` save_to_disk directory")
+    prompt_field: str = Field("prompt", description="column holding the prompt: a string, or a list of chat "
+                              "messages ({role, content})")
+    template: str = Field("", description="how a row becomes prompt text: a Python format string over its "
+                          "columns, e.g. 'Q: {question}\\nA:'; '' = the prompt column as it is")
+    chat_template: bool = Field(False, description="render prompts with the tokenizer's chat template")
+    system_prompt: str = Field("", description="chat_template only: a system message put before each prompt")
+    reward: str | list[str] = Field(
+        "", description="reward function(s): a built-in name (math_answer, countdown, exact_match, "
+        "regex_match, copy, reverse), 'package.module:function' or 'path/file.py:function'; '' = the "
+        "built-in task's own")
+    reward_weights: list[float] = Field([], description="one weight per reward function; [] = all 1.0")
+    reward_timeout_s: float = Field(10.0, gt=0, description="a reward call running longer is killed; its rows "
+                                    "score 0 (counted as reward/errors/timeout)")
+    stop: list[str] = Field([], description="stop strings: a completion ends after the token that completes one")
+    max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts are skipped and counted")
+    eval_dataset: str = Field("", description="held-out rows for eval (same formats as task.dataset)")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="or hold out this fraction of task.dataset "
+                                 "(the same rows on every rollout server)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_implies_type(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("dataset") and "type" not in data:
+            return {**data, "type": "dataset"}
+        return data
+
+    @model_validator(mode="after")
+    def _checks(self) -> TaskConfig:
+        if self.type == "dataset" and not self.dataset:
+            raise ValueError("task.type='dataset' needs task.dataset=<local .jsonl/.parquet file or datasets dir>")
+        if self.type in BUILTIN_TASKS and self.dataset:
+            raise ValueError(f"task.dataset is set but task.type={self.type!r}: set task.type='dataset' "
+                             "(or leave task.type out)")
+        if self.type == "dataset" and not self.reward:
+            raise ValueError("a dataset task needs task.reward: a built-in name such as 'math_answer' or "
+                             "'package.module:function' (docs/TASKS.md)")
+        n = len(self.rewards)
+        if self.reward_weights and len(self.reward_weights) != n:
+            raise ValueError(f"task.reward_weights has {len(self.reward_weights)} weights for {n} reward "
+                             "function(s): give one weight per function, or none")
+        if self.eval_dataset and self.eval_fraction:
+            raise ValueError("set task.eval_dataset or task.eval_fraction, not both")
+        if self.eval_fraction and self.type != "dataset":
+            raise ValueError("task.eval_fraction holds out rows of task.dataset; built-in tasks draw eval prompts "
+                             "from their own generator")
+        return self
+
+    @property
+    def rewards(self) -> list[str]:
+        """The reward functions' specs, the built-in task's own verifier by default."""
+        if not self.reward:
+            return [self.type]
+        return [self.reward] if isinstance(self.reward, str) else list(self.reward)
+
+    @property
+    def weights(self) -> list[float]:
+        return list(self.reward_weights) or [1.0] * len(self.rewards)
+
+
+class EvalConfig(Section):
+    every: int = Field(0, ge=0, description="evaluate every this many versions (0 = never)")
+    prompts: int = Field(64, ge=1, description="held-out prompts per evaluation")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    pass_threshold: float = Field(1.0, description="a completion passes when its reward is >= this (pass@1)")
+    server: str = Field("rollout-0", description="the rollout server (--server-id) that runs evaluations")
 
 
 class EngineConfig(Section):
-    type: Literal["torch", "vllm"] = Field("torch", description="generation engine; vllm needs a CUDA GPU")
+    type: Literal["torch", "vllm"] = Field("torch", description="generation engine; vllm is an optional extra")
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vllm only")
 
@@ -63,7 +137,7 @@ class RolloutConfig(Section):
     group_size: int = Field(16, ge=1, description="n: completions sampled per prompt")
     prompts_per_call: int = Field(4, ge=1, description="prompts generated together in one engine call")
     temperature: float = Field(1.0, gt=0, description="sampling temperature (log-probs are of this distribution)")
-    max_new_tokens: int = Field(0, ge=0, description="0 = the task's answer length + 1")
+    max_new_tokens: int = Field(0, ge=0, description="0 = copy/reverse: the answer length + 1; dataset: 256")
     threads: int = Field(1, ge=1, description="torch threads per rollout server")
     heartbeat_s: float = Field(2.0, gt=0, description="heartbeat period to the selector")
     engine: EngineConfig = EngineConfig()
@@ -103,6 +177,18 @@ class LearnerConfig(Section):
     threads: int = Field(1, ge=1, description="torch threads per rank")
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda'")
     batch_timeout_s: float = Field(30.0, gt=0, description="re-send a batch request after this long without one")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="'ddp': full replica per rank; 'fsdp': FSDP2, parameters, gradients and optimizer "
+        "state sharded per decoder layer")
+    micro_batch_tokens: int = Field(
+        8192, ge=0, description="per-rank forward/backward passes hold at most this many padded tokens "
+        "(rows x longest prompt+completion), gradients accumulated into one step; 0 = the whole shard at once")
+    grad_checkpointing: bool = Field(False, description="recompute activations in backward (less memory, "
+                                     "~1.3x compute)")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up over this many steps")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after warm-up: constant lr, or cosine decay to lr*min_lr_ratio at run.steps")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine schedule: final lr as a fraction of lr")
     loss: LossSettings = LossSettings()
 
 
@@ -126,6 +212,7 @@ class Config(Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
+    eval: EvalConfig = EvalConfig()
     rollout: RolloutConfig = RolloutConfig()
     selector: SelectorConfig = SelectorConfig()
     learner: LearnerConfig = LearnerConfig()
@@ -159,12 +246,10 @@ class Config(Section):
         return self.learner.groups_per_step * self.kept_per_group
 
     @property
-    def vocab_size(self) -> int:
-        return self.task.symbols + NUM_SPECIAL
-
-    @property
     def max_new_tokens(self) -> int:
-        return self.rollout.max_new_tokens or self.task.length + 1
+        if self.rollout.max_new_tokens:
+            return self.rollout.max_new_tokens
+        return self.task.length + 1 if self.task.type in BUILTIN_TASKS else 256
 
     @property
     def model_dir(self) -> Path:
@@ -239,6 +324,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, str):  # a JSON string is a TOML basic string once DEL is escaped too
         return json.dumps(v).replace("\x7f", "\\u007f")
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return repr(v)
 
 

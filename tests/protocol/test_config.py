@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.config import NUM_SPECIAL, Config, load_config, parse_override, to_toml
+from protocol.config import Config, load_config, parse_override, to_toml
 
 REPO = Path(__file__).parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.toml"))
@@ -70,8 +70,8 @@ def test_to_toml_round_trips(tmp_path: Path, overrides: list[str]) -> None:
 def test_to_toml_sections() -> None:
     text = to_toml(load_config())
     assert text.startswith("max_staleness = 2\n")
-    for section in ("run", "model", "model.tiny", "task", "rollout", "rollout.engine", "selector", "learner",
-                    "learner.loss", "net"):
+    for section in ("run", "model", "model.tiny", "task", "eval", "rollout", "rollout.engine", "selector",
+                    "learner", "learner.loss", "net"):
         assert f"\n[{section}]\n" in text
 
 
@@ -257,9 +257,46 @@ def test_max_new_tokens() -> None:
     assert load_config(overrides=["task.length=10", "rollout.max_new_tokens=5"]).max_new_tokens == 5
 
 
-def test_vocab_size() -> None:
-    assert load_config().vocab_size == 12 + NUM_SPECIAL
-    assert load_config(overrides=["task.symbols=200"]).vocab_size == 204
+def test_dataset_max_new_tokens_default() -> None:
+    cfg = load_config(overrides=["task.dataset=d.jsonl", "task.reward=math_answer"])
+    assert cfg.max_new_tokens == 256
+
+
+# --- the task section ---
+
+
+def test_dataset_implies_type_dataset() -> None:
+    cfg = load_config(overrides=["task.dataset=d.jsonl", "task.reward=mymod:f"])
+    assert cfg.task.type == "dataset" and cfg.task.rewards == ["mymod:f"] and cfg.task.weights == [1.0]
+
+
+def test_builtin_task_reward_defaults_to_its_verifier() -> None:
+    assert load_config().task.rewards == ["copy"]
+    assert load_config(overrides=["task.type=reverse"]).task.rewards == ["reverse"]
+
+
+def test_several_rewards_with_weights_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(overrides=['task.reward=["math_answer", "m:fmt"]', "task.reward_weights=[1.0, 0.25]",
+                                 "task.dataset=d.jsonl", 'task.stop=["\\n\\n"]'])
+    assert cfg.task.rewards == ["math_answer", "m:fmt"] and cfg.task.weights == [1.0, 0.25]
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["task.type=copy", "task.dataset=d.jsonl"], "task.type='dataset'"),
+    (["task.type=dataset"], "task.dataset="),
+    (["task.dataset=d.jsonl"], "task.reward"),
+    (['task.reward=["a:b", "c:d"]', "task.reward_weights=[1.0]", "task.dataset=d.jsonl"], "one weight per"),
+    (["task.eval_fraction=0.1"], "built-in tasks"),
+    (["task.dataset=d.jsonl", "task.reward=exact_match", "task.eval_fraction=0.1", "task.eval_dataset=e.jsonl"],
+     "not both"),
+])
+def test_task_errors_name_the_key_and_fix(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ValueError, match="task") as e:
+        load_config(overrides=overrides)
+    assert needle in str(e.value)
 
 
 def test_model_dir_and_summary() -> None:
