@@ -1,21 +1,25 @@
 """Generation engines: sample n completions per prompt with per-token behaviour log-probs.
 
 ``ENGINES`` maps the config's ``rollout.engine.type`` to a class; ``build_engine`` makes one.
-The torch engine runs anywhere torch does; the vLLM engine (``vllm_engine.py``) needs a CUDA GPU.
-Log-probs are those of the distribution actually sampled: ``log_softmax(logits / temperature)``.
+The torch engine runs anywhere torch does; the vLLM engine (``vllm_engine.py``) is an optional extra.
+Log-probs are those of the distribution actually sampled: ``log_softmax(logits / temperature)``
+(temperature 0 is greedy decoding, for evaluation; its log-probs are those of temperature 1).
+A completion ends after a stop token (the tokenizer's EOS and the model's ``eos_token_id``s), after
+the token that completes a stop string, or at ``max_new_tokens``.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from protocol.config import EOS_ID, PAD_ID, Config
+from protocol.config import Config
 from protocol.messages import Weights
 from protocol.weights import unpack_weights
 
@@ -28,13 +32,42 @@ class Samples:
     logprobs: list[np.ndarray]  # float32 [L_i]
 
 
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample: from the task (stop tokens and strings) and the config (lengths, temperature)."""
+
+    max_new_tokens: int
+    temperature: float  # 0 = greedy
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    stop_strings: tuple[str, ...] = ()
+    decode: Callable[[list[int]], str] | None = None  # needed for stop strings
+
+
 class Engine(Protocol):
     version: int | None
 
     def load(self, weights: Weights) -> None: ...
 
-    def generate(self, prompts: list[np.ndarray], n: int, max_new_tokens: int, temperature: float,
-                 seed: int) -> Samples: ...
+    def generate(self, prompts: list[np.ndarray], n: int, spec: SamplingSpec, seed: int) -> Samples: ...
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class StopStrings:
+    """Finds rows whose completion now contains a stop string, decoding only each row's tail."""
+
+    def __init__(self, spec: SamplingSpec) -> None:
+        assert spec.decode is not None, "stop strings need the tokenizer's decode"
+        self.strings, self.decode = spec.stop_strings, spec.decode
+        self.window = max(len(s) for s in spec.stop_strings) + 4  # tokens: each is at least one character
+
+    def hits(self, tokens: torch.Tensor, live: torch.Tensor, t: int) -> torch.Tensor:
+        """Of the batch rows ``live`` (output rows), which completed a stop string at step ``t``."""
+        tails = tokens[live, max(0, t + 1 - self.window):t + 1].tolist()
+        return torch.tensor([any(s in self.decode(tail) for s in self.strings) for tail in tails],
+                            dtype=torch.bool, device=tokens.device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,7 +79,7 @@ def resolve_device(name: str) -> torch.device:
 class TorchEngine:
     """A KV-cached sampling loop over any transformers causal LM (CPU or CUDA).
 
-    Each prompt is prefilled once and its KV cache shared by its n rows; rows that sampled EOS are
+    Each prompt is prefilled once and its KV cache shared by its n rows; rows that finished are
     dropped from the batch (their later tokens are PAD and are trimmed anyway); the forward after
     the last token is skipped. Sampling is deterministic in ``seed`` (the same prompts, n, seed and
     weights give the same completions on the same device).
@@ -56,9 +89,11 @@ class TorchEngine:
 
     def __init__(self, cfg: Config) -> None:
         self.device = resolve_device(cfg.rollout.engine.device)
+        self.dtype = DTYPES[cfg.model.dtype]
         self.model: torch.nn.Module | None = None
         self.version: int | None = None
         self._last_logits_only = False  # the model takes logits_to_keep (the prefill needs only the last)
+        self._cache_kw = "past_key_values"
 
     def load(self, weights: Weights) -> None:
         """Install a complete, checksummed version (``unpack_weights`` verifies it first)."""
@@ -67,22 +102,24 @@ class TorchEngine:
             from transformers import AutoConfig, AutoModelForCausalLM
 
             config = AutoConfig.for_model(**json.loads(weights.model_config))
-            self.model = AutoModelForCausalLM.from_config(config).to(self.device).eval()
-            self._last_logits_only = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+            self.model = AutoModelForCausalLM.from_config(config).to(self.device, self.dtype).eval()
+            params = inspect.signature(self.model.forward).parameters
+            self._last_logits_only = "logits_to_keep" in params
+            # transformers >= 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns)
+            self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.model.load_state_dict(tensors, strict=True)
         self.version = weights.version
 
     @torch.inference_mode()
-    def generate(self, prompts: list[np.ndarray], n: int, max_new_tokens: int, temperature: float,
-                 seed: int) -> Samples:
+    def generate(self, prompts: list[np.ndarray], n: int, spec: SamplingSpec, seed: int) -> Samples:
         assert self.model is not None, "load weights before generating"
-        dev, rows = self.device, len(prompts) * n
+        dev, rows, max_new_tokens = self.device, len(prompts) * n, spec.max_new_tokens
         if rows == 0 or max_new_tokens <= 0:
             return Samples([np.empty(0, np.int32)] * rows, [np.empty(0, np.float32)] * rows)
         gen = torch.Generator(device=dev).manual_seed(seed)
         lens = [len(p) for p in prompts]
         width = max(lens)
-        ids = np.full((len(prompts), width), PAD_ID, np.int64)
+        ids = np.full((len(prompts), width), spec.pad_id, np.int64)
         mask = np.zeros((len(prompts), width + max_new_tokens), np.int64)  # every step's mask, sliced
         for i, p in enumerate(prompts):  # left padding keeps every row's next token at the end
             ids[i, width - len(p):] = p
@@ -97,16 +134,27 @@ class TorchEngine:
         cache.reorder_cache(expand)
         logits, mask_t, next_pos = out.logits[expand, -1], mask_t[expand], positions[expand, -1:] + 1
         padded = min(lens) != width  # without padding the mask is all ones: let the model skip it
-        tokens = torch.full((rows, max_new_tokens), PAD_ID, dtype=torch.long, device=dev)
+        tokens = torch.full((rows, max_new_tokens), spec.pad_id, dtype=torch.long, device=dev)
         logps = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=dev)
+        lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=dev)
         live = torch.arange(rows, device=dev)  # output row of each batch row
-        done = torch.zeros(rows, dtype=torch.bool, device=dev)  # sampled EOS, still in the batch
+        done = torch.zeros(rows, dtype=torch.bool, device=dev)  # finished, still in the batch
+        stop_ids = torch.tensor(spec.stop_ids, dtype=torch.long, device=dev)
+        stops = StopStrings(spec) if spec.stop_strings else None
         for t in range(max_new_tokens):
-            logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-            tok = torch.multinomial(logp.exp(), 1, generator=gen)
-            tokens[live, t] = torch.where(done, PAD_ID, tok[:, 0])
+            if spec.temperature > 0:
+                logp = torch.log_softmax(logits.float() / spec.temperature, dim=-1)
+                tok = torch.multinomial(logp.exp(), 1, generator=gen)
+            else:
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                tok = logp.argmax(-1, keepdim=True)
+            tokens[live, t] = torch.where(done, spec.pad_id, tok[:, 0])
             logps[live, t] = logp.gather(1, tok)[:, 0]
-            done |= tok[:, 0] == EOS_ID
+            ended = ~done & torch.isin(tok[:, 0], stop_ids)
+            if stops is not None:
+                ended |= ~done & ~ended & stops.hits(tokens, live, t)
+            lengths[live[ended]] = t + 1
+            done |= ended
             if t == max_new_tokens - 1:
                 break
             finished = int(done.sum())
@@ -117,17 +165,11 @@ class TorchEngine:
                 cache.reorder_cache(keep)
                 live, mask_t, next_pos, tok, done = live[keep], mask_t[keep], next_pos[keep], tok[keep], done[keep]
             out = self.model(input_ids=tok, attention_mask=mask_t[:, :width + t + 1] if padded else None,
-                             position_ids=next_pos, past_key_values=cache, use_cache=True)
+                             position_ids=next_pos, use_cache=True, **{self._cache_kw: cache})
             logits, next_pos = out.logits[:, -1], next_pos + 1
-        return self._trim(tokens.cpu().numpy(), logps.cpu().numpy())
-
-    @staticmethod
-    def _trim(tokens: np.ndarray, logps: np.ndarray) -> Samples:
-        """Cut each row after its first EOS (kept) or at the token budget."""
-        is_eos = tokens == EOS_ID
-        ends = np.where(is_eos.any(1), is_eos.argmax(1) + 1, tokens.shape[1]).tolist()
-        tokens = tokens.astype(np.int32)
-        return Samples([tokens[i, :e] for i, e in enumerate(ends)], [logps[i, :e] for i, e in enumerate(ends)])
+        ends = lengths.tolist()
+        toks, lps = tokens.cpu().numpy().astype(np.int32), logps.cpu().numpy()
+        return Samples([toks[i, :e] for i, e in enumerate(ends)], [lps[i, :e] for i, e in enumerate(ends)])
 
 
 def _vllm(cfg: Config) -> Engine:

@@ -7,17 +7,26 @@ Start one alone (any machine; it needs only the selector's and the learner's add
 Between engine calls it drains weight announcements and loads the newest version. It never starts
 a group while its weights lag the newest announced version by more than ``max_staleness``
 (DESIGN.md): such a group could only be dropped. It exits on the learner's final announcement.
-One plain loop, no threads; every wait is a bounded poll so heartbeats keep flowing.
+The model's config and tokenizer arrive with the first weights, so the server needs no model files;
+the dataset file and any reward plug-in must be readable here (docs/TASKS.md). Rewards run in a
+worker process with a hard timeout (``rollout_server/tasks/rewards.py``). The server named by
+``eval.server`` also evaluates held-out prompts every ``eval.every`` versions (``eval/*`` metrics).
+One plain loop; every wait is a bounded poll so heartbeats keep flowing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
 import sys
+import tempfile
 import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zmq
@@ -34,6 +43,7 @@ from protocol.messages import (
 )
 from protocol.metrics import Monitor
 from protocol.sockets import announce_subscriber, close, group_sender, recv, send, weight_client
+from protocol.weights import unpack_files
 
 log = logging.getLogger("podsrl.rollout")
 
@@ -45,12 +55,11 @@ class Stop(Exception):
 class RolloutServer:
     def __init__(self, cfg: Config, server_id: str, seed: int) -> None:
         from rollout_server.engine import build_engine
-        from rollout_server.tasks import build_task
 
-        self.cfg, self.server_id = cfg, server_id
+        self.cfg, self.server_id, self.seed = cfg, server_id, seed
         self.rng = np.random.default_rng(seed)
-        self.task = build_task(cfg.task)
         self.engine = build_engine(cfg)
+        self.task: Any = None  # built from the tokenizer that arrives with the first weights
         self.ctx = zmq.Context()
         self.push = group_sender(self.ctx, cfg.net)
         self.sub = announce_subscriber(self.ctx, cfg.net)
@@ -61,6 +70,9 @@ class RolloutServer:
         self.last_beat = 0.0
         self.stopping = False
         self.counters = {"weights_rejected": 0, "send_waits": 0}
+        self.reward_errors: Counter[str] = Counter()
+        self.evaluates = cfg.eval.every > 0 and server_id == cfg.eval.server
+        self.next_eval = 0
         self.monitor = Monitor(cfg.run.dir, f"rollout-{server_id}", tensorboard=False)
 
     # -- control plane -------------------------------------------------------------------------
@@ -101,11 +113,11 @@ class RolloutServer:
         """Load the newest version; block only while our lag would make a group useless."""
         have = self.engine.version
         must = have is None or self.cfg.too_stale(self.latest, have)
-        if not must and self.latest <= have:
+        if have is not None and not must and self.latest <= have:
             return
         self.state = "loading_weights" if not must else "waiting_for_weights"
         t0 = time.monotonic()
-        send(self.dealer, WeightsRequest(version=-1))
+        self._request()
         deadline = t0 + self.cfg.net.weights_timeout_s
         while True:
             self.heartbeat()
@@ -115,6 +127,8 @@ class RolloutServer:
                     if have is None or w.version > have:
                         self.state = "loading_weights"
                         self.heartbeat(force=True)  # loading a large model is a long silence otherwise
+                        if self.task is None:
+                            self.task = self._build_task(w)
                         self.engine.load(w)
                         self.latest = max(self.latest, w.version)
                         self.monitor.log(w.version, {"rollout/weights_load_s": time.monotonic() - t0,
@@ -123,7 +137,7 @@ class RolloutServer:
                 except ProtocolError as e:  # corrupt or malformed version: keep the old one, ask again
                     self.counters["weights_rejected"] += 1
                     log.warning("weights rejected (%s); requesting again", e)
-                    send(self.dealer, WeightsRequest(version=-1))
+                    self._request()
             self.poll_announcements()
             if time.monotonic() > deadline:
                 if not must:
@@ -131,36 +145,96 @@ class RolloutServer:
                 log.info("waiting for weights from the learner at %s:%d (%.0fs)",
                          self.cfg.net.learner_host, self.cfg.net.weights_port, time.monotonic() - t0)
                 deadline = time.monotonic() + self.cfg.net.weights_timeout_s
-                send(self.dealer, WeightsRequest(version=-1))
+                self._request()
         self.state = "generating"
+
+    def _request(self) -> None:
+        send(self.dealer, WeightsRequest(version=-1, with_files=self.task is None))
+
+    def _build_task(self, w: Weights) -> Any:
+        """The task, with the tokenizer the learner sent (written to a scratch directory and loaded)."""
+        from transformers import AutoTokenizer
+
+        from rollout_server.tasks import Task
+
+        files = unpack_files(w)
+        if not files:
+            raise RuntimeError("the learner sent no tokenizer files; is it an older podsrl?")
+        with tempfile.TemporaryDirectory(prefix="podsrl-tokenizer-") as tmp:
+            for name, blob in files.items():
+                (Path(tmp) / name).write_bytes(blob)
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+        task = Task(self.cfg, tokenizer, json.loads(w.model_config), self.seed)
+        log.info("task %s: stop ids %s, vocabulary %d", task.name, task.stop_ids, len(tokenizer))
+        return task
+
+    def sampling(self, temperature: float) -> Any:
+        from rollout_server.engine import SamplingSpec
+
+        t = self.task
+        return SamplingSpec(max_new_tokens=self.cfg.max_new_tokens, temperature=temperature, stop_ids=t.stop_ids,
+                            pad_id=t.pad_id, stop_strings=tuple(self.cfg.task.stop),
+                            decode=t.tokenizer.decode if self.cfg.task.stop else None)
 
     # -- data plane ----------------------------------------------------------------------------
     def generate_groups(self) -> None:
         cfg = self.cfg.rollout
         version = self.engine.version
         assert version is not None
-        prompts = [self.task.sample_prompt(self.rng) for _ in range(cfg.prompts_per_call)]
+        prompts = self.task.next_prompts(cfg.prompts_per_call)
         t0 = time.monotonic()
-        samples = self.engine.generate(prompts, cfg.group_size, self.cfg.max_new_tokens, cfg.temperature,
+        samples = self.engine.generate([p.ids for p in prompts], cfg.group_size, self.sampling(cfg.temperature),
                                        seed=int(self.rng.integers(2**62)))
         gen_s = time.monotonic() - t0
+        scores, _ = self.task.score(prompts, samples.ids, cfg.group_size, on_wait=self.heartbeat)
+        reward_s = time.monotonic() - t0 - gen_s
+        self.reward_errors.update(scores.errors)
         n = cfg.group_size
-        rewards_all = []
         for i, prompt in enumerate(prompts):
             ids, lps = samples.ids[i * n:(i + 1) * n], samples.logprobs[i * n:(i + 1) * n]
-            rewards = np.array([self.task.score(prompt, c) for c in ids], dtype=np.float32)
-            rewards_all.append(rewards)
             group = ScoredGroup(
                 server_id=self.server_id, group_id=self.groups_sent, version=version, task=self.task.name,
-                gen_seconds=gen_s / len(prompts), prompt_ids=prompt,
+                gen_seconds=gen_s / len(prompts), prompt_ids=prompt.ids,
                 completion_ids=np.concatenate(ids), completion_lens=np.array([len(c) for c in ids], np.int32),
-                logprobs=np.concatenate(lps), rewards=rewards)
+                logprobs=np.concatenate(lps), rewards=scores.rewards[i * n:(i + 1) * n])
             self._send(group)
             self.groups_sent += 1
         tokens = sum(len(c) for c in samples.ids)
-        self.monitor.log(version, {"rollout/groups_sent": self.groups_sent, "rollout/tokens_per_s": tokens / gen_s,
-                                   "rollout/reward_mean": float(np.mean(rewards_all)),
-                                   **{f"rollout/{k}": v for k, v in self.counters.items()}})
+        self.monitor.log(version, {
+            "rollout/groups_sent": self.groups_sent, "rollout/tokens_per_s": tokens / gen_s,
+            "rollout/reward_mean": float(scores.rewards.mean()), "time/generate": gen_s, "time/reward": reward_s,
+            "rollout/completion_len_mean": tokens / len(samples.ids),
+            "rollout/prompts_too_long": self.task.too_long, "rollout/reward_restarts": self.task.rewards.restarts,
+            **{f"reward/fn/{k}": v for k, v in scores.per_function.items()},
+            **{f"reward/errors/{k}": v for k, v in self.reward_errors.items()},
+            **self.task.source.position(), **{f"rollout/{k}": v for k, v in self.counters.items()}})
+
+    def maybe_evaluate(self) -> None:
+        """On ``eval.server``: greedy (or ``eval.temperature``) completions of the held-out prompts,
+        one per prompt, at version 0 and every ``eval.every`` versions (``eval/*`` metrics)."""
+        version = self.engine.version
+        if not self.evaluates or version is None or version < self.next_eval:
+            return
+        self.next_eval = (version // self.cfg.eval.every + 1) * self.cfg.eval.every
+        prompts = self.task.eval_prompts()[:self.cfg.eval.prompts]
+        if not prompts:
+            log.warning("eval.every is set but there are no eval rows: set task.eval_dataset or task.eval_fraction")
+            self.evaluates = False
+            return
+        t0 = time.monotonic()
+        self.state = "evaluating"
+        samples = self.engine.generate([p.ids for p in prompts], 1, self.sampling(self.cfg.eval.temperature),
+                                       seed=self.cfg.run.seed)
+        scores, _ = self.task.score(prompts, samples.ids, 1, on_wait=self.heartbeat)
+        r = scores.rewards
+        metrics = {"eval/reward_mean": float(r.mean()), "eval/pass@1": float((r >= self.cfg.eval.pass_threshold).mean()),
+                   "eval/completion_len_mean": float(np.mean([len(c) for c in samples.ids])),
+                   "eval/prompts": len(prompts), "time/eval": time.monotonic() - t0,
+                   **{f"eval/fn/{k}": v for k, v in scores.per_function.items()}}
+        self.monitor.log(version, metrics)
+        log.info("eval at version %d: reward %.3f, pass@1 %.3f over %d prompts", version, metrics["eval/reward_mean"],
+                 metrics["eval/pass@1"], len(prompts))
+        self.state = "generating"
 
     def run(self) -> None:
         self._send(Hello(server_id=self.server_id, host=socket.gethostname(), pid=os.getpid(),
@@ -170,10 +244,13 @@ class RolloutServer:
                 self.poll_announcements()
                 self.sync_weights()
                 self.heartbeat()
+                self.maybe_evaluate()
                 self.generate_groups()
         except Stop:
             log.info("%s stopping after %d groups", self.server_id, self.groups_sent)
         finally:
+            if self.task is not None:
+                self.task.close()
             close(self.push, self.sub, self.dealer)
             self.ctx.term()
             self.monitor.close()

@@ -22,7 +22,7 @@ import numpy as np
 from protocol.config import Config
 from protocol.messages import Weights
 from protocol.weights import unpack_weights
-from rollout_server.engine import Samples
+from rollout_server.engine import Samples, SamplingSpec
 
 
 def _load_weights(worker: Any, named: list[tuple[str, Any]]) -> None:
@@ -41,7 +41,8 @@ class VLLMEngine:
             raise ValueError("the vllm engine loads the architecture from files: set model.path to a local model "
                              "directory (e.g. <run.dir>/model once the learner has built it)")
         self.llm = LLM(model=cfg.model.path, gpu_memory_utilization=cfg.rollout.engine.gpu_memory_utilization,
-                       seed=cfg.run.seed, logprobs_mode="processed_logprobs", enable_prefix_caching=True)
+                       seed=cfg.run.seed, logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+                       dtype=cfg.model.dtype)
         self.version: int | None = None
 
     def load(self, weights: Weights) -> None:
@@ -49,12 +50,15 @@ class VLLMEngine:
         self.llm.collective_rpc(_load_weights, args=(list(tensors.items()),))
         self.version = weights.version
 
-    def generate(self, prompts: list[np.ndarray], n: int, max_new_tokens: int, temperature: float,
-                 seed: int) -> Samples:
+    def generate(self, prompts: list[np.ndarray], n: int, spec: SamplingSpec, seed: int) -> Samples:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, logprobs=0, seed=seed)
+        # The engine's own EOS handling is replaced by the task's stop ids; the stop string and the
+        # token that completes it stay in the output, as in the torch engine (ids are the truth).
+        params = SamplingParams(n=n, temperature=spec.temperature, max_tokens=spec.max_new_tokens, logprobs=0,
+                                seed=seed, stop_token_ids=list(spec.stop_ids), stop=list(spec.stop_strings) or None,
+                                include_stop_str_in_output=True, ignore_eos=True)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts], params, use_tqdm=False)
         ids, lps = [], []
         for out in outs:
