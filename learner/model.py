@@ -1,48 +1,34 @@
 """The policy model: a transformers causal LM loaded from a local directory via ``from_pretrained``.
 
-For the built-in tasks the learner builds a tiny Llama from a config (no hub, no download) and saves
-it with ``save_pretrained`` before anyone loads it, so the tiny path and a real checkpoint take the
-same loading code.
+For the built-in tasks the launcher builds a tiny Llama and its tokenizer (``launcher/tiny.py``: no
+hub, no download) before any process starts, so the tiny path and a real checkpoint take the same
+loading code.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from protocol.config import BOS_ID, EOS_ID, PAD_ID, Config
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger("podsrl.learner")
 
 
-def build_tiny_model(cfg: Config, path: Path) -> None:
-    """Create the tiny model directory (config.json + weights); deterministic in ``run.seed``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    t = cfg.model.tiny
-    config = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_heads,
-        max_position_embeddings=max(64, 2 * (cfg.task.length + cfg.max_new_tokens + 2)),
-        tie_word_embeddings=True, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    torch.manual_seed(cfg.run.seed)
-    model = AutoModelForCausalLM.from_config(config)
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    tmp.rename(path)  # atomic: a directory that exists is complete
-    n = sum(p.numel() for p in model.parameters())
-    log.info("built tiny model (%d parameters, vocab %d) at %s", n, cfg.vocab_size, path)
-
-
-def load_model(path: Path, device: torch.device) -> torch.nn.Module:
+def load_model(path: Path, device: torch.device) -> PreTrainedModel:
+    """The model at ``path`` in fp32 (the master weights; ``model.dtype`` is the compute dtype only)."""
     from transformers import AutoModelForCausalLM
 
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no model at {path}: set model.path to a local transformers model directory, "
-                                "or model.init='tiny' with an empty model.path to build one")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+                                "or model.init='tiny' and start through `podsrl run`/`podsrl learner`, which build one")
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    torch.nn.Module.to(model, device)  # in place (transformers' typed ``to`` confuses type checkers)
+    return model
 
 
 def completion_logprobs(model: torch.nn.Module, prompt_ids: list[torch.Tensor], completion_ids: list[torch.Tensor],
@@ -56,12 +42,15 @@ def completion_logprobs(model: torch.nn.Module, prompt_ids: list[torch.Tensor], 
     rows = [torch.cat([p, c]) for p, c in zip(prompt_ids, completion_ids, strict=True)]
     width = max(len(r) for r in rows)
     lmax = max(len(c) for c in completion_ids)
-    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)  # padding: masked out, any id will do
     attn = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, :len(r)], attn[i, :len(r)] = r, 1
     ids, attn = ids.to(device), attn.to(device)
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / temperature
+    # use_cache=False: training never decodes, and gradient checkpointing requires it. Log-probs are taken
+    # in fp32 whatever the compute dtype (bf16 logits would round the importance ratios).
+    out = model(input_ids=ids, attention_mask=attn, use_cache=False)
+    logits = out.logits[:, :-1].float() / temperature
     # Completion token j of row i sits at position P_i + j and is predicted by logits at P_i + j - 1.
     plen = torch.tensor([len(p) for p in prompt_ids], device=device)
     pos = (plen[:, None] - 1 + torch.arange(lmax, device=device)[None, :]).clamp(max=width - 2)

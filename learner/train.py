@@ -1,4 +1,4 @@
-"""The learner: DDP over a transformers causal LM, off-policy-aware loss, versioned weights.
+"""The learner: a transformers causal LM under DDP or FSDP2, off-policy-aware loss, versioned weights.
 
 Start (one machine, R ranks; gloo on CPU, nccl on GPU)::
 
@@ -6,8 +6,16 @@ Start (one machine, R ranks; gloo on CPU, nccl on GPU)::
 
 Version ``V`` = optimizer steps taken (DESIGN.md). Each step rank 0 asks the selector for the
 batch built for ``V`` (so every row has staleness ``V - v <= max_staleness``), broadcasts it, every
-rank trains on its shard, and rank 0 publishes version ``V + 1``. Checkpoints store the version,
-so a restarted learner continues the count and the rollout servers' versions stay meaningful.
+rank trains on its shard (``learner/step.py``: micro-batches within ``learner.micro_batch_tokens``,
+one optimizer step, lr from ``lr_at(V)``), and rank 0 publishes version ``V + 1``. Checkpoints store
+the version, so a restarted learner continues the count and the rollout servers' versions stay
+meaningful.
+
+Precision (``model.dtype``): the learner keeps fp32 master weights and fp32 AdamW state; with
+``bfloat16`` the forward computes in bf16 (autocast under DDP, FSDP2's ``MixedPrecisionPolicy``,
+gradients reduced in fp32) and log-probs are taken in fp32 from the logits. Published weights are
+cast to ``model.dtype``, the dtype the rollout engine loads. Strategies and state dicts:
+``learner/parallel.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import os
 import sys
 import time
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +36,7 @@ from protocol.config import Config
 from protocol.messages import BatchRequest, ProtocolError, TrainBatch
 from protocol.metrics import Monitor
 from protocol.sockets import batch_client, close, recv, send
-from protocol.weights import pack_weights
+from protocol.weights import pack_weights, read_tokenizer_files
 
 log = logging.getLogger("podsrl.learner")
 
@@ -59,9 +68,9 @@ class BatchSource:
                     self.rejected += 1
                     log.warning("rejected a batch: %s", e)
                     continue
-                batch = self._fresh(batch, version)
-                if batch is not None:
-                    return batch, time.monotonic() - t0
+                fresh = self._fresh(batch, version)
+                if fresh is not None:
+                    return fresh, time.monotonic() - t0
             log.info("no batch for version %d after %.0fs; asking the selector at %s:%d again",
                      version, time.monotonic() - t0, self.cfg.net.selector_host, self.cfg.net.batch_port)
 
@@ -91,7 +100,7 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cuda", local)
 
 
-def shard(batch: TrainBatch, rank: int, world: int) -> dict[str, list[torch.Tensor] | torch.Tensor]:
+def shard(batch: TrainBatch, rank: int, world: int) -> dict[str, Any]:
     """Rows ``rank::world`` of a batch as tensors (ragged rows as lists)."""
     rows = np.arange(rank, batch.size, world)
     pe = np.cumsum(batch.prompt_lens)
@@ -106,39 +115,6 @@ def shard(batch: TrainBatch, rank: int, world: int) -> dict[str, list[torch.Tens
     }
 
 
-def pad(rows: list[torch.Tensor], width: int) -> torch.Tensor:
-    out = torch.zeros((len(rows), width), dtype=rows[0].dtype)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
-
-
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, data: dict, cfg: Config, world: int,
-               device: torch.device) -> dict[str, float]:
-    from learner.losses import LossConfig, LossInputs, compute_loss
-    from learner.model import completion_logprobs
-
-    logp, mask, entropy = completion_logprobs(model, data["prompts"], data["completions"], cfg.rollout.temperature,
-                                              device)
-    behav = pad(data["behav"], mask.shape[1]).to(device)
-    totals = torch.tensor([mask.sum().item(), float(mask.shape[0])], dtype=torch.float64, device=device)
-    dist.all_reduce(totals)  # global token and sequence counts, so the loss is the global mean
-    lc = cfg.learner.loss
-    loss_cfg = LossConfig(**lc.model_dump(), max_len=cfg.max_new_tokens)
-    # One optimizer step per batch: the proximal policy of decoupled PPO is the current one at step
-    # start, i.e. exactly logp without gradient; no second forward pass is needed.
-    inputs = LossInputs(logp=logp, behav_logp=behav, advantages=data["advantages"].to(device), mask=mask,
-                        prox_logp=logp.detach())
-    loss, metrics = compute_loss(inputs, loss_cfg, total_tokens=float(totals[0]), total_seqs=float(totals[1]))
-    metrics["loss/entropy"] = float(entropy.sum() / mask.sum().clamp(min=1))
-    opt.zero_grad(set_to_none=True)
-    (loss * world).backward()  # DDP averages gradients over ranks; the loss is already a global mean
-    if cfg.learner.grad_clip > 0:
-        metrics["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.learner.grad_clip))
-    opt.step()
-    return metrics
-
-
 def main(argv: list[str] | None = None) -> int:
     from protocol.cli import configure, process_parser
 
@@ -148,28 +124,29 @@ def main(argv: list[str] | None = None) -> int:
     cfg = configure(args, role=f"learner-{rank}", quiet=rank != 0)
     torch.set_num_threads(cfg.learner.threads)
     from learner.checkpoint import load_latest, save_checkpoint
-    from learner.model import build_tiny_model, load_model
+    from learner.model import load_model
+    from learner.parallel import cast, full_model_state, wrap
     from learner.publisher import WeightPublisher
+    from learner.step import train_step
 
     rank, world, device = setup_distributed(cfg)
     ctx = zmq.Context() if rank == 0 else None
     publisher = source = monitor = None
     try:
-        if rank == 0 and cfg.model.init == "tiny" and not cfg.model_dir.exists():
-            build_tiny_model(cfg, cfg.model_dir)
-        dist.barrier()
         model = load_model(cfg.model_dir, device)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
-        version = load_latest(cfg, model, opt) if cfg.run.resume else 0
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
         model_config = model.config.to_json_string()
+        net = wrap(model, cfg, device)
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+        version = load_latest(cfg, net, opt, rank) if cfg.run.resume else 0
+        state = full_model_state(net)  # a collective: every rank gathers, rank 0 receives
         if rank == 0:
             assert ctx is not None
-            publisher = WeightPublisher(ctx, cfg.net)
-            publisher.publish(pack_weights(model.state_dict(), version, model_config))
+            publisher = WeightPublisher(ctx, cfg.net, files=read_tokenizer_files(cfg.model_dir))
+            publisher.publish(pack_weights(cast(state, cfg.model.dtype), version, model_config))
             source = BatchSource(ctx, cfg)
             monitor = Monitor(cfg.run.dir, "learner")
-            log.info("learner up: %d rank(s) on %s, version %d; %s", world, device, version, cfg.summary())
+            log.info("learner up: %d rank(s) on %s, %s, version %d; %s", world, device, cfg.learner.strategy,
+                     version, cfg.summary())
         started, saved = time.monotonic(), None
         while version < cfg.run.steps:
             t0 = time.monotonic()
@@ -187,11 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                 break
             batch = box[0]
             t1 = time.monotonic()
-            metrics = train_step(ddp, opt, shard(batch, rank, world), cfg, world, device)
+            metrics = train_step(net, opt, shard(batch, rank, world), cfg, world, device, version)
             version += 1
+            state = full_model_state(net)
             if rank == 0:
                 assert publisher is not None and monitor is not None and source is not None
-                publisher.publish(pack_weights(model.state_dict(), version, model_config))
+                publisher.publish(pack_weights(cast(state, cfg.model.dtype), version, model_config))
                 stale = batch.version - batch.versions
                 metrics.update({
                     **batch.stats, "version": version, "time/wait_for_batch": wait_s,
@@ -204,13 +182,13 @@ def main(argv: list[str] | None = None) -> int:
                 monitor.log(version, metrics)
             every = cfg.learner.checkpoint_every
             if every and version % every == 0:
-                save_checkpoint(cfg, model, opt, version, rank)
+                save_checkpoint(cfg, net, opt, version, rank, state)
                 saved = version
         if saved != version:  # the final version is always kept
-            save_checkpoint(cfg, model, opt, version, rank)
+            save_checkpoint(cfg, net, opt, version, rank, state)
         if rank == 0:
             assert publisher is not None
-            publisher.publish(pack_weights(model.state_dict(), version, model_config), final=True)
+            publisher.publish(pack_weights(cast(state, cfg.model.dtype), version, model_config), final=True)
             log.info("learner done at version %d", version)
     finally:
         if publisher is not None:

@@ -1,0 +1,120 @@
+"""One optimizer step on one process: the lr schedule, micro-batch plans, and accumulated gradients
+that equal the one-big-batch gradients."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from launcher.tiny import build_tiny_model
+from learner.model import load_model
+from learner.parallel import cast, enable_grad_checkpointing
+from learner.step import even_out, lr_at, plan_micro_batches, train_step
+from protocol.config import load_config
+
+CPU = torch.device("cpu")
+
+
+def ragged_rows(n: int, vocab: int, seed: int) -> dict:
+    """``n`` rows of a shard with prompts of 2..12 and completions of 1..9 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    plen = torch.randint(2, 13, (n,), generator=g).tolist()
+    clen = torch.randint(1, 10, (n,), generator=g).tolist()
+    return {
+        "prompts": [torch.randint(4, vocab, (p,), generator=g) for p in plen],
+        "completions": [torch.randint(4, vocab, (c,), generator=g) for c in clen],
+        "behav": [-0.5 - 3 * torch.rand(c, generator=g) for c in clen],
+        "advantages": torch.randn(n, generator=g),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny_model(load_config(None, []), path, alphabet="abcdefghijkl:")
+    return path
+
+
+def config(path, *overrides: str):
+    return load_config(None, [f"model.path={path}", "model.init=pretrained", "learner.grad_clip=0", *overrides])
+
+
+def grads_after_step(path, data: dict, *overrides: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    torch.manual_seed(0)
+    cfg = config(path, *overrides)
+    model = load_model(path, CPU)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr)
+    metrics = train_step(model, opt, copy.deepcopy(data), cfg, 1, CPU, 0)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, metrics
+
+
+def test_lr_at_exact_values():
+    def at(step: int, *o: str) -> float:
+        return lr_at(step, load_config(None, ["learner.lr=1.0", "run.steps=10", *o]))
+
+    assert [at(s) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    assert [at(s, "learner.warmup_steps=4") for s in (0, 1, 2, 3, 4, 9)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = ("learner.lr_schedule=cosine", "learner.min_lr_ratio=0.1")
+    assert at(0, *cos) == 1.0 and at(10, *cos) == pytest.approx(0.1, abs=1e-15)
+    assert at(5, *cos) == pytest.approx(0.55, abs=1e-15)  # midpoint: halfway between lr and lr*min_lr_ratio
+    assert at(20, *cos) == pytest.approx(0.1, abs=1e-15)  # past run.steps (a resumed, extended run): stays at the floor
+    warm = (*cos, "learner.warmup_steps=2")
+    assert [at(s, *warm) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert at(6, *warm) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)), abs=1e-15)
+
+
+def test_micro_batch_plan_respects_the_budget_and_covers_every_row_once():
+    lengths = [5, 30, 7, 7, 2, 12, 9, 1]
+    plan = plan_micro_batches(lengths, budget=20)
+    assert sorted(i for mb in plan for i in mb) == list(range(len(lengths)))
+    assert [1] in plan  # the row longer than the budget is alone
+    for mb in plan:
+        assert len(mb) == 1 or len(mb) * max(lengths[i] for i in mb) <= 20
+    assert plan_micro_batches(lengths, 0) == [sorted(range(8), key=lambda i: -lengths[i])]
+    assert len(plan_micro_batches(lengths, 10_000)) == 1
+
+
+def test_even_out_splits_then_pads_with_zero_weight_passes():
+    out = even_out([[0, 1, 2, 3], [4]], 3)
+    assert [rows for rows, _ in out] == [[0, 1], [2, 3], [4]] and all(w == 1.0 for _, w in out)
+    out = even_out([[0]], 3)
+    assert out == [([0], 1.0), ([0], 0.0), ([0], 0.0)]
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "constant"])
+def test_micro_batched_gradients_equal_one_batch_gradients(tiny, aggregation):
+    data = ragged_rows(9, vocab=17, seed=1)
+    agg = f"learner.loss.aggregation={aggregation}"
+    whole, m_whole = grads_after_step(tiny, data, agg, "learner.micro_batch_tokens=0")
+    micro, m_micro = grads_after_step(tiny, data, agg, "learner.micro_batch_tokens=24")
+    assert m_whole["train/micro_batches"] == 1 and m_micro["train/micro_batches"] >= 4
+    worst = max(float((whole[n] - micro[n]).abs().max()) for n in whole)
+    assert worst < 1e-6, f"largest gradient difference {worst:.2e}"
+    assert any(float(g.abs().max()) > 1e-3 for g in whole.values())  # not vacuous: real gradients
+    for key in ("loss/pg_loss", "loss/entropy", "loss/tokens", "loss/ratio_max", "loss/ratio_mean"):
+        assert m_micro[key] == pytest.approx(m_whole[key], rel=1e-5, abs=1e-7), key
+
+
+def test_gradient_checkpointing_keeps_the_gradients(tiny):
+    data = ragged_rows(5, vocab=17, seed=2)
+    plain, _ = grads_after_step(tiny, data)
+    torch.manual_seed(0)
+    cfg = config(tiny, "learner.grad_checkpointing=true")
+    model = load_model(tiny, CPU)
+    enable_grad_checkpointing(model)
+    train_step(model, torch.optim.AdamW(model.parameters()), copy.deepcopy(data), cfg, 1, CPU, 0)
+    assert max(float((plain[n] - p.grad).abs().max()) for n, p in model.named_parameters()) < 1e-6
+
+
+def test_bfloat16_computes_in_bf16_and_publishes_bf16(tiny):
+    data = ragged_rows(6, vocab=17, seed=3)
+    g32, m32 = grads_after_step(tiny, data)
+    g16, m16 = grads_after_step(tiny, data, "model.dtype=bfloat16")
+    assert all(g.dtype == torch.float32 for g in g16.values())  # fp32 master weights and gradients
+    assert m16["loss/pg_loss"] == pytest.approx(m32["loss/pg_loss"], abs=2e-2)
+    assert m16["loss/pg_loss"] != m32["loss/pg_loss"]  # the forward really ran in bf16
+    state = cast(load_model(tiny, CPU).state_dict(), "bfloat16")
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
