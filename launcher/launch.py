@@ -10,7 +10,6 @@ launcher. Exit status: 0 if every child succeeded, 1 if any failed (its log tail
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from protocol.cli import configure, torchrun_command
+from launcher.cli import torchrun_command
 from protocol.config import Config, to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +43,26 @@ class Child:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
+
+    def reap_group(self, grace_s: float = 3.0) -> None:
+        """Once the leader has exited, wait for the rest of its process group, then kill what is left.
+
+        A leader's own children can outlive it briefly: multiprocessing's resource tracker (which
+        ignores SIGTERM and leaves when its pipe closes) and a reward worker being torn down.
+        """
+        if self.proc is None:
+            return
+        deadline = time.monotonic() + grace_s
+        while True:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
 
 
 def log_tail(run_dir: Path, name: str, lines: int = 15) -> str:
@@ -132,15 +151,15 @@ class Progress:
                 f"-> last 10% {last:.3f}")
 
 
-def launch(args: argparse.Namespace) -> int:
-    cfg = configure(args, role="launcher")
+def launch(cfg: Config, report: str) -> int:
+    """Start every process of ``cfg`` (checked by ``preflight``, whose ``report`` is printed)."""
     run_dir = Path(cfg.run.dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.toml"
     config_path.write_text(to_toml(cfg))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    print(f"podsrl run: {cfg.summary()}\n  run dir {run_dir}  (logs in {run_dir / 'logs'}, metrics in "
+    print(f"podsrl run: {cfg.summary()}\n{report}\n  run dir {run_dir}  (logs in {run_dir / 'logs'}, metrics in "
           f"{run_dir / 'metrics'})", flush=True)
     kids = children(cfg, config_path)
     progress = Progress(cfg)
@@ -171,6 +190,7 @@ def launch(args: argparse.Namespace) -> int:
                     print(f"\n{kid.name} exited with status {rc}; last lines of its log:\n{log_tail(run_dir, kid.name)}",
                           file=sys.stderr, flush=True)
             rollouts_alive = any(k.proc.poll() is None for k in kids if k.name.startswith("rollout") and k.proc)
+            assert learner.proc is not None
             if learner.proc.poll() is not None or "selector" in failed or (cfg.rollout.servers and not rollouts_alive):
                 break
         progress.poll()
@@ -189,6 +209,7 @@ def launch(args: argparse.Namespace) -> int:
                 except subprocess.TimeoutExpired:
                     kid.stop(signal.SIGKILL)
                     kid.proc.wait()
+            kid.reap_group()
             if kid.log is not None:
                 kid.log.close()
         memory.close()
@@ -199,7 +220,7 @@ def launch(args: argparse.Namespace) -> int:
     if interrupted:
         print("podsrl run: interrupted; all processes stopped", file=sys.stderr)
         return 130
-    if learner.proc.returncode != 0 and "learner" not in failed:
+    if learner.proc is not None and learner.proc.returncode != 0 and "learner" not in failed:
         failed.append("learner")
     if failed:
         print(f"podsrl run: failed: {', '.join(failed)} (logs in {run_dir / 'logs'})", file=sys.stderr)

@@ -8,7 +8,7 @@ from helpers import ROOT, child_env
 
 
 def podsrl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "protocol.cli", *args], cwd=ROOT, env=child_env(),
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, env=child_env(),
                           capture_output=True, text=True, timeout=60)
 
 
@@ -19,7 +19,7 @@ def test_help_of_every_command(cmd):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from protocol.cli import main\ntry:\n main(['--help'])\nexcept SystemExit: pass\n" \
+    code = "import sys; from launcher.cli import main\ntry:\n main(['--help'])\nexcept SystemExit: pass\n" \
            "assert 'torch' not in sys.modules, 'torch imported for --help'"
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def podsrl_run(run_dir: Path, overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "protocol.cli", "run", "--config", str(ROOT / "configs/tiny.toml"),
+    cmd = [sys.executable, "-m", "launcher.cli", "run", "--config", str(ROOT / "configs/tiny.toml"),
            f"run.dir={run_dir}", "learner.checkpoint_every=0", *overrides]
     return subprocess.run(cmd, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
@@ -74,7 +74,7 @@ def test_restarted_learner_resumes_its_version(run_dir, net_overrides):
 
 
 def test_dead_rollout_server_is_reported_and_training_continues(run_dir, net_overrides):
-    cmd = [sys.executable, "-m", "protocol.cli", "run", "--config", str(ROOT / "configs/tiny.toml"),
+    cmd = [sys.executable, "-m", "launcher.cli", "run", "--config", str(ROOT / "configs/tiny.toml"),
            f"run.dir={run_dir}", "run.steps=600", "selector.peer_timeout_s=3", "rollout.heartbeat_s=0.3", *net_overrides]
     launcher = subprocess.Popen(cmd, env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)

@@ -1,0 +1,134 @@
+"""Start-up checks: each bad input stops the run before any process starts, naming the key and the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, child_env
+
+from launcher.preflight import PreflightError, preflight
+from launcher.tiny import build_tiny_model
+from protocol.config import load_config
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("m") / "model"
+    build_tiny_model(load_config(), path, alphabet="abc= ")
+    return path
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{c}=", "answer": c}) + "\n" for c in "abcab"))
+    return path
+
+
+def check(model: Path, data: Path, *overrides: str) -> str:
+    return preflight(load_config(overrides=[f"model.path={model}", "model.init=pretrained", f"task.dataset={data}",
+                                            "task.reward=exact_match", *overrides]))
+
+
+def test_a_good_run_reports_model_and_task(model_dir: Path, data: Path) -> None:
+    report = check(model_dir, data)
+    assert "vocabulary" in report and "5 training rows" in report and "exact_match x1" in report
+
+
+def test_tiny_model_is_built_from_the_dataset_characters(tmp_path: Path, data: Path) -> None:
+    report = preflight(load_config(overrides=[f"run.dir={tmp_path / 'run'}", f"task.dataset={data}",
+                                              "task.reward=exact_match"]))
+    assert "built the tiny model" in report
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
+    assert tok.decode(tok("ab=c")["input_ids"], skip_special_tokens=True) == "ab=c"
+
+
+def test_reward_plugin_that_does_not_import(model_dir: Path, data: Path) -> None:
+    with pytest.raises(PreflightError, match=r"task.reward='nosuchmodule_xyz:f'.*importing nosuchmodule_xyz failed"):
+        check(model_dir, data, "task.reward=nosuchmodule_xyz:f")
+
+
+def test_reward_plugin_with_the_wrong_signature(model_dir: Path, data: Path, tmp_path: Path) -> None:
+    plugin = tmp_path / "bad_sig.py"
+    plugin.write_text("def score(texts, gold):\n    return [0.0] * len(texts)\n")
+    with pytest.raises(PreflightError, match=r"needs \['texts', 'gold'\].*f\(prompts, completions, \*\*columns\)"):
+        check(model_dir, data, f"task.reward={plugin}:score")
+
+
+def test_reward_plugin_missing_function(model_dir: Path, data: Path, tmp_path: Path) -> None:
+    plugin = tmp_path / "empty_mod.py"
+    plugin.write_text("x = 1\n")
+    with pytest.raises(PreflightError, match="has no function 'score'"):
+        check(model_dir, data, f"task.reward={plugin}:score")
+
+
+def test_missing_dataset(model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(PreflightError, match=r"task.dataset=.*does not exist"):
+        check(model_dir, tmp_path / "nope.jsonl")
+
+
+def test_row_without_the_prompt_field_is_named(model_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a="}\n{"prompt": "b="}\n{"question": "c="}\n')
+    with pytest.raises(PreflightError, match=r"row 2 has no 'prompt' column.*task.prompt_field"):
+        check(model_dir, path)
+
+
+def test_template_naming_a_missing_column(model_dir: Path, data: Path) -> None:
+    with pytest.raises(PreflightError, match=r"task.template='\{prompt\} \{context\}' cannot be filled from row 0"):
+        check(model_dir, data, 'task.template="{prompt} {context}"')
+
+
+def test_model_dir_without_tokenizer(model_dir: Path, data: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in model_dir.iterdir():
+        if not f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, bare / f.name)
+    with pytest.raises(PreflightError, match=r"has no tokenizer files.*tokenizer.save_pretrained"):
+        check(bare, data)
+
+
+def test_model_dir_without_config(data: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PreflightError, match="has no config.json"):
+        check(tmp_path / "empty", data)
+
+
+def test_chat_template_requested_from_a_tokenizer_without_one(model_dir: Path, data: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    shutil.copytree(model_dir, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    assert "task" in check(plain, data)  # plain prompts are fine
+    with pytest.raises(PreflightError, match="has no chat template"):
+        check(plain, data, "task.chat_template=true")
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(model_dir: Path, data: Path, tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    shutil.copytree(model_dir, small)
+    config = json.loads((small / "config.json").read_text())
+    config["vocab_size"] = 4
+    (small / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PreflightError, match="vocab_size is 4"):
+        check(small, data)
+
+
+def test_podsrl_run_stops_before_starting_any_process(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "launcher.cli", "run", f"run.dir={run_dir}",
+                          f"task.dataset={tmp_path / 'missing.jsonl'}", "task.reward=exact_match"],
+                         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "task.dataset=" in res.stderr and "does not exist" in res.stderr
+    assert not (run_dir / "pids.json").exists() and not (run_dir / "logs").exists()
