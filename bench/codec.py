@@ -51,7 +51,7 @@ SCALARS = [f.name for f in dataclasses.fields(ScoredGroup) if f.name not in ARRA
 def make_group(n: int = N, t: int = T, p: int = P, seed: int = 0, group_id: int = 0) -> ScoredGroup:
     rng = np.random.default_rng(seed)
     return ScoredGroup(
-        server_id="bench-0", group_id=group_id, version=0, task="copy", gen_seconds=0.25,
+        server_id="bench-0", session=1, group_id=group_id, version=0, task="copy", gen_seconds=0.25,
         prompt_ids=rng.integers(4, 32000, p, dtype=np.int32),
         completion_ids=rng.integers(4, 32000, n * t, dtype=np.int32),
         completion_lens=np.full(n, t, np.int32),

@@ -96,7 +96,7 @@ def _variance(r: np.ndarray, kept: Any) -> float:
 def make_group(rewards: np.ndarray, t: int = 64, p: int = 8, server: str = "bench-0", gid: int = 0) -> ScoredGroup:
     n = rewards.shape[0]
     rng = np.random.default_rng(gid)
-    return ScoredGroup(server_id=server, group_id=gid, version=0, task="copy", gen_seconds=0.0,
+    return ScoredGroup(server_id=server, session=1, group_id=gid, version=0, task="copy", gen_seconds=0.0,
                        prompt_ids=np.arange(1, p + 1, dtype=np.int32),
                        completion_ids=rng.integers(4, 32000, n * t, dtype=np.int32),
                        completion_lens=np.full(n, t, np.int32),

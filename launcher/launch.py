@@ -11,6 +11,7 @@ launcher. Exit status: 0 if every child succeeded, 1 if any failed (its log tail
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -37,7 +38,8 @@ class Child:
     def start(self, logs: Path, env: dict[str, str]) -> None:
         self.log = (logs / f"{self.name}.log").open("ab")
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=os.getcwd())
+                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=os.getcwd(),
+                                     preexec_fn=functools.partial(_die_with_parent, os.getpid()))
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -63,6 +65,17 @@ class Child:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 return
             time.sleep(0.05)
+
+
+def _die_with_parent(launcher_pid: int) -> None:
+    """In the child, before exec: SIGTERM it when the launcher dies, however it dies (SIGKILL included).
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere a killed launcher can leave its children running."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def log_tail(run_dir: Path, name: str, lines: int = 15) -> str:

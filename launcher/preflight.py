@@ -70,6 +70,12 @@ def preflight(cfg: Config) -> str:
         lines.append(validate_task(cfg, tokenizer))
     except TaskError as e:
         raise PreflightError(str(e)) from None
+    from protocol.auth import AuthError, check
+
+    try:  # keys: every process would fail on its own, with a traceback in its log
+        check(cfg.net)
+    except AuthError as e:
+        raise PreflightError(str(e)) from None
     if cfg.rollout.engine.type == "vllm" and cfg.rollout.servers and importlib.util.find_spec("vllm") is None:
         raise PreflightError("rollout.engine.type='vllm' but vLLM is not installed here: install it in its own "
                              "environment (docs/TASKS.md), or use rollout.engine.type='torch'")

@@ -115,6 +115,14 @@ class LossInputs:
 LossFn = Callable[[LossInputs, LossConfig], tuple[Tensor, dict[str, Tensor]]]
 
 
+MAX_LOG_RATIO = 20.0  # |log(π/μ)| beyond this (a ratio of 5e8) is clamped: one absurd behaviour log-prob
+# must not turn the loss into inf/NaN; such tokens get no gradient through the ratio
+
+
+def _ratio(log_r: Tensor) -> Tensor:
+    return torch.exp(log_r.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+
+
 def _prep(inp: LossInputs) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
     """(logp, behav, prox, A, valid): upcast from 16-bit, A broadcast to (B, T), padding zeroed."""
     valid = inp.mask > 0
@@ -135,7 +143,7 @@ def _frac(flags: Tensor, valid: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _ppo_clip(logp: Tensor, old: Tensor, adv: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor]:
     """PPO-clip (Schulman et al. 2017): −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A), r = exp(logp − old)."""
-    r = torch.exp(logp - old)
+    r = _ratio(logp - old)
     tok = -torch.minimum(r * adv, r.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high) * adv)
     rd = r.detach()  # the clip is active (zero gradient) only on the side the advantage pushes towards
     low = (adv < 0) & (rd < 1.0 - cfg.clip_low)
@@ -210,7 +218,7 @@ def m2po(inp: LossInputs, cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
     d2 = (logp.detach() - behav).square()
     keep = _m2_keep(d2, valid, cfg.m2_tau)
     log_r = torch.where(keep, logp - behav, 0.0)  # dropped tokens never reach exp(): no inf·0 in backward
-    tok = torch.where(keep, -torch.exp(log_r) * adv, 0.0)  # unclipped −r·A on the kept tokens
+    tok = torch.where(keep, -_ratio(log_r) * adv, 0.0)  # unclipped −r·A on the kept tokens
     dropped = valid & ~keep
     m = _clip_metrics(torch.zeros_like(valid), torch.zeros_like(valid), dropped, valid, tok.dtype)
     m["loss/m2"] = (d2 * valid).sum() / valid.sum().clamp(min=1)
@@ -221,7 +229,7 @@ def m2po(inp: LossInputs, cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
 def rec_oneside(inp: LossInputs, cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
     logp, behav, _, adv, valid = _prep(inp)
     # REC (Yao et al. 2025): REINFORCE −A·log π_θ with a one-sided clip mask on r = π_θ/μ, no IS weight
-    r = torch.exp(logp.detach() - behav)
+    r = _ratio(logp.detach() - behav)
     low = (adv < 0) & (r < 1.0 - cfg.clip_low)
     high = (adv > 0) & (r > 1.0 + cfg.clip_high)
     tok = torch.where(low | high, 0.0, -adv * logp)
@@ -280,7 +288,7 @@ def _diagnostic_tensors(inp: LossInputs) -> dict[str, Tensor]:
     m = valid.to(logp.dtype)
     n = m.sum()
     nc = n.clamp(min=1)
-    log_r = logp - behav  # zero on padding
+    log_r = (logp - behav).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)  # zero on padding
     r = torch.exp(log_r)
     if valid.any():
         top = torch.where(valid, log_r, -math.inf).max()

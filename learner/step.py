@@ -15,6 +15,7 @@ m2po's second moment M2 is computed per forward pass, i.e. per micro-batch (``do
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -25,6 +26,8 @@ from learner.losses import LossConfig, LossInputs, compute_loss
 from learner.model import completion_logprobs
 from learner.parallel import autocast, sync_gradients
 from protocol.config import Config
+
+log = logging.getLogger("podsrl.learner")
 
 Shard = dict[str, Any]  # prompts/completions/behav: lists of 1-D tensors; advantages: (B,) tensor
 
@@ -139,9 +142,17 @@ def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, data: Shard, cf
         if weight:
             parts.append((metrics["loss/tokens"], metrics))
     out = merge_metrics(parts)
-    if cfg.learner.grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.learner.grad_clip)
-        full = getattr(norm, "full_tensor", None)  # FSDP2: a DTensor
-        out["train/grad_norm"] = float(full() if full is not None else norm)
-    opt.step()
-    return {**out, "train/lr": lr, "train/micro_batches": len(micro)}
+    # The total norm is global (DDP's gradients are all-reduced, FSDP2's norm is reduced over shards), so
+    # every rank takes the same decision: a step whose gradient is not finite is skipped, never applied.
+    norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.learner.grad_clip or math.inf)
+    full = getattr(norm, "full_tensor", None)  # FSDP2: a DTensor
+    grad_norm = float(full() if full is not None else norm)
+    out["train/grad_norm"] = grad_norm
+    skipped = not math.isfinite(grad_norm) or not all(math.isfinite(v) for v in out.values())
+    if skipped:
+        opt.zero_grad(set_to_none=True)
+        log.warning("step %d skipped: its loss or gradient is not finite (grad norm %s)", step, grad_norm)
+    else:
+        opt.step()
+    return {**{k: v if math.isfinite(v) else 0.0 for k, v in out.items()}, "train/lr": lr,
+            "train/micro_batches": len(micro), "train/skipped_nonfinite": float(skipped)}

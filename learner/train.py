@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from protocol.auth import load_auth
 from protocol.config import Config
 from protocol.messages import BatchRequest, ProtocolError, TrainBatch
 from protocol.metrics import Monitor
@@ -42,11 +43,15 @@ log = logging.getLogger("podsrl.learner")
 
 
 class BatchSource:
-    """Rank 0's side of the batches link: one request per step, re-sent if the selector went quiet."""
+    """Rank 0's side of the batches link: one request per step, repeated every ``RESEND_S`` until
+    answered, so a restarted selector hears it within a second of coming back (the selector keeps
+    one pending request; a repeat replaces it)."""
 
-    def __init__(self, ctx: zmq.Context, cfg: Config) -> None:
-        self.cfg = cfg
-        self.sock = batch_client(ctx, cfg.net)
+    RESEND_S = 1.0
+
+    def __init__(self, ctx: zmq.Context, cfg: Config, vocab_size: int) -> None:
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.sock = batch_client(ctx, cfg.net, load_auth(cfg.net, "learner"))
         self.request_id = 0
         self.rejected = 0
         self.stale_rows = 0
@@ -54,13 +59,14 @@ class BatchSource:
     def get(self, version: int) -> tuple[TrainBatch, float]:
         """The batch for learner version ``version`` and the seconds spent waiting for it."""
         t0 = time.monotonic()
+        self.request_id += 1
+        request = BatchRequest(request_id=self.request_id, version=version, num_groups=self.cfg.learner.groups_per_step)
+        next_log = t0 + self.cfg.learner.batch_timeout_s
         while True:
-            self.request_id += 1
-            send(self.sock, BatchRequest(request_id=self.request_id, version=version,
-                                         num_groups=self.cfg.learner.groups_per_step))
-            deadline = time.monotonic() + self.cfg.learner.batch_timeout_s
-            while time.monotonic() < deadline:
-                if not self.sock.poll(500):
+            send(self.sock, request)
+            resend = time.monotonic() + self.RESEND_S
+            while time.monotonic() < resend:
+                if not self.sock.poll(max(1, int((resend - time.monotonic()) * 1000))):
                     continue
                 try:
                     _, batch = recv(self.sock, TrainBatch)
@@ -71,19 +77,28 @@ class BatchSource:
                 fresh = self._fresh(batch, version)
                 if fresh is not None:
                     return fresh, time.monotonic() - t0
-            log.info("no batch for version %d after %.0fs; asking the selector at %s:%d again",
-                     version, time.monotonic() - t0, self.cfg.net.selector_host, self.cfg.net.batch_port)
+            if time.monotonic() > next_log:
+                next_log = time.monotonic() + self.cfg.learner.batch_timeout_s
+                log.info("no batch for version %d after %.0fs; still asking the selector at %s:%d",
+                         version, time.monotonic() - t0, self.cfg.net.selector_host, self.cfg.net.batch_port)
 
     def _fresh(self, batch: TrainBatch, version: int) -> TrainBatch | None:
-        """Enforce the staleness bound here too: a late reply to an old request may hold stale rows."""
+        """Check the bounds here too: a late reply to an old request may hold stale rows, and the learner
+        never trains a row from the future or a token outside its vocabulary, whatever the selector sent."""
         stale = self.cfg.too_stale(version, batch.versions)
         if stale.any():
             self.stale_rows += int(stale.sum())
             log.warning("dropping a batch with %d rows staler than K=%d (late reply)", stale.sum(),
                         self.cfg.max_staleness)
             return None
-        if batch.size < self.cfg.learner.nproc:
+        ids = (batch.prompt_ids, batch.completion_ids)
+        problem = ("rows from a future version" if batch.size and int(batch.versions.max()) > version
+                   else "token ids outside the vocabulary" if any(a.size and (int(a.min()) < 0 or int(a.max())
+                                                                             >= self.vocab_size) for a in ids)
+                   else "fewer rows than ranks" if batch.size < self.cfg.learner.nproc else "")
+        if problem:
             self.rejected += 1
+            log.warning("rejected a batch for version %d: %s", version, problem)
             return None
         return batch
 
@@ -123,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     cfg = configure(args, role=f"learner-{rank}", quiet=rank != 0)
     torch.set_num_threads(cfg.learner.threads)
-    from learner.checkpoint import load_latest, save_checkpoint
+    from learner.checkpoint import load_latest, record_published, save_checkpoint
     from learner.model import load_model
     from learner.parallel import cast, full_model_state, wrap
     from learner.publisher import WeightPublisher
@@ -137,18 +152,31 @@ def main(argv: list[str] | None = None) -> int:
         model_config = model.config.to_json_string()
         net = wrap(model, cfg, device)
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
-        version = load_latest(cfg, net, opt, rank) if cfg.run.resume else 0
+        lineage = load_latest(cfg, net, opt, rank)
+        version, step, floor = lineage.version, lineage.step, lineage.floor
         state = full_model_state(net)  # a collective: every rank gathers, rank 0 receives
+
+        def publish(final: bool = False) -> None:
+            """Rank 0: record, then announce and serve ``version`` (never with a non-finite weight)."""
+            assert publisher is not None
+            bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:
+                raise RuntimeError(f"version {version} has non-finite weights ({bad[:3]}): not published. Resume "
+                                   "from the last checkpoint with a lower learner.lr or learner.grad_clip")
+            record_published(cfg, version, floor)
+            publisher.publish(pack_weights(cast(state, cfg.model.dtype), version, model_config), floor, final)
+
         if rank == 0:
             assert ctx is not None
-            publisher = WeightPublisher(ctx, cfg.net, files=read_tokenizer_files(cfg.model_dir))
-            publisher.publish(pack_weights(cast(state, cfg.model.dtype), version, model_config))
-            source = BatchSource(ctx, cfg)
+            publisher = WeightPublisher(ctx, cfg.net, files=read_tokenizer_files(cfg.model_dir),
+                                        vocab_size=int(model.config.vocab_size))
+            publish()
+            source = BatchSource(ctx, cfg, int(model.config.vocab_size))
             monitor = Monitor(cfg.run.dir, "learner")
             log.info("learner up: %d rank(s) on %s, %s, version %d; %s", world, device, cfg.learner.strategy,
                      version, cfg.summary())
-        started, saved = time.monotonic(), None
-        while version < cfg.run.steps:
+        started, saved, nonfinite = time.monotonic(), None, 0
+        while step < cfg.run.steps:
             t0 = time.monotonic()
             box: list = [None]
             wait_s = 0.0
@@ -164,31 +192,32 @@ def main(argv: list[str] | None = None) -> int:
                 break
             batch = box[0]
             t1 = time.monotonic()
-            metrics = train_step(net, opt, shard(batch, rank, world), cfg, world, device, version)
-            version += 1
+            metrics = train_step(net, opt, shard(batch, rank, world), cfg, world, device, step)
+            version, step = version + 1, step + 1
+            nonfinite += int(metrics.get("train/skipped_nonfinite", 0))
             state = full_model_state(net)
             if rank == 0:
                 assert publisher is not None and monitor is not None and source is not None
-                publisher.publish(pack_weights(cast(state, cfg.model.dtype), version, model_config))
+                publish()
                 stale = batch.version - batch.versions
                 metrics.update({
-                    **batch.stats, "version": version, "time/wait_for_batch": wait_s,
+                    **batch.stats, "version": version, "train/step": step, "time/wait_for_batch": wait_s,
                     "time/train": time.monotonic() - t1, "time/step": time.monotonic() - t0,
                     "train/samples": batch.size, "train/samples_per_s": batch.size / (time.monotonic() - t0),
                     "staleness/mean": float(stale.mean()), "staleness/max": int(stale.max()),
                     **{f"staleness/hist_{k}": int((stale == k).sum()) for k in range(cfg.max_staleness + 1)},
                     "learner/batches_rejected": source.rejected, "learner/stale_rows_dropped": source.stale_rows,
+                    "learner/nonfinite_steps_skipped": nonfinite,
                     "reward/kept_mean": float(batch.rewards.mean())})
                 monitor.log(version, metrics)
             every = cfg.learner.checkpoint_every
-            if every and version % every == 0:
-                save_checkpoint(cfg, net, opt, version, rank, state)
+            if every and step % every == 0:
+                save_checkpoint(cfg, net, opt, version, rank, state, step, floor)
                 saved = version
         if saved != version:  # the final version is always kept
-            save_checkpoint(cfg, net, opt, version, rank, state)
+            save_checkpoint(cfg, net, opt, version, rank, state, step, floor)
         if rank == 0:
-            assert publisher is not None
-            publisher.publish(pack_weights(cast(state, cfg.model.dtype), version, model_config), final=True)
+            publish(final=True)
             log.info("learner done at version %d", version)
     finally:
         if publisher is not None:

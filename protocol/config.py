@@ -117,6 +117,14 @@ class TaskConfig(Section):
     def weights(self) -> list[float]:
         return list(self.reward_weights) or [1.0] * len(self.rewards)
 
+    @property
+    def name(self) -> str:
+        """What groups carry as their ``task``: the built-in task's type or the dataset's file stem
+        (printable ASCII, at most 64 characters); the selector rejects groups of any other task."""
+        if self.type in BUILTIN_TASKS:
+            return self.type
+        return "".join(c if " " <= c <= "~" else "_" for c in Path(self.dataset).stem)[:64]
+
 
 class EvalConfig(Section):
     every: int = Field(0, ge=0, description="evaluate every this many versions (0 = never)")
@@ -153,6 +161,12 @@ class SelectorConfig(Section):
     adv_norm: Literal["std", "mean"] = Field("std", description="(r-mean)/(std+eps), or mean-centred only")
     buffer_groups: int = Field(256, ge=1, description="processed groups held; full buffer = back-pressure")
     peer_timeout_s: float = Field(10.0, gt=0, description="a rollout server silent this long is reported dead")
+    max_peers: int = Field(256, ge=1, description="rollout server identities tracked at once; a new one beyond "
+                           "this is refused (dead peers are forgotten after 10 x peer_timeout_s)")
+    min_logprob: float = Field(-100.0, lt=0, description="a group with a behaviour log-prob below this is rejected "
+                               "(no sampler draws a token of probability e^-100; such a value would blow up "
+                               "the importance ratio)")
+    max_abs_reward: float = Field(1e4, gt=0, description="a group with a reward outside +-this is rejected")
 
 
 class LossSettings(Section):
@@ -205,6 +219,11 @@ class NetConfig(Section):
     max_batch_mib: int = Field(1024, ge=1, description="largest train batch the learner accepts")
     send_timeout_s: float = Field(1.0, gt=0, description="rollout: wait this long for the selector, then retry")
     weights_timeout_s: float = Field(60.0, gt=0, description="rollout: give up a weight fetch after this long")
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto", description="CurveZMQ on every link: 'auto' = on as soon as bind_host, selector_host or "
+        "learner_host is not loopback; 'off' logs a warning (docs/RELIABILITY.md)")
+    keys_dir: str = Field("", description="directory made by `podsrl keys DIR`: this process's key pair, the "
+                          "servers' public keys and the allowlists (rollout/*.key); required when auth is on")
 
 
 class Config(Section):

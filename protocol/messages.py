@@ -16,13 +16,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 I32, I64, F32, U8 = np.dtype("<i4"), np.dtype("<i8"), np.dtype("<f4"), np.dtype("u1")
 
 
 WEIGHTS_ALIGN = 64  # bytes; every tensor of a Weights buffer starts at a multiple of this
 _SAFE_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # a file name, never a path
+SERVER_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@/-]{0,63}")  # short and printable: it is logged and keyed on
+_LABEL = re.compile(r"[ -~]{0,255}")  # printable ASCII (host names, engine and task names)
+MAX_VERSION = 2**53  # far beyond any run; keeps version arithmetic exact in int64 and float64
+MAX_SESSION = 2**63 - 1
+HEARTBEAT_STATES = frozenset({"generating", "waiting_for_weights", "loading_weights", "evaluating"})
 
 
 def _int(v: Any) -> bool:
@@ -45,6 +50,22 @@ class ProtocolError(ValueError):
 def _invariant(detail: str) -> ProtocolError:
     """The error of a failed ``check``; callers test first and format ``detail`` only on failure."""
     return ProtocolError("invariant", detail)
+
+
+def _check_server_id(server_id: str) -> None:
+    if not SERVER_ID.fullmatch(server_id):
+        raise _invariant(f"server_id {server_id[:40]!r}{'...' if len(server_id) > 40 else ''} "
+                            "must be 1-64 characters of [A-Za-z0-9_.:@/-]")
+
+
+def _check_label(what: str, value: str) -> None:
+    if not _LABEL.fullmatch(value):
+        raise _invariant(f"{what} must be at most 255 printable ASCII characters")
+
+
+def _check_version(what: str, version: int, low: int = 0) -> None:
+    if not low <= version <= MAX_VERSION:
+        raise _invariant(f"{what} {version} outside {low}..2**53")
 
 
 def _ragged(flat: np.ndarray, lens: np.ndarray, what: str) -> None:
@@ -81,6 +102,14 @@ class Hello(Message):
     host: str
     pid: int
     engine: str
+    session: int = 0  # random per process: tells a restarted server, or a second one with the same id
+
+    def check(self) -> None:
+        _check_server_id(self.server_id)
+        _check_label("host", self.host)
+        _check_label("engine", self.engine)
+        if not (0 <= self.session <= MAX_SESSION and 0 <= self.pid < 2**32):
+            raise _invariant("session and pid must be non-negative 64- and 32-bit integers")
 
 
 @dataclass(frozen=True)
@@ -89,9 +118,18 @@ class Heartbeat(Message):
 
     TYPE: ClassVar[str] = "heartbeat"
     server_id: str
-    version: int
+    version: int  # -1 before the first weights
     groups_sent: int
-    state: str  # "generating" | "waiting_for_weights" | "loading_weights"
+    state: str  # one of HEARTBEAT_STATES
+    session: int = 0
+
+    def check(self) -> None:
+        _check_server_id(self.server_id)
+        _check_version("version", self.version, low=-1)
+        if self.state not in HEARTBEAT_STATES:
+            raise _invariant(f"state {self.state[:40]!r} is not one of {sorted(HEARTBEAT_STATES)}")
+        if not (0 <= self.session <= MAX_SESSION and self.groups_sent >= 0):
+            raise _invariant("session and groups_sent must be non-negative 64-bit integers")
 
 
 @dataclass(frozen=True)
@@ -107,7 +145,8 @@ class ScoredGroup(Message):
         "rewards": (F32, 1),  # [n]
     }
     server_id: str
-    group_id: int
+    session: int  # random per rollout-server process; (server_id, session, group_id) names a group
+    group_id: int  # sequence number within the session: 0, 1, 2, ...
     version: int
     task: str
     gen_seconds: float
@@ -122,8 +161,13 @@ class ScoredGroup(Message):
         return int(self.rewards.shape[0])
 
     def check(self) -> None:
-        if self.version < 0:
-            raise _invariant(f"version must be >= 0, got {self.version}")
+        """What holds for any run. The run's own bounds (vocabulary, lengths, group size, log-prob
+        floor, reward range, versions published so far) are the selector's ``selector/bounds.py``."""
+        _check_server_id(self.server_id)
+        _check_version("version", self.version)
+        _check_label("task", self.task)
+        if not (0 <= self.session <= MAX_SESSION and 0 <= self.group_id <= MAX_SESSION and self.gen_seconds >= 0):
+            raise _invariant("session, group_id and gen_seconds must be non-negative")
         if self.prompt_ids.shape[0] <= 0:
             raise _invariant("empty prompt")
         n = self.rewards.shape[0]
@@ -150,8 +194,9 @@ class BatchRequest(Message):
     num_groups: int
 
     def check(self) -> None:
-        if not (self.version >= 0 and self.num_groups > 0):
-            raise _invariant("version >= 0 and num_groups > 0 required")
+        _check_version("version", self.version)
+        if not 0 < self.num_groups <= 1 << 16:
+            raise _invariant(f"num_groups must be in 1..65536, got {self.num_groups}")
 
 
 @dataclass(frozen=True)
@@ -191,6 +236,7 @@ class TrainBatch(Message):
         return int(self.prompt_lens.shape[0])
 
     def check(self) -> None:
+        _check_version("version", self.version)
         b = self.size
         for name in ("completion_lens", "advantages", "rewards", "versions", "group_index", "server_index"):
             rows = getattr(self, name).shape[0]
@@ -205,6 +251,8 @@ class TrainBatch(Message):
                 raise _invariant("servers must be strings")
         if b and (int(self.server_index.min()) < 0 or int(self.server_index.max()) >= len(self.servers)):
             raise _invariant("server_index out of range")
+        if b and (int(self.versions.min()) < 0 or int(self.versions.max()) > self.version):
+            raise _invariant(f"row versions must be in 0..{self.version} (staleness is never negative)")
         for k, v in self.stats.items():
             if not (isinstance(k, str) and _number(v)):
                 raise _invariant("stats must map str to finite numbers")
@@ -219,6 +267,15 @@ class WeightsAnnouncement(Message):
     nbytes: int
     crc32: int
     final: bool
+    floor: int = 0  # no row of a version below this is trained: a restarted learner discarded those weights
+    vocab_size: int = 0  # the model's; every token id a rollout server sends must be below it (0: unknown)
+    session: int = 0  # random per learner process: a new one means the learner restarted
+
+    def check(self) -> None:
+        _check_version("version", self.version)
+        _check_version("floor", self.floor)
+        if self.floor > self.version or self.vocab_size < 0 or self.nbytes < 0 or not 0 <= self.session <= MAX_SESSION:
+            raise _invariant("floor <= version, vocab_size >= 0, nbytes >= 0 and a 63-bit session required")
 
 
 @dataclass(frozen=True)
@@ -230,6 +287,9 @@ class WeightsRequest(Message):
     TYPE: ClassVar[str] = "weights_request"
     version: int
     with_files: bool = False
+
+    def check(self) -> None:
+        _check_version("version", self.version, low=-1)
 
 
 @dataclass(frozen=True)
@@ -254,6 +314,7 @@ class Weights(Message):
     file_data: np.ndarray = field(default_factory=lambda: np.empty(0, U8), repr=False)
 
     def check(self) -> None:
+        _check_version("version", self.version)
         total = 0
         for entry in self.files:
             if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)

@@ -55,3 +55,23 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of one JSONL metrics file."""
     with Path(path).open() as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class RateLimitedLog:
+    """Warnings at most once per key every ``every_s`` seconds, each saying how many were held back,
+    so a flood of bad messages costs a few log lines, not one per message (the counters stay exact)."""
+
+    def __init__(self, logger: Any, every_s: float = 10.0) -> None:
+        self.logger, self.every_s = logger, every_s
+        self.last: dict[str, float] = {}
+        self.held: dict[str, int] = {}
+
+    def __call__(self, key: str, fmt: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last.get(key, -math.inf) < self.every_s:
+            self.held[key] = self.held.get(key, 0) + 1
+            return
+        held = self.held.pop(key, 0)
+        self.last[key] = now
+        suffix = f" (and {held} more like it in the last {self.every_s:.0f}s)" if held else ""
+        self.logger.warning(fmt + "%s", *args, suffix)

@@ -11,22 +11,32 @@ batches      selector ROUTER     learner rank-0 DEALER  BatchRequest -> TrainBat
 announce     learner PUB         rollout, selector SUB  WeightsAnnouncement
 weights      learner ROUTER      rollout DEALER         WeightsRequest -> Weights
 ===========  ==================  =====================  ==========================================
+
+Authentication (``protocol/auth.py``): every builder takes this process's ``auth`` (from
+``protocol.auth.load_auth``; None = off). With keys, the binder is the CURVE server behind a ZAP
+handler that admits only allowlisted public keys, and :func:`recv` rejects any message whose
+``User-Id`` is not allowlisted (reason ``unauthenticated``). Without keys a builder refuses to
+build a socket for a config that requires them.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, TypeVar
 
 import zmq
 
+from protocol import auth as _auth
 from protocol.codec import decode, encode
 from protocol.messages import Message, ProtocolError
 
 if TYPE_CHECKING:
+    from protocol.auth import Allowlist, Auth
     from protocol.config import NetConfig
 
 M = TypeVar("M", bound=Message)
 MIB = 1 << 20
+_ALLOW: weakref.WeakKeyDictionary[zmq.Socket, Allowlist] = weakref.WeakKeyDictionary()  # server -> its clients
 
 
 def _socket(ctx: zmq.Context, kind: int, *, sndhwm: int = 1000, rcvhwm: int = 1000, maxmsgsize: int = -1) -> zmq.Socket:
@@ -37,11 +47,31 @@ def _socket(ctx: zmq.Context, kind: int, *, sndhwm: int = 1000, rcvhwm: int = 10
     return sock
 
 
+def _secure(sock: zmq.Socket, net: NetConfig, link: str, auth: Auth | None, server: bool) -> zmq.Socket:
+    """CURVE server (behind the ZAP handler, messages checked in :func:`recv`) or client of ``link``."""
+    if auth is None:
+        if _auth.auth_enabled(net):
+            sock.close(0)
+            _auth.check(net)  # names the fix when no keys are configured at all
+            raise _auth.AuthError(f"the {link} link requires authentication (net.auth={net.auth!r}): pass "
+                                  "auth=protocol.auth.load_auth(net, role) to its socket builder")
+        return sock
+    try:
+        if server:
+            _ALLOW[sock] = _auth.serve(sock, link, auth)
+        else:
+            _auth.connect_as(sock, link, auth)
+    except BaseException:
+        close(sock)  # an open socket would make ctx.term() wait forever
+        raise
+    return sock
+
+
 def _bind(sock: zmq.Socket, host: str, port: int, key: str) -> zmq.Socket:
     try:
         sock.bind(f"tcp://{host}:{port}")
     except zmq.ZMQError as e:
-        sock.close(0)
+        close(sock)
         raise OSError(f"cannot bind tcp://{host}:{port} ({e}); is another podsrl run using it? "
                       f"Choose another port with net.{key}=...") from None
     return sock
@@ -52,57 +82,64 @@ def _connect(sock: zmq.Socket, host: str, port: int) -> zmq.Socket:
     return sock
 
 
-def group_receiver(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:
+def group_receiver(ctx: zmq.Context, net: NetConfig, auth: Auth | None = None) -> zmq.Socket:
     """Selector side of *groups*: PULL, binds. Receive HWM ``net.group_hwm`` messages; when the
     selector's buffer is full it stops reading, the queue fills and rollout servers block (back-pressure),
     so nothing is dropped in transit. Frames over 4x ``max_group_mib`` disconnect the sender (hard
     guard); messages over ``max_group_mib`` are rejected and counted by :func:`recv`."""
-    sock = _socket(ctx, zmq.PULL, rcvhwm=net.group_hwm, maxmsgsize=4 * net.max_group_mib * MIB)
+    sock = _secure(_socket(ctx, zmq.PULL, rcvhwm=net.group_hwm, maxmsgsize=4 * net.max_group_mib * MIB),
+                   net, "groups", auth, server=True)
     return _bind(sock, net.bind_host, net.group_port, "group_port")
 
 
-def group_sender(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:
+def group_sender(ctx: zmq.Context, net: NetConfig, auth: Auth | None = None) -> zmq.Socket:
     """Rollout side of *groups*: PUSH, connects to the selector. Send HWM 2: a finished group waits in
     the rollout server (which polls POLLOUT with ``send_timeout_s``) instead of piling up in queues."""
-    return _connect(_socket(ctx, zmq.PUSH, sndhwm=2), net.selector_host, net.group_port)
+    sock = _secure(_socket(ctx, zmq.PUSH, sndhwm=2), net, "groups", auth, server=False)
+    return _connect(sock, net.selector_host, net.group_port)
 
 
-def batch_server(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:
+def batch_server(ctx: zmq.Context, net: NetConfig, auth: Auth | None = None) -> zmq.Socket:
     """Selector side of *batches*: ROUTER, binds. One reply per request; a learner that restarts
     comes back with a new identity and simply asks again, so no batch is sent without a request."""
-    sock = _socket(ctx, zmq.ROUTER, maxmsgsize=MIB)
+    sock = _secure(_socket(ctx, zmq.ROUTER, maxmsgsize=MIB), net, "batches", auth, server=True)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished learner raises instead of vanishing
     return _bind(sock, net.bind_host, net.batch_port, "batch_port")
 
 
-def batch_client(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:
+def batch_client(ctx: zmq.Context, net: NetConfig, auth: Auth | None = None) -> zmq.Socket:
     """Learner rank-0 side of *batches*: DEALER, connects. Receives at most ``max_batch_mib`` frames."""
-    return _connect(_socket(ctx, zmq.DEALER, maxmsgsize=net.max_batch_mib * MIB), net.selector_host, net.batch_port)
+    sock = _socket(ctx, zmq.DEALER, maxmsgsize=net.max_batch_mib * MIB)
+    sock = _secure(sock, net, "batches", auth, server=False)
+    return _connect(sock, net.selector_host, net.batch_port)
 
 
-def announce_publisher(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:
+def announce_publisher(ctx: zmq.Context, net: NetConfig, auth: Auth | None = None) -> zmq.Socket:
     """Learner side of *announce*: PUB, binds. Announcements are idempotent (the latest wins), so a
-    slow subscriber may miss some: it always fetches the newest version over *weights*."""
-    return _bind(_socket(ctx, zmq.PUB, sndhwm=100), net.bind_host, net.announce_port, "announce_port")
+    slow subscriber may miss some: it always fetches the newest version over *weights*. With auth, a
+    subscriber whose key is not allowlisted never completes the handshake, so it receives nothing."""
+    sock = _secure(_socket(ctx, zmq.PUB, sndhwm=100), net, "announce", auth, server=True)
+    return _bind(sock, net.bind_host, net.announce_port, "announce_port")
 
 
-def announce_subscriber(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:
+def announce_subscriber(ctx: zmq.Context, net: NetConfig, auth: Auth | None = None) -> zmq.Socket:
     """Rollout/selector side of *announce*: SUB to everything, connects to the learner."""
-    sock = _socket(ctx, zmq.SUB, maxmsgsize=MIB)
+    sock = _secure(_socket(ctx, zmq.SUB, maxmsgsize=MIB), net, "announce", auth, server=False)
     sock.setsockopt(zmq.SUBSCRIBE, b"")
     return _connect(sock, net.learner_host, net.announce_port)
 
 
-def weight_server(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:
+def weight_server(ctx: zmq.Context, net: NetConfig, auth: Auth | None = None) -> zmq.Socket:
     """Learner side of *weights*: ROUTER, binds. Each reply is one zero-copy multipart message of the
     whole version; a slow peer's reply waits in its own pipe, so a fast peer never waits for it."""
-    sock = _socket(ctx, zmq.ROUTER, sndhwm=4, maxmsgsize=MIB)
+    sock = _secure(_socket(ctx, zmq.ROUTER, sndhwm=4, maxmsgsize=MIB), net, "weights", auth, server=True)
     return _bind(sock, net.bind_host, net.weights_port, "weights_port")
 
 
-def weight_client(ctx: zmq.Context, net: NetConfig) -> zmq.Socket:
+def weight_client(ctx: zmq.Context, net: NetConfig, auth: Auth | None = None) -> zmq.Socket:
     """Rollout side of *weights*: DEALER, connects. No size limit: a version is as big as the model."""
-    return _connect(_socket(ctx, zmq.DEALER), net.learner_host, net.weights_port)
+    sock = _secure(_socket(ctx, zmq.DEALER), net, "weights", auth, server=False)
+    return _connect(sock, net.learner_host, net.weights_port)
 
 
 def send(sock: zmq.Socket, msg: Message, *route: bytes, flags: int = 0) -> None:
@@ -115,6 +152,9 @@ def recv(sock: zmq.Socket, expect: type[M] | tuple[type[Message], ...], *, route
     """Receive one message; returns (route frames, message). Raises ProtocolError on any bad payload,
     after the whole multipart message has been consumed, so the socket stays usable."""
     frames = sock.recv_multipart(flags=flags, copy=False)
+    allow = _ALLOW.get(sock)
+    if allow is not None:  # an authenticated link: the last frame surely came from the peer
+        _auth.check_peer(frames[-1], allow)
     route = [f.bytes for f in frames[:1]] if routed else []
     body = [f.buffer for f in frames[len(route):]]
     size = sum(len(b) for b in body)
@@ -124,6 +164,8 @@ def recv(sock: zmq.Socket, expect: type[M] | tuple[type[Message], ...], *, route
 
 
 def close(*socks: zmq.Socket | None) -> None:
+    """Close with linger 0, then stop the ZAP handler of a context whose server sockets are all closed."""
     for sock in socks:
         if sock is not None:
             sock.close(linger=0)
+    _auth.release()

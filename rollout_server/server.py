@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from protocol.auth import load_auth
 from protocol.config import Config
 from protocol.messages import (
     Heartbeat,
@@ -61,11 +62,16 @@ class RolloutServer:
         self.engine = build_engine(cfg)
         self.task: Any = None  # built from the tokenizer that arrives with the first weights
         self.ctx = zmq.Context()
-        self.push = group_sender(self.ctx, cfg.net)
-        self.sub = announce_subscriber(self.ctx, cfg.net)
-        self.dealer = weight_client(self.ctx, cfg.net)
+        auth = load_auth(cfg.net, "rollout", server_id)  # key: <net.keys_dir>/rollout/<server_id>.key_secret
+        self.push = group_sender(self.ctx, cfg.net, auth)
+        self.sub = announce_subscriber(self.ctx, cfg.net, auth)
+        self.dealer = weight_client(self.ctx, cfg.net, auth)
         self.latest = -1  # newest version announced by the learner
-        self.groups_sent = 0
+        self.floor = 0  # versions below it were discarded by a learner restart: never generate with them
+        self.learner_session: int | None = None  # a new one while we wait: our request died with the old learner
+        self.learner_restarted = False
+        self.session = int.from_bytes(os.urandom(8), "little") >> 1  # a fresh identity per process (63 bits)
+        self.groups_sent = 0  # also the next group's sequence number in this session
         self.state = "waiting_for_weights"
         self.last_beat = 0.0
         self.stopping = False
@@ -85,7 +91,11 @@ class RolloutServer:
                 continue
             if msg.final:
                 raise Stop
+            if msg.session != self.learner_session:
+                self.learner_restarted = self.learner_session is not None
+                self.learner_session = msg.session
             self.latest = max(self.latest, msg.version)
+            self.floor = max(self.floor, msg.floor)
         if self.stopping:
             raise Stop
 
@@ -94,7 +104,8 @@ class RolloutServer:
         if force or now - self.last_beat >= self.cfg.rollout.heartbeat_s:
             self.last_beat = now
             version = -1 if self.engine.version is None else self.engine.version
-            beat = Heartbeat(server_id=self.server_id, version=version, groups_sent=self.groups_sent, state=self.state)
+            beat = Heartbeat(server_id=self.server_id, version=version, groups_sent=self.groups_sent, state=self.state,
+                             session=self.session)
             self._send(beat)
 
     def _send(self, msg: Hello | Heartbeat | ScoredGroup) -> None:
@@ -112,12 +123,13 @@ class RolloutServer:
     def sync_weights(self) -> None:
         """Load the newest version; block only while our lag would make a group useless."""
         have = self.engine.version
-        must = have is None or self.cfg.too_stale(self.latest, have)
+        must = have is None or self.cfg.too_stale(self.latest, have) or have < self.floor
         if have is not None and not must and self.latest <= have:
             return
         self.state = "loading_weights" if not must else "waiting_for_weights"
         t0 = time.monotonic()
         self._request()
+        self.learner_restarted = False  # this request goes to the learner we know of now
         deadline = t0 + self.cfg.net.weights_timeout_s
         while True:
             self.heartbeat()
@@ -139,6 +151,12 @@ class RolloutServer:
                     log.warning("weights rejected (%s); requesting again", e)
                     self._request()
             self.poll_announcements()
+            if self.learner_restarted:  # the request went to a learner that is gone: ask the new one now
+                self.learner_restarted = False
+                log.info("the learner restarted (version %d, floor %d): requesting its weights", self.latest,
+                         self.floor)
+                self._request()
+                deadline = time.monotonic() + self.cfg.net.weights_timeout_s
             if time.monotonic() > deadline:
                 if not must:
                     break
@@ -193,7 +211,8 @@ class RolloutServer:
         for i, prompt in enumerate(prompts):
             ids, lps = samples.ids[i * n:(i + 1) * n], samples.logprobs[i * n:(i + 1) * n]
             group = ScoredGroup(
-                server_id=self.server_id, group_id=self.groups_sent, version=version, task=self.task.name,
+                server_id=self.server_id, session=self.session, group_id=self.groups_sent, version=version,
+                task=self.task.name,
                 gen_seconds=gen_s / len(prompts), prompt_ids=prompt.ids,
                 completion_ids=np.concatenate(ids), completion_lens=np.array([len(c) for c in ids], np.int32),
                 logprobs=np.concatenate(lps), rewards=scores.rewards[i * n:(i + 1) * n])
@@ -237,8 +256,8 @@ class RolloutServer:
         self.state = "generating"
 
     def run(self) -> None:
-        self._send(Hello(server_id=self.server_id, host=socket.gethostname(), pid=os.getpid(),
-                         engine=self.cfg.rollout.engine.type))
+        self._send(Hello(server_id=self.server_id, host=socket.gethostname()[:255], pid=os.getpid(),
+                         engine=self.cfg.rollout.engine.type, session=self.session))
         try:
             while True:
                 self.poll_announcements()

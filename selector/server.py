@@ -10,6 +10,12 @@ version. Kept groups wait in a bounded FIFO; when it is full the selector stops 
 back-pressures the rollout servers instead of buffering without bound. The learner asks for each
 batch (ROUTER), so a batch is always built for the exact version it will train. One plain loop
 with a ``zmq.Poller``; malformed messages are rejected, counted and logged, never fatal.
+
+Trust (docs/RELIABILITY.md): the learner's announcements alone move the selector's version; groups
+are read only once one has arrived, a batch request for a version not yet announced waits for it, and
+every group passes ``selector/bounds.py`` (the run's bounds and the group's identity: nothing is trained
+twice). Rejections are counted per reason and logged at most once per reason every 10 s. The peer
+table is bounded (``selector.max_peers``; dead peers are forgotten).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
+from protocol.auth import load_auth
 from protocol.config import Config
 from protocol.messages import (
     BatchRequest,
@@ -34,9 +41,10 @@ from protocol.messages import (
     TrainBatch,
     WeightsAnnouncement,
 )
-from protocol.metrics import Monitor
+from protocol.metrics import Monitor, RateLimitedLog
 from protocol.sockets import MIB, announce_subscriber, batch_server, close, group_receiver, recv, send
 from selector.batch import KeptGroup, build_batch, keep_groups
+from selector.bounds import Bounds, Identities
 
 log = logging.getLogger("podsrl.selector")
 
@@ -58,13 +66,18 @@ class Selector:
     ctx: zmq.Context = field(default_factory=zmq.Context)
 
     def __post_init__(self) -> None:
-        self.groups = group_receiver(self.ctx, self.cfg.net)
-        self.batches = batch_server(self.ctx, self.cfg.net)
-        self.sub = announce_subscriber(self.ctx, self.cfg.net)
+        auth = load_auth(self.cfg.net, "selector")  # None on loopback unless net.auth=on (warned once)
+        self.groups = group_receiver(self.ctx, self.cfg.net, auth)
+        self.batches = batch_server(self.ctx, self.cfg.net, auth)
+        self.sub = announce_subscriber(self.ctx, self.cfg.net, auth)
         self.buffer: deque[KeptGroup] = deque()
         self.pending: tuple[list[bytes], BatchRequest] | None = None
         self.scanned_version: int | None = None  # request version the buffer was last gated for in try_serve
-        self.version = 0  # newest learner version seen (announcements and requests)
+        self.bounds = Bounds(self.cfg)  # the newest announced version, its floor and the vocabulary size
+        self.heard_learner = False  # groups are read only once the learner's version is known
+        # a new process may take a server id over once the old one has missed about three heartbeats
+        self.identities = Identities(takeover_s=3 * self.cfg.rollout.heartbeat_s)
+        self.warn = RateLimitedLog(log)
         self.peers: dict[str, Peer] = {}
         self.counts: Counter[str] = Counter()  # since the last batch; reset when a batch is sent
         self.totals: Counter[str] = Counter()  # since start
@@ -73,9 +86,18 @@ class Selector:
         self.stopping = False
         self.batches_sent = 0
 
+    @property
+    def version(self) -> int:
+        """The newest version the learner has announced."""
+        return self.bounds.version
+
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] += n
         self.totals[key] += n
+
+    def reject(self, link: str, e: ProtocolError) -> None:
+        self.count(f"rejected/{e.reason}")
+        self.warn(e.reason, "rejected a message on the %s link: %s", link, e)
 
     # -- handlers ------------------------------------------------------------------------------
     def receive_group_message(self) -> Hello | Heartbeat | ScoredGroup | None:
@@ -84,10 +106,9 @@ class Selector:
         msg: Hello | Heartbeat | ScoredGroup
         try:
             _, msg = recv(self.groups, (Hello, Heartbeat, ScoredGroup), max_bytes=self.cfg.net.max_group_mib * MIB)
+            self.admit(msg)
         except ProtocolError as e:
-            self.count(f"rejected/{e.reason}")
-            log.warning("rejected a message on the groups link (%s); %d rejected so far",
-                        e, sum(v for k, v in self.totals.items() if k.startswith("rejected/")))
+            self.reject("groups", e)
             return None
         peer = self.peers.get(msg.server_id)
         if peer is None:
@@ -102,6 +123,33 @@ class Selector:
         elif isinstance(msg, ScoredGroup):
             peer.version, peer.groups = msg.version, peer.groups + 1
         return msg
+
+    def admit(self, msg: Hello | Heartbeat | ScoredGroup) -> None:
+        """Raise ProtocolError unless ``msg`` may enter: a known or admissible peer, a new group
+        (not a replay) within the run's bounds."""
+        now = time.monotonic()
+        if msg.server_id not in self.peers and len(self.peers) >= self.cfg.selector.max_peers:
+            self.forget_dead(now, grace_s=0.0)
+            if len(self.peers) >= self.cfg.selector.max_peers:
+                raise ProtocolError("too_many_peers", f"{msg.server_id!r} would be peer {len(self.peers) + 1} > "
+                                    f"selector.max_peers={self.cfg.selector.max_peers}")
+        if not isinstance(msg, ScoredGroup):
+            self.identities.admit(msg.server_id, msg.session, now)
+            return
+        gaps = self.identities.gaps
+        self.identities.check_group(msg, now)
+        if self.identities.gaps > gaps:
+            self.count("identity/gaps", self.identities.gaps - gaps)
+        if msg.version > self.bounds.version:  # the announcement may be waiting on the other socket
+            self.drain_announcements()
+        self.bounds.check(msg)
+
+    def forget_dead(self, now: float, grace_s: float) -> None:
+        """Drop peers dead for ``grace_s`` beyond the timeout: the tables stay bounded."""
+        limit = self.cfg.selector.peer_timeout_s + grace_s
+        for sid in [sid for sid, p in self.peers.items() if p.dead and now - p.last_seen > limit]:
+            del self.peers[sid]
+            self.identities.forget(sid)
 
     def drop_stale(self, server_id: str) -> None:
         """Never train on s > K (DESIGN.md): drop and count, per rollout server too."""
@@ -140,19 +188,37 @@ class Selector:
         try:
             route, req = recv(self.batches, BatchRequest, routed=True)
         except ProtocolError as e:
-            self.count(f"rejected/{e.reason}")
-            log.warning("rejected a message on the batches link (%s)", e)
+            self.reject("batches", e)
             return
-        self.version = max(self.version, req.version)
+        # A request never moves the version: one for a version not yet announced waits for the
+        # announcement (try_serve), so a forged request cannot age every group out of the buffer.
         self.pending = (route, req)  # a re-sent request replaces the one it repeats
+        if req.version > self.bounds.version:
+            self.drain_announcements()
+
+    def drain_announcements(self) -> None:
+        while self.sub.poll(0):
+            self.on_announcement()
 
     def on_announcement(self) -> None:
         try:
             _, msg = recv(self.sub, WeightsAnnouncement)
         except ProtocolError as e:
-            self.count(f"rejected/{e.reason}")
+            self.reject("announce", e)
             return
-        self.version = max(self.version, msg.version)
+        if not self.heard_learner:
+            log.info("learner at version %d (floor %d, vocabulary %d): reading groups", msg.version, msg.floor,
+                     msg.vocab_size)
+        self.heard_learner = True
+        b = self.bounds
+        b.version, b.vocab_size = max(b.version, msg.version), msg.vocab_size or b.vocab_size
+        if msg.floor > b.floor:  # a restarted learner discarded the versions in [old floor, msg.floor)
+            b.floor = msg.floor
+            before = len(self.buffer)
+            self.buffer = deque(g for g in self.buffer if g.version >= b.floor)
+            self.count("restart/discarded_groups", before - len(self.buffer))
+            log.warning("the learner restarted: versions below %d are discarded; %d buffered groups dropped",
+                        b.floor, before - len(self.buffer))
         if msg.final:
             self.stopping = True
 
@@ -160,6 +226,8 @@ class Selector:
         if self.pending is None:
             return
         route, req = self.pending
+        if req.version > self.bounds.version:  # not announced yet: wait for the announcement
+            return
         # Re-gate the buffer only for a new request version: a group admitted since the last scan
         # passed the arrival gate with self.version >= req.version, so it is fresh enough for req.
         if req.version != self.scanned_version:
@@ -205,6 +273,7 @@ class Selector:
                 self.count(f"peers/dead/{sid}")
                 log.warning("rollout server %s silent for %.0fs: marked dead (its groups so far are kept)",
                             sid, now - peer.last_seen)
+        self.forget_dead(now, grace_s=9 * self.cfg.selector.peer_timeout_s)
 
     # -- loop ----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -217,7 +286,8 @@ class Selector:
         last_check = time.monotonic()
         try:
             while not self.stopping:
-                want = len(self.buffer) < self.cfg.selector.buffer_groups  # full buffer: back-pressure
+                # full buffer: back-pressure; and nothing is read before the learner's version is known
+                want = self.heard_learner and len(self.buffer) < self.cfg.selector.buffer_groups
                 if want != reading:
                     (poller.register if want else poller.unregister)(self.groups, *([zmq.POLLIN] if want else []))
                     reading = want
@@ -225,6 +295,8 @@ class Selector:
                         for peer in self.peers.values():
                             peer.last_seen = max(peer.last_seen, time.monotonic())
                 events = dict(poller.poll(200))
+                if self.sub in events:  # first: a group or request may carry the version just announced
+                    self.drain_announcements()
                 if self.groups in events:
                     # Drain a burst before serving, without starving the other links; decode it all,
                     # then gate and down-sample it in one go. ``room`` counts the groups that will pass
@@ -241,8 +313,6 @@ class Selector:
                             break
                     if burst:
                         self.on_groups(burst)
-                if self.sub in events:
-                    self.on_announcement()
                 if self.batches in events:
                     self.on_request()
                 self.try_serve()

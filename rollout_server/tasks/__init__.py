@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,7 @@ class Prompt:
 
 
 def task_name(cfg: TaskConfig) -> str:
-    return cfg.type if cfg.type in BUILTIN_TASKS else Path(cfg.dataset).stem[:64]
+    return cfg.name
 
 
 class Task:

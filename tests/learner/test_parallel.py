@@ -80,14 +80,14 @@ def _worker(rank: int, port: int, model_dir: Path, tmp: Path) -> None:
     saved_opt = full_optimizer_state(fsdp, opt)
     save_checkpoint(cfg, fsdp, opt, STEPS, rank, state)
     resumed_cfg, resumed, resumed_opt = build("fsdp", "learner.strategy=fsdp")
-    out["resumed_version"] = load_latest(resumed_cfg, resumed, resumed_opt, rank)
+    out["resumed_version"] = load_latest(resumed_cfg, resumed, resumed_opt, rank).version
     out["resumed"] = {k: v.clone() for k, v in full_model_state(resumed).items()}
     resumed_opt_state = full_optimizer_state(resumed, resumed_opt)
     if rank == 0:
         out["opt_equal"] = all(torch.equal(saved_opt["state"][k][s], resumed_opt_state["state"][k][s])
                                for k in saved_opt["state"] for s in saved_opt["state"][k])
     ddp_cfg, ddp, ddp_opt = build("fsdp")  # the same checkpoint loaded by DDP ranks
-    out["ddp_version"] = load_latest(ddp_cfg, ddp, ddp_opt, rank)
+    out["ddp_version"] = load_latest(ddp_cfg, ddp, ddp_opt, rank).version
     out["ddp_resumed"] = {k: v.clone() for k, v in full_model_state(ddp).items()}  # DDP on CPU: aliases
     # The loss after one more step depends on the restored AdamW moments, not only on the weights.
     out["next"] = [[step(*run, v)["loss"] for v in (STEPS, STEPS + 1)][-1]

@@ -118,3 +118,34 @@ def test_bfloat16_computes_in_bf16_and_publishes_bf16(tiny):
     assert m16["loss/pg_loss"] != m32["loss/pg_loss"]  # the forward really ran in bf16
     state = cast(load_model(tiny, CPU).state_dict(), "bfloat16")
     assert {t.dtype for t in state.values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("loss", ["grpo_is", "decoupled_ppo", "tis", "m2po", "rec_oneside"])
+def test_an_absurd_behaviour_logprob_cannot_poison_the_weights(tiny, loss):
+    """A row whose behaviour log-prob is -1000 (issue 7): the ratio is clamped, the step stays finite."""
+    data = ragged_rows(6, vocab=17, seed=3)
+    data["behav"][0] = torch.full_like(data["behav"][0], -1000.0)
+    data["advantages"][0] = -1.0  # a negative advantage is the unbounded side of PPO-clip
+    cfg = config(tiny, f"learner.loss.type={loss}", "learner.grad_clip=1.0")
+    model = load_model(tiny, CPU)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr)
+    metrics = train_step(model, opt, data, cfg, 1, CPU, 0)
+    assert metrics["train/skipped_nonfinite"] == 0.0, "the clamped ratio keeps the step itself finite"
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted(tiny):
+    cfg = config(tiny)
+    model = load_model(tiny, CPU)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr)
+    data = ragged_rows(4, vocab=17, seed=4)
+    data["advantages"][1] = float("inf")  # what a broken batch statistic would hand the loss
+    metrics = train_step(model, opt, data, cfg, 1, CPU, 0)
+    assert metrics["train/skipped_nonfinite"] == 1.0
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "a skipped step changed weights"
+    metrics = train_step(model, opt, ragged_rows(4, vocab=17, seed=5), cfg, 1, CPU, 1)
+    assert metrics["train/skipped_nonfinite"] == 0.0
+    assert not all(torch.equal(p, before[n]) for n, p in model.named_parameters())

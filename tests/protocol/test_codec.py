@@ -56,7 +56,7 @@ def make_scored_group() -> ScoredGroup:
     ids = np.array([5, 9, 7, 3, 5, 9, 8, 3, 4, 3, 5, 9, 3], np.int32)
     logprobs = -np.linspace(0.01, 2.5, ids.shape[0], dtype=np.float32)
     return ScoredGroup(
-        server_id="box-7/0", group_id=9001, version=12, task="copy", gen_seconds=0.0375,
+        server_id="box-7/0", session=77, group_id=9001, version=12, task="copy", gen_seconds=0.0375,
         prompt_ids=np.array([1, 5, 9, 7, 2], np.int32), completion_ids=ids, completion_lens=lens,
         logprobs=logprobs, rewards=np.array([1.0, 2 / 3, 0.0, 1.0], np.float32),
     )
@@ -620,6 +620,7 @@ def test_fuzz_mutated_scored_group(frames: list[bytes]) -> None:
 # straightforward implementation decode replaced), float scans, lazy details, how instances are made.
 # --------------------------------------------------------------------------------------------------
 
+import re  # noqa: E402
 import warnings  # noqa: E402
 
 
@@ -675,7 +676,10 @@ def _reference_decode(frames: list, expect: Any = None) -> Message:
         values[name] = arr
     msg = cls(**values)
     if isinstance(msg, ScoredGroup):
-        ok = (msg.version >= 0 and msg.prompt_ids.shape[0] > 0 and msg.completion_lens.shape[0] == msg.n
+        ok = (0 <= msg.version <= 2**53 and msg.prompt_ids.shape[0] > 0
+              and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.:@/-]{0,63}", msg.server_id) is not None
+              and len(msg.task) <= 255 and all(" " <= c <= "~" for c in msg.task)
+              and 0 <= msg.session < 2**63 and 0 <= msg.group_id < 2**63 and msg.gen_seconds >= 0 and msg.completion_lens.shape[0] == msg.n
               and msg.n > 0 and bool((msg.completion_lens >= 0).all())
               and int(msg.completion_lens.sum()) == msg.completion_ids.shape[0]
               and msg.logprobs.shape == msg.completion_ids.shape and bool((msg.logprobs <= 1e-4).all()))
@@ -766,7 +770,7 @@ def test_invariant_details_are_formatted_on_failure() -> None:
     err = rejected(_scored(completion_lens=np.array([4, 4, 2, 4], I32)), "invariant")
     assert err.detail == "completion_ids: lengths sum 14 != 13 items"
     err = rejected(_scored(version=-1), "invariant")
-    assert err.detail == "version must be >= 0, got -1"
+    assert err.detail == "version -1 outside 0..2**53"
     err = rejected(_batch(rewards=np.zeros(2, F32)), "invariant")
     assert err.detail == "rewards has 2 rows, expected 3"
     err = rejected(_weights(tensors=[["a", "float32", [17], 0]]), "invariant")

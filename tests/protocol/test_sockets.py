@@ -74,7 +74,7 @@ def wait_readable(sock: zmq.Socket) -> None:
 def scored_group(group_id: int = 1, n: int = 4, length: int = 3) -> ScoredGroup:
     ids = np.arange(n * length, dtype=np.int32) % 12 + 4
     return ScoredGroup(
-        server_id="box-7/0", group_id=group_id, version=3, task="copy", gen_seconds=0.5,
+        server_id="box-7/0", session=77, group_id=group_id, version=3, task="copy", gen_seconds=0.5,
         prompt_ids=np.array([1, 5, 6, 7, 2], np.int32), completion_ids=ids,
         completion_lens=np.full(n, length, np.int32), logprobs=-np.linspace(0.1, 1.0, n * length, dtype=np.float32),
         rewards=np.linspace(0, 1, n, dtype=np.float32))

@@ -525,7 +525,7 @@ def _group(rewards, gid: int, server: str = "s-0", version: int = 0) -> ScoredGr
     n = len(rewards)
     lens = gen.integers(0, 6, n).astype(np.int32)
     total = int(lens.sum())
-    return ScoredGroup(server_id=server, group_id=gid, version=version, task="copy", gen_seconds=0.0,
+    return ScoredGroup(server_id=server, session=1, group_id=gid, version=version, task="copy", gen_seconds=0.0,
                        prompt_ids=np.arange(1, 2 + gid % 5, dtype=np.int32),
                        completion_ids=gen.integers(4, 99, total, dtype=np.int32), completion_lens=lens,
                        logprobs=-gen.random(total, dtype=np.float32), rewards=np.asarray(rewards, np.float32))
@@ -666,7 +666,7 @@ def test_selector_on_groups_matches_one_group_at_a_time(selector_factory, zv: st
     gen = np.random.default_rng(1)
     burst = [_group(gen.choice([0.0, 1.0], 8) if i % 4 else np.full(8, 0.5), i, f"s-{i % 2}", version=i % 4)
              for i in range(40)]
-    sel.version = 3  # groups of version 0 and 1 are stale (K = 1)
+    sel.bounds.version = 3  # groups of version 0 and 1 are stale (K = 1)
     ref_counts, ref_totals, ref_buffer = sel.counts.copy(), sel.totals.copy(), list(sel.buffer)
     state = sel.rng.bit_generator.state
     for group in burst:
@@ -687,14 +687,14 @@ def test_selector_regates_the_buffer_once_per_request_version(selector_factory) 
     sel = selector_factory()
     sel.on_groups([_group([0.0, 1.0] * 4, i, version=i % 3) for i in range(6)])  # versions 0, 1, 2; self.version 0
     assert len(sel.buffer) == 6
-    sel.version = 2
+    sel.bounds.version = 2
     sel.pending = ([b"learner"], BatchRequest(request_id=1, version=2, num_groups=100))
     sel.try_serve()  # version-0 groups are stale for version 2: dropped and counted once
     assert len(sel.buffer) == 4 and sel.counts["staleness/dropped"] == 2 and sel.scanned_version == 2
     sel.on_groups([_group([0.0, 1.0] * 4, 10, version=1)])  # passes the arrival gate, so fresh for version 2
     sel.try_serve()
     assert len(sel.buffer) == 5 and sel.counts["staleness/dropped"] == 2
-    sel.version = 3
+    sel.bounds.version = 3
     sel.pending = ([b"learner"], BatchRequest(request_id=2, version=3, num_groups=100))
     sel.try_serve()  # a new version: re-gated
     assert len(sel.buffer) == 2 and sel.counts["staleness/dropped"] == 5 and sel.scanned_version == 3

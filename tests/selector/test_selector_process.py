@@ -10,9 +10,9 @@ import zmq
 
 from protocol.codec import encode
 from protocol.config import load_config
-from protocol.messages import BatchRequest, Heartbeat, Hello, ScoredGroup, TrainBatch
+from protocol.messages import BatchRequest, Heartbeat, Hello, ScoredGroup, TrainBatch, WeightsAnnouncement
 from protocol.metrics import read_metrics
-from protocol.sockets import MIB, batch_client, close, group_sender, recv, send
+from protocol.sockets import MIB, announce_publisher, batch_client, close, group_sender, recv, send
 
 TIMEOUT_MS = 20_000
 
@@ -20,10 +20,25 @@ TIMEOUT_MS = 20_000
 def group(version: int, rewards: list[float], server: str = "t-0", gid: int = 0) -> ScoredGroup:
     n = len(rewards)
     lens = np.full(n, 4, np.int32)
-    return ScoredGroup(server_id=server, group_id=gid, version=version, task="copy", gen_seconds=0.01,
+    return ScoredGroup(server_id=server, session=1, group_id=gid, version=version, task="copy", gen_seconds=0.01,
                        prompt_ids=np.array([1, 5, 6, 2], np.int32), completion_ids=np.arange(4 * n, dtype=np.int32),
                        completion_lens=lens, logprobs=np.full(4 * n, -0.5, np.float32),
                        rewards=np.array(rewards, np.float32))
+
+
+def announce(pub: zmq.Socket, version: int, floor: int = 0, vocab: int = 64) -> None:
+    send(pub, WeightsAnnouncement(version=version, nbytes=0, crc32=0, final=False, floor=floor, vocab_size=vocab,
+                                  session=5))
+
+
+def reply(dealer: zmq.Socket, pub: zmq.Socket, version: int, floor: int = 0) -> TrainBatch:
+    """The next batch, announcing ``version`` meanwhile as the learner does (a PUB drops what it sends
+    before the selector's SUB has connected, so the announcement is repeated)."""
+    for _ in range(TIMEOUT_MS // 100):
+        announce(pub, version, floor)
+        if dealer.poll(100):
+            return recv(dealer, TrainBatch)[1]
+    raise AssertionError("selector stopped serving")
 
 
 def test_selector_rejects_bad_input_counts_it_and_keeps_serving(spawn, run_dir, net_overrides):
@@ -32,9 +47,9 @@ def test_selector_rejects_bad_input_counts_it_and_keeps_serving(spawn, run_dir, 
     cfg = load_config(None, overrides)
     proc = spawn("selector.server", *overrides, log=run_dir.parent / "selector.log")
     ctx = zmq.Context()
-    push, dealer = group_sender(ctx, cfg.net), batch_client(ctx, cfg.net)
+    push, dealer, pub = group_sender(ctx, cfg.net), batch_client(ctx, cfg.net), announce_publisher(ctx, cfg.net)
     try:
-        send(push, Hello(server_id="t-0", host="test", pid=1, engine="torch"))
+        send(push, Hello(server_id="t-0", host="test", pid=1, engine="torch", session=1))
         push.send_multipart([b"\xc1not msgpack"])  # malformed
         header = msgpack.packb({"t": "scored_group", "v": 999, "f": {}, "a": []})
         push.send_multipart([header])  # wrong protocol version
@@ -46,15 +61,14 @@ def test_selector_rejects_bad_input_counts_it_and_keeps_serving(spawn, run_dir, 
         big_frames = encode(big)
         big_frames[2] = np.zeros(2 * MIB // 4 + 8 * 4, np.int32).tobytes()  # oversized (2 MiB > 1 MiB limit)
         push.send_multipart(big_frames)
-        send(push, Heartbeat(server_id="t-0", version=0, groups_sent=0, state="generating"))
+        send(push, Heartbeat(server_id="t-0", version=0, groups_sent=0, state="generating", session=1))
         send(push, group(0, [1, 0, 0, 0, 1, 0, 0, 1], gid=1))  # valid, version 0
         send(push, group(0, [0.5] * 8, gid=2))  # zero variance: kept with zero advantage (default rule)
         send(push, group(0, [1, 1, 0, 0, 0.5, 0.5, 1, 0], gid=3))
 
         # Version 0: the first two fresh groups make the batch (FIFO).
         send(dealer, BatchRequest(request_id=1, version=0, num_groups=2))
-        assert dealer.poll(TIMEOUT_MS), "selector stopped serving after bad input"
-        _, batch = recv(dealer, TrainBatch)
+        batch = reply(dealer, pub, 0)
         assert batch.request_id == 1 and batch.size == 8 and batch.servers == ["t-0"]
         assert batch.stats["rejected/malformed"] == 1
         assert batch.stats["rejected/version"] == 1
@@ -69,19 +83,75 @@ def test_selector_rejects_bad_input_counts_it_and_keeps_serving(spawn, run_dir, 
         # Version 2 with K=1: the leftover version-0 group is too stale, dropped and counted; the
         # request waits until fresh groups arrive.
         send(dealer, BatchRequest(request_id=2, version=2, num_groups=2))
+        announce(pub, 2)
         assert not dealer.poll(300)
         send(push, group(1, [1, 0, 1, 0, 1, 0, 1, 0], gid=4))
         send(push, group(2, [1, 0, 1, 0, 1, 0, 1, 0], gid=5))
-        assert dealer.poll(TIMEOUT_MS)
-        _, batch = recv(dealer, TrainBatch)
+        batch = reply(dealer, pub, 2)
         assert batch.request_id == 2
         assert set((batch.version - batch.versions).tolist()) <= {0, 1}
         assert batch.stats["staleness/dropped"] == 1 and batch.stats["staleness/dropped/t-0"] == 1
         assert proc.poll() is None
     finally:
-        close(push, dealer)
+        close(push, dealer, pub)
         ctx.term()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     totals = read_metrics(run_dir / "metrics" / "selector.jsonl")[-1]
     assert totals["total/rejected/malformed"] == 1 and totals["total/groups/received"] == 5
+
+
+def test_hostile_but_well_formed_input_is_rejected_counted_and_never_batched(spawn, run_dir, net_overrides):
+    """Issue 7's attacks on a real selector process: each is rejected with its reason, the log stays
+    short, and the honest groups sent around them make the batch."""
+    overrides = [f"run.dir={run_dir}", "max_staleness=2", "rollout.group_size=8", "selector.keep=4",
+                 "learner.groups_per_step=2", "selector.max_peers=4", "rollout.max_new_tokens=4", *net_overrides]
+    cfg = load_config(None, overrides)
+    log_path = run_dir.parent / "selector.log"
+    proc = spawn("selector.server", *overrides, log=log_path)
+    ctx = zmq.Context()
+    push, dealer, pub = group_sender(ctx, cfg.net), batch_client(ctx, cfg.net), announce_publisher(ctx, cfg.net)
+    rewards = [1, 0, 0, 0, 1, 0, 0, 1]
+    try:
+        # A forged request from the future must not move the selector's version.
+        send(dealer, BatchRequest(request_id=99, version=2**40, num_groups=2))
+        send(dealer, BatchRequest(request_id=1, version=3, num_groups=2))  # the real learner's, replaces it
+        honest = group(3, rewards, gid=0)
+        send(push, honest)
+        hostile = [
+            group(3, rewards, gid=0),  # replay of the honest group
+            group(50, rewards, gid=1),  # future version
+            group(2**50, rewards, gid=2),
+            group(0, rewards, gid=3),  # below the floor of 1
+            ScoredGroup(**{**vars(group(3, rewards, gid=4)), "logprobs": np.full(32, -1000.0, np.float32)}),
+            ScoredGroup(**{**vars(group(3, rewards, gid=5)), "rewards": np.array([1e30] + [0.0] * 7, np.float32)}),
+            ScoredGroup(**{**vars(group(3, rewards, gid=6)), "completion_ids": np.full(32, 10**6, np.int32)}),
+            ScoredGroup(**{**vars(group(3, rewards, gid=7)), "task": "reverse"}),
+            group(3, [1.0], gid=8),  # n = 1
+            ScoredGroup(**{**vars(group(3, rewards, gid=9)), "session": 2}),  # a second process as t-0
+        ]
+        for msg in hostile:
+            send(push, msg)
+        for i in range(10):  # a flood of new identities: only max_peers are tracked
+            send(push, Heartbeat(server_id=f"flood-{i}", version=0, groups_sent=0, state="generating", session=i))
+        for _ in range(200):
+            push.send_multipart([b"\xc1not msgpack"])
+        send(push, group(3, rewards, gid=10))
+        batch = reply(dealer, pub, 3, floor=1)
+        assert batch.request_id == 1 and batch.version == 3 and batch.size == 8
+        assert set(batch.versions.tolist()) == {3} and batch.group_index.max() == 1
+        stats = batch.stats
+        assert stats["rejected/duplicate"] == 1 and stats["rejected/server_id_in_use"] == 1
+        assert stats["rejected/version_future"] == 2 and stats["rejected/version_discarded"] == 1
+        assert stats["rejected/logprob"] == 1 and stats["rejected/reward"] == 1 and stats["rejected/token_id"] == 1
+        assert stats["rejected/task"] == 1 and stats["rejected/group_size"] == 1
+        assert stats["rejected/too_many_peers"] == 7 and stats["rejected/malformed"] == 200
+        assert stats["identity/gaps"] == 1  # t-0 sent no id 9 (the second process did, and was refused)
+        assert proc.poll() is None
+    finally:
+        close(push, dealer, pub)
+        ctx.term()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    warnings = [line for line in log_path.read_text().splitlines() if "WARNING" in line and "rejected" in line]
+    assert len(warnings) <= 12, "rejections must be logged at most once per reason per interval"

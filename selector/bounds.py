@@ -1,0 +1,115 @@
+"""The run's bounds on a decoded group, and the identity of every group: checked where groups arrive.
+
+The codec proves a message is well formed (:meth:`ScoredGroup.check`: types, shapes, finite numbers,
+a printable server id). A well-formed group can still be hostile or absurd for *this* run; ``Bounds``
+rejects, with a reason that becomes the counter ``rejected/<reason>``:
+
+- ``version_future``: a version the learner has not announced (it would train with negative staleness);
+  ``version_discarded``: a version below the announced floor (weights a restarted learner discarded).
+- ``token_id``: a prompt or completion token id outside ``0..vocab_size-1`` (once the learner has
+  announced the vocabulary size; the learner checks again before training).
+- ``length``: a prompt over ``task.max_prompt_tokens`` or a completion over ``max_new_tokens``;
+  ``group_size``: n other than ``rollout.group_size``.
+- ``logprob``: a behaviour log-prob below ``selector.min_logprob``; ``reward``: one outside
+  ``+-selector.max_abs_reward``; ``task``: a task other than this run's.
+
+``Identities`` gives every group a name, ``(server_id, session, seq)``: a session is one rollout
+server process (a random 63-bit nonce), ``seq`` counts its groups. Over one connection groups arrive
+in order, so a group at or below the last seq seen is a ``duplicate`` (dropped: nothing is trained
+twice) and a jump counts ``identity/gaps``. A second live process with the same server id is refused
+(``server_id_in_use``) until the first has been silent for ``takeover_s`` (three heartbeats): a
+restarted server takes its id back as soon as it speaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protocol.config import Config
+from protocol.messages import ProtocolError, ScoredGroup
+
+
+@dataclass
+class Bounds:
+    cfg: Config
+    version: int = 0  # newest version the learner announced
+    floor: int = 0  # no row below this version is trained (a learner restart discarded those weights)
+    vocab_size: int = 0  # 0 until the learner announces it
+
+    def check(self, g: ScoredGroup) -> None:
+        """Raise ProtocolError(reason) if ``g`` breaks this run's bounds."""
+        if g.version > self.version:
+            raise ProtocolError("version_future", f"group of version {g.version} from {g.server_id}, but the "
+                                f"learner has announced only up to {self.version}")
+        if g.version < self.floor:
+            raise ProtocolError("version_discarded", f"group of version {g.version} from {g.server_id}: the learner "
+                                f"restarted and discarded versions below {self.floor}")
+        if g.task != self.cfg.task.name:
+            raise ProtocolError("task", f"group of task {g.task[:64]!r} from {g.server_id}, this run trains "
+                                f"{self.cfg.task.name!r}")
+        if g.n != self.cfg.rollout.group_size:
+            raise ProtocolError("group_size", f"group of {g.n} completions from {g.server_id}, rollout.group_size is "
+                                f"{self.cfg.rollout.group_size}")
+        if g.prompt_ids.shape[0] > self.cfg.task.max_prompt_tokens:
+            raise ProtocolError("length", f"prompt of {g.prompt_ids.shape[0]} tokens from {g.server_id} > "
+                                f"task.max_prompt_tokens={self.cfg.task.max_prompt_tokens}")
+        longest = int(g.completion_lens.max())
+        if longest > self.cfg.max_new_tokens:
+            raise ProtocolError("length", f"completion of {longest} tokens from {g.server_id} > max_new_tokens="
+                                f"{self.cfg.max_new_tokens}")
+        if self.vocab_size:
+            low = min(int(g.prompt_ids.min()), int(g.completion_ids.min()) if g.completion_ids.size else 0)
+            high = max(int(g.prompt_ids.max()), int(g.completion_ids.max()) if g.completion_ids.size else 0)
+            if low < 0 or high >= self.vocab_size:
+                raise ProtocolError("token_id", f"token id {low if low < 0 else high} from {g.server_id} outside the "
+                                    f"vocabulary 0..{self.vocab_size - 1}")
+        if g.logprobs.size and float(g.logprobs.min()) < self.cfg.selector.min_logprob:
+            raise ProtocolError("logprob", f"behaviour log-prob {float(g.logprobs.min()):.4g} from {g.server_id} < "
+                                f"selector.min_logprob={self.cfg.selector.min_logprob}")
+        cap = self.cfg.selector.max_abs_reward
+        if float(np.abs(g.rewards).max()) > cap:
+            raise ProtocolError("reward", f"reward {float(np.abs(g.rewards).max()):.4g} from {g.server_id} outside "
+                                f"+-selector.max_abs_reward={cap:g}")
+
+
+@dataclass
+class Session:
+    session: int
+    last_seq: int = -1
+    last_seen: float = 0.0
+
+
+@dataclass
+class Identities:
+    """The newest session of each server id, and the last sequence number seen in it."""
+
+    takeover_s: float  # a new session may replace a server id's session silent this long
+    sessions: dict[str, Session] = field(default_factory=dict)
+    gaps: int = 0
+
+    def admit(self, server_id: str, session: int, now: float) -> Session:
+        """The session a message of ``(server_id, session)`` belongs to; raise if another live process
+        holds the server id."""
+        known = self.sessions.get(server_id)
+        if known is None or (known.session != session and now - known.last_seen >= self.takeover_s):
+            known = self.sessions[server_id] = Session(session, last_seen=now)
+        elif known.session != session:
+            raise ProtocolError("server_id_in_use", f"a second process uses server id {server_id!r} while the first "
+                                f"is alive: give each rollout server its own --server-id")
+        known.last_seen = now
+        return known
+
+    def check_group(self, g: ScoredGroup, now: float) -> None:
+        """Raise ``duplicate`` for a group already seen; count a gap in the sequence."""
+        s = self.admit(g.server_id, g.session, now)
+        if g.group_id <= s.last_seq:
+            raise ProtocolError("duplicate", f"group {g.group_id} of {g.server_id} (session {g.session:x}) was "
+                                f"received before")
+        if g.group_id > s.last_seq + 1:
+            self.gaps += g.group_id - s.last_seq - 1
+        s.last_seq = g.group_id
+
+    def forget(self, server_id: str) -> None:
+        self.sessions.pop(server_id, None)

@@ -1,0 +1,124 @@
+"""Well-formed but hostile groups: every run bound rejects with its reason; identities stop replays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.config import load_config
+from protocol.messages import ProtocolError, ScoredGroup
+from selector.bounds import Bounds, Identities
+
+CFG = load_config(None, ["rollout.group_size=4", "task.max_prompt_tokens=8", "rollout.max_new_tokens=5"])
+VOCAB = 17
+TRIED: dict[str, int] = {"valid": 0, "rejected": 0}  # reported by the last test: how many inputs hypothesis tried
+
+
+def group(**kw) -> ScoredGroup:
+    fields = dict(server_id="s-0", session=1, group_id=0, version=3, task="copy", gen_seconds=0.1,
+                  prompt_ids=np.array([1, 5, 6, 2], np.int32), completion_ids=np.arange(4, 16, dtype=np.int32),
+                  completion_lens=np.array([3, 3, 3, 3], np.int32), logprobs=np.full(12, -0.5, np.float32),
+                  rewards=np.array([0, 1, 0, 1], np.float32))
+    fields.update(kw)
+    return ScoredGroup(**fields)
+
+
+def bounds() -> Bounds:
+    return Bounds(CFG, version=5, floor=2, vocab_size=VOCAB)
+
+
+def test_a_group_within_every_bound_passes():
+    bounds().check(group())
+    bounds().check(group(version=2))  # the floor itself is trainable
+    bounds().check(group(version=5, logprobs=np.full(12, -99.0, np.float32), rewards=np.full(4, -1e4, np.float32)))
+
+
+@pytest.mark.parametrize(("reason", "bad"), [
+    ("version_future", group(version=6)),
+    ("version_future", group(version=2**40)),
+    ("version_discarded", group(version=1)),
+    ("task", group(task="reverse")),
+    ("group_size", group(completion_lens=np.array([6, 6], np.int32), rewards=np.zeros(2, np.float32))),
+    ("group_size", group(completion_lens=np.full(8, 1, np.int32), completion_ids=np.arange(8, dtype=np.int32),
+                         logprobs=np.zeros(8, np.float32), rewards=np.zeros(8, np.float32))),
+    ("length", group(prompt_ids=np.ones(9, np.int32))),
+    ("length", group(completion_lens=np.array([6, 2, 2, 2], np.int32))),
+    ("token_id", group(completion_ids=np.array([4] * 11 + [VOCAB], np.int32))),
+    ("token_id", group(prompt_ids=np.array([1, 10**6], np.int32))),
+    ("token_id", group(prompt_ids=np.array([1, -3], np.int32))),
+    ("logprob", group(logprobs=np.array([-0.5] * 11 + [-1000.0], np.float32))),
+    ("reward", group(rewards=np.array([0, 1e30, 0, 1], np.float32))),
+    ("reward", group(rewards=np.array([0, -1e5, 0, 1], np.float32))),
+])
+def test_each_absurd_value_is_rejected_with_its_reason(reason, bad):
+    with pytest.raises(ProtocolError) as e:
+        bounds().check(bad)
+    assert e.value.reason == reason, e.value
+    assert "s-0" in str(e.value)  # the message names the sender
+
+
+def test_unknown_vocabulary_skips_only_the_token_check():
+    b = Bounds(CFG, version=5)
+    b.check(group(completion_ids=np.array([4] * 11 + [10**6], np.int32)))
+    with pytest.raises(ProtocolError, match="group_size"):
+        b.check(group(completion_lens=np.array([6, 6], np.int32), rewards=np.zeros(2, np.float32)))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(version=st.integers(0, 8) | st.integers(0, 2**53), token=st.integers(-2, 20) | st.integers(-(2**31), 2**31 - 1),
+       logprob=st.floats(-120, 0, width=32) | st.floats(-1e6, 0, width=32),
+       reward=st.floats(-2e4, 2e4, width=32) | st.sampled_from([1e30, -3.4e38]),
+       prompt_len=st.integers(1, 10), longest=st.integers(0, 7))
+def bounds_accept_exactly_the_values_within_them(version, token, logprob, reward, prompt_len, longest):
+    """A valid message with arbitrary values: accepted iff every value is within the run's bounds."""
+    lens = np.array([longest, 1, 1, 1], np.int32)
+    g = group(version=version, prompt_ids=np.full(prompt_len, 3, np.int32),
+              completion_ids=np.array([token] + [4] * (int(lens.sum()) - 1), np.int32)[:int(lens.sum())],
+              completion_lens=lens, logprobs=np.array([logprob] + [-0.1] * (int(lens.sum()) - 1), np.float32),
+              rewards=np.array([reward, 0, 0, 1], np.float32))
+    g.check()  # well formed
+    ok = (2 <= version <= 5 and prompt_len <= 8 and longest <= 5 and 0 <= token < VOCAB
+          and np.float32(logprob) >= -100 and abs(np.float32(reward)) <= 1e4)
+    try:
+        bounds().check(g)
+    except ProtocolError:
+        TRIED["rejected"] += 1
+        assert not ok
+    else:
+        TRIED["valid"] += 1
+        assert ok
+
+
+def test_bounds_accept_exactly_the_values_within_them():
+    """The property over 300 hypothesis inputs; it must have tried accepted and rejected ones."""
+    TRIED.update(valid=0, rejected=0)
+    bounds_accept_exactly_the_values_within_them()
+    print(f"bounds property test: {TRIED['valid']} accepted, {TRIED['rejected']} rejected inputs")
+    assert TRIED["valid"] > 0 and TRIED["rejected"] > 100, TRIED
+
+
+def test_replays_are_dropped_and_gaps_counted():
+    ids = Identities(takeover_s=6.0)
+    ids.check_group(group(group_id=0), now=0.0)
+    ids.check_group(group(group_id=1), now=0.1)
+    for _ in range(3):
+        with pytest.raises(ProtocolError, match="duplicate"):
+            ids.check_group(group(group_id=1), now=0.2)
+    with pytest.raises(ProtocolError, match="duplicate"):
+        ids.check_group(group(group_id=0), now=0.2)
+    ids.check_group(group(group_id=5), now=0.3)
+    assert ids.gaps == 3
+
+
+def test_a_second_live_process_with_the_same_id_is_refused_a_restarted_one_takes_over():
+    ids = Identities(takeover_s=6.0)
+    ids.check_group(group(session=1, group_id=7), now=0.0)
+    with pytest.raises(ProtocolError, match="server_id_in_use") as e:
+        ids.check_group(group(session=2, group_id=0), now=1.0)
+    assert "--server-id" in str(e.value)
+    ids.check_group(group(session=1, group_id=8), now=2.0)  # the first keeps working
+    ids.check_group(group(session=2, group_id=0), now=8.5)  # silent for 6.5 s: a restart takes the id over
+    with pytest.raises(ProtocolError, match="server_id_in_use"):
+        ids.check_group(group(session=1, group_id=9), now=9.0)  # the old session is now the intruder
