@@ -20,11 +20,13 @@ cast to ``model.dtype``, the dtype the rollout engine loads. Strategies and stat
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,6 +105,14 @@ class BatchSource:
         return batch
 
 
+def trained_groups(batch: TrainBatch) -> list[list]:
+    """``[server, session, seq, version]`` of each group of ``batch``: the audit trail of what was trained
+    (``metrics/trained_groups.jsonl``; no identity may appear twice in a run, docs/RELIABILITY.md)."""
+    first = np.unique(batch.group_index, return_index=True)[1]  # one row of each group, in group order
+    return [[batch.servers[int(batch.server_index[r])], int(batch.group_sessions[g]), int(batch.group_seqs[g]),
+             int(batch.versions[r])] for g, r in enumerate(first.tolist())]
+
+
 def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         use_cuda = cfg.learner.device == "cuda" or (cfg.learner.device == "auto" and torch.cuda.is_available())
@@ -173,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             publish()
             source = BatchSource(ctx, cfg, int(model.config.vocab_size))
             monitor = Monitor(cfg.run.dir, "learner")
+            audit = (Path(cfg.run.dir) / "metrics" / "trained_groups.jsonl").open("a")
             log.info("learner up: %d rank(s) on %s, %s, version %d; %s", world, device, cfg.learner.strategy,
                      version, cfg.summary())
         started, saved, nonfinite = time.monotonic(), None, 0
@@ -210,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                     "learner/nonfinite_steps_skipped": nonfinite,
                     "reward/kept_mean": float(batch.rewards.mean())})
                 monitor.log(version, metrics)
+                audit.write(json.dumps({"version": version, "groups": trained_groups(batch)}) + "\n")
+                audit.flush()
             every = cfg.learner.checkpoint_every
             if every and step % every == 0:
                 save_checkpoint(cfg, net, opt, version, rank, state, step, floor)
@@ -226,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             close(source.sock)
         if monitor is not None:
             monitor.close()
+            audit.close()
         if ctx is not None:
             ctx.term()
         if dist.is_initialized():

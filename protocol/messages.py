@@ -215,6 +215,8 @@ class TrainBatch(Message):
         "versions": (I64, 1),  # [B] policy version that generated each row
         "group_index": (I32, 1),  # [B] which group of this batch a row came from
         "server_index": (I32, 1),  # [B] index into ``servers``
+        "group_sessions": (I64, 1),  # [G] each group's (session, seq): with its server, the group's identity
+        "group_seqs": (I64, 1),  # [G]
     }
     request_id: int
     version: int  # learner version the batch was assembled for
@@ -230,6 +232,8 @@ class TrainBatch(Message):
     versions: np.ndarray
     group_index: np.ndarray
     server_index: np.ndarray
+    group_sessions: np.ndarray
+    group_seqs: np.ndarray
 
     @property
     def size(self) -> int:
@@ -251,6 +255,11 @@ class TrainBatch(Message):
                 raise _invariant("servers must be strings")
         if b and (int(self.server_index.min()) < 0 or int(self.server_index.max()) >= len(self.servers)):
             raise _invariant("server_index out of range")
+        groups = int(self.group_index.max()) + 1 if b else 0
+        if b and int(self.group_index.min()) < 0:
+            raise _invariant("group_index must be non-negative")
+        if self.group_sessions.shape[0] != groups or self.group_seqs.shape[0] != groups:
+            raise _invariant(f"group_sessions and group_seqs need one entry per group ({groups})")
         if b and (int(self.versions.min()) < 0 or int(self.versions.max()) > self.version):
             raise _invariant(f"row versions must be in 0..{self.version} (staleness is never negative)")
         for k, v in self.stats.items():

@@ -25,6 +25,8 @@ class KeptGroup:
     advantages: np.ndarray
     group_reward_mean: float  # over all n sampled completions: the unbiased progress signal
     zero_variance: bool
+    session: int = 0  # the group's identity (selector/bounds.py), carried into the batch for audits
+    seq: int = 0
 
 
 def keep_group(group: ScoredGroup, cfg: SelectorConfig, m: int, rng: np.random.Generator) -> KeptGroup | None:
@@ -67,7 +69,7 @@ def _kept(group: ScoredGroup, decision: GroupDecision, reward_mean: float) -> Ke
         completions.append(cids[start:end])
         lps.append(logprobs[start:end])
     return KeptGroup(group.server_id, group.version, group.prompt_ids, completions, lps, group.rewards[kept],
-                     decision.advantages, reward_mean, decision.zero_variance)
+                     decision.advantages, reward_mean, decision.zero_variance, group.session, group.group_id)
 
 
 def build_batch(groups: list[KeptGroup], req: BatchRequest, stats: dict[str, float]) -> TrainBatch:
@@ -91,4 +93,6 @@ def build_batch(groups: list[KeptGroup], req: BatchRequest, stats: dict[str, flo
         rewards=np.concatenate([g.rewards for g in groups]).astype(np.float32),
         versions=np.array([g.version for g in rows], np.int64),
         group_index=np.array([gi for gi, g in enumerate(groups) for _ in g.completions], np.int32),
-        server_index=np.array([index[g.server_id] for g in rows], np.int32))
+        server_index=np.array([index[g.server_id] for g in rows], np.int32),
+        group_sessions=np.array([g.session for g in groups], np.int64),
+        group_seqs=np.array([g.seq for g in groups], np.int64))

@@ -78,6 +78,7 @@ def make_train_batch() -> TrainBatch:
         logprobs=-np.arange(1, 10, dtype=np.float32) / 10, advantages=np.array([0.9, -0.9, 0.0], np.float32),
         rewards=np.array([1.0, 0.0, 0.5], np.float32), versions=np.array([11, 11, 12], np.int64),
         group_index=np.array([0, 0, 1], np.int32), server_index=np.array([0, 0, 1], np.int32),
+        group_sessions=np.array([77, 78], np.int64), group_seqs=np.array([4, 0], np.int64),
     )
 
 
@@ -260,7 +261,7 @@ def test_empty_arrays_round_trip() -> None:
     empty = dataclasses.replace(
         make_train_batch(), prompt_ids=e32, prompt_lens=e32, completion_ids=e32, completion_lens=e32,
         logprobs=ef32, advantages=ef32, rewards=ef32, versions=np.zeros(0, np.int64), group_index=e32,
-        server_index=e32)
+        server_index=e32, group_sessions=np.zeros(0, np.int64), group_seqs=np.zeros(0, np.int64))
     assert decode(frames_of(empty)).size == 0
     group = dataclasses.replace(make_scored_group(), completion_ids=e32, logprobs=ef32,
                                 completion_lens=np.zeros(4, np.int32))
@@ -482,6 +483,8 @@ F32 = np.float32
     pytest.param(_batch(server_index=np.zeros(2, I32)), id="batch-server-index-rows"),
     pytest.param(_batch(completion_lens=np.array([4, 2, 3, 0], I32)), id="batch-completion-lens-rows"),
     pytest.param(_batch(server_index=np.array([0, 0, 2], I32)), id="batch-server-index-out-of-range"),
+    pytest.param(_batch(group_seqs=np.zeros(3, np.int64)), id="batch-group-seqs-per-group"),
+    pytest.param(_batch(versions=np.array([0, 1, 99], np.int64)), id="batch-row-from-the-future"),
     pytest.param(_batch(servers=[]), id="batch-no-servers"),
     pytest.param(_batch(servers=["box-7/0", 1]), id="batch-non-str-server"),
     pytest.param(_batch(stats={"groups_received": "40"}), id="batch-stats-str-value"),

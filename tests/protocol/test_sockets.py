@@ -180,7 +180,8 @@ def test_batch_request_and_reply(ctx: zmq.Context, net: NetConfig) -> None:
         completion_ids=np.array([5, 3], np.int32), completion_lens=np.array([2], np.int32),
         logprobs=np.array([-0.5, -0.1], np.float32), advantages=np.array([0.0], np.float32),
         rewards=np.array([1.0], np.float32), versions=np.array([4], np.int64),
-        group_index=np.array([0], np.int32), server_index=np.array([0], np.int32))
+        group_index=np.array([0], np.int32), server_index=np.array([0], np.int32),
+        group_sessions=np.array([1], np.int64), group_seqs=np.array([0], np.int64))
     sockets.send(server, batch, *route)
     wait_readable(client)
     _, got = sockets.recv(client, TrainBatch)
