@@ -25,6 +25,10 @@ class RunConfig(Section):
     max_seconds: float = Field(0.0, ge=0, description="also stop training after this many seconds (0 = no limit); "
                                "for equal wall-clock comparisons")
     resume: bool = Field(True, description="continue from the run directory's latest checkpoint if there is one")
+    staleness_mode: Literal["bounded", "exact"] = Field(
+        "bounded", description="'bounded': train rows of staleness 0..max_staleness (production); 'exact': every "
+        "update trains rows generated exactly max_staleness versions earlier (the first max_staleness updates "
+        "train version-0 rows), to measure the effect of staleness itself (docs/STALENESS.md)")
 
 
 class TinyModelConfig(Section):
@@ -247,6 +251,10 @@ class Config(Section):
                              "ranks: raise learner.groups_per_step")
         if self.model.init == "pretrained" and not self.model.path:
             raise ValueError("model.init='pretrained' needs model.path=<local directory>")
+        need = (2 * self.max_staleness + 1) * self.learner.groups_per_step
+        if self.run.staleness_mode == "exact" and self.selector.buffer_groups < need:
+            raise ValueError(f"run.staleness_mode='exact' holds up to (2K+1) x groups_per_step = {need} groups: raise "
+                             f"selector.buffer_groups (now {self.selector.buffer_groups}) to at least {need}")
         return self
 
     def too_stale(self, learner_version: int, sample_version: Any) -> Any:

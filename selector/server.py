@@ -169,6 +169,9 @@ class Selector:
                 self.drop_stale(group.server_id)
                 continue
             kept = next(kept_groups)
+            if kept is not None and self.exact_surplus(kept.version):
+                self.count("staleness/exact_surplus")
+                continue
             if kept is None:
                 self.count("selector/zero_variance_dropped")
                 self._warn_starving()
@@ -176,6 +179,30 @@ class Selector:
             if kept.zero_variance:
                 self.count("selector/zero_variance_kept")
             self.buffer.append(kept)
+
+    def exact_surplus(self, version: int) -> bool:
+        """Exact mode: each version is trained once (version 0 by the first K+1 updates), so more than
+        that many groups of a version can only wait until they are dropped, filling the buffer."""
+        if self.cfg.run.staleness_mode != "exact":
+            return False
+        per_step = self.cfg.learner.groups_per_step
+        cap = per_step * (self.cfg.max_staleness + 1 if version == 0 else 1)
+        return sum(g.version == version for g in self.buffer) >= cap
+
+    def take_exact(self, req: BatchRequest) -> list[KeptGroup] | None:
+        """The groups of version ``max(0, V - K)`` for request version V, once the buffer also holds all
+        that version V must supply to later updates (one batch; K+1 batches for version 0): the rollout
+        servers move on to V+1 as soon as it exists, so no version may be left short."""
+        k = self.cfg.max_staleness
+        want = max(0, req.version - k)
+        rows = [i for i, g in enumerate(self.buffer) if g.version == want][:req.num_groups]
+        need = req.num_groups * (k + 1 if req.version == 0 else 1)
+        if len(rows) < req.num_groups or (k and sum(g.version == req.version for g in self.buffer) < need):
+            return None
+        chosen = set(rows)
+        take = [self.buffer[i] for i in rows]
+        self.buffer = deque(g for i, g in enumerate(self.buffer) if i not in chosen)
+        return take
 
     def _warn_starving(self) -> None:
         dropped, received = self.totals["selector/zero_variance_dropped"], self.totals["groups/received"]
@@ -239,9 +266,15 @@ class Selector:
                     kept.append(g)
             self.buffer = kept
             self.scanned_version = req.version
-        if len(self.buffer) < req.num_groups:
+        if self.cfg.run.staleness_mode == "exact":
+            exact = self.take_exact(req)
+            if exact is None:
+                return
+            take = exact
+        elif len(self.buffer) < req.num_groups:
             return
-        take = [self.buffer.popleft() for _ in range(req.num_groups)]
+        else:
+            take = [self.buffer.popleft() for _ in range(req.num_groups)]
         stats: dict[str, float] = {**self.counts, "selector/buffer_groups": len(self.buffer),
                                    "selector/peers_alive": sum(not p.dead for p in self.peers.values())}
         batch = build_batch(take, req, stats)

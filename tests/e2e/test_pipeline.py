@@ -98,3 +98,15 @@ def test_dead_rollout_server_is_reported_and_training_continues(run_dir, net_ove
     assert "rollout server rollout-1 silent" in selector_log
     totals = read_metrics(run_dir / "metrics" / "selector.jsonl")[-1]
     assert totals["total/peers/dead/rollout-1"] == 1
+
+
+def test_exact_staleness_mode_trains_every_row_exactly_k_versions_old(run_dir, net_overrides):
+    k = 2
+    res = podsrl_run(run_dir, [f"max_staleness={k}", "run.staleness_mode=exact", "run.steps=60", *net_overrides])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert_all_exited(run_dir)
+    steps = read_metrics(run_dir / "metrics" / "learner.jsonl")
+    assert len(steps) == 60
+    for m in steps:
+        want = min(m["step"] - 1, k)  # update V makes version V+1 from rows of version max(0, V-K)
+        assert m["staleness/mean"] == m["staleness/max"] == want, m

@@ -565,7 +565,9 @@ def _reference_build_batch(groups, req, stats):
         rewards=np.array([g.rewards[j] for _, g, j in rows], np.float32),
         versions=np.array([g.version for _, g, _ in rows], np.int64),
         group_index=np.array([gi for gi, _, _ in rows], np.int32),
-        server_index=np.array([index[g.server_id] for _, g, _ in rows], np.int32))
+        server_index=np.array([index[g.server_id] for _, g, _ in rows], np.int32),
+        group_sessions=np.array([g.session for g in groups], np.int64),
+        group_seqs=np.array([g.seq for g in groups], np.int64))
 
 
 def _assert_same_kept(a: KeptGroup | None, b: KeptGroup | None) -> None:
@@ -707,3 +709,32 @@ def test_legacy_random_state_takes_the_numpy_path() -> None:
     for d, row in zip(got, rewards, strict=True):
         _assert_identical(d, _numpy_path(row, 3, "max_variance", "keep", "std", b))
     assert a.randint(1 << 30) == b.randint(1 << 30)
+
+
+def test_exact_mode_trains_every_update_on_rows_exactly_k_versions_old(selector_factory) -> None:
+    """run.staleness_mode='exact': update V trains version max(0, V-K) only, and V is served only once
+    version V has supplied what later updates need (no version is skipped, so no deadlock)."""
+    k, per = 2, 2
+    sel = selector_factory(f"max_staleness={k}", "run.staleness_mode=exact", f"learner.groups_per_step={per}")
+    gid, trained = 0, []
+    for v in range(8):
+        sel.bounds.version = v  # the rollout servers now generate with version v, and more than is needed
+        req = BatchRequest(request_id=v, version=v, num_groups=per)
+        take = sel.take_exact(req)
+        while take is None:
+            assert gid < 1000
+            sel.on_groups([_group([0.0, 1.0] * 4, gid, version=v)])
+            gid += 1
+            take = sel.take_exact(req)
+        trained.append([v - g.version for g in take])
+    assert trained[:k] == [[s] * per for s in range(k)], trained  # the first K updates: version-0 rows
+    assert all(t == [k] * per for t in trained[k:]), trained
+    assert sel.counts["staleness/exact_surplus"] == 0  # take_exact is called as soon as a group arrives
+    sel.on_groups([_group([0.0, 1.0] * 4, gid + i, version=7) for i in range(per + 3)])
+    assert sel.counts["staleness/exact_surplus"] == per + 3  # version 7 already holds the one batch it owes
+
+
+def test_exact_mode_needs_room_for_2k_plus_1_batches() -> None:
+    with pytest.raises(ValueError, match="selector.buffer_groups"):
+        load_config(None, ["run.staleness_mode=exact", "max_staleness=8", "learner.groups_per_step=8",
+                           "selector.buffer_groups=100"])
