@@ -29,7 +29,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import IO, Any
 from pydantic import BaseModel
 
 from launcher.summary import DONE, STARTED, flatten, load_run, parse_thresholds, write_summary
-from protocol.config import Config, _toml_value, load_config, parse_override, to_toml
+from protocol.config import Config, _toml_value, load_config, parse_override, read_toml, to_toml
 
 # How a run is executed here; printed command lines use ``podsrl run`` instead. Tests swap in a fake.
 RUNNER = [sys.executable, "-m", "launcher.cli"]
@@ -106,11 +105,9 @@ def _seeds(value: Any) -> list[int]:
 def load_grid(path: str | Path) -> Grid:
     """Read a grid file (see the module docstring); every key is checked against the config schema."""
     try:
-        data = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise SweepError(f"grid file {path} does not exist (example: configs/sweeps/staleness.toml)") from None
-    except tomllib.TOMLDecodeError as e:
-        raise SweepError(f"grid file {path} is not valid TOML: {e}") from None
+        data = read_toml(path, "grid file", " (example: configs/sweeps/staleness.toml)")
+    except ValueError as e:
+        raise SweepError(str(e)) from None
     unknown = sorted(set(data) - GRID_KEYS)
     if unknown:
         raise SweepError(f"grid file {path}: unknown top-level key(s) {', '.join(unknown)}; a grid file has "

@@ -300,16 +300,19 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def read_toml(path: str | Path, what: str, hint: str = "") -> dict[str, Any]:
+    """A TOML file as a dict; ValueError naming ``what`` (and ``hint``) when it is missing or invalid."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} does not exist{hint}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a TOML run file (or the defaults) and apply dotted overrides; raise ValueError on any error."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ValueError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+    data: dict[str, Any] = read_toml(path, "config file") if path is not None else {}
     for item in overrides:
         keys, value = parse_override(item)
         node = data
