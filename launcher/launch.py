@@ -1,11 +1,13 @@
 """``podsrl run``: start the selector, the learner (torchrun) and R rollout servers on this machine.
 
-Each child is its own process (own session, so torchrun's workers go with it), logging to
+Each child is its own process group (own session), logging to
 ``<run>/logs/<name>.log``. The launcher prints one progress line per learner step from the
 learner's metrics file, and ends when the learner does: the rest exit on its final announcement
 and are terminated if they linger. Ctrl-C or SIGTERM stops everything; no child outlives the
-launcher. Exit status: 0 if every child succeeded, 1 if any failed (its log tail is printed),
-130 if interrupted.
+launcher, even one killed with SIGKILL (children get SIGTERM when it dies, and torchrun's workers,
+which torch starts in sessions of their own, are killed when torchrun dies: learner/train.py).
+Exit status: 0 if every child succeeded, 1 if any failed (its log tail is printed), 130 if
+interrupted.
 """
 
 from __future__ import annotations

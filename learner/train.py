@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -113,6 +114,24 @@ def trained_groups(batch: TrainBatch) -> list[list]:
              int(batch.versions[r])] for g, r in enumerate(first.tolist())]
 
 
+def die_with_agent() -> None:
+    """In a torchrun worker: be killed (SIGKILL) when the torchrun agent that started it dies.
+
+    torch starts each worker in a session of its own (``start_new_session=True``), so killing torchrun's
+    process group does not reach the workers: a torchrun killed by SIGKILL (the OOM killer, ``kill -9``)
+    would leave them training on and holding the learner's ports, and a restarted learner could not
+    bind. Linux only (``prctl(PR_SET_PDEATHSIG)``); it covers an agent that dies after this call (an
+    agent already gone leaves the worker with init, pid 1, as its parent: it exits then too).
+    """
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:
+        os._exit(1)
+
+
 def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         use_cuda = cfg.learner.device == "cuda" or (cfg.learner.device == "auto" and torch.cuda.is_available())
@@ -143,6 +162,7 @@ def shard(batch: TrainBatch, rank: int, world: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     from protocol.cli import configure, process_parser
 
+    die_with_agent()
     parser = process_parser("learner.train", __doc__)
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
@@ -210,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             if rank == 0:
                 assert publisher is not None and monitor is not None and source is not None
                 publish()
-                stale = batch.version - batch.versions
+                stale = (version - 1) - batch.versions  # what this update trained on (a late reply may be
+                # a batch cut for an older request version: the learner's own version is the truth)
                 metrics.update({
                     **batch.stats, "version": version, "train/step": step, "time/wait_for_batch": wait_s,
                     "time/train": time.monotonic() - t1, "time/step": time.monotonic() - t0,

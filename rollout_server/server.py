@@ -48,6 +48,10 @@ from protocol.weights import unpack_files
 
 log = logging.getLogger("podsrl.rollout")
 
+# The learner re-announces its version every second (learner/publisher.py REANNOUNCE_S); silent this
+# long, it is gone (killed, restarting, unreachable) and generation pauses until it speaks again.
+LEARNER_SILENT_S = 3.0
+
 
 class Stop(Exception):
     """The learner announced the end of the run, or we were asked to terminate."""
@@ -70,6 +74,7 @@ class RolloutServer:
         self.floor = 0  # versions below it were discarded by a learner restart: never generate with them
         self.learner_session: int | None = None  # a new one while we wait: our request died with the old learner
         self.learner_restarted = False
+        self.heard_learner = time.monotonic()  # when the last announcement arrived
         self.session = int.from_bytes(os.urandom(8), "little") >> 1  # a fresh identity per process (63 bits)
         self.groups_sent = 0  # also the next group's sequence number in this session
         self.state = "waiting_for_weights"
@@ -91,6 +96,7 @@ class RolloutServer:
                 continue
             if msg.final:
                 raise Stop
+            self.heard_learner = time.monotonic()
             if msg.session != self.learner_session:
                 self.learner_restarted = self.learner_session is not None
                 self.learner_session = msg.session
@@ -119,6 +125,25 @@ class RolloutServer:
                 log.info("selector at %s:%d not accepting for %.0fs (full buffer or not started)",
                          self.cfg.net.selector_host, self.cfg.net.group_port, waited)
         send(self.push, msg)
+
+    def wait_while_learner_gone(self) -> None:
+        """Generate nothing while the learner is silent: nothing can be trained until it is back, and
+        a restarted learner may discard every version we hold. Groups made meanwhile would only queue
+        on the groups link (its socket buffers hold thousands of small groups), and the selector would
+        have to read through all of them before the first group the new learner can train."""
+        if self.learner_session is None or time.monotonic() - self.heard_learner <= LEARNER_SILENT_S:
+            return  # (before the first announcement, sync_weights waits for the learner)
+        log.info("no announcement from the learner for %.0fs: generation paused until it is back",
+                 time.monotonic() - self.heard_learner)
+        self.state = "waiting_for_weights"
+        t0 = time.monotonic()
+        while time.monotonic() - self.heard_learner > LEARNER_SILENT_S:
+            self.heartbeat()
+            self.sub.poll(200)
+            self.poll_announcements()
+        log.info("the learner is back after %.1fs (version %d, floor %d)", time.monotonic() - t0, self.latest,
+                 self.floor)
+        self.state = "generating"
 
     def sync_weights(self) -> None:
         """Load the newest version; block only while our lag would make a group useless."""
@@ -261,6 +286,7 @@ class RolloutServer:
         try:
             while True:
                 self.poll_announcements()
+                self.wait_while_learner_gone()
                 self.sync_weights()
                 self.heartbeat()
                 self.maybe_evaluate()

@@ -77,7 +77,7 @@ class Bounds:
 @dataclass
 class Session:
     session: int
-    last_seq: int = -1
+    last_seq: int | None = None  # None until this selector sees a group of the session (it may join late)
     last_seen: float = 0.0
 
 
@@ -104,10 +104,10 @@ class Identities:
     def check_group(self, g: ScoredGroup, now: float) -> None:
         """Raise ``duplicate`` for a group already seen; count a gap in the sequence."""
         s = self.admit(g.server_id, g.session, now)
-        if g.group_id <= s.last_seq:
+        if s.last_seq is not None and g.group_id <= s.last_seq:
             raise ProtocolError("duplicate", f"group {g.group_id} of {g.server_id} (session {g.session:x}) was "
                                 f"received before")
-        if g.group_id > s.last_seq + 1:
+        if s.last_seq is not None and g.group_id > s.last_seq + 1:  # a restarted selector starts counting anew
             self.gaps += g.group_id - s.last_seq - 1
         s.last_seq = g.group_id
 

@@ -48,6 +48,10 @@ from selector.bounds import Bounds, Identities
 
 log = logging.getLogger("podsrl.selector")
 
+# The learner re-announces its version every second (learner/publisher.py REANNOUNCE_S); silent this
+# long, it is gone (killed, restarting, unreachable).
+LEARNER_SILENT_S = 3.0
+
 
 @dataclass
 class Peer:
@@ -75,6 +79,7 @@ class Selector:
         self.scanned_version: int | None = None  # request version the buffer was last gated for in try_serve
         self.bounds = Bounds(self.cfg)  # the newest announced version, its floor and the vocabulary size
         self.heard_learner = False  # groups are read only once the learner's version is known
+        self.heard_at = 0.0  # when the last announcement arrived
         # a new process may take a server id over once the old one has missed about three heartbeats
         self.identities = Identities(takeover_s=3 * self.cfg.rollout.heartbeat_s)
         self.warn = RateLimitedLog(log)
@@ -178,6 +183,9 @@ class Selector:
                 continue
             if kept.zero_variance:
                 self.count("selector/zero_variance_kept")
+            if len(self.buffer) >= self.cfg.selector.buffer_groups:  # read on while the learner is gone
+                self.count("selector/dropped_learner_silent")
+                continue
             self.buffer.append(kept)
 
     def exact_surplus(self, version: int) -> bool:
@@ -237,6 +245,7 @@ class Selector:
             log.info("learner at version %d (floor %d, vocabulary %d): reading groups", msg.version, msg.floor,
                      msg.vocab_size)
         self.heard_learner = True
+        self.heard_at = time.monotonic()
         b = self.bounds
         b.version, b.vocab_size = max(b.version, msg.version), msg.vocab_size or b.vocab_size
         if msg.floor > b.floor:  # a restarted learner discarded the versions in [old floor, msg.floor)
@@ -248,6 +257,17 @@ class Selector:
                         b.floor, before - len(self.buffer))
         if msg.final:
             self.stopping = True
+
+    def learner_silent(self) -> bool:
+        """The learner has been heard, but not for ``LEARNER_SILENT_S``: it is gone, maybe restarting.
+
+        A full buffer then does not stop the selector reading: groups that do not fit are dropped and
+        counted (``selector/dropped_learner_silent``). The buffer already holds more than the learner
+        can train before those groups' version ages past K, and a restarted learner may discard them
+        all. A groups link left unread for seconds instead stalls when reading resumes: the rollout
+        servers' TCP connections back off (zero window, retries doubling), and the first group the
+        restarted learner could train waited up to 8.7 s for the next retry (docs/RELIABILITY.md)."""
+        return self.heard_learner and time.monotonic() - self.heard_at > LEARNER_SILENT_S
 
     def try_serve(self) -> None:
         if self.pending is None:
@@ -319,8 +339,10 @@ class Selector:
         last_check = time.monotonic()
         try:
             while not self.stopping:
-                # full buffer: back-pressure; and nothing is read before the learner's version is known
-                want = self.heard_learner and len(self.buffer) < self.cfg.selector.buffer_groups
+                # full buffer: back-pressure (unless the learner is silent: learner_silent); and nothing
+                # is read before the learner's version is known
+                silent = self.learner_silent()
+                want = self.heard_learner and (len(self.buffer) < self.cfg.selector.buffer_groups or silent)
                 if want != reading:
                     (poller.register if want else poller.unregister)(self.groups, *([zmq.POLLIN] if want else []))
                     reading = want
@@ -335,7 +357,7 @@ class Selector:
                     # then gate and down-sample it in one go. ``room`` counts the groups that will pass
                     # the staleness gate (zero-variance drops are known only after down-sampling).
                     burst: list[ScoredGroup] = []
-                    room = self.cfg.selector.buffer_groups - len(self.buffer)
+                    room = 64 if silent else self.cfg.selector.buffer_groups - len(self.buffer)
                     for _ in range(64):
                         msg = self.receive_group_message()
                         if isinstance(msg, ScoredGroup):

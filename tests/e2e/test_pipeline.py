@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import ROOT, child_env
 
@@ -27,7 +28,12 @@ def podsrl_run(run_dir: Path, overrides: list[str], timeout: float = 240) -> sub
 def assert_all_exited(run_dir: Path) -> None:
     for pgid in json.loads((run_dir / "pids.json").read_text()).values():
         with pytest.raises(ProcessLookupError):
-            os.killpg(pgid, 0)  # no process of that child's group (torchrun's workers included) remains
+            os.killpg(pgid, 0)  # no process of that child's group remains
+    # torchrun starts its workers in sessions of their own: find them (and anything else) by the run's config
+    config = str(run_dir / "config.toml")
+    alive = [p.pid for p in psutil.process_iter(["cmdline", "status"])
+             if config in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
+    assert not alive, f"processes of the run still alive: {alive}"
 
 
 def first_last(values: list[float]) -> tuple[float, float]:

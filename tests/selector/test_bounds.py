@@ -122,3 +122,10 @@ def test_a_second_live_process_with_the_same_id_is_refused_a_restarted_one_takes
     ids.check_group(group(session=2, group_id=0), now=8.5)  # silent for 6.5 s: a restart takes the id over
     with pytest.raises(ProtocolError, match="server_id_in_use"):
         ids.check_group(group(session=1, group_id=9), now=9.0)  # the old session is now the intruder
+
+
+def test_a_selector_that_meets_a_session_midway_counts_no_gap():
+    ids = Identities(takeover_s=6.0)
+    ids.check_group(group(group_id=212), now=0.0)  # a restarted selector: the server has sent 212 groups before
+    ids.check_group(group(group_id=213), now=0.1)
+    assert ids.gaps == 0

@@ -738,3 +738,15 @@ def test_exact_mode_needs_room_for_2k_plus_1_batches() -> None:
     with pytest.raises(ValueError, match="selector.buffer_groups"):
         load_config(None, ["run.staleness_mode=exact", "max_staleness=8", "learner.groups_per_step=8",
                            "selector.buffer_groups=100"])
+
+
+def test_a_full_buffer_reads_on_and_drops_while_the_learner_is_silent(selector_factory) -> None:
+    import time
+
+    sel = selector_factory("selector.buffer_groups=4")
+    sel.heard_learner, sel.heard_at = True, time.monotonic()
+    assert not sel.learner_silent()
+    sel.on_groups([_group([0.0, 1.0] * 4, i) for i in range(6)])
+    assert len(sel.buffer) == 4 and sel.counts["selector/dropped_learner_silent"] == 2
+    sel.heard_at -= 10  # no announcement for 10 s: the learner is gone (restarting)
+    assert sel.learner_silent()
