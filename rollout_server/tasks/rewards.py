@@ -148,15 +148,21 @@ def _worker(conn: Any, specs: list[str]) -> None:
             kwargs = conn.recv()
         except EOFError:
             return
-        rows = len(kwargs["completions"])
-        results = []
-        for fn in fns:
-            try:
-                results.append(_validate(fn(**_arguments(fn, kwargs)), rows))
-            except Exception as e:
-                results.append(["raised"] * rows)
-                conn.send(("note", f"{type(e).__name__}: {str(e)[:200]}"))
-        conn.send(("ok", results))
+        conn.send(("ok", _score_all(fns, kwargs, lambda note: conn.send(("note", note)))))
+
+
+def _score_all(fns: list[RewardFn], kwargs: dict[str, Any],
+               note: Callable[[str], None]) -> list[list[float | None | str]]:
+    """Every function on one batch: validated values, or an error reason per row (``note`` hears why)."""
+    rows = len(kwargs["completions"])
+    results = []
+    for fn in fns:
+        try:
+            results.append(_validate(fn(**_arguments(fn, kwargs)), rows))
+        except Exception as e:
+            results.append(["raised"] * rows)
+            note(f"{type(e).__name__}: {str(e)[:200]}")
+    return results
 
 
 @dataclass
@@ -167,7 +173,12 @@ class RewardScores:
 
 
 class RewardWorker:
-    """Scores batches in a separate process, so a reward function can be killed when it hangs."""
+    """Scores batches in a separate process, so a reward function can be killed when it hangs.
+
+    When every function is a built-in (the copy/reverse scorers and ``verifiers.py``, which are bounded:
+    tests/rollout_server/test_verifiers.py feeds them hostile input), they run in this process instead:
+    no round trip, and nothing to hang. A user's plug-in always runs in the worker.
+    """
 
     def __init__(self, specs: list[str], weights: list[float], timeout_s: float) -> None:
         self.specs, self.weights, self.timeout_s = specs, weights, timeout_s
@@ -177,7 +188,10 @@ class RewardWorker:
         self.conn: Any = None
         self.restarts = 0
         self.starting = True  # until the worker says it has loaded the functions
-        self._start()
+        builtins = builtin_rewards()
+        self.in_process = [builtins[s] for s in specs] if all(s in builtins for s in specs) else None
+        if self.in_process is None:
+            self._start()
 
     def _start(self) -> None:
         self.conn, child = self.ctx.Pipe()
@@ -219,6 +233,8 @@ class RewardWorker:
 
     def _call(self, kwargs: dict[str, Any], rows: int, errors: Counter[str],
               on_wait: Callable[[], None] | None) -> list[list[float | None | str]]:
+        if self.in_process is not None:
+            return _score_all(self.in_process, kwargs, lambda note: log.warning("a reward function raised: %s", note))
         failed: list[list[float | None | str]] = [["worker_died"] * rows for _ in self.specs]
         try:
             self.conn.send(kwargs)
@@ -254,6 +270,8 @@ class RewardWorker:
             return payload
 
     def close(self) -> None:
+        if self.proc is None:
+            return
         self.conn.close()
         self.proc.join(2)
         if self.proc.is_alive():

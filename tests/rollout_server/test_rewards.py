@@ -330,3 +330,19 @@ def test_close_ends_the_worker(plugin):
     proc = w.proc
     w.close()
     assert not proc.is_alive()
+
+
+def test_builtins_score_in_process_exactly_as_the_worker_does(workers):
+    """Built-ins skip the worker process (no round trip); the same functions named by module path go
+    through the worker, and every row scores the same."""
+    completions = ["#### 42", "the answer is \\boxed{42}", "#### 41", "", "#### 4,2"]
+    answer = ["42"] * len(completions)
+    fast = new_worker(workers, ["math_answer", "exact_match"])
+    slow = new_worker(workers, ["rollout_server.tasks.verifiers:math_answer", "rollout_server.tasks.verifiers:exact_match"])
+    assert fast.in_process is not None and fast.proc is None
+    assert slow.in_process is None and slow.proc is not None
+    ids = [[ord(c) for c in x] for x in completions]
+    a = fast.score(["p"] * 5, completions, ids, {"answer": answer})
+    b = slow.score(["p"] * 5, completions, ids, {"answer": answer})
+    assert a.rewards.tolist() == b.rewards.tolist() and a.rewards[0] > 0 and a.rewards[2] == 0
+    assert list(a.per_function.values()) == list(b.per_function.values()) and a.errors == b.errors
