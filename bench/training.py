@@ -44,7 +44,7 @@ class Curve:
 def run_job(overrides: list[str], port_base: int, window: int = 10) -> Curve:
     with tempfile.TemporaryDirectory(prefix="podsrl-bench-") as tmp:
         ports = [f"net.{k}_port={port_base + i}" for i, k in enumerate(("group", "batch", "announce", "weights"))]
-        cmd = [sys.executable, "-m", "protocol.cli", "run", "--config", str(ROOT / "configs/tiny.toml"),
+        cmd = [sys.executable, "-m", "launcher.cli", "run", "--config", str(ROOT / "configs/tiny.toml"),
                f"run.dir={tmp}/run", *LAYOUT, *ports, *overrides]
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
         if res.returncode != 0:
