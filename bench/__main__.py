@@ -4,6 +4,7 @@
     python -m bench codec selector     # some
     python -m bench --quick            # tiny sizes, seconds (a smoke test, not figures to quote)
     python -m bench --render           # rewrite docs/BENCHMARKS.md's table from bench/results.json
+    .venv-vllm/bin/python -m bench vllm   # vLLM vs the torch engine (scripts/vllm-env.sh makes .venv-vllm)
 
 Writes ``bench/results.json`` (machine-readable, with the command, date and machine) and, for a
 full run of all benchmarks, the generated part of ``docs/BENCHMARKS.md`` (between its
@@ -22,6 +23,7 @@ import time
 from bench.common import ROOT, Result, machine, print_results, save
 
 BENCHES = ("codec", "selector", "rollout", "weights", "training")
+OPTIONAL = ("vllm",)  # only by name, in the environment that has it: .venv-vllm/bin/python -m bench vllm
 
 
 BEGIN, END = "<!-- results -->", "<!-- /results -->"
@@ -64,7 +66,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", default=[], metavar="NAME",
-                        help=f"benchmarks to run (default all): {', '.join(BENCHES)}")
+                        help=f"benchmarks to run (default all): {', '.join(BENCHES)}; by name only: "
+                        f"{', '.join(OPTIONAL)}")
     parser.add_argument("--quick", action="store_true", help="tiny sizes; for smoke tests, not for quoting")
     parser.add_argument("--render", action="store_true", help="only rewrite docs/BENCHMARKS.md from results.json")
     args = parser.parse_args()
@@ -74,9 +77,9 @@ def main() -> int:
         render([Result(**r) for r in record["results"]], record["meta"])
         print("wrote docs/BENCHMARKS.md")
         return 0
-    unknown = set(args.names) - set(BENCHES)
+    unknown = set(args.names) - set(BENCHES) - set(OPTIONAL)
     if unknown:
-        parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(BENCHES)}")
+        parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(BENCHES + OPTIONAL)}")
     names = args.names or list(BENCHES)
     t0 = time.monotonic()
     results: list[Result] = []

@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -43,8 +44,17 @@ import zmq
 from bench.common import ROOT, Result, child_env, free_port, interleaved, print_results
 from protocol.codec import encode
 from protocol.config import NetConfig, SelectorConfig
-from protocol.messages import BatchRequest, ScoredGroup, TrainBatch
-from protocol.sockets import batch_client, batch_server, close, group_receiver, group_sender, recv, send
+from protocol.messages import BatchRequest, ScoredGroup, TrainBatch, WeightsAnnouncement
+from protocol.sockets import (
+    announce_publisher,
+    batch_client,
+    batch_server,
+    close,
+    group_receiver,
+    group_sender,
+    recv,
+    send,
+)
 from selector.batch import keep_group, keep_groups
 from selector.rules import _process_group_numpy, max_variance, process_group, process_groups
 
@@ -232,6 +242,7 @@ def _pusher_main(idx: int, selector_port: int, relay_port: int, ctl_port: int, a
     rng = np.random.default_rng(100 + idx)
     g = make_group(rng.choice(LEVELS, N), t=E2E_T, p=E2E_P, server=f"bench-{idx}", gid=idx)
     header, _, cids, lens, logprobs, _ = encode(g)  # ARRAYS order: prompt, completions, lens, logprobs, rewards
+    head = msgpack.unpackb(header)
     rewards = [rng.choice(LEVELS, N).astype(np.float32).tobytes() for _ in range(64)]
     mode, target, period, next_t, i = "idle", "selector", 0.0, 0.0, 0
     try:
@@ -255,8 +266,9 @@ def _pusher_main(idx: int, selector_port: int, relay_port: int, ctl_port: int, a
             sock = socks[target]
             if not sock.poll(20, zmq.POLLOUT):  # back-pressure; look at the control socket again
                 continue
-            sock.send_multipart([header, _stamped_prompt(idx, time.monotonic_ns()), cids, lens, logprobs,
-                                 rewards[i % 64]], copy=False)
+            head["f"]["group_id"] = i  # every group is new: the selector drops replays
+            sock.send_multipart([msgpack.packb(head, use_bin_type=True), _stamped_prompt(idx, time.monotonic_ns()),
+                                 cids, lens, logprobs, rewards[i % 64]], copy=False)
             i += 1
             if mode == "paced":
                 next_t = max(next_t + period, time.monotonic() - period)
@@ -327,6 +339,16 @@ class _Learner:
         return arrival, _stamps(prompts)
 
 
+def _announce_main(ctx: zmq.Context, port: int, stop: threading.Event) -> None:
+    """A stand-in learner's announcements: version 0 (vocabulary unknown), every 0.2 s until ``stop``."""
+    pub = announce_publisher(ctx, NetConfig(announce_port=port))
+    try:
+        while not stop.wait(0.2):
+            send(pub, WeightsAnnouncement(version=0, nbytes=0, crc32=0, final=False))
+    finally:
+        close(pub)
+
+
 class _Rig:
     """The selector, the relay, 4 pushers and two learners; every process is killed by ``close``."""
 
@@ -339,6 +361,8 @@ class _Rig:
         self.acks = self.ctx.socket(zmq.PULL)
         self.acks.linger = 0
         self.learners: dict[str, _Learner] = {}
+        self.stop = threading.Event()
+        self.announcer: threading.Thread | None = None
 
     def start(self) -> None:
         tmp = self.tmp
@@ -346,6 +370,7 @@ class _Rig:
         overrides = [f"run.dir={tmp / 'run'}", f"net.group_port={ports['group']}", f"net.batch_port={ports['batch']}",
                      f"net.announce_port={ports['announce']}", f"net.weights_port={ports['weights']}",
                      "max_staleness=1000", f"rollout.group_size={N}", f"selector.keep={M}",
+                     f"rollout.max_new_tokens={E2E_T}", f"task.max_prompt_tokens={E2E_P}",
                      f"learner.groups_per_step={BATCH_GROUPS}", f"selector.buffer_groups={BUFFER_GROUPS}"]
         ctl_port = self.pub.bind_to_random_port("tcp://127.0.0.1")
         ack_port = self.acks.bind_to_random_port("tcp://127.0.0.1")
@@ -355,6 +380,10 @@ class _Rig:
         for i in range(4):
             self._spawn(f"pusher{i}", ["-c", f"from bench.selector import _pusher_main; _pusher_main({i}, "
                                              f"{ports['group']}, {ports['relay_group']}, {ctl_port}, {ack_port})"])
+        # the learner's announcements of version 0, which the selector waits for before reading groups
+        self.announcer = threading.Thread(target=_announce_main, args=(self.ctx, ports["announce"], self.stop),
+                                          daemon=True)
+        self.announcer.start()
         self.learners = {"selector": _Learner(self.ctx, ports["batch"], raw=False),
                          "relay": _Learner(self.ctx, ports["relay_batch"], raw=True)}
 
@@ -426,6 +455,9 @@ class _Rig:
         return {"groups_s": delivered / window, "latency_ms": per_group, "last_ms": last}
 
     def close(self) -> None:
+        self.stop.set()
+        if self.announcer is not None:
+            self.announcer.join()
         with contextlib.suppress(zmq.ZMQError):
             self.pub.send(msgpack.packb(["stop"]))
         for p in self.procs[:2]:  # the selector closes its sockets and metrics on SIGTERM; the relay just dies
