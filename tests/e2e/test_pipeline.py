@@ -60,11 +60,13 @@ def test_async_two_ranks_learns_within_staleness_bound(run_dir, net_overrides):
 
 
 def test_synchronous_baseline_k0_same_code_path(run_dir, net_overrides):
-    res = podsrl_run(run_dir, ["max_staleness=0", "run.steps=250", *net_overrides])
+    # 400 steps: at lr 3e-3 a run now and then plateaus for a while as its sampling entropy collapses
+    # (issue 10, item 8); typical runs rise by 0.15-0.2 within 250 steps (measured 2026-12-01).
+    res = podsrl_run(run_dir, ["max_staleness=0", "run.steps=400", *net_overrides])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert_all_exited(run_dir)
     steps = read_metrics(run_dir / "metrics" / "learner.jsonl")
-    assert len(steps) == 250 and all(m["staleness/max"] == 0 for m in steps)
+    assert len(steps) == 400 and all(m["staleness/max"] == 0 for m in steps)
     first, last = first_last([m["reward/mean"] for m in steps])
     assert last > first + 0.1, f"reward did not rise: {first:.3f} -> {last:.3f}"
 
