@@ -1,8 +1,8 @@
 """``podsrl run``: start the selector, the learner (torchrun) and R rollout servers on this machine.
 
 Each child is its own process group (own session), logging to
-``<run>/logs/<name>.log``. The launcher prints one progress line per learner step from the
-learner's metrics file, and ends when the learner does: the rest exit on its final announcement
+``<run>/logs/<name>.log``. The launcher shows progress from the learner's metrics file (a live
+status line on a terminal, a plain line every 5 s otherwise), and ends when the learner does: the rest exit on its final announcement
 and are terminated if they linger. Ctrl-C or SIGTERM stops everything; no child outlives the
 launcher, even one killed with SIGKILL (children get SIGTERM when it dies, and torchrun's workers,
 which torch starts in sessions of their own, are killed when torchrun dies: learner/train.py).
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -131,14 +132,34 @@ class MemoryMonitor:
 
 
 class Progress:
-    """Follows ``metrics/learner.jsonl`` and prints one line per step."""
+    """Follows ``metrics/learner.jsonl``: on a terminal, one live status line (step/total, reward,
+    staleness, throughput, ETA) rewritten in place; otherwise (a log file, CI, a pipe) a plain line
+    every ``every_s`` seconds and at the last step, so a long run's log stays readable."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, live: bool | None = None, every_s: float = 5.0) -> None:
         self.cfg = cfg
         self.path = Path(cfg.run.dir) / "metrics" / "learner.jsonl"
         self.offset = self.path.stat().st_size if self.path.exists() else 0  # skip earlier runs' records
         self.rewards: list[float] = []
         self.t0 = time.monotonic()
+        self.live = sys.stdout.isatty() if live is None else live
+        self.every_s, self.last_print = every_s, -math.inf
+        self.first: tuple[int, float] | None = None  # (step, metrics time) of the first record seen
+        self.open_line = False  # a live line is on screen without its newline
+
+    def line(self, m: dict) -> str:
+        total, step = self.cfg.run.steps, int(m.get("train/step", m["step"]))
+        now = time.monotonic()
+        assert self.first is not None
+        done, seconds = step - self.first[0], m.get("time", 0.0) - self.first[1]  # the records' own clock
+        eta = seconds / done * (total - step) if done > 0 else math.nan
+        eta_text = f"ETA {eta:4.0f}s" if math.isfinite(eta) else "ETA    ?"
+        width = 20
+        bar = "#" * int(width * step / total) + "-" * (width - int(width * step / total))
+        return (f"step {step:>5}/{total} [{bar}] reward {self.rewards[-1]:.3f}  staleness "
+                f"{m.get('staleness/mean', 0):.2f} (max {m.get('staleness/max', 0)}, K={self.cfg.max_staleness})  "
+                f"{m.get('train/samples_per_s', 0):6.1f} samples/s  wait {m.get('time/wait_for_batch', 0):5.2f}s  "
+                f"dropped {m.get('staleness/dropped', 0)}  {now - self.t0:5.0f}s  {eta_text}")
 
     def poll(self) -> None:
         if not self.path.exists():
@@ -148,13 +169,27 @@ class Progress:
             chunk = f.read()
         end = chunk.rfind("\n") + 1
         self.offset += len(chunk[:end].encode())
-        for line in chunk[:end].splitlines():
-            m = json.loads(line)
+        records = [json.loads(line) for line in chunk[:end].splitlines()]
+        for m in records:
             self.rewards.append(m.get("reward/mean") or 0.0)
-            print(f"step {m['step']:>4}/{self.cfg.run.steps}  reward {self.rewards[-1]:.3f}  "
-                  f"staleness {m.get('staleness/mean', 0):.2f} (max {m.get('staleness/max', 0)}, K={self.cfg.max_staleness})  "
-                  f"{m.get('train/samples_per_s', 0):6.1f} samples/s  wait {m.get('time/wait_for_batch', 0):5.2f}s  "
-                  f"dropped {m.get('staleness/dropped', 0)}  {time.monotonic() - self.t0:5.0f}s", flush=True)
+        if not records:
+            return
+        if self.first is None:
+            self.first = (int(records[0].get("train/step", records[0]["step"])), records[0].get("time", 0.0))
+        m, now = records[-1], time.monotonic()
+        last = int(m.get("train/step", m["step"])) >= self.cfg.run.steps
+        if self.live:
+            print("\r" + self.line(m), end="\n" if last else "", flush=True)
+            self.open_line = not last
+        elif last or now - self.last_print >= self.every_s:
+            self.last_print = now
+            print(self.line(m), flush=True)
+
+    def finish(self) -> None:
+        """End a live line left open (a run stopped before its last step)."""
+        if self.open_line:
+            print(flush=True)
+            self.open_line = False
 
     def summary(self) -> str:
         r = self.rewards
@@ -230,6 +265,7 @@ def launch(cfg: Config, report: str) -> int:
         memory.close()
         for s, h in old.items():
             signal.signal(s, h)
+    progress.finish()
     print(f"podsrl run: {progress.summary()}; peak RSS MiB: "
           + ", ".join(f"{k} {v:.0f}" for k, v in memory.peak.items()), flush=True)
     if interrupted:
