@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from launcher.cli import torchrun_command
+from protocol.cli import die_with_parent
 from protocol.config import Config, to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,12 +74,8 @@ class Child:
 def _die_with_parent(launcher_pid: int) -> None:
     """In the child, before exec: SIGTERM it when the launcher dies, however it dies (SIGKILL included).
     Linux only (prctl PR_SET_PDEATHSIG); elsewhere a killed launcher can leave its children running."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() != launcher_pid:  # the launcher died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
+    if die_with_parent(signal.SIGTERM) and os.getppid() != launcher_pid:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def log_tail(run_dir: Path, name: str, lines: int = 15) -> str:

@@ -10,14 +10,13 @@ start-up), so a rollout server needs no files of its own.
 Every announcement carries the learner's ``session`` (random per process: a rollout server waiting
 on a request the previous learner took to its grave asks again as soon as a new session speaks), the
 version ``floor`` (see ``learner/checkpoint.py``) and the vocabulary size the selector bounds token ids
-with. The latest announcement is repeated every ``REANNOUNCE_S``, so a process that (re)connects late
+with. The latest announcement is repeated every ``ANNOUNCE_EVERY_S``, so a process that (re)connects late
 learns the version within a second instead of waiting for the next step.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 
@@ -25,14 +24,20 @@ import zmq
 
 from protocol.auth import load_auth
 from protocol.config import NetConfig
-from protocol.messages import ProtocolError, Weights, WeightsAnnouncement, WeightsRequest
+from protocol.messages import (
+    ANNOUNCE_EVERY_S,
+    ProtocolError,
+    Weights,
+    WeightsAnnouncement,
+    WeightsRequest,
+    new_session,
+)
 from protocol.metrics import RateLimitedLog
 from protocol.sockets import announce_publisher, close, recv, send, weight_server
 from protocol.weights import with_files
 
 log = logging.getLogger("podsrl.learner")
 
-REANNOUNCE_S = 1.0
 
 
 class WeightPublisher:
@@ -45,7 +50,7 @@ class WeightPublisher:
         self._floor = 0
         self._final = False
         self.vocab_size = vocab_size
-        self.session = int.from_bytes(os.urandom(8), "little") >> 1
+        self.session = new_session()
         self._warn = RateLimitedLog(log)
         self._lock = threading.Lock()
         self._wake_addr = f"inproc://publisher-{id(self)}"
@@ -87,7 +92,7 @@ class WeightPublisher:
         announced = time.monotonic()
         try:
             while True:
-                events = dict(poller.poll(int(REANNOUNCE_S * 1000)))
+                events = dict(poller.poll(int(ANNOUNCE_EVERY_S * 1000)))
                 if self._router in events:
                     try:
                         route, req = recv(self._router, WeightsRequest, routed=True)
@@ -97,7 +102,7 @@ class WeightPublisher:
                         self._warn(e.reason, "rejected a weights request: %s", e)
                 if wake in events and wake.recv() == b"stop":
                     return
-                if wake in events or time.monotonic() - announced >= REANNOUNCE_S:
+                if wake in events or time.monotonic() - announced >= ANNOUNCE_EVERY_S:
                     self._announce()
                     announced = time.monotonic()
                 with self._lock:

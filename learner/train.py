@@ -123,12 +123,9 @@ def die_with_agent() -> None:
     bind. Linux only (``prctl(PR_SET_PDEATHSIG)``); it covers an agent that dies after this call (an
     agent already gone leaves the worker with init, pid 1, as its parent: it exits then too).
     """
-    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
-        return
-    import ctypes
+    from protocol.cli import die_with_parent
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() == 1:
+    if "TORCHELASTIC_RUN_ID" in os.environ and die_with_parent(signal.SIGKILL) and os.getppid() == 1:
         os._exit(1)
 
 

@@ -16,6 +16,17 @@ import sys
 from protocol.config import Config, load_config
 
 
+def die_with_parent(sig: int) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent dies, however it dies (SIGKILL
+    included). Linux only (prctl PR_SET_PDEATHSIG): returns False elsewhere, where nothing is set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    return True
+
+
 def common_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config", "-c", default=None, help="TOML run file (default: built-in defaults = configs/tiny.toml)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,7 +28,14 @@ SERVER_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@/-]{0,63}")  # short and prin
 _LABEL = re.compile(r"[ -~]{0,255}")  # printable ASCII (host names, engine and task names)
 MAX_VERSION = 2**53  # far beyond any run; keeps version arithmetic exact in int64 and float64
 MAX_SESSION = 2**63 - 1
+ANNOUNCE_EVERY_S = 1.0  # the learner repeats its latest announcement this often (learner/publisher.py)
+LEARNER_SILENT_S = 3.0  # no announcement for this long: the learner is gone (killed, restarting, unreachable)
 HEARTBEAT_STATES = frozenset({"generating", "waiting_for_weights", "loading_weights", "evaluating"})
+
+
+def new_session() -> int:
+    """A fresh random 63-bit identity for this process (rollout servers' groups, the learner's announcements)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
 
 
 def _int(v: Any) -> bool:

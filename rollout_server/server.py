@@ -34,6 +34,7 @@ import zmq
 from protocol.auth import load_auth
 from protocol.config import Config
 from protocol.messages import (
+    LEARNER_SILENT_S,
     Heartbeat,
     Hello,
     ProtocolError,
@@ -41,6 +42,7 @@ from protocol.messages import (
     Weights,
     WeightsAnnouncement,
     WeightsRequest,
+    new_session,
 )
 from protocol.metrics import Monitor
 from protocol.sockets import announce_subscriber, close, group_sender, recv, send, weight_client
@@ -48,9 +50,6 @@ from protocol.weights import unpack_files
 
 log = logging.getLogger("podsrl.rollout")
 
-# The learner re-announces its version every second (learner/publisher.py REANNOUNCE_S); silent this
-# long, it is gone (killed, restarting, unreachable) and generation pauses until it speaks again.
-LEARNER_SILENT_S = 3.0
 
 
 class Stop(Exception):
@@ -75,7 +74,7 @@ class RolloutServer:
         self.learner_session: int | None = None  # a new one while we wait: our request died with the old learner
         self.learner_restarted = False
         self.heard_learner = time.monotonic()  # when the last announcement arrived
-        self.session = int.from_bytes(os.urandom(8), "little") >> 1  # a fresh identity per process (63 bits)
+        self.session = new_session()  # a fresh identity per process
         self.groups_sent = 0  # also the next group's sequence number in this session
         self.state = "waiting_for_weights"
         self.last_beat = 0.0

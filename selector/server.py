@@ -33,6 +33,7 @@ import zmq
 from protocol.auth import load_auth
 from protocol.config import Config
 from protocol.messages import (
+    LEARNER_SILENT_S,
     BatchRequest,
     Heartbeat,
     Hello,
@@ -48,9 +49,6 @@ from selector.bounds import Bounds, Identities
 
 log = logging.getLogger("podsrl.selector")
 
-# The learner re-announces its version every second (learner/publisher.py REANNOUNCE_S); silent this
-# long, it is gone (killed, restarting, unreachable).
-LEARNER_SILENT_S = 3.0
 
 
 @dataclass
