@@ -32,11 +32,13 @@ def load_model(path: Path, device: torch.device) -> PreTrainedModel:
 
 
 def completion_logprobs(model: torch.nn.Module, prompt_ids: list[torch.Tensor], completion_ids: list[torch.Tensor],
-                        temperature: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        temperature: float, device: torch.device,
+                        entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each completion given its prompt, at the sampling temperature.
 
     Returns ``(logp, mask, entropy)``, each ``(B, Lmax)``: row i holds completion i's tokens
-    left-aligned; ``entropy`` is the (detached) entropy of the sampling distribution at each token.
+    left-aligned; ``entropy`` is the entropy of the sampling distribution at each token (detached
+    unless ``entropy_grad``: an entropy bonus needs its gradient).
     Sequences are right-padded, so positions start at 0 for every row as they did when sampled.
     """
     rows = [torch.cat([p, c]) for p, c in zip(prompt_ids, completion_ids, strict=True)]
@@ -60,6 +62,6 @@ def completion_logprobs(model: torch.nn.Module, prompt_ids: list[torch.Tensor], 
     targets = ids.gather(1, (pos + 1).clamp(max=width - 1))
     log_dist = torch.log_softmax(sel, dim=-1)
     logp = log_dist.gather(2, targets[:, :, None])[:, :, 0]
-    with torch.no_grad():
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(log_dist.exp() * log_dist).sum(-1) * mask
     return logp * mask, mask, entropy

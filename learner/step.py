@@ -105,16 +105,19 @@ def micro_batch_loss(net: torch.nn.Module, data: Shard, cfg: Config, totals: tup
                      device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
     """This micro-batch's share of the global loss (``totals``: global tokens, sequences), and its metrics."""
     with autocast(net, cfg.model.dtype, device):
+        bonus = cfg.learner.loss.entropy_coef
         logp, mask, entropy = completion_logprobs(net, data["prompts"], data["completions"],
-                                                  cfg.rollout.temperature, device)
+                                                  cfg.rollout.temperature, device, entropy_grad=bonus > 0)
     behav = pad(data["behav"], mask.shape[1]).to(device)
-    loss_cfg = LossConfig(**cfg.learner.loss.model_dump(), max_len=cfg.max_new_tokens)
+    loss_cfg = LossConfig(**cfg.learner.loss.model_dump(exclude={"entropy_coef"}), max_len=cfg.max_new_tokens)
     # One optimizer step per batch: the proximal policy of decoupled PPO is the current one at step
     # start, i.e. exactly logp without gradient; no second forward pass is needed.
     inputs = LossInputs(logp=logp, behav_logp=behav, advantages=data["advantages"].to(device), mask=mask,
                         prox_logp=logp.detach())
     loss, metrics = compute_loss(inputs, loss_cfg, total_tokens=totals[0], total_seqs=totals[1])
-    metrics["loss/entropy"] = float(entropy.sum() / mask.sum().clamp(min=1))
+    if bonus > 0:  # this micro-batch's share of the batch's token-mean entropy, as the loss is
+        loss = loss - bonus * entropy.sum() / max(totals[0], 1.0)
+    metrics["loss/entropy"] = float(entropy.detach().sum() / mask.sum().clamp(min=1))
     return loss, metrics
 
 

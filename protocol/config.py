@@ -183,6 +183,9 @@ class LossSettings(Section):
     m2_tau: float = Field(0.04, gt=0, description="M2PO second-moment threshold")
     aggregation: Literal["token_mean", "seq_mean_token_mean", "constant"] = Field(
         "token_mean", description="how token losses become one number")
+    entropy_coef: float = Field(0.0, ge=0, description="subtract this x the mean entropy of the sampling "
+                                "distribution over completion tokens from the loss (an entropy bonus against "
+                                "entropy collapse; docs/LOSSES.md); 0 = off")
 
 
 class LearnerConfig(Section):

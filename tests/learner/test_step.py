@@ -149,3 +149,25 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted(tiny):
     metrics = train_step(model, opt, ragged_rows(4, vocab=17, seed=5), cfg, 1, CPU, 1)
     assert metrics["train/skipped_nonfinite"] == 0.0
     assert not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_the_entropy_bonus_raises_entropy_and_is_off_by_default(tiny):
+    """With zero advantages the policy loss has no gradient; the bonus alone then moves the policy
+    towards higher entropy, and micro-batching leaves its gradient unchanged (it is a token mean)."""
+    data = ragged_rows(12, 15, seed=3)
+    data["advantages"] = torch.zeros(12)
+    off, _ = grads_after_step(tiny, data)
+    assert all(float(g.abs().max()) == 0.0 for g in off.values()), "no advantage, no bonus: no gradient"
+    one, _ = grads_after_step(tiny, data, "learner.loss.entropy_coef=0.1", "learner.micro_batch_tokens=0")
+    split, _ = grads_after_step(tiny, data, "learner.loss.entropy_coef=0.1", "learner.micro_batch_tokens=40")
+    assert max(float(g.abs().max()) for g in one.values()) > 0
+    for name in one:
+        torch.testing.assert_close(split[name], one[name], atol=1e-6, rtol=1e-5)
+    cfg = config(tiny, "learner.loss.entropy_coef=0.1", "learner.lr=1e-2")
+    torch.manual_seed(0)
+    model = load_model(tiny, CPU)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr)
+    before = train_step(model, opt, copy.deepcopy(data), cfg, 1, CPU, 0)["loss/entropy"]
+    for step in range(1, 4):
+        after = train_step(model, opt, copy.deepcopy(data), cfg, 1, CPU, step)["loss/entropy"]
+    assert after > before
