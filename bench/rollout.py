@@ -1,11 +1,11 @@
 """Rollout benchmarks: the server's overhead over its engine, the text path's cost, and the torch engine
 vs transformers.
 
-(a) ``RolloutServer.generate_groups`` (tokenize the prompts + generate + decode + score in the reward
+(a) ``RolloutServer.produce`` (tokenize the prompts + generate + decode + score in the reward
     worker process + build ScoredGroups + push over a real zmq PUSH to a PULL sink on loopback, drained
     by a thread) vs ``engine.generate`` alone on the very same prompts and seeds (so both produce
     identical tokens). Goal: >= 0.9x the bare engine.
-(a2) The text path's cost over a token path, on the tiny default model: ``generate_groups`` as in (a)
+(a2) The text path's cost over a token path, on the tiny default model: ``produce`` as in (a)
     vs the same engine calls scored directly on token ids in-process (the copy task's partial credit:
     the fraction of answer positions holding the answer's token id), building the same ScoredGroups
     and pushing them through the same socket, as the server did before tasks became text. The token
@@ -43,7 +43,7 @@ from launcher.tiny import build_tiny_model
 from learner.model import load_model
 from protocol.config import Config, load_config
 from protocol.messages import ScoredGroup
-from protocol.sockets import group_receiver
+from protocol.sockets import group_receiver, group_sender, send
 from protocol.weights import pack_weights, read_tokenizer_files, with_files
 from rollout_server.tasks.data import builtin_alphabet
 
@@ -91,7 +91,7 @@ class Sink:
 
 @dataclass(frozen=True)
 class Call:
-    """One engine call: what ``generate_groups`` draws once ``server.rng`` and ``task.source.rng`` are
+    """One engine call: what ``produce`` draws once ``server.rng`` and ``task.source.rng`` are
     both reset to ``default_rng(k)``."""
 
     prompts: list[Any]  # rollout_server.tasks.Prompt
@@ -119,8 +119,19 @@ def copy_credit(completions: list[np.ndarray], answer: np.ndarray) -> np.ndarray
     return out
 
 
-def token_groups(server: Any, call: Call, spec: Any) -> None:
-    """``generate_groups`` as a token task ran it: the same engine call, scored on ids in-process, the
+def server_groups(server: Any, push: zmq.Socket) -> None:
+    """What the server's loop does per engine call: ``produce`` (in its worker thread), then push each
+    group and log one metrics line (here on a plain socket: the loop's asyncio send is the same frames)."""
+    produced = server.produce()
+    for group in produced.groups:
+        send(push, group)
+        server.groups_sent += 1
+    server.monitor.log(server.engine.version, {**produced.metrics, "rollout/groups_sent": server.groups_sent,
+                                               **{f"rollout/{k}": v for k, v in server.counters.items()}})
+
+
+def token_groups(server: Any, push: zmq.Socket, call: Call, spec: Any) -> None:
+    """``produce`` as a token task ran it: the same engine call, scored on ids in-process, the
     same ScoredGroups pushed through the same socket, the same kind of metrics line."""
     n, version = server.cfg.rollout.group_size, server.engine.version
     t0 = time.monotonic()
@@ -129,7 +140,7 @@ def token_groups(server: Any, call: Call, spec: Any) -> None:
     rewards = [copy_credit(samples.ids[i * n:(i + 1) * n], a) for i, a in enumerate(call.answers)]
     for i, prompt in enumerate(call.prompts):
         ids, lps = samples.ids[i * n:(i + 1) * n], samples.logprobs[i * n:(i + 1) * n]
-        server._send(ScoredGroup(
+        send(push, ScoredGroup(
             server_id=server.server_id, session=server.session, group_id=server.groups_sent, version=version,
             task=server.task.name,
             gen_seconds=gen_s / len(call.prompts), prompt_ids=prompt.ids,
@@ -173,9 +184,9 @@ def bench_case(name: str, overrides: list[str], quick: bool, extra_chars: str = 
         sink_ctx = zmq.Context()
         sink = Sink(sink_ctx, cfg)
         server = RolloutServer(cfg, "bench", seed=0)
+        push = group_sender(sink_ctx, cfg.net)
         try:
-            server.task = server._build_task(weights)  # as sync_weights does with the first weights
-            server.engine.load(weights)
+            server.install(weights)  # as the server does with the first version
             engine, task, r = server.engine, server.task, cfg.rollout
             desc = _describe(cfg, model, len(task.tokenizer))
             spec = server.sampling(r.temperature)
@@ -185,7 +196,7 @@ def bench_case(name: str, overrides: list[str], quick: bool, extra_chars: str = 
                 for k in seeds:
                     server.rng = np.random.default_rng(k)
                     task.source.rng = np.random.default_rng(k)
-                    server.generate_groups()
+                    server_groups(server, push)
 
             def bare_engine() -> int:
                 return sum(sum(len(c) for c in engine.generate([p.ids for p in c.prompts], r.group_size, spec,
@@ -193,7 +204,7 @@ def bench_case(name: str, overrides: list[str], quick: bool, extra_chars: str = 
 
             def token_path() -> None:
                 for c in plan:
-                    token_groups(server, c, spec)
+                    token_groups(server, push, c, spec)
 
             samples = [engine.generate([p.ids for p in c.prompts], r.group_size, spec, seed=c.seed) for c in plan]
             texts = [task.decode(s.ids) for s in samples]
@@ -257,14 +268,15 @@ def bench_case(name: str, overrides: list[str], quick: bool, extra_chars: str = 
             if server.task is not None:
                 server.task.close()
             server.monitor.close()
-            for s in (server.push, server.sub, server.dealer):
+            for s in (server.push, server.sub, server.dealer, push):
                 s.close(linger=0)
             server.ctx.term()
+            server._worker.shutdown()
             sink.close()
             sink_ctx.term()
 
     rows = r.prompts_per_call * r.group_size * len(seeds)
-    ms = {k: 1e3 * v / len(seeds) for k, v in t.items()}  # per engine call (one generate_groups)
+    ms = {k: 1e3 * v / len(seeds) for k, v in t.items()}  # per engine call (one produce)
     engine_tps, hf_tps = engine_tokens / t["engine"], hf_tokens / t["transformers"]
     results = []
     if "server" in t:
@@ -285,7 +297,7 @@ def bench_case(name: str, overrides: list[str], quick: bool, extra_chars: str = 
             unit="ms/call", peer="token path: same engine calls, copy credit on token ids in-process, same "
             "ScoredGroups and socket", peer_value=ms["token"], ratio=ratio, goal=f"<= {TEXT_GOAL:.2f}x",
             met=ratio <= TEXT_GOAL, ratio_means="text path time / token path time",
-            notes="generate_groups (tokenize + generate + decode + reward worker round trip + push) vs the "
+            notes="produce (tokenize + generate + decode + reward worker round trip + push) vs the "
                   "pre-text server loop on pre-drawn ids; identical tokens, both pushed to the same sink",
             extra={"text_ms_per_call": ms["server"], "token_ms_per_call": ms["token"],
                    "engine_ms_per_call": ms["engine"], "text_over_token_ms_per_call": ms["server"] - ms["token"],
@@ -296,9 +308,9 @@ def bench_case(name: str, overrides: list[str], quick: bool, extra_chars: str = 
         for k, v in parts.items():
             results.append(Result(
                 bench="rollout", case=f"(a2) text path part: {what[k]}, {name}", value=v, unit="ms/call",
-                peer="the whole text path (generate_groups)", peer_value=ms["server"], ratio=v / ms["server"],
+                peer="the whole text path (produce)", peer_value=ms["server"], ratio=v / ms["server"],
                 goal="-", met=None, ratio_means="part / text path",
-                notes="median per generate_groups call, measured alone on the same prompts and completions"))
+                notes="median per produce call, measured alone on the same prompts and completions"))
     results.append(Result(
         bench="rollout", case=f"(b) torch engine, {name}: {desc}", value=engine_tps, unit="tokens/s",
         peer="transformers generate(do_sample) + log-probs from output_logits", peer_value=hf_tps,

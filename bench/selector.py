@@ -344,7 +344,7 @@ def _announce_main(ctx: zmq.Context, port: int, stop: threading.Event) -> None:
     pub = announce_publisher(ctx, NetConfig(announce_port=port))
     try:
         while not stop.wait(0.2):
-            send(pub, WeightsAnnouncement(version=0, nbytes=0, crc32=0, final=False))
+            send(pub, WeightsAnnouncement(version=0, final=False))
     finally:
         close(pub)
 

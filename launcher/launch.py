@@ -28,6 +28,7 @@ from typing import IO
 from launcher.cli import torchrun_command
 from protocol.cli import die_with_parent
 from protocol.config import Config, to_toml
+from protocol.shm import remove_segments, run_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -260,6 +261,8 @@ def launch(cfg: Config, report: str) -> int:
             if kid.log is not None:
                 kid.log.close()
         memory.close()
+        with contextlib.suppress(OSError):  # a learner killed above leaves its shared-memory segments
+            remove_segments(cfg.weights.shm_dir, run_key(run_dir))
         for s, h in old.items():
             signal.signal(s, h)
     progress.finish()

@@ -1,17 +1,29 @@
-"""Rank 0's weight publisher: announces each version (PUB) and serves it on request (ROUTER).
+"""Rank 0's weight publisher: announces each version (PUB) and serves it in chunks on request (ROUTER).
 
-It runs one background thread that alone owns both sockets, so serving a slow remote rollout server
-never stalls training, and a fast local one never waits for the slow one (each reply is one
-zero-copy message in its peer's own pipe). The training thread hands over a packed version with
-:meth:`publish`; only the newest version is kept, and requests that arrive before version 0 exists
-are answered as soon as it does. A request ``with_files`` also gets the tokenizer's files (read once at
-start-up), so a rollout server needs no files of its own.
+The weight-transfer protocol (docs/ARCHITECTURE.md, "Weights"):
 
-Every announcement carries the learner's ``session`` (random per process: a rollout server waiting
-on a request the previous learner took to its grave asks again as soon as a new session speaks), the
-version ``floor`` (see ``learner/checkpoint.py``) and the vocabulary size the selector bounds token ids
-with. The latest announcement is repeated every ``ANNOUNCE_EVERY_S``, so a process that (re)connects late
-learns the version within a second instead of waiting for the next step.
+- The training thread packs each version (``pack_weights``: one copy, a digest per tensor) into a
+  buffer from :meth:`WeightPublisher.alloc` (a shared-memory segment when offered, ``protocol/shm.py``)
+  and hands it over with :meth:`publish`. The publisher keeps the newest ``weights.keep_versions``.
+- A rollout server asks for chunk 0 of the latest version and says which version it ``have``\\s. If
+  that version is still kept (and not below the floor), the payload is the delta: zstd of the XOR of
+  the two raw buffers, computed once per (base, target) pair and cached; otherwise the full buffer.
+  Chunk 0 tells the payload's kind, size and chunk count and carries the manifest with the target's
+  digests; the server then pulls the other chunks, at most ``weights.window`` in flight. A version or
+  base evicted in the meantime is answered ``gone`` and the server starts again from the latest.
+  Deltas are encoded on an encoder thread (the one from the previous version as soon as a version
+  is published), so serving and the announcements never wait for compression.
+- Flow control is the server's pull: the learner holds at most ``window`` chunks for any peer, so a
+  slow link delays only its own server; a reply is zero-copy (a view of the kept buffer or delta).
+
+One background thread alone owns both sockets, so serving never stalls training. Requests that
+arrive before version 0 exists are answered as soon as it does. Every announcement carries the
+learner's ``session`` (random per process: a rollout server waiting on a request the previous learner
+took to its grave asks again as soon as a new session speaks), the version ``floor``
+(``learner/checkpoint.py``), the vocabulary size the selector bounds token ids with, and the
+version's segment name and this machine's id when it is in shared memory. The latest announcement
+is repeated every ``ANNOUNCE_EVERY_S``, so a process that (re)connects late learns the version within
+a second instead of waiting for the next step.
 """
 
 from __future__ import annotations
@@ -19,99 +31,231 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import zmq
 
 from protocol.auth import load_auth
-from protocol.config import NetConfig
+from protocol.config import NetConfig, WeightsConfig
 from protocol.messages import (
     ANNOUNCE_EVERY_S,
     ProtocolError,
     Weights,
     WeightsAnnouncement,
+    WeightsChunk,
     WeightsRequest,
     new_session,
 )
 from protocol.metrics import RateLimitedLog
+from protocol.shm import SegmentStore, host_id, run_key
 from protocol.sockets import announce_publisher, close, recv, send, weight_server
-from protocol.weights import with_files
+from protocol.weights import encode_delta, same_layout
 
 log = logging.getLogger("podsrl.learner")
 
 
-
 class WeightPublisher:
     def __init__(self, ctx: zmq.Context, net: NetConfig, files: dict[str, bytes] | None = None,
-                 vocab_size: int = 0) -> None:
+                 vocab_size: int = 0, weights: WeightsConfig | None = None, run_dir: str = "") -> None:
         auth = load_auth(net, "learner")  # first: a missing key must fail before any socket exists
+        self.cfg = weights or WeightsConfig()
         self._ctx = ctx
         self._files = files or {}
+        self._files_blob = np.frombuffer(b"".join(self._files.values()), np.uint8)
+        self._file_list = [[k, len(v)] for k, v in self._files.items()]
+        self._kept: OrderedDict[int, Weights] = OrderedDict()  # version -> packed buffer, oldest first
+        self._deltas: OrderedDict[tuple[int, int], Future] = OrderedDict()  # (base, target) -> payload
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="weight-delta")
+        self._shm_names: dict[int, str] = {}
         self._latest: Weights | None = None
         self._floor = 0
         self._final = False
         self.vocab_size = vocab_size
         self.session = new_session()
+        self._chunk = max(1, int(self.cfg.chunk_mib * (1 << 20)))
         self._warn = RateLimitedLog(log)
         self._lock = threading.Lock()
+        self.shm: SegmentStore | None = None
+        if self.cfg.transport != "net" and run_dir:
+            try:
+                self.shm = SegmentStore(self.cfg.shm_dir, run_key(run_dir), self.session)
+                if self.shm.stale_removed:
+                    log.info("removed %d shared-memory segments left by a learner of this run that was killed",
+                             self.shm.stale_removed)
+            except OSError as e:
+                log.warning("no shared memory for weights (%s: %s): rollout servers on this machine fetch over the "
+                            "network; set weights.shm_dir to a writable tmpfs", self.cfg.shm_dir, e)
         self._wake_addr = f"inproc://publisher-{id(self)}"
         self._wake = ctx.socket(zmq.PAIR)
         self._wake.bind(self._wake_addr)
         # Bind here, in the caller, so a port clash is an error at start-up, not in the thread.
         self._pub, self._router = announce_publisher(ctx, net, auth), weight_server(ctx, net, auth)
-        self.served = 0
+        self.served = 0  # chunk replies sent
+        self.bytes_served = 0
+        self.deltas_served = self.full_served = 0  # transfers (chunk 0 replies) of each kind
         self.rejected = 0
         self._thread = threading.Thread(target=self._serve, name="weight-publisher", daemon=True)
         self._thread.start()
 
+    # -- the training thread's side ------------------------------------------------------------
+    def alloc(self, nbytes: int) -> np.ndarray:
+        """The buffer to pack the next version into: a shared-memory segment when offered (a full
+        shm directory is reported once and ends the offer), else ordinary memory."""
+        if self.shm is not None:
+            try:
+                return self.shm.alloc(nbytes)
+            except OSError as e:
+                log.warning("shared memory full or unusable (%s); rollout servers on this machine fetch over the "
+                            "network from now on (raise the tmpfs size, e.g. docker shm_size)", e)
+                self.shm.close()
+                self.shm = None
+        return np.empty(nbytes, np.uint8)
+
     def publish(self, weights: Weights, floor: int = 0, final: bool = False) -> None:
-        """Make ``weights`` the version served and announce it (``floor``: see the module doc)."""
+        """Make ``weights`` the version served and announce it (``floor``: see the module doc).
+        ``weights.data`` must come from :meth:`alloc` when shared memory is offered."""
+        name = ""
+        if self.shm is not None and self.shm.pending:
+            name = self.shm.seal(weights)
         with self._lock:
+            previous = self._latest
             self._latest, self._floor, self._final = weights, floor, final
+            self._kept[weights.version] = weights
+            if name:
+                self._shm_names[weights.version] = name
+            while len(self._kept) > self.cfg.keep_versions:
+                old, _ = self._kept.popitem(last=False)
+                self._shm_names.pop(old, None)
+                if self.shm is not None:
+                    self.shm.remove(old)
+                for pair in [p for p in self._deltas if old in p]:
+                    del self._deltas[pair]
+        if (self.cfg.delta and previous is not None and previous.version < weights.version
+                and same_layout(previous.tensors, weights.tensors)):
+            self._delta(previous, weights)  # the one most servers will ask for: start encoding it now
         self._wake.send(b"new")
+
+    def metrics(self) -> dict[str, float]:
+        """Cumulative serving counters (``weights/*`` in the learner's metrics)."""
+        return {"weights/bytes_served_mib": self.bytes_served / 2**20, "weights/deltas_served": self.deltas_served,
+                "weights/full_served": self.full_served, "weights/chunks_served": self.served,
+                "weights/requests_rejected": self.rejected, "weights/shm": float(self.shm is not None)}
 
     def close(self) -> None:
         self._wake.send(b"stop")
         self._thread.join(timeout=10)
+        self._encoder.shutdown(wait=True, cancel_futures=True)
         close(self._wake)
+        if self.shm is not None:
+            self.shm.close()
 
+    # -- the serving thread --------------------------------------------------------------------
     def _announce(self) -> None:
         with self._lock:
             w, floor, final = self._latest, self._floor, self._final
+            shm = self._shm_names.get(w.version, "") if w is not None else ""
         if w is not None:
-            send(self._pub, WeightsAnnouncement(version=w.version, nbytes=int(w.data.nbytes), crc32=w.crc32,
-                                                final=final, floor=floor, vocab_size=self.vocab_size,
-                                                session=self.session))
+            send(self._pub, WeightsAnnouncement(version=w.version, nbytes=int(w.data.nbytes), final=final,
+                                                floor=floor, vocab_size=self.vocab_size, session=self.session,
+                                                shm=shm, host=host_id() if shm else ""))
+
+    def _payload(self, req: WeightsRequest) -> tuple[Weights, int, np.ndarray] | Future | None:
+        """(target, base, payload) for a request; the encoding in progress when its delta is not ready
+        yet; None when what it names is no longer kept."""
+        with self._lock:
+            target = self._latest if req.version == -1 else self._kept.get(req.version)
+            base = self._kept.get(req.have) if req.have >= self._floor else None
+        if target is None:
+            return None
+        use_delta = (self.cfg.delta and base is not None and base.version < target.version
+                     and same_layout(base.tensors, target.tensors))
+        if req.chunk > 0 and req.have >= 0 and not use_delta:
+            return None  # the delta this transfer started with can no longer be made
+        if not use_delta or base is None:
+            return target, -1, target.data
+        done = self._delta(base, target)
+        return (target, base.version, done.result()) if done.done() else done
+
+    def _delta(self, base: Weights, target: Weights) -> Future:
+        """The delta base -> target: cached, or being encoded on the encoder thread (zstd releases the GIL,
+        so serving and announcing go on meanwhile, however large the model)."""
+        key = (base.version, target.version)
+        with self._lock:
+            done = self._deltas.get(key)
+            if done is None:
+                done = self._encoder.submit(
+                    lambda: np.frombuffer(encode_delta(base, target, self.cfg.zstd_level), np.uint8))
+                self._deltas[key] = done
+                while len(self._deltas) > 2 * self.cfg.keep_versions:
+                    self._deltas.popitem(last=False)
+        return done
+
+    def _reply(self, route: list[bytes], req: WeightsRequest) -> bool:
+        """Answer one request; False when its delta is still being encoded (ask again later)."""
+        found = self._payload(req)
+        if isinstance(found, Future):
+            return False
+        if found is None:
+            send(self._router, WeightsChunk(fetch=req.fetch, version=max(req.version, 0), status="gone"), *route)
+            return True
+        target, base, payload = found
+        size = int(payload.shape[0])
+        chunks = max(1, -(-size // self._chunk))
+        if req.chunk >= chunks:
+            self.rejected += 1
+            self._warn("chunk", "a weights request asked for chunk %d of %d", req.chunk, chunks)
+            send(self._router, WeightsChunk(fetch=req.fetch, version=target.version, status="gone"), *route)
+            return True
+        first = req.chunk == 0
+        files = first and req.with_files
+        part = payload[req.chunk * self._chunk:(req.chunk + 1) * self._chunk]
+        self.served += 1
+        self.bytes_served += int(part.shape[0])
+        if first:
+            if base < 0:
+                self.full_served += 1
+            else:
+                self.deltas_served += 1
+        send(self._router, WeightsChunk(
+            fetch=req.fetch, version=target.version, status="ok", base=base,
+            encoding="raw" if base < 0 else "xor+zstd", chunk=req.chunk, chunks=chunks, chunk_bytes=self._chunk,
+            size=size, raw_bytes=int(target.data.shape[0]), model_config=target.model_config if first else "",
+            tensors=target.tensors if first else [], files=self._file_list if files else [],
+            data=part, file_data=self._files_blob if files else np.empty(0, np.uint8)), *route)
+        return True
 
     def _serve(self) -> None:
         wake = self._ctx.socket(zmq.PAIR)
         wake.connect(self._wake_addr)
-        waiting: list[tuple[list[bytes], bool]] = []  # (route, with_files) of requests not yet answered
+        waiting: list[tuple[list[bytes], WeightsRequest]] = []  # requests that came before version 0
         poller = zmq.Poller()
         poller.register(wake, zmq.POLLIN)
         poller.register(self._router, zmq.POLLIN)
         announced = time.monotonic()
+        timeout_ms = int(ANNOUNCE_EVERY_S * 1000)
         try:
             while True:
-                events = dict(poller.poll(int(ANNOUNCE_EVERY_S * 1000)))
+                events = dict(poller.poll(timeout_ms))
                 if self._router in events:
-                    try:
-                        route, req = recv(self._router, WeightsRequest, routed=True)
-                        waiting.append((route, req.with_files))
-                    except ProtocolError as e:
-                        self.rejected += 1
-                        self._warn(e.reason, "rejected a weights request: %s", e)
+                    for _ in range(64):  # drain a burst of chunk requests, then look at the clock again
+                        try:
+                            route, req = recv(self._router, WeightsRequest, routed=True, flags=zmq.NOBLOCK)
+                            waiting.append((route, req))
+                        except zmq.Again:
+                            break
+                        except ProtocolError as e:
+                            self.rejected += 1
+                            self._warn(e.reason, "rejected a weights request: %s", e)
                 if wake in events and wake.recv() == b"stop":
                     return
                 if wake in events or time.monotonic() - announced >= ANNOUNCE_EVERY_S:
                     self._announce()
                     announced = time.monotonic()
-                with self._lock:
-                    latest = self._latest
-                if latest is not None:
-                    for route, files in waiting:
-                        send(self._router, with_files(latest, self._files) if files else latest, *route)
-                        self.served += 1
-                    waiting.clear()
+                if self._latest is not None:
+                    waiting = [(route, req) for route, req in waiting if not self._reply(route, req)]
+                    timeout_ms = 5 if waiting else int(ANNOUNCE_EVERY_S * 1000)  # a delta being encoded
         finally:
             self._pub.close(linger=2000)  # let the final announcement leave
             close(self._router, wake)

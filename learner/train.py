@@ -191,12 +191,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"version {version} has non-finite weights ({bad[:3]}): not published. Resume "
                                    "from the last checkpoint with a lower learner.lr or learner.grad_clip")
             record_published(cfg, version, floor)
-            publisher.publish(pack_weights(cast(state, cfg.model.dtype), version, model_config), floor, final)
+            publisher.publish(pack_weights(cast(state, cfg.model.dtype), version, model_config, alloc=publisher.alloc),
+                              floor, final)
 
         if rank == 0:
             assert ctx is not None
             publisher = WeightPublisher(ctx, cfg.net, files=read_tokenizer_files(cfg.model_dir),
-                                        vocab_size=int(model.config.vocab_size))
+                                        vocab_size=int(model.config.vocab_size), weights=cfg.weights,
+                                        run_dir=cfg.run.dir)
             publish()
             source = BatchSource(ctx, cfg, int(model.config.vocab_size))
             monitor = Monitor(cfg.run.dir, "learner")
@@ -226,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             state = full_model_state(net)
             if rank == 0:
                 assert publisher is not None and monitor is not None and source is not None
+                t_pub = time.monotonic()
                 publish()
+                metrics.update({"time/publish": time.monotonic() - t_pub, **publisher.metrics()})
                 stale = (version - 1) - batch.versions  # what this update trained on (a late reply may be
                 # a batch cut for an older request version: the learner's own version is the truth)
                 metrics.update({

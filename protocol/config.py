@@ -233,6 +233,25 @@ class NetConfig(Section):
                           "servers' public keys and the allowlists (rollout/*.key); required when auth is on")
 
 
+class WeightsConfig(Section):
+    transport: Literal["auto", "net", "shm"] = Field(
+        "auto", description="how rollout servers get versions: 'auto' = shared memory when on the learner's machine "
+        "(same boot id), else the network; 'net' = always the network; 'shm' = like auto, but warn whenever the "
+        "segment cannot be used (docs/ARCHITECTURE.md)")
+    shm_dir: str = Field("/dev/shm", description="learner: where shared-memory segments live (a tmpfs; docker: "
+                         "raise shm_size); unusable = network only, with a warning")
+    keep_versions: int = Field(4, ge=1, description="versions the learner keeps as delta bases (and segments); "
+                               "each costs one copy of the weights in memory")
+    delta: bool = Field(True, description="send a server the zstd-compressed XOR from the version it holds when "
+                        "the learner still keeps that version, else the full version")
+    zstd_level: int = Field(1, ge=1, le=22, description="zstd level of deltas (1 is fastest)")
+    chunk_mib: float = Field(4.0, gt=0, le=512, description="a transfer travels in chunks of this size")
+    window: int = Field(4, ge=1, le=64, description="rollout: chunk requests in flight per transfer (flow control: "
+                        "a slow link holds at most window x chunk_mib at the learner)")
+    background: bool = Field(True, description="rollout: fetch and verify the next version while generating and "
+                             "swap it in between engine calls; false = stop, fetch, then generate")
+
+
 class Config(Section):
     max_staleness: int = Field(2, ge=0, description="K: no sample with learner_version - sample_version > K is trained")
     run: RunConfig = RunConfig()
@@ -243,6 +262,7 @@ class Config(Section):
     selector: SelectorConfig = SelectorConfig()
     learner: LearnerConfig = LearnerConfig()
     net: NetConfig = NetConfig()
+    weights: WeightsConfig = WeightsConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

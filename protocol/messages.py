@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 I32, I64, F32, U8 = np.dtype("<i4"), np.dtype("<i8"), np.dtype("<f4"), np.dtype("u1")
 
@@ -28,6 +28,7 @@ SERVER_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@/-]{0,63}")  # short and prin
 _LABEL = re.compile(r"[ -~]{0,255}")  # printable ASCII (host names, engine and task names)
 MAX_VERSION = 2**53  # far beyond any run; keeps version arithmetic exact in int64 and float64
 MAX_SESSION = 2**63 - 1
+MAX_CHUNKS = 2**31  # chunks of one weights transfer
 ANNOUNCE_EVERY_S = 1.0  # the learner repeats its latest announcement this often (learner/publisher.py)
 LEARNER_SILENT_S = 3.0  # no announcement for this long: the learner is gone (killed, restarting, unreachable)
 HEARTBEAT_STATES = frozenset({"generating", "waiting_for_weights", "loading_weights", "evaluating"})
@@ -277,53 +278,103 @@ class TrainBatch(Message):
 
 @dataclass(frozen=True)
 class WeightsAnnouncement(Message):
-    """Published by the learner after each new version; ``final`` tells everyone the run is over."""
+    """Published by the learner after each new version; ``final`` tells everyone the run is over.
+
+    ``shm`` names the version's shared-memory segment (``protocol/shm.py``) and ``host`` the machine it
+    lives on (``protocol.shm.host_id``): a rollout server on that machine maps it instead of fetching it
+    over the network. Both are empty when the learner offers no segment."""
 
     TYPE: ClassVar[str] = "weights_announcement"
     version: int
-    nbytes: int
-    crc32: int
     final: bool
+    nbytes: int = 0  # the version's raw size
     floor: int = 0  # no row of a version below this is trained: a restarted learner discarded those weights
     vocab_size: int = 0  # the model's; every token id a rollout server sends must be below it (0: unknown)
     session: int = 0  # random per learner process: a new one means the learner restarted
+    shm: str = ""
+    host: str = ""
 
     def check(self) -> None:
         _check_version("version", self.version)
         _check_version("floor", self.floor)
         if self.floor > self.version or self.vocab_size < 0 or self.nbytes < 0 or not 0 <= self.session <= MAX_SESSION:
             raise _invariant("floor <= version, vocab_size >= 0, nbytes >= 0 and a 63-bit session required")
+        if self.shm and not _SAFE_FILE.fullmatch(self.shm):
+            raise _invariant("shm must be a plain file name")
+        _check_label("host", self.host)
 
 
 @dataclass(frozen=True)
 class WeightsRequest(Message):
-    """A rollout server asks for a version's weights; ``version = -1`` means the latest.
+    """A rollout server asks for one chunk of a version; ``version = -1`` means the latest.
 
-    ``with_files``: also send the model's tokenizer files (a rollout server asks once, on joining)."""
+    ``have``: the version the server holds (-1: none), so the reply can be a delta from it.
+    ``chunk``: which chunk of the reply's payload (0 first; its reply says how many there are); the
+    later chunks of one transfer name the version and base that chunk 0 announced. ``fetch``: the
+    server's id of this transfer, echoed in every reply, so a reply to an abandoned transfer is
+    recognised. ``with_files``: chunk 0 also carries the tokenizer files (a server asks once, on
+    joining). A server keeps at most ``weights.window`` chunk requests in flight: that is the
+    weights link's flow control (learner/publisher.py)."""
 
     TYPE: ClassVar[str] = "weights_request"
     version: int
+    have: int = -1
     with_files: bool = False
+    chunk: int = 0
+    fetch: int = 0
 
     def check(self) -> None:
         _check_version("version", self.version, low=-1)
+        _check_version("have", self.have, low=-1)
+        if not (0 <= self.chunk < MAX_CHUNKS and 0 <= self.fetch <= MAX_SESSION):
+            raise _invariant(f"chunk must be in 0..{MAX_CHUNKS - 1} and fetch a 63-bit id")
+
+
+def _check_manifest(tensors: list, nbytes: int) -> None:
+    """``[name, dtype, shape, offset, nbytes, xxh3_64]`` entries, aligned, in order, covering ``nbytes``."""
+    end = 0
+    for entry in tensors:
+        if not (isinstance(entry, list) and len(entry) == 6):
+            raise _invariant(f"bad tensor entry {str(entry)[:80]}")
+        name, dtype, shape, offset, size, digest = entry
+        if not (isinstance(name, str) and isinstance(dtype, str) and isinstance(shape, list)
+                and all(_int(d) and d >= 0 for d in shape) and _int(offset) and _int(size)
+                and _int(digest) and 0 <= digest < 2**64):
+            raise _invariant(f"bad tensor entry {str(entry)[:80]}")
+        if not (offset >= end and offset % WEIGHTS_ALIGN == 0 and size >= 0):
+            raise _invariant(f"tensor {name}: offset {offset} overlaps the previous tensor or is not aligned")
+        end = offset + size
+    if not end <= nbytes < end + WEIGHTS_ALIGN:
+        raise _invariant(f"manifest covers {end} bytes, buffer has {nbytes}")
+
+
+def _check_files(files: list, nbytes: int) -> None:
+    total = 0
+    for entry in files:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and _SAFE_FILE.fullmatch(entry[0]) and _int(entry[1]) and entry[1] >= 0):
+            raise _invariant(f"bad file entry {str(entry)[:80]}: [plain file name, nbytes] expected")
+        total += entry[1]
+    if total != nbytes:
+        raise _invariant(f"files cover {total} bytes, file_data has {nbytes}")
 
 
 @dataclass(frozen=True)
 class Weights(Message):
     """A complete policy version: one contiguous byte buffer and the manifest to slice it.
 
-    ``tensors`` is a list of ``[name, torch_dtype, shape, offset, nbytes]`` in buffer order, every
-    offset a multiple of ``WEIGHTS_ALIGN`` (so each tensor can be viewed in place); ``model_config`` is the
-    transformers config as JSON, and ``files`` (``[name, nbytes]`` in order) slices ``file_data`` into
-    the tokenizer's files (sent only to a request ``with_files``; empty otherwise), so a rollout server
-    on any machine can build the model and its tokenizer with no files of its own.
+    ``tensors`` is a list of ``[name, torch_dtype, shape, offset, nbytes, xxh3_64]`` in buffer order,
+    every offset a multiple of ``WEIGHTS_ALIGN`` (so each tensor can be viewed in place), each with the
+    xxh3-64 digest of its bytes (checked before a version is loaded: ``protocol.weights.verify``);
+    ``model_config`` is the transformers config as JSON, and ``files`` (``[name, nbytes]`` in order)
+    slices ``file_data`` into the tokenizer's files, so a rollout server on any machine can build the
+    model and its tokenizer with no files of its own. A version travels as ``WeightsChunk`` messages
+    (whole or as a delta) or through shared memory, and is reassembled into this type.
     """
 
     TYPE: ClassVar[str] = "weights"
     ARRAYS: ClassVar[dict[str, tuple[np.dtype, int]]] = {"data": (U8, 1), "file_data": (U8, 1)}
     version: int
-    crc32: int
     model_config: str
     tensors: list
     files: list
@@ -332,32 +383,72 @@ class Weights(Message):
 
     def check(self) -> None:
         _check_version("version", self.version)
-        total = 0
-        for entry in self.files:
-            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
-                    and _SAFE_FILE.fullmatch(entry[0]) and _int(entry[1]) and entry[1] >= 0):
-                raise _invariant(f"bad file entry {str(entry)[:80]}: [plain file name, nbytes] expected")
-            total += entry[1]
-        if total != self.file_data.shape[0]:
-            raise _invariant(f"files cover {total} bytes, file_data has {self.file_data.shape[0]}")
-        end = 0
-        for entry in self.tensors:
-            if not (isinstance(entry, list) and len(entry) == 5):
-                raise _invariant(f"bad tensor entry {entry!r}")
-            name, dtype, shape, offset, nbytes = entry
-            if not (isinstance(name, str) and isinstance(dtype, str) and isinstance(shape, list)
-                    and all(_int(d) and d >= 0 for d in shape) and _int(offset) and _int(nbytes)):
-                raise _invariant(f"bad tensor entry {entry!r}")
-            if not (offset >= end and offset % WEIGHTS_ALIGN == 0 and nbytes >= 0):
-                raise _invariant(f"tensor {name}: offset {offset} overlaps the previous tensor or is not aligned")
-            end = offset + nbytes
-        if not end <= self.data.shape[0] < end + WEIGHTS_ALIGN:
-            raise _invariant(f"manifest covers {end} bytes, buffer has {self.data.shape[0]}")
+        _check_files(self.files, self.file_data.shape[0])
+        _check_manifest(self.tensors, self.data.shape[0])
+
+
+WEIGHT_ENCODINGS = ("raw", "xor+zstd")
+
+
+@dataclass(frozen=True)
+class WeightsChunk(Message):
+    """One chunk of a version in transfer: the reply to a ``WeightsRequest``.
+
+    The payload (``size`` bytes in ``chunks`` chunks of ``chunk_bytes``, the last one shorter) is the
+    version's raw buffer (``base = -1``, ``encoding = "raw"``) or the zstd-compressed XOR of its raw
+    bytes with those of version ``base`` (``"xor+zstd"``: exact for any dtype; both versions have
+    the same manifest layout). Chunk 0 also carries the manifest (``tensors``, with the digests of
+    the *target* version), ``model_config`` and, if asked, the files. ``status = "gone"``: the
+    publisher no longer keeps the version or base asked for; start again from the latest.
+    """
+
+    TYPE: ClassVar[str] = "weights_chunk"
+    ARRAYS: ClassVar[dict[str, tuple[np.dtype, int]]] = {"data": (U8, 1), "file_data": (U8, 1)}
+    fetch: int
+    version: int
+    status: str
+    base: int = -1
+    encoding: str = "raw"
+    chunk: int = 0
+    chunks: int = 1
+    chunk_bytes: int = 0
+    size: int = 0
+    raw_bytes: int = 0  # the version's raw size (the delta's decompressed size)
+    model_config: str = ""
+    tensors: list = field(default_factory=list)
+    files: list = field(default_factory=list)
+    data: np.ndarray = field(default_factory=lambda: np.empty(0, U8), repr=False)
+    file_data: np.ndarray = field(default_factory=lambda: np.empty(0, U8), repr=False)
+
+    def check(self) -> None:
+        _check_version("version", self.version)
+        _check_version("base", self.base, low=-1)
+        if self.status not in ("ok", "gone") or self.encoding not in WEIGHT_ENCODINGS:
+            raise _invariant(f"status must be ok or gone and encoding one of {WEIGHT_ENCODINGS}")
+        if not 0 <= self.fetch <= MAX_SESSION:
+            raise _invariant("fetch must be a 63-bit id")
+        if self.status == "gone":
+            return
+        if not (self.base < self.version and (self.base == -1) == (self.encoding == "raw")):
+            raise _invariant("a full version has base -1 and encoding raw; a delta's base is below its version")
+        if not (0 <= self.chunk < self.chunks <= MAX_CHUNKS and self.size >= 0 and self.raw_bytes >= 0
+                and self.chunk_bytes > 0 and self.size <= self.chunk_bytes * self.chunks):
+            raise _invariant("chunk < chunks, sizes >= 0 and chunks x chunk_bytes covering size required")
+        if self.data.shape[0] != min(self.chunk_bytes, self.size - self.chunk * self.chunk_bytes):
+            raise _invariant(f"chunk {self.chunk} has {self.data.shape[0]} bytes, the layout says otherwise")
+        if self.encoding == "raw" and self.size != self.raw_bytes:
+            raise _invariant("a raw payload is as large as the version")
+        _check_files(self.files, self.file_data.shape[0])
+        if self.chunk == 0:
+            _check_manifest(self.tensors, self.raw_bytes)
+        elif self.tensors or self.files or self.model_config:
+            raise _invariant("only chunk 0 carries the manifest, the config and the files")
 
 
 MESSAGES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Hello, Heartbeat, ScoredGroup, BatchRequest, TrainBatch, WeightsAnnouncement, WeightsRequest, Weights)
+    for cls in (Hello, Heartbeat, ScoredGroup, BatchRequest, TrainBatch, WeightsAnnouncement, WeightsRequest, Weights,
+                WeightsChunk)
 }
 
 

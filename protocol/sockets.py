@@ -9,7 +9,7 @@ link         binds               connects               messages
 groups       selector PULL       rollout PUSH           Hello, Heartbeat, ScoredGroup
 batches      selector ROUTER     learner rank-0 DEALER  BatchRequest -> TrainBatch
 announce     learner PUB         rollout, selector SUB  WeightsAnnouncement
-weights      learner ROUTER      rollout DEALER         WeightsRequest -> Weights
+weights      learner ROUTER      rollout DEALER         WeightsRequest -> WeightsChunk
 ===========  ==================  =====================  ==========================================
 
 Authentication (``protocol/auth.py``): every builder takes this process's ``auth`` (from
@@ -25,6 +25,7 @@ import weakref
 from typing import TYPE_CHECKING, TypeVar
 
 import zmq
+import zmq.asyncio
 
 from protocol import auth as _auth
 from protocol.codec import decode, encode
@@ -130,9 +131,10 @@ def announce_subscriber(ctx: zmq.Context, net: NetConfig, auth: Auth | None = No
 
 
 def weight_server(ctx: zmq.Context, net: NetConfig, auth: Auth | None = None) -> zmq.Socket:
-    """Learner side of *weights*: ROUTER, binds. Each reply is one zero-copy multipart message of the
-    whole version; a slow peer's reply waits in its own pipe, so a fast peer never waits for it."""
-    sock = _secure(_socket(ctx, zmq.ROUTER, sndhwm=4, maxmsgsize=MIB), net, "weights", auth, server=True)
+    """Learner side of *weights*: ROUTER, binds. Each reply is one zero-copy chunk; a peer pulls at most
+    ``weights.window`` at a time (the HWM is above any window), so a slow peer's chunks wait in its own
+    pipe and a fast peer never waits for it."""
+    sock = _secure(_socket(ctx, zmq.ROUTER, sndhwm=256, maxmsgsize=MIB), net, "weights", auth, server=True)
     return _bind(sock, net.bind_host, net.weights_port, "weights_port")
 
 
@@ -151,7 +153,22 @@ def recv(sock: zmq.Socket, expect: type[M] | tuple[type[Message], ...], *, route
          max_bytes: int | None = None, flags: int = 0) -> tuple[list[bytes], M]:
     """Receive one message; returns (route frames, message). Raises ProtocolError on any bad payload,
     after the whole multipart message has been consumed, so the socket stays usable."""
-    frames = sock.recv_multipart(flags=flags, copy=False)
+    return _decode(sock, sock.recv_multipart(flags=flags, copy=False), expect, routed, max_bytes)
+
+
+async def arecv(sock: zmq.asyncio.Socket, expect: type[M] | tuple[type[Message], ...], *, routed: bool = False,
+                max_bytes: int | None = None) -> tuple[list[bytes], M]:
+    """:func:`recv` on an asyncio socket (the rollout server's control plane)."""
+    return _decode(sock, await sock.recv_multipart(copy=False), expect, routed, max_bytes)
+
+
+async def asend(sock: zmq.asyncio.Socket, msg: Message, *route: bytes) -> None:
+    """:func:`send` on an asyncio socket: waits (without blocking the loop) while the peer's queue is full."""
+    await sock.send_multipart([*route, *encode(msg)], copy=False)
+
+
+def _decode(sock: zmq.Socket, frames: list[zmq.Frame], expect: type[M] | tuple[type[Message], ...], routed: bool,
+            max_bytes: int | None) -> tuple[list[bytes], M]:
     allow = _ALLOW.get(sock)
     if allow is not None:  # an authenticated link: the last frame surely came from the peer
         _auth.check_peer(frames[-1], allow)

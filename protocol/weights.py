@@ -1,7 +1,12 @@
-"""Versioned weights as one contiguous, checksummed buffer (the *weights* link's payload).
+"""Versioned weights: one contiguous buffer with a per-tensor checksummed manifest, and deltas between versions.
 
-A version is complete or absent (DESIGN.md): the receiver checks the CRC-32 of the whole buffer and
-the manifest before touching its model. torch is imported lazily so the protocol stays light.
+A version is complete or absent (DESIGN.md): :func:`verify` checks the xxh3-64 digest of every
+tensor (and names the first that differs) before anything touches a model. Between two versions of
+the same layout, :func:`encode_delta` is the zstd-compressed bitwise XOR of their raw bytes: exact for
+any dtype, and mostly zero bytes when few values changed (bf16 at RL learning rates), so it
+compresses to a few percent of the version. :func:`apply_delta` rebuilds the target from the base
+and verifies it; a delta that does not rebuild the target bit for bit is refused, never loaded.
+torch is imported lazily so the protocol stays light.
 """
 
 from __future__ import annotations
@@ -9,38 +14,68 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import xxhash
+import zstandard
 
 from protocol.messages import WEIGHTS_ALIGN, ProtocolError, Weights
 
 if TYPE_CHECKING:
     import torch
 
+Alloc = Callable[[int], np.ndarray]  # nbytes -> a writable uint8 buffer of that size
 
-def pack_weights(state: dict[str, torch.Tensor], version: int, model_config: str) -> Weights:
-    """Snapshot ``state`` into one buffer (exactly one copy of every byte, so training may go on)."""
-    import torch
 
-    tensors: list[list] = []  # [name, dtype, shape, offset, nbytes]: the manifest's wire form
-    spans: list[tuple[int, int]] = []
+def digest(buf: np.ndarray) -> int:
+    """xxh3-64 of a contiguous array's bytes (much faster than zlib.crc32; docs/BENCHMARKS.md)."""
+    return xxhash.xxh3_64_intdigest(buf.data)
+
+
+def manifest_digest(tensors: list) -> int:
+    """One number for a whole version: the digest of its tensors' digests, in order."""
+    return digest(np.array([t[5] for t in tensors], dtype="<u8"))
+
+
+def layout(state: dict[str, torch.Tensor]) -> tuple[list[list], int]:
+    """The manifest entries (digests 0 until filled) and buffer size for ``state``."""
+    tensors: list[list] = []
     offset = end = 0
     for name, t in state.items():
         nbytes = t.numel() * t.element_size()
-        tensors.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), offset, nbytes])
-        spans.append((offset, nbytes))
+        tensors.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), offset, nbytes, 0])
         end = offset + nbytes
         offset += -(-nbytes // WEIGHTS_ALIGN) * WEIGHTS_ALIGN  # next aligned start
-    buf = torch.empty(end, dtype=torch.uint8)
-    for (start, nbytes), t in zip(spans, state.values(), strict=True):
+    return tensors, end
+
+
+def pack_weights(state: dict[str, torch.Tensor], version: int, model_config: str, alloc: Alloc | None = None) -> Weights:
+    """Snapshot ``state`` into one buffer (exactly one copy of every byte, so training may go on) and
+    digest each tensor. ``alloc`` provides the buffer (e.g. a shared-memory segment, ``protocol/shm.py``)."""
+    import torch
+
+    tensors, end = layout(state)
+    data = alloc(end) if alloc is not None else np.empty(end, np.uint8)
+    buf = torch.from_numpy(data) if end else torch.empty(0, dtype=torch.uint8)
+    for entry, t in zip(tensors, state.values(), strict=True):
+        offset, nbytes = entry[3], entry[4]
         if nbytes:
-            buf[start:start + nbytes].copy_(t.detach().contiguous().view(-1).view(torch.uint8), non_blocking=False)
-    data = buf.numpy()
-    return Weights(version=version, crc32=zlib.crc32(data.data), model_config=model_config, tensors=tensors, files=[],
-                   data=data)
+            buf[offset:offset + nbytes].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
+        entry[5] = digest(data[offset:offset + nbytes])
+    return Weights(version=version, model_config=model_config, tensors=tensors, files=[], data=data)
+
+
+def verify(w: Weights) -> None:
+    """Raise ProtocolError("checksum") naming the first tensor whose bytes do not match its digest."""
+    data = w.data
+    for name, _, _, offset, nbytes, want in w.tensors:
+        got = digest(data[offset:offset + nbytes])
+        if got != want:
+            raise ProtocolError("checksum", f"weights v{w.version}: tensor {name} has xxh3 {got:#018x}, "
+                                f"the manifest says {want:#018x}")
 
 
 def with_files(weights: Weights, files: dict[str, bytes]) -> Weights:
@@ -50,7 +85,7 @@ def with_files(weights: Weights, files: dict[str, bytes]) -> Weights:
 
 
 def unpack_files(weights: Weights) -> dict[str, bytes]:
-    """The files a ``with_files`` reply carries, name -> bytes (names were checked by the codec)."""
+    """The files a ``with_files`` version carries, name -> bytes (names were checked by the codec)."""
     out, offset, blob = {}, 0, weights.file_data.tobytes()
     for name, nbytes in weights.files:
         out[name] = blob[offset:offset + nbytes]
@@ -74,18 +109,17 @@ def read_tokenizer_files(model_dir: str | Path) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
 
-def unpack_weights(msg: Weights) -> dict[str, torch.Tensor]:
-    """Verify the checksum and return tensors that view ``msg.data`` (no copy)."""
+def unpack_weights(msg: Weights, verified: bool = False) -> dict[str, torch.Tensor]:
+    """Verify the digests (unless the caller just did) and return tensors that view ``msg.data`` (no copy)."""
     import torch
 
-    crc = zlib.crc32(msg.data.data)
-    if crc != msg.crc32:
-        raise ProtocolError("invariant", f"weights v{msg.version}: crc32 {crc:#010x} != announced {msg.crc32:#010x}")
+    if not verified:
+        verify(msg)
     with warnings.catch_warnings():  # decoded arrays are read-only; load_state_dict only reads them
         warnings.simplefilter("ignore", UserWarning)
         buf = torch.frombuffer(msg.data, dtype=torch.uint8) if msg.data.size else torch.empty(0, dtype=torch.uint8)
     out = {}
-    for name, dtype, shape, offset, nbytes in msg.tensors:
+    for name, dtype, shape, offset, nbytes, _ in msg.tensors:
         dt = getattr(torch, dtype, None)
         if not isinstance(dt, torch.dtype):
             raise ProtocolError("dtype", f"weights: tensor {name} has unknown dtype {dtype!r}")
@@ -93,4 +127,41 @@ def unpack_weights(msg: Weights) -> dict[str, torch.Tensor]:
             raise ProtocolError("shape", f"weights: tensor {name} of shape {shape} and dtype {dtype} "
                                 f"cannot have {nbytes} bytes")
         out[name] = buf[offset:offset + nbytes].view(dt).view(shape)
+    return out
+
+
+# -- deltas -----------------------------------------------------------------------------------------
+
+def same_layout(a: list, b: list) -> bool:
+    """Manifests that slice their buffers identically (names, dtypes, shapes, offsets; digests aside)."""
+    return len(a) == len(b) and all(x[:5] == y[:5] for x, y in zip(a, b, strict=True))
+
+
+def encode_delta(base: Weights, target: Weights, level: int = 1) -> bytes:
+    """zstd(base XOR target) over the raw buffers; the two must have the same layout."""
+    if not same_layout(base.tensors, target.tensors) or base.data.shape != target.data.shape:
+        raise ValueError(f"v{base.version} and v{target.version} have different layouts: send the full version")
+    xor = np.bitwise_xor(base.data, target.data)
+    return zstandard.ZstdCompressor(level=level).compress(xor.data)
+
+
+def apply_delta(base: Weights, blob: np.ndarray, version: int, model_config: str,
+                tensors: list) -> Weights:
+    """Version ``version`` from ``base`` and a delta; verified. Raises ProtocolError when the delta is
+    corrupt or does not rebuild the target exactly (the caller then fetches the full version)."""
+    raw = base.data.shape[0]
+    if not same_layout(base.tensors, tensors):
+        raise ProtocolError("delta", f"the delta to v{version} has another layout than v{base.version}")
+    try:  # the frame must declare exactly the version's size: nothing larger is ever allocated
+        declared = zstandard.frame_content_size(blob.data)
+        if declared != raw:
+            raise ProtocolError("delta", f"the delta v{base.version}->v{version} declares {declared} bytes, not {raw}")
+        xor = zstandard.ZstdDecompressor().decompress(blob.data, max_output_size=raw)
+    except zstandard.ZstdError as e:
+        raise ProtocolError("delta", f"the delta v{base.version}->v{version} does not decompress: {e}") from None
+    if len(xor) != raw:
+        raise ProtocolError("delta", f"the delta v{base.version}->v{version} has {len(xor)} bytes, not {raw}")
+    data = np.bitwise_xor(base.data, np.frombuffer(xor, np.uint8))
+    out = Weights(version=version, model_config=model_config, tensors=tensors, files=[], data=data)
+    verify(out)
     return out

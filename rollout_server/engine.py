@@ -47,7 +47,7 @@ class SamplingSpec:
 class Engine(Protocol):
     version: int | None
 
-    def load(self, weights: Weights) -> None: ...
+    def load(self, weights: Weights, verified: bool = False) -> None: ...
 
     def generate(self, prompts: list[np.ndarray], n: int, spec: SamplingSpec, seed: int) -> Samples: ...
 
@@ -95,9 +95,9 @@ class TorchEngine:
         self._last_logits_only = False  # the model takes logits_to_keep (the prefill needs only the last)
         self._cache_kw = "past_key_values"
 
-    def load(self, weights: Weights) -> None:
-        """Install a complete, checksummed version (``unpack_weights`` verifies it first)."""
-        tensors = unpack_weights(weights)
+    def load(self, weights: Weights, verified: bool = False) -> None:
+        """Install a complete version (its digests are checked first unless the caller just did)."""
+        tensors = unpack_weights(weights, verified=verified)
         if self.model is None:
             from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -4,18 +4,27 @@ Start one alone (any machine; it needs only the selector's and the learner's add
 
     podsrl rollout --config configs/tiny.toml --server-id gpu-box-3 net.selector_host=10.0.0.5 net.learner_host=10.0.0.5
 
-Between engine calls it drains weight announcements and loads the newest version. It never starts
-a group while its weights lag the newest announced version by more than ``max_staleness``
-(DESIGN.md): such a group could only be dropped. It exits on the learner's final announcement.
-The model's config and tokenizer arrive with the first weights, so the server needs no model files;
-the dataset file and any reward plug-in must be readable here (docs/TASKS.md). Rewards run in a
-worker process with a hard timeout (``rollout_server/tasks/rewards.py``). The server named by
-``eval.server`` also evaluates held-out prompts every ``eval.every`` versions (``eval/*`` metrics).
-One plain loop; every wait is a bounded poll so heartbeats keep flowing.
+Two threads. The control plane is an asyncio loop (uvloop) that alone owns the sockets: it reads
+weight announcements, sends heartbeats every ``rollout.heartbeat_s`` and groups as they are made,
+and fetches each new version in the background (a delta from the version held when the learner
+still keeps it, shared memory on the learner's machine; ``rollout_server/fetch.py``). Generation,
+scoring and loading a version into the engine run in one worker thread, so a version is swapped in
+only between engine calls, and a long load or generation never silences the heartbeats.
+
+It never starts a group while its weights lag the newest announced version by more than
+``max_staleness`` (DESIGN.md): such a group could only be dropped. Then, and before the first
+version, it waits for the fetch. ``weights.background = false`` is the older stop-and-fetch mode:
+fetch and load between engine calls, generating nothing meanwhile. It exits on the learner's final
+announcement. The model's config and tokenizer arrive with the first weights, so the server needs
+no model files; the dataset file and any reward plug-in must be readable here (docs/TASKS.md).
+Rewards run in a worker process with a hard timeout (``rollout_server/tasks/rewards.py``). The server
+named by ``eval.server`` also evaluates held-out prompts every ``eval.every`` versions (``eval/*``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -25,11 +34,15 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import zmq
+import zmq.asyncio
 
 from protocol.auth import load_auth
 from protocol.config import Config
@@ -41,19 +54,27 @@ from protocol.messages import (
     ScoredGroup,
     Weights,
     WeightsAnnouncement,
-    WeightsRequest,
     new_session,
 )
-from protocol.metrics import Monitor
-from protocol.sockets import announce_subscriber, close, group_sender, recv, send, weight_client
+from protocol.metrics import Monitor, RateLimitedLog
+from protocol.sockets import announce_subscriber, arecv, asend, close, group_sender, weight_client
 from protocol.weights import unpack_files
+from rollout_server.fetch import Fetcher, read_shared, shared_segment
 
 log = logging.getLogger("podsrl.rollout")
-
+T = TypeVar("T")
 
 
 class Stop(Exception):
     """The learner announced the end of the run, or we were asked to terminate."""
+
+
+@dataclass
+class Produced:
+    """One engine call's groups, made in the worker thread and sent by the loop."""
+
+    groups: list[ScoredGroup]
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 class RolloutServer:
@@ -64,134 +85,47 @@ class RolloutServer:
         self.rng = np.random.default_rng(seed)
         self.engine = build_engine(cfg)
         self.task: Any = None  # built from the tokenizer that arrives with the first weights
-        self.ctx = zmq.Context()
+        self.ctx = zmq.asyncio.Context()
         auth = load_auth(cfg.net, "rollout", server_id)  # key: <net.keys_dir>/rollout/<server_id>.key_secret
-        self.push = group_sender(self.ctx, cfg.net, auth)
-        self.sub = announce_subscriber(self.ctx, cfg.net, auth)
-        self.dealer = weight_client(self.ctx, cfg.net, auth)
+        # the builders make their sockets with this asyncio context, so they are asyncio sockets
+        self.push = cast(zmq.asyncio.Socket, group_sender(self.ctx, cfg.net, auth))
+        self.sub = cast(zmq.asyncio.Socket, announce_subscriber(self.ctx, cfg.net, auth))
+        self.dealer = cast(zmq.asyncio.Socket, weight_client(self.ctx, cfg.net, auth))
+        self.fetcher = Fetcher(self.dealer, cfg.weights, cfg.net.weights_timeout_s)
+        self.announcement: WeightsAnnouncement | None = None  # the newest, from the current learner
         self.latest = -1  # newest version announced by the learner
         self.floor = 0  # versions below it were discarded by a learner restart: never generate with them
-        self.learner_session: int | None = None  # a new one while we wait: our request died with the old learner
-        self.learner_restarted = False
+        self.learner_session: int | None = None
         self.heard_learner = time.monotonic()  # when the last announcement arrived
         self.session = new_session()  # a fresh identity per process
         self.groups_sent = 0  # also the next group's sequence number in this session
         self.state = "waiting_for_weights"
-        self.last_beat = 0.0
-        self.stopping = False
-        self.counters = {"weights_rejected": 0, "send_waits": 0}
+        self.held: Weights | None = None  # the version the engine runs (a delta's base)
+        self.ready: Weights | None = None  # a newer version, fetched and verified, to swap in next
+        self.installing: Weights | None = None  # the version being loaded into the engine
+        self.counters: Counter[str] = Counter()
         self.reward_errors: Counter[str] = Counter()
         self.evaluates = cfg.eval.every > 0 and server_id == cfg.eval.server
         self.next_eval = 0
         self.monitor = Monitor(cfg.run.dir, f"rollout-{server_id}", tensorboard=False)
+        self._warn = RateLimitedLog(log, every_s=30.0)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        self._news = asyncio.Event()  # a new announcement or version: whoever waits looks again
+        self._stop: asyncio.Event | None = None
+        self._fetching: asyncio.Task | None = None
+        self._fetch_s = 0.0  # how long the last fetch took (shared memory or network)
 
-    # -- control plane -------------------------------------------------------------------------
-    def poll_announcements(self) -> None:
-        while self.sub.poll(0):
-            try:
-                _, msg = recv(self.sub, WeightsAnnouncement)
-            except ProtocolError as e:
-                log.warning("bad announcement rejected: %s", e)
-                continue
-            if msg.final:
-                raise Stop
-            self.heard_learner = time.monotonic()
-            if msg.session != self.learner_session:
-                self.learner_restarted = self.learner_session is not None
-                self.learner_session = msg.session
-            self.latest = max(self.latest, msg.version)
-            self.floor = max(self.floor, msg.floor)
-        if self.stopping:
-            raise Stop
+    # -- the worker thread ---------------------------------------------------------------------
+    async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
-    def heartbeat(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self.last_beat >= self.cfg.rollout.heartbeat_s:
-            self.last_beat = now
-            version = -1 if self.engine.version is None else self.engine.version
-            beat = Heartbeat(server_id=self.server_id, version=version, groups_sent=self.groups_sent, state=self.state,
-                             session=self.session)
-            self._send(beat)
-
-    def _send(self, msg: Hello | Heartbeat | ScoredGroup) -> None:
-        """Send with back-pressure: wait (polling announcements) while the selector is not accepting."""
-        waited = 0.0
-        while not self.push.poll(int(self.cfg.net.send_timeout_s * 1000), zmq.POLLOUT):
-            waited += self.cfg.net.send_timeout_s
-            self.counters["send_waits"] += 1
-            self.poll_announcements()
-            if waited % 30 < self.cfg.net.send_timeout_s:
-                log.info("selector at %s:%d not accepting for %.0fs (full buffer or not started)",
-                         self.cfg.net.selector_host, self.cfg.net.group_port, waited)
-        send(self.push, msg)
-
-    def wait_while_learner_gone(self) -> None:
-        """Generate nothing while the learner is silent: nothing can be trained until it is back, and
-        a restarted learner may discard every version we hold. Groups made meanwhile would only queue
-        on the groups link (its socket buffers hold thousands of small groups), and the selector would
-        have to read through all of them before the first group the new learner can train."""
-        if self.learner_session is None or time.monotonic() - self.heard_learner <= LEARNER_SILENT_S:
-            return  # (before the first announcement, sync_weights waits for the learner)
-        log.info("no announcement from the learner for %.0fs: generation paused until it is back",
-                 time.monotonic() - self.heard_learner)
-        self.state = "waiting_for_weights"
+    def install(self, w: Weights) -> dict[str, Any]:
+        """(worker) Load a verified version into the engine; build the task with the first one."""
         t0 = time.monotonic()
-        while time.monotonic() - self.heard_learner > LEARNER_SILENT_S:
-            self.heartbeat()
-            self.sub.poll(200)
-            self.poll_announcements()
-        log.info("the learner is back after %.1fs (version %d, floor %d)", time.monotonic() - t0, self.latest,
-                 self.floor)
-        self.state = "generating"
-
-    def sync_weights(self) -> None:
-        """Load the newest version; block only while our lag would make a group useless."""
-        have = self.engine.version
-        must = have is None or self.cfg.too_stale(self.latest, have) or have < self.floor
-        if have is not None and not must and self.latest <= have:
-            return
-        self.state = "loading_weights" if not must else "waiting_for_weights"
-        t0 = time.monotonic()
-        self._request()
-        self.learner_restarted = False  # this request goes to the learner we know of now
-        deadline = t0 + self.cfg.net.weights_timeout_s
-        while True:
-            self.heartbeat()
-            if self.dealer.poll(200):
-                try:
-                    _, w = recv(self.dealer, Weights)
-                    if have is None or w.version > have:
-                        self.state = "loading_weights"
-                        self.heartbeat(force=True)  # loading a large model is a long silence otherwise
-                        if self.task is None:
-                            self.task = self._build_task(w)
-                        self.engine.load(w)
-                        self.latest = max(self.latest, w.version)
-                        self.monitor.log(w.version, {"rollout/weights_load_s": time.monotonic() - t0,
-                                                     "rollout/weights_mib": w.data.nbytes / 2**20})
-                    break
-                except ProtocolError as e:  # corrupt or malformed version: keep the old one, ask again
-                    self.counters["weights_rejected"] += 1
-                    log.warning("weights rejected (%s); requesting again", e)
-                    self._request()
-            self.poll_announcements()
-            if self.learner_restarted:  # the request went to a learner that is gone: ask the new one now
-                self.learner_restarted = False
-                log.info("the learner restarted (version %d, floor %d): requesting its weights", self.latest,
-                         self.floor)
-                self._request()
-                deadline = time.monotonic() + self.cfg.net.weights_timeout_s
-            if time.monotonic() > deadline:
-                if not must:
-                    break
-                log.info("waiting for weights from the learner at %s:%d (%.0fs)",
-                         self.cfg.net.learner_host, self.cfg.net.weights_port, time.monotonic() - t0)
-                deadline = time.monotonic() + self.cfg.net.weights_timeout_s
-                self._request()
-        self.state = "generating"
-
-    def _request(self) -> None:
-        send(self.dealer, WeightsRequest(version=-1, with_files=self.task is None))
+        if self.task is None:
+            self.task = self._build_task(w)
+        self.engine.load(w, verified=True)
+        return {"rollout/weights_install_s": time.monotonic() - t0, "rollout/weights_mib": w.data.nbytes / 2**20}
 
     def _build_task(self, w: Weights) -> Any:
         """The task, with the tokenizer the learner sent (written to a scratch directory and loaded)."""
@@ -218,8 +152,8 @@ class RolloutServer:
                             pad_id=t.pad_id, stop_strings=tuple(self.cfg.task.stop),
                             decode=t.tokenizer.decode if self.cfg.task.stop else None)
 
-    # -- data plane ----------------------------------------------------------------------------
-    def generate_groups(self) -> None:
+    def produce(self) -> Produced:
+        """(worker) One engine call: sample ``prompts_per_call`` groups, score them, make the messages."""
         cfg = self.cfg.rollout
         version = self.engine.version
         assert version is not None
@@ -228,71 +162,266 @@ class RolloutServer:
         samples = self.engine.generate([p.ids for p in prompts], cfg.group_size, self.sampling(cfg.temperature),
                                        seed=int(self.rng.integers(2**62)))
         gen_s = time.monotonic() - t0
-        scores, _ = self.task.score(prompts, samples.ids, cfg.group_size, on_wait=self.heartbeat)
+        scores, _ = self.task.score(prompts, samples.ids, cfg.group_size)
         reward_s = time.monotonic() - t0 - gen_s
         self.reward_errors.update(scores.errors)
-        n = cfg.group_size
+        n, groups = cfg.group_size, []
         for i, prompt in enumerate(prompts):
             ids, lps = samples.ids[i * n:(i + 1) * n], samples.logprobs[i * n:(i + 1) * n]
-            group = ScoredGroup(
-                server_id=self.server_id, session=self.session, group_id=self.groups_sent, version=version,
+            groups.append(ScoredGroup(
+                server_id=self.server_id, session=self.session, group_id=self.groups_sent + i, version=version,
                 task=self.task.name,
                 gen_seconds=gen_s / len(prompts), prompt_ids=prompt.ids,
                 completion_ids=np.concatenate(ids), completion_lens=np.array([len(c) for c in ids], np.int32),
-                logprobs=np.concatenate(lps), rewards=scores.rewards[i * n:(i + 1) * n])
-            self._send(group)
-            self.groups_sent += 1
+                logprobs=np.concatenate(lps), rewards=scores.rewards[i * n:(i + 1) * n]))
         tokens = sum(len(c) for c in samples.ids)
-        self.monitor.log(version, {
-            "rollout/groups_sent": self.groups_sent, "rollout/tokens_per_s": tokens / gen_s,
+        return Produced(groups, {
+            "rollout/tokens_per_s": tokens / gen_s,
             "rollout/reward_mean": float(scores.rewards.mean()), "time/generate": gen_s, "time/reward": reward_s,
             "rollout/completion_len_mean": tokens / len(samples.ids),
             "rollout/prompts_too_long": self.task.too_long, "rollout/reward_restarts": self.task.rewards.restarts,
             **{f"reward/fn/{k}": v for k, v in scores.per_function.items()},
             **{f"reward/errors/{k}": v for k, v in self.reward_errors.items()},
-            **self.task.source.position(), **{f"rollout/{k}": v for k, v in self.counters.items()}})
+            **self.task.source.position()})
 
-    def maybe_evaluate(self) -> None:
-        """On ``eval.server``: greedy (or ``eval.temperature``) completions of the held-out prompts,
+    def evaluate(self) -> dict[str, Any] | None:
+        """(worker) On ``eval.server``: greedy (or ``eval.temperature``) completions of the held-out prompts,
         one per prompt, at version 0 and every ``eval.every`` versions (``eval/*`` metrics)."""
         version = self.engine.version
         if not self.evaluates or version is None or version < self.next_eval:
-            return
+            return None
         self.next_eval = (version // self.cfg.eval.every + 1) * self.cfg.eval.every
         prompts = self.task.eval_prompts()[:self.cfg.eval.prompts]
         if not prompts:
             log.warning("eval.every is set but there are no eval rows: set task.eval_dataset or task.eval_fraction")
             self.evaluates = False
-            return
+            return None
         t0 = time.monotonic()
-        self.state = "evaluating"
         samples = self.engine.generate([p.ids for p in prompts], 1, self.sampling(self.cfg.eval.temperature),
                                        seed=self.cfg.run.seed)
-        scores, _ = self.task.score(prompts, samples.ids, 1, on_wait=self.heartbeat)
+        scores, _ = self.task.score(prompts, samples.ids, 1)
         r = scores.rewards
         metrics = {"eval/reward_mean": float(r.mean()), "eval/pass@1": float((r >= self.cfg.eval.pass_threshold).mean()),
                    "eval/completion_len_mean": float(np.mean([len(c) for c in samples.ids])),
                    "eval/prompts": len(prompts), "time/eval": time.monotonic() - t0,
                    **{f"eval/fn/{k}": v for k, v in scores.per_function.items()}}
-        self.monitor.log(version, metrics)
         log.info("eval at version %d: reward %.3f, pass@1 %.3f over %d prompts", version, metrics["eval/reward_mean"],
                  metrics["eval/pass@1"], len(prompts))
-        self.state = "generating"
+        return metrics
+
+    # -- the control plane ---------------------------------------------------------------------
+    async def _announcements(self) -> None:
+        while True:
+            try:
+                _, msg = await arecv(self.sub, WeightsAnnouncement)
+            except ProtocolError as e:
+                self.counters["announcements_rejected"] += 1
+                self._warn(e.reason, "bad announcement rejected: %s", e)
+                continue
+            if msg.final:
+                log.info("the learner announced the end of the run")
+                self._request_stop()
+                return
+            self.heard_learner = time.monotonic()
+            if msg.session != self.learner_session:
+                if self.learner_session is not None:
+                    log.info("the learner restarted (version %d, floor %d)", msg.version, msg.floor)
+                    if self._fetching is not None:  # that transfer died with the old learner
+                        self._fetching.cancel()
+                self.learner_session = msg.session
+            self.announcement = msg
+            self.latest = max(self.latest, msg.version)
+            self.floor = max(self.floor, msg.floor)
+            self._news.set()
+
+    async def _heartbeats(self) -> None:
+        while True:
+            version = -1 if self.engine.version is None else self.engine.version
+            await self._send(Heartbeat(server_id=self.server_id, version=version, groups_sent=self.groups_sent,
+                                       state=self.state, session=self.session))
+            await asyncio.sleep(self.cfg.rollout.heartbeat_s)
+
+    async def _send(self, msg: Hello | Heartbeat | ScoredGroup) -> None:
+        """Send with back-pressure: wait (heartbeats and fetches go on) while the selector is not accepting."""
+        waited = 0.0
+        timeout = self.cfg.net.send_timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(asend(self.push, msg), timeout)
+                return
+            except TimeoutError:
+                waited += timeout
+                self.counters["send_waits"] += 1
+                if waited % 30 < timeout:
+                    log.info("selector at %s:%d not accepting for %.0fs (full buffer or not started)",
+                             self.cfg.net.selector_host, self.cfg.net.group_port, waited)
+
+    def _have(self) -> int:
+        """The newest version this server has: running, or fetched and ready to swap in."""
+        versions = [w.version for w in (self.held, self.ready, self.installing) if w is not None]
+        return max(versions, default=-1)
+
+    def _usable(self, version: int | None) -> bool:
+        return (version is not None and version >= self.floor
+                and not self.cfg.too_stale(self.latest, version))
+
+    def _learner_gone(self) -> bool:
+        return self.learner_session is not None and time.monotonic() - self.heard_learner > LEARNER_SILENT_S
+
+    async def _fetch_latest(self) -> Weights | None:
+        """The announced latest version, from shared memory when it is on this machine, else the network;
+        None when the fetch was abandoned (the learner restarted, or did not answer in time)."""
+        ann = self.announcement
+        path = shared_segment(self.cfg.weights, ann) if self.task is not None else None  # files come by net
+        if path is not None and ann is not None:
+            t0 = time.monotonic()
+            try:
+                w = await read_shared(path, ann)
+                self.counters["shm_loads"] += 1
+                self._fetch_s = time.monotonic() - t0
+                self.monitor.log(w.version, {"rollout/weights_fetch_s": self._fetch_s, "rollout/weights_shm": 1})
+                return w
+            except (OSError, ProtocolError) as e:  # evicted meanwhile, or not what was announced
+                self.counters["shm_fallbacks"] += 1
+                if self.cfg.weights.transport == "shm":
+                    self._warn("shm", "shared-memory segment %s unusable (%s): fetching over the network", path, e)
+        self._fetching = asyncio.ensure_future(self.fetcher.fetch(self.held, with_files=self.task is None))
+        try:
+            await asyncio.wait({self._fetching})
+            if self._fetching.cancelled():
+                return None
+            w = self._fetching.result()
+        except TimeoutError:
+            log.info("no weights from the learner at %s:%d within %.0fs; asking again",
+                     self.cfg.net.learner_host, self.cfg.net.weights_port, self.cfg.net.weights_timeout_s)
+            return None
+        finally:
+            self._fetching = None
+        last = self.fetcher.last
+        self._fetch_s = last["seconds"]
+        self.monitor.log(w.version, {"rollout/weights_fetch_s": last["seconds"], "rollout/weights_shm": 0,
+                                     "rollout/weights_wire_mib": last["bytes"] / 2**20,
+                                     "rollout/weights_delta": last["delta"]})
+        return w
+
+    async def _background_fetches(self) -> None:
+        """Keep ``self.ready`` at the newest announced version, while the worker generates."""
+        while True:
+            await self._news.wait()
+            self._news.clear()
+            if self.latest <= self._have():
+                continue
+            w = await self._fetch_latest()
+            if w is None:
+                self._news.set()  # try again (at once after a restart; the next announcement otherwise)
+                await asyncio.sleep(0.2)
+                continue
+            if w.version > self._have():
+                self.ready = w
+                self._news.set()
+
+    async def _wait(self, seconds: float) -> None:
+        """Sleep until news (an announcement, a fetched version) or ``seconds`` pass."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._news.wait(), seconds)
+
+    async def _weights(self) -> None:
+        """Swap in the newest fetched version; wait only while generating now would be useless."""
+        waited_since = time.monotonic()
+        while True:
+            if self._learner_gone():  # nothing can be trained until it is back; it may discard our versions
+                self.state = "waiting_for_weights"
+                log.info("no announcement from the learner for %.0fs: generation paused until it is back",
+                         time.monotonic() - self.heard_learner)
+                while self._learner_gone():
+                    await self._wait(0.2)
+                log.info("the learner is back (version %d, floor %d)", self.latest, self.floor)
+            if not self.cfg.weights.background and self.latest > self._have():
+                self.state = "loading_weights"
+                w = await self._fetch_latest()
+                if w is not None and w.version > self._have():
+                    self.ready = w
+            ready = self.ready
+            if ready is not None and (self.engine.version is None or ready.version > self.engine.version):
+                self.state = "loading_weights"
+                self.ready, self.installing = None, ready
+                try:
+                    metrics = await self._in_worker(self.install, ready)
+                finally:
+                    self.installing = None
+                self.held = ready
+                metrics["rollout/weights_load_s"] = metrics["rollout/weights_install_s"] + self._fetch_s
+                self.monitor.log(ready.version, metrics)
+            if self._usable(self.engine.version) and not self._learner_gone():
+                self.state = "generating"
+                return
+            self.state = "waiting_for_weights"
+            if time.monotonic() - waited_since > self.cfg.net.weights_timeout_s:
+                log.info("waiting for weights from the learner at %s:%d (have v%d, newest v%d, floor %d)",
+                         self.cfg.net.learner_host, self.cfg.net.weights_port, self._have(), self.latest, self.floor)
+                waited_since = time.monotonic()
+            if not self.cfg.weights.background:
+                await self._wait(0.2)
+            else:
+                self._news.set()  # let the fetcher look, then wait for what it brings
+                await asyncio.sleep(0)
+                await self._wait(0.2)
+
+    async def _generate(self) -> None:
+        if self.evaluates:
+            self.state = "evaluating"
+            metrics = await self._in_worker(self.evaluate)
+            self.state = "generating"
+            if metrics is not None:
+                self.monitor.log(self.engine.version or 0, metrics)
+        produced = await self._in_worker(self.produce)
+        for group in produced.groups:
+            await self._send(group)
+            self.groups_sent += 1
+        self.monitor.log(produced.groups[0].version if produced.groups else 0, {
+            **produced.metrics, "rollout/groups_sent": self.groups_sent,
+            **{f"rollout/{k}": v for k, v in (self.counters + self.fetcher.counters).items()}})
+
+    def _request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not in the main thread (tests)
+            loop.add_signal_handler(signal.SIGTERM, self._request_stop)
+        await self._send(Hello(server_id=self.server_id, host=socket.gethostname()[:255], pid=os.getpid(),
+                               engine=self.cfg.rollout.engine.type, session=self.session))
+        helpers = [asyncio.ensure_future(self._announcements()), asyncio.ensure_future(self._heartbeats())]
+        if self.cfg.weights.background:
+            helpers.append(asyncio.ensure_future(self._background_fetches()))
+
+        async def work() -> None:
+            while True:
+                await self._weights()
+                await self._generate()
+
+        main = asyncio.ensure_future(work())
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait({main, stop, *helpers}, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stop:
+                    t.result()  # a crash of any part is the server's crash
+        finally:
+            for t in (main, stop, *helpers):
+                t.cancel()
+            await asyncio.gather(main, stop, *helpers, return_exceptions=True)
 
     def run(self) -> None:
-        self._send(Hello(server_id=self.server_id, host=socket.gethostname()[:255], pid=os.getpid(),
-                         engine=self.cfg.rollout.engine.type, session=self.session))
+        import uvloop
+
         try:
-            while True:
-                self.poll_announcements()
-                self.wait_while_learner_gone()
-                self.sync_weights()
-                self.heartbeat()
-                self.maybe_evaluate()
-                self.generate_groups()
-        except Stop:
+            uvloop.run(self._main())
             log.info("%s stopping after %d groups", self.server_id, self.groups_sent)
         finally:
+            self._worker.shutdown(wait=True)  # an engine call in flight finishes first
             if self.task is not None:
                 self.task.close()
             close(self.push, self.sub, self.dealer)
@@ -312,7 +441,6 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(cfg.rollout.threads)
     server = RolloutServer(cfg, args.server_id, args.seed if args.seed is not None else cfg.run.seed + os.getpid())
-    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "stopping", True))
     server.run()
     return 0
 

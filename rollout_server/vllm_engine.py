@@ -80,12 +80,12 @@ class VLLMEngine:
                        gpu_memory_utilization=self.cfg.rollout.engine.gpu_memory_utilization,
                        enforce_eager=current_platform.is_cpu(), worker_extension_cls=WORKER_EXTENSION)
 
-    def load(self, weights: Weights) -> None:
+    def load(self, weights: Weights, verified: bool = False) -> None:
         """Install a complete, checksummed version in place; a rejected one leaves the previous loaded."""
-        unpack_weights(weights)  # verify checksum and manifest here, before vLLM is started or touched
+        unpack_weights(weights, verified=verified)  # digests and manifest, before vLLM is started or touched
         if self.llm is None:
             self._start(weights)
-        self.llm.collective_rpc("podsrl_load", args=(weights.version, weights.crc32, weights.tensors,
+        self.llm.collective_rpc("podsrl_load", args=(weights.version, weights.tensors,
                                                      weights.data.tobytes()))
         self.llm.reset_prefix_cache()
         self.version = weights.version

@@ -18,15 +18,15 @@ from protocol.weights import unpack_weights
 class WeightReloader:
     """Methods added to vLLM's worker (``self`` is the worker: ``model_runner``, ``reload_weights``)."""
 
-    def podsrl_load(self, version: int, crc32: int, tensors: list, data: bytes) -> int:
+    def podsrl_load(self, version: int, tensors: list, data: bytes) -> int:
         """Load one complete version; returns the number of tensors loaded.
 
-        The checksum is verified again here (the bytes crossed a process boundary). ``reload_weights``
+        The digests are verified again here (the bytes crossed a process boundary). ``reload_weights``
         with ``is_checkpoint_format=True`` takes checkpoint-layout tensors and redoes vLLM's
         post-load processing, which matters on CPU: vLLM repacks linear weights for its CPU kernels,
         so ``model.load_weights`` alone on a live CPU model fails. The caller resets the prefix cache.
         """
-        msg = Weights(version=version, crc32=crc32, model_config="", tensors=tensors, files=[],
+        msg = Weights(version=version, model_config="", tensors=tensors, files=[],
                       data=np.frombuffer(data, np.uint8))
         named = unpack_weights(msg)
         worker: Any = self

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${PODSRL_VLLM_VENV:-.venv-vllm}
 STAMP="$VENV/.podsrl-vllm-ok"
-if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import vllm, transformers, launcher" >/dev/null 2>&1; then
+if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import vllm, transformers, launcher, xxhash, zstandard, uvloop" >/dev/null 2>&1; then
     echo "vllm-env: $VENV is ready ($(cat "$STAMP"))"
     exit 0
 fi
@@ -21,7 +21,7 @@ echo '*' > "$VENV/.gitignore"
 # ("operator torchvision::nms does not exist"); text models need none of them.
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
 # podsrl itself. vLLM's torch and transformers already satisfy its ranges, so pip keeps them (no
-# --upgrade) and adds only what vLLM lacks (msgpack); the check below fails if either moved.
+# --upgrade) and adds only what vLLM lacks (msgpack, xxhash, zstandard, uvloop); the check below fails if either moved.
 before=$("$VENV/bin/pip" list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers)==' | sort)
 "$VENV/bin/pip" install -q -e .
 after=$("$VENV/bin/pip" list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers)==' | sort)
@@ -31,7 +31,8 @@ if [[ "$before" != "$after" ]]; then
 fi
 "$VENV/bin/python" - <<'PY'
 import importlib
-for mod in ("vllm", "torch", "transformers", "zmq", "msgpack", "pydantic", "psutil", "tokenizers", "launcher"):
+for mod in ("vllm", "torch", "transformers", "zmq", "msgpack", "pydantic", "psutil", "tokenizers", "xxhash",
+            "zstandard", "uvloop", "launcher"):
     importlib.import_module(mod)
 PY
 "$VENV/bin/python" -c "import vllm, torch, transformers; print(f'vllm {vllm.__version__} torch {torch.__version__} transformers {transformers.__version__}')" > "$STAMP"

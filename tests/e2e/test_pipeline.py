@@ -15,6 +15,7 @@ import pytest
 from helpers import ROOT, child_env
 
 from protocol.metrics import read_metrics
+from protocol.shm import run_key
 
 pytestmark = pytest.mark.slow
 
@@ -57,16 +58,30 @@ def test_async_two_ranks_learns_within_staleness_bound(run_dir, net_overrides):
     assert {"rollout-0", "rollout-1"} <= {p for p in (run_dir / "metrics").glob("rollout-*.jsonl")
                                           for p in [p.stem.removeprefix("rollout-")]}
     assert (run_dir / "checkpoints" / "latest").read_text() == "v000200"
+    # Weights: the first version over the network (it carries the tokenizer), later ones from shared
+    # memory on this machine; no segment outlives the run.
+    loads = [m for p in (run_dir / "metrics").glob("rollout-*.jsonl") for m in read_metrics(p)
+             if "rollout/weights_shm" in m]
+    assert loads[0]["rollout/weights_shm"] == 0 and sum(m["rollout/weights_shm"] for m in loads) > 100
+    assert not list(Path("/dev/shm").glob(f"podsrl-{run_key(run_dir)}-*")), "a shared-memory segment was left"
+    assert steps[-1]["weights/shm"] == 1 and steps[-1]["weights/full_served"] >= 2
 
 
 def test_synchronous_baseline_k0_same_code_path(run_dir, net_overrides):
     # 400 steps: at lr 3e-3 a run now and then plateaus for a while as its sampling entropy collapses
     # (issue 10, item 8); typical runs rise by 0.15-0.2 within 250 steps (measured 2026-12-01).
-    res = podsrl_run(run_dir, ["max_staleness=0", "run.steps=400", *net_overrides])
+    # Weights over the network (as for servers on other machines): deltas from the version each holds.
+    res = podsrl_run(run_dir, ["max_staleness=0", "run.steps=400", "weights.transport=net", *net_overrides])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert_all_exited(run_dir)
     steps = read_metrics(run_dir / "metrics" / "learner.jsonl")
     assert len(steps) == 400 and all(m["staleness/max"] == 0 for m in steps)
+    assert steps[-1]["weights/shm"] == 0 and steps[-1]["weights/deltas_served"] > 300
+    fetched = [m for p in (run_dir / "metrics").glob("rollout-*.jsonl") for m in read_metrics(p)
+               if "rollout/weights_delta" in m]
+    deltas = [m["rollout/weights_wire_mib"] for m in fetched if m["rollout/weights_delta"]]
+    full = [m["rollout/weights_wire_mib"] for m in fetched if not m["rollout/weights_delta"]]
+    assert deltas and full and max(deltas) < min(full), "a delta was not smaller than the full version"
     first, last = first_last([m["reward/mean"] for m in steps])
     assert last > first + 0.1, f"reward did not rise: {first:.3f} -> {last:.3f}"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
@@ -25,6 +24,7 @@ from protocol import auth, sockets
 from protocol.auth import Auth, AuthError, check_peer, create_keys, load_auth
 from protocol.config import NetConfig
 from protocol.messages import BatchRequest, Hello, ProtocolError, Weights, WeightsAnnouncement, WeightsRequest
+from protocol.weights import digest
 
 TIMEOUT_MS = 5000
 QUIET_MS = 500  # "nothing arrives" is a poll this long, after the refusal itself was awaited
@@ -148,8 +148,8 @@ def ready(sock: zmq.Socket) -> None:
 
 def weights(version: int) -> Weights:
     data = np.arange(64, dtype=np.uint8)
-    return Weights(version=version, crc32=zlib.crc32(data.tobytes()), model_config="{}", files=[],
-                   tensors=[["w", "uint8", [64], 0, 64]], data=data)
+    return Weights(version=version, model_config="{}", files=[],
+                   tensors=[["w", "uint8", [64], 0, 64, digest(data)]], data=data)
 
 
 # --- the four links ---
@@ -185,7 +185,7 @@ def test_batches_link_accepts_only_the_learner(z: Zmq, net: NetConfig, keys: Pat
     ready(server)
     route, got = sockets.recv(server, BatchRequest, routed=True)
     assert got.request_id == 7
-    sockets.send(server, WeightsAnnouncement(version=0, nbytes=0, crc32=0, final=False), *route)  # a reply
+    sockets.send(server, WeightsAnnouncement(version=0, final=False), *route)  # a reply
     ready(good)
     for sock in intruders:
         await_refused(z, sock)
@@ -206,9 +206,9 @@ def test_announce_link_reaches_only_allowlisted_subscribers(z: Zmq, net: NetConf
         while not sub.poll(20, zmq.POLLIN):
             version += 1
             assert version < TIMEOUT_MS // 20, "an allowlisted subscriber heard nothing"
-            sockets.send(pub, WeightsAnnouncement(version=version, nbytes=0, crc32=0, final=False))
+            sockets.send(pub, WeightsAnnouncement(version=version, final=False))
         assert isinstance(sockets.recv(sub, WeightsAnnouncement)[1], WeightsAnnouncement)
-    sockets.send(pub, WeightsAnnouncement(version=version + 1, nbytes=0, crc32=0, final=False))
+    sockets.send(pub, WeightsAnnouncement(version=version + 1, final=False))
     assert quiet(*intruders)
 
 

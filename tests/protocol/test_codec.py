@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +33,7 @@ from protocol.messages import (
     TrainBatch,
     Weights,
     WeightsAnnouncement,
+    WeightsChunk,
     WeightsRequest,
 )
 
@@ -83,7 +83,7 @@ def make_train_batch() -> TrainBatch:
 
 
 def make_weights_announcement() -> WeightsAnnouncement:
-    return WeightsAnnouncement(version=12, nbytes=123_456, crc32=0xDEADBEEF, final=False)
+    return WeightsAnnouncement(version=12, final=False)
 
 
 def make_weights_request() -> WeightsRequest:
@@ -92,11 +92,20 @@ def make_weights_request() -> WeightsRequest:
 
 def make_weights() -> Weights:
     data = np.random.default_rng(0).integers(0, 256, 128 + 8, dtype=np.uint8)  # offsets 64-byte aligned
-    tensors = [["lm.weight", "float32", [3, 4], 0, 48], ["lm.bias", "float32", [3], 64, 12],
-               ["step", "int64", [], 128, 8]]
-    return Weights(version=12, crc32=zlib.crc32(data), model_config=json.dumps({"hidden_size": 4}),
+    tensors = [["lm.weight", "float32", [3, 4], 0, 48, 1], ["lm.bias", "float32", [3], 64, 12, 2],
+               ["step", "int64", [], 128, 8, 2**64 - 1]]
+    return Weights(version=12, model_config=json.dumps({"hidden_size": 4}),
                    tensors=tensors, data=data, files=[["tokenizer.json", 5], ["chat_template.jinja", 2]],
                    file_data=np.frombuffer(b"{...}ok", np.uint8))
+
+
+def make_weights_chunk() -> WeightsChunk:
+    """Chunk 0 of 2 of a delta v11 -> v12 (40 of 60 compressed bytes; the version is 136 raw bytes)."""
+    w = make_weights()
+    return WeightsChunk(fetch=99, version=12, status="ok", base=11, encoding="xor+zstd", chunk=0, chunks=2,
+                        chunk_bytes=40, size=60, raw_bytes=136, model_config=w.model_config, tensors=w.tensors,
+                        files=[["tokenizer.json", 2]], data=np.arange(40, dtype=np.uint8),
+                        file_data=np.frombuffer(b"{}", np.uint8))
 
 
 FACTORIES: dict[type[Message], Callable[[], Message]] = {
@@ -108,6 +117,7 @@ FACTORIES: dict[type[Message], Callable[[], Message]] = {
     WeightsAnnouncement: make_weights_announcement,
     WeightsRequest: make_weights_request,
     Weights: make_weights,
+    WeightsChunk: make_weights_chunk,
 }
 TYPES = sorted(MESSAGES.values(), key=lambda c: c.TYPE)
 
@@ -495,25 +505,41 @@ F32 = np.float32
     pytest.param(_batch(completion_lens=np.array([4, 2, 2], I32)), id="batch-completion-lens-sum"),
     pytest.param(_batch(logprobs=np.full(8, -1, F32)), id="batch-logprobs-ids-differ"),
     # Weights
-    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 48], ["b", "float32", [3], 52, 12],
-                                   ["c", "int64", [], 64, 4]]), id="weights-gap-in-manifest"),
-    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 48], ["b", "float32", [3], 40, 20],
-                                   ["c", "int64", [], 60, 8]]), id="weights-overlap-in-manifest"),
-    pytest.param(_weights(tensors=[["b", "float32", [3], 48, 12], ["a", "float32", [3, 4], 0, 48],
-                                   ["c", "int64", [], 60, 8]]), id="weights-manifest-out-of-order"),
-    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 48], ["b", "float32", [3], 48, 12]]),
+    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 48, 0], ["b", "float32", [3], 52, 12, 0],
+                                   ["c", "int64", [], 64, 4, 0]]), id="weights-gap-in-manifest"),
+    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 48, 0], ["b", "float32", [3], 40, 20, 0],
+                                   ["c", "int64", [], 60, 8, 0]]), id="weights-overlap-in-manifest"),
+    pytest.param(_weights(tensors=[["b", "float32", [3], 48, 12, 0], ["a", "float32", [3, 4], 0, 48, 0],
+                                   ["c", "int64", [], 60, 8, 0]]), id="weights-manifest-out-of-order"),
+    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 48, 0], ["b", "float32", [3], 48, 12, 0]]),
                  id="weights-manifest-shorter-than-buffer"),
-    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 48], ["b", "float32", [3], 48, 12],
-                                   ["c", "int64", [2], 60, 16]]), id="weights-manifest-longer-than-buffer"),
+    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 48, 0], ["b", "float32", [3], 48, 12, 0],
+                                   ["c", "int64", [2], 60, 16, 0]]), id="weights-manifest-longer-than-buffer"),
     pytest.param(_weights(tensors=[]), id="weights-empty-manifest"),
-    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 68, "extra"]]), id="weights-entry-too-long"),
+    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 68, 0, "extra"]]), id="weights-entry-too-long"),
     pytest.param(_weights(tensors=[["a", "float32", [17], 0]]), id="weights-entry-too-short"),
     pytest.param(_weights(tensors=[{"name": "a"}]), id="weights-entry-not-a-list"),
-    pytest.param(_weights(tensors=[[1, "float32", [17], 0, 68]]), id="weights-name-not-str"),
-    pytest.param(_weights(tensors=[["a", 4, [17], 0, 68]]), id="weights-dtype-not-str"),
-    pytest.param(_weights(tensors=[["a", "float32", 17, 0, 68]]), id="weights-shape-not-list"),
-    pytest.param(_weights(tensors=[["a", "float32", [17], 0, 78], ["b", "float32", [], 78, -10]]),
+    pytest.param(_weights(tensors=[[1, "float32", [17], 0, 68, 0]]), id="weights-name-not-str"),
+    pytest.param(_weights(tensors=[["a", 4, [17], 0, 68, 0]]), id="weights-dtype-not-str"),
+    pytest.param(_weights(tensors=[["a", "float32", 17, 0, 68, 0]]), id="weights-shape-not-list"),
+    pytest.param(_weights(tensors=[["a", "float32", [17], 0, 78, 0], ["b", "float32", [], 78, -10, 0]]),
                  id="weights-negative-nbytes"),
+    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 48, -1]]), id="weights-negative-digest"),
+    # WeightsChunk
+    pytest.param(invalid(make_weights_chunk, status="maybe"), id="chunk-unknown-status"),
+    pytest.param(invalid(make_weights_chunk, encoding="gzip"), id="chunk-unknown-encoding"),
+    pytest.param(invalid(make_weights_chunk, base=12), id="chunk-base-not-below-version"),
+    pytest.param(invalid(make_weights_chunk, base=-1), id="chunk-full-version-with-delta-encoding"),
+    pytest.param(invalid(make_weights_chunk, chunk=3), id="chunk-beyond-chunks"),
+    pytest.param(invalid(make_weights_chunk, size=10**9), id="chunk-size-beyond-chunks"),
+    pytest.param(invalid(make_weights_chunk, data=np.zeros(7, np.uint8)), id="chunk-data-not-as-laid-out"),
+    pytest.param(invalid(make_weights_chunk, raw_bytes=64), id="chunk-manifest-beyond-raw-bytes"),
+    pytest.param(invalid(make_weights_chunk, chunk_bytes=0), id="chunk-zero-chunk-bytes"),
+    pytest.param(invalid(make_weights_chunk, chunk=1, data=np.zeros(40, np.uint8)), id="chunk-later-with-manifest"),
+    pytest.param(invalid(make_weights_chunk, fetch=-5), id="chunk-negative-fetch"),
+    pytest.param(invalid(make_weights_request, chunk=-1), id="weights-request-negative-chunk"),
+    pytest.param(invalid(make_weights_request, have=-2), id="weights-request-have-below-minus-one"),
+    pytest.param(invalid(make_weights_announcement, shm="../../etc/passwd"), id="announcement-shm-a-path"),
     # BatchRequest
     pytest.param(invalid(make_batch_request, num_groups=0), id="request-zero-groups"),
     pytest.param(invalid(make_batch_request, version=-1), id="request-negative-version"),

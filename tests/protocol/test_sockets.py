@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import socket
-import zlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -25,6 +24,7 @@ from protocol.messages import (
     WeightsAnnouncement,
     WeightsRequest,
 )
+from protocol.weights import digest
 
 TIMEOUT_MS = 5000
 GROUP_TYPES = (Hello, Heartbeat, ScoredGroup)
@@ -198,18 +198,18 @@ def test_weights_request_and_reply(ctx: zmq.Context, net: NetConfig) -> None:
     assert req.version == -1
 
     data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)  # larger than the server's 1 MiB
-    weights = Weights(version=2, crc32=zlib.crc32(data), model_config="{}", files=[],
-                      tensors=[["w", "uint8", [data.shape[0]], 0, data.shape[0]]], data=data)
+    weights = Weights(version=2, model_config="{}", files=[],
+                      tensors=[["w", "uint8", [data.shape[0]], 0, data.shape[0], digest(data)]], data=data)
     sockets.send(server, weights, *route)
     wait_readable(client)
     _, got = sockets.recv(client, Weights)
-    assert got.crc32 == weights.crc32 and np.array_equal(got.data, data)
+    assert got.tensors == weights.tensors and np.array_equal(got.data, data)
 
 
 def test_announcements_reach_a_subscriber(ctx: zmq.Context, net: NetConfig) -> None:
     pub = track(ctx, sockets.announce_publisher(ctx, net))
     sub = track(ctx, sockets.announce_subscriber(ctx, net))
-    ann = WeightsAnnouncement(version=7, nbytes=100, crc32=1, final=True)
+    ann = WeightsAnnouncement(version=7, final=True)
     # PUB drops messages until the subscription has propagated: re-publish (idempotent) until one lands.
     for _ in range(TIMEOUT_MS // 50):
         sockets.send(pub, ann)

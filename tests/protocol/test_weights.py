@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import zlib
 from typing import Any
 
 import msgpack
@@ -14,7 +13,7 @@ from torch import nn
 
 from protocol.codec import decode, encode
 from protocol.messages import WEIGHTS_ALIGN, ProtocolError, Weights
-from protocol.weights import pack_weights, unpack_weights
+from protocol.weights import digest, pack_weights, unpack_weights
 
 MODEL_CONFIG = json.dumps({"model_type": "tiny", "hidden_size": 4, "vocab_size": 6})
 
@@ -66,16 +65,16 @@ def test_round_trip_through_the_codec() -> None:
     state = model.state_dict()
     assert {t.dtype for t in state.values()} == {torch.float32, torch.bfloat16, torch.int64}
     msg = pack_weights(state, version=7, model_config=MODEL_CONFIG)
+    assert [t[5] for t in msg.tensors] == [digest(msg.data[t[3]:t[3] + t[4]]) for t in msg.tensors]
     assert msg.data.dtype == np.uint8 and msg.data.ndim == 1
     sizes = [t.numel() * t.element_size() for t in state.values()]
     assert [e[4] for e in msg.tensors] == sizes
     assert all(e[3] % WEIGHTS_ALIGN == 0 for e in msg.tensors), "every tensor starts aligned"
     assert msg.data.shape[0] == msg.tensors[-1][3] + sizes[-1]
-    assert msg.crc32 == zlib.crc32(msg.data)
     assert [e[0] for e in msg.tensors] == list(state)
 
     got = decode(wire(encode(msg)), expect=Weights)
-    assert (got.version, got.crc32, got.model_config, got.tensors) == (7, msg.crc32, MODEL_CONFIG, msg.tensors)
+    assert (got.version, got.model_config, got.tensors) == (7, MODEL_CONFIG, msg.tensors)
     tensors = unpack_weights(got)
     assert_bitwise_equal(tensors, state)
 
@@ -135,24 +134,33 @@ def _flip(frames: list[bytes], index: int) -> list[bytes]:
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
-def test_flipped_byte_fails_the_crc(where: str) -> None:
+def test_flipped_byte_fails_the_digest(where: str) -> None:
     frames = wire(encode(pack_weights(Tiny().state_dict(), version=5, model_config=MODEL_CONFIG)))
     n = len(frames[1])
     corrupted = decode(_flip(frames, {"first": 0, "middle": n // 2, "last": n - 1}[where]))  # the codec cannot tell
     with pytest.raises(ProtocolError) as info:
         unpack_weights(corrupted)
-    assert info.value.reason == "invariant"
-    assert "crc32" in str(info.value) and "v5" in str(info.value)
+    assert info.value.reason == "checksum"
+    assert "xxh3" in str(info.value) and "v5" in str(info.value)
 
 
-def test_wrong_announced_crc_fails() -> None:
+def test_wrong_digest_in_the_manifest_fails_and_names_the_tensor() -> None:
     frames = wire(encode(pack_weights(Tiny().state_dict(), version=5, model_config=MODEL_CONFIG)))
     header = msgpack.unpackb(frames[0])
-    header["f"]["crc32"] ^= 1
+    header["f"]["tensors"][4][5] ^= 1  # embed.weight
     msg = decode([msgpack.packb(header, use_bin_type=True), *frames[1:]])
-    with pytest.raises(ProtocolError, match="crc32") as info:
+    with pytest.raises(ProtocolError, match="embed.weight") as info:
         unpack_weights(msg)
-    assert info.value.reason == "invariant"
+    assert info.value.reason == "checksum"
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "x", None])
+def test_digest_outside_64_bits_is_malformed(bad: Any) -> None:
+    frames = wire(encode(pack_weights(Tiny().state_dict(), version=5, model_config=MODEL_CONFIG)))
+    header = msgpack.unpackb(frames[0])
+    header["f"]["tensors"][0][5] = bad
+    with pytest.raises(ProtocolError, match="bad tensor entry"):
+        decode([msgpack.packb(header, use_bin_type=True), *frames[1:]])
 
 
 def _with_manifest(edit: Any) -> Weights:
@@ -189,8 +197,8 @@ def test_round_trip_with_unaligned_offsets(case: str) -> None:
 
 def test_manifest_shape_disagreeing_with_nbytes() -> None:
     data = np.zeros(8, np.uint8)
-    msg = Weights(version=1, crc32=zlib.crc32(data), model_config="{}", files=[],
-                  tensors=[["w", "float32", [3], 0, 8]], data=data)
+    msg = Weights(version=1, model_config="{}", files=[], tensors=[["w", "float32", [3], 0, 8, digest(data)]],
+                  data=data)
     with pytest.raises(ProtocolError):
         unpack_weights(decode(wire(encode(msg))))
 
@@ -222,3 +230,77 @@ def test_file_sizes_must_cover_file_data() -> None:
     w = with_files(pack_weights({"w": torch.zeros(2)}, 0, "{}"), {"a.json": b"xyz"})
     with pytest.raises(ProtocolError, match="cover"):
         decode(wire(encode(dataclasses.replace(w, files=[["a.json", 2]]))))
+
+
+# --- deltas between versions ---
+
+
+def _chain(steps: int, dtype: torch.dtype = torch.float32, lr: float = 1e-2) -> list[Weights]:
+    """Versions 0..steps of a small model under AdamW, packed as the learner packs them."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(32, 16), nn.Linear(16, 32))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    out = []
+    for v in range(steps + 1):
+        out.append(pack_weights({k: t.to(dtype) for k, t in net.state_dict().items()}, v, MODEL_CONFIG))
+        loss = net(torch.randint(0, 32, (8,))).logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_delta_chain_rebuilds_every_version_bit_exactly(dtype: torch.dtype) -> None:
+    from protocol.weights import apply_delta, encode_delta
+
+    versions = _chain(5, dtype)
+    held = versions[0]
+    for target in versions[1:]:
+        blob = np.frombuffer(encode_delta(held, target), np.uint8)
+        held = apply_delta(held, blob, target.version, target.model_config, target.tensors)
+        assert held.version == target.version and np.array_equal(held.data, target.data)
+    skip = apply_delta(versions[1], np.frombuffer(encode_delta(versions[1], versions[5]), np.uint8), 5,
+                       MODEL_CONFIG, versions[5].tensors)  # a server several versions behind
+    assert np.array_equal(skip.data, versions[5].data)
+
+
+def test_a_small_update_in_bf16_makes_a_small_delta() -> None:
+    from protocol.weights import encode_delta
+
+    versions = _chain(1, torch.bfloat16, lr=1e-6)
+    assert len(encode_delta(versions[0], versions[1])) < 0.1 * versions[1].data.nbytes
+
+
+def test_a_delta_from_the_wrong_base_or_corrupt_is_refused() -> None:
+    from protocol.weights import apply_delta, encode_delta
+
+    v0, v1, v2 = _chain(2)
+    blob = np.frombuffer(encode_delta(v0, v1), np.uint8)
+    with pytest.raises(ProtocolError) as info:  # applied to v1 instead of v0: decodes, but is not v1
+        apply_delta(v1, blob, 1, MODEL_CONFIG, v1.tensors)
+    assert info.value.reason == "checksum"
+    bad = blob.copy()
+    bad[len(bad) // 2] ^= 0xFF
+    with pytest.raises(ProtocolError) as info:
+        apply_delta(v0, bad, 1, MODEL_CONFIG, v1.tensors)
+    assert info.value.reason in ("delta", "checksum")
+    with pytest.raises(ProtocolError, match="does not decompress"):
+        apply_delta(v0, np.frombuffer(b"not zstd at all", np.uint8), 1, MODEL_CONFIG, v1.tensors)
+    other = pack_weights({"x": torch.zeros(3)}, 3, MODEL_CONFIG)
+    with pytest.raises(ProtocolError, match="another layout"):
+        apply_delta(other, blob, 1, MODEL_CONFIG, v1.tensors)
+    with pytest.raises(ValueError, match="different layouts"):
+        encode_delta(other, v2)
+
+
+def test_a_decompression_bomb_is_bounded_by_the_version_size() -> None:
+    import zstandard
+
+    from protocol.weights import apply_delta
+
+    v0, v1 = _chain(1)
+    bomb = np.frombuffer(zstandard.ZstdCompressor().compress(bytes(64 * v0.data.nbytes)), np.uint8)
+    with pytest.raises(ProtocolError) as info:
+        apply_delta(v0, bomb, 1, MODEL_CONFIG, v1.tensors)
+    assert info.value.reason == "delta"

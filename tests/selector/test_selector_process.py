@@ -27,7 +27,7 @@ def group(version: int, rewards: list[float], server: str = "t-0", gid: int = 0)
 
 
 def announce(pub: zmq.Socket, version: int, floor: int = 0, vocab: int = 64) -> None:
-    send(pub, WeightsAnnouncement(version=version, nbytes=0, crc32=0, final=False, floor=floor, vocab_size=vocab,
+    send(pub, WeightsAnnouncement(version=version, final=False, floor=floor, vocab_size=vocab,
                                   session=5))
 
 

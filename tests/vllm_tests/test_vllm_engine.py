@@ -104,7 +104,7 @@ def test_stale_prefix_cache_would_be_caught(setup):
     prompt = [long_prompt(tok, engine)]
     engine.generate(prompt, 1, spec(tok, 0.0), seed=0)  # caches the prompt's blocks under version 1
     w = weights[1]
-    engine.llm.collective_rpc("podsrl_load", args=(w.version, w.crc32, w.tensors, w.data.tobytes()))  # no reset
+    engine.llm.collective_rpc("podsrl_load", args=(w.version, w.tensors, w.data.tobytes()))  # no reset
     stale = engine.generate(prompt, 1, spec(tok, 1.0), seed=0)
     assert max_error(models[1], prompt, stale, 1, 1.0) > 0.01, "the prefix cache was not reused: no control"
     engine.load(weights[0])  # back to version 1, properly
@@ -133,12 +133,12 @@ def test_corrupt_version_leaves_the_previous_one_loaded(setup):
     cfg, tok, models, weights, engine = setup
     engine.load(weights[1])
     good = weights[0]
-    bad_crc = dataclasses.replace(good, version=7, crc32=good.crc32 ^ 1)
+    bad_digest = dataclasses.replace(good, version=7, tensors=[[*t[:5], t[5] ^ 1] for t in good.tensors])
     data = good.data.copy()
     data[len(data) // 2] ^= 0xFF
     bad_data = dataclasses.replace(good, version=8, data=data)
-    for bad in (bad_crc, bad_data):
-        with pytest.raises(ProtocolError, match="crc32"):
+    for bad in (bad_digest, bad_data):
+        with pytest.raises(ProtocolError, match="checksum"):
             engine.load(bad)
         assert engine.version == 2
     prompt = [long_prompt(tok, engine)]
