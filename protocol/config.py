@@ -191,7 +191,8 @@ class LossSettings(Section):
 class LearnerConfig(Section):
     nproc: int = Field(1, ge=1, description="torchrun ranks (processes) on this machine")
     groups_per_step: int = Field(8, ge=1, description="groups per optimizer step")
-    lr: float = Field(3e-3, gt=0, description="AdamW learning rate")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (at 3e-3 half the seeds of the default run "
+                      "collapse their entropy before reward 0.8: docs/STALENESS.md, 'Runs that fail')")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables")
     checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints; 0 = only at the end")

@@ -68,8 +68,8 @@ def test_async_two_ranks_learns_within_staleness_bound(run_dir, net_overrides):
 
 
 def test_synchronous_baseline_k0_same_code_path(run_dir, net_overrides):
-    # 400 steps: at lr 3e-3 a run now and then plateaus for a while as its sampling entropy collapses
-    # (issue 10, item 8); typical runs rise by 0.15-0.2 within 250 steps (measured 2026-12-01).
+    # 400 steps: a run now and then plateaus for a while as its sampling entropy collapses (often at lr
+    # 3e-3, rarely at the default 1e-3: docs/STALENESS.md); typical runs rise by 0.15-0.2 within 250 steps.
     # Weights over the network (as for servers on other machines): deltas from the version each holds.
     res = podsrl_run(run_dir, ["max_staleness=0", "run.steps=400", "weights.transport=net", *net_overrides])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
