@@ -12,7 +12,9 @@ The weight-transfer protocol (docs/ARCHITECTURE.md, "Weights"):
   digests; the server then pulls the other chunks, at most ``weights.window`` in flight. A version or
   base evicted in the meantime is answered ``gone`` and the server starts again from the latest.
   Deltas are encoded on an encoder thread (the one from the previous version as soon as a version
-  is published), so serving and the announcements never wait for compression.
+  is published), so serving and the announcements never wait for compression. A delta larger than
+  ``weights.delta_max_ratio`` of the version (fp32 weights at a high learning rate barely compress)
+  is not worth its encoding: full versions are sent until a probe every 16 versions says otherwise.
 - Flow control is the server's pull: the learner holds at most ``window`` chunks for any peer, so a
   slow link delays only its own server; a reply is zero-copy (a view of the kept buffer or delta).
 
@@ -68,6 +70,7 @@ class WeightPublisher:
         self._kept: OrderedDict[int, Weights] = OrderedDict()  # version -> packed buffer, oldest first
         self._deltas: OrderedDict[tuple[int, int], Future] = OrderedDict()  # (base, target) -> payload
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="weight-delta")
+        self._deltas_pay = True  # the last delta encoded was small enough (weights.delta_max_ratio)
         self._shm_names: dict[int, str] = {}
         self._latest: Weights | None = None
         self._floor = 0
@@ -132,8 +135,9 @@ class WeightPublisher:
                     self.shm.remove(old)
                 for pair in [p for p in self._deltas if old in p]:
                     del self._deltas[pair]
-        if (self.cfg.delta and previous is not None and previous.version < weights.version
-                and same_layout(previous.tensors, weights.tensors)):
+        probe = weights.version % 16 == 0  # deltas that did not pay may pay now (a lower lr, bf16)
+        if (self.cfg.delta and (self._deltas_pay or probe) and previous is not None
+                and previous.version < weights.version and same_layout(previous.tensors, weights.tensors)):
             self._delta(previous, weights)  # the one most servers will ask for: start encoding it now
         self._wake.send(b"new")
 
@@ -171,12 +175,19 @@ class WeightPublisher:
             return None
         use_delta = (self.cfg.delta and base is not None and base.version < target.version
                      and same_layout(base.tensors, target.tensors))
+        if use_delta and base is not None and req.chunk == 0 and not self._deltas_pay:
+            with self._lock:  # deltas do not pay lately: serve the full version unless this one is encoded
+                cached = self._deltas.get((base.version, target.version))
+            use_delta = cached is not None and cached.done() and self._pays(cached.result(), target)
         if req.chunk > 0 and req.have >= 0 and not use_delta:
             return None  # the delta this transfer started with can no longer be made
         if not use_delta or base is None:
             return target, -1, target.data
         done = self._delta(base, target)
         return (target, base.version, done.result()) if done.done() else done
+
+    def _pays(self, blob: np.ndarray, target: Weights) -> bool:
+        return blob.shape[0] <= self.cfg.delta_max_ratio * max(1, target.data.shape[0])
 
     def _delta(self, base: Weights, target: Weights) -> Future:
         """The delta base -> target: cached, or being encoded on the encoder thread (zstd releases the GIL,
@@ -185,12 +196,21 @@ class WeightPublisher:
         with self._lock:
             done = self._deltas.get(key)
             if done is None:
-                done = self._encoder.submit(
-                    lambda: np.frombuffer(encode_delta(base, target, self.cfg.zstd_level), np.uint8))
+                done = self._encoder.submit(self._encode, base, target)
                 self._deltas[key] = done
                 while len(self._deltas) > 2 * self.cfg.keep_versions:
                     self._deltas.popitem(last=False)
         return done
+
+    def _encode(self, base: Weights, target: Weights) -> np.ndarray:
+        """(encoder thread) The delta; also learns whether deltas pay for their encoding at all."""
+        blob = np.frombuffer(encode_delta(base, target, self.cfg.zstd_level), np.uint8)
+        pays = self._pays(blob, target)
+        if pays != self._deltas_pay:
+            log.info("deltas are %s of the version: %s", f"{blob.shape[0] / max(1, target.data.shape[0]):.0%}",
+                     "sending deltas" if pays else "sending full versions (weights.delta_max_ratio)")
+        self._deltas_pay = pays
+        return blob
 
     def _reply(self, route: list[bytes], req: WeightsRequest) -> bool:
         """Answer one request; False when its delta is still being encoded (ask again later)."""

@@ -245,6 +245,9 @@ class WeightsConfig(Section):
                                "each costs one copy of the weights in memory")
     delta: bool = Field(True, description="send a server the zstd-compressed XOR from the version it holds when "
                         "the learner still keeps that version, else the full version")
+    delta_max_ratio: float = Field(0.5, gt=0, le=1, description="a delta larger than this fraction of the version "
+                                   "is not worth its encoding: the learner then sends full versions, and tries a "
+                                   "delta again every 16 versions (fp32 weights at a high lr barely compress)")
     zstd_level: int = Field(1, ge=1, le=22, description="zstd level of deltas (1 is fastest)")
     chunk_mib: float = Field(4.0, gt=0, le=512, description="a transfer travels in chunks of this size")
     window: int = Field(4, ge=1, le=64, description="rollout: chunk requests in flight per transfer (flow control: "

@@ -157,7 +157,9 @@ def read_segment(path: str | Path, version: int, session: int) -> Weights:
         size = os.fstat(f.fileno()).st_size
         if size < _TRAILER.size:
             raise ProtocolError("shm", f"{path}: {size} bytes is no segment")
-        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+        # MAP_POPULATE maps every page now, in one call, instead of one page fault per 4 KiB later
+        mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                       prot=mmap.PROT_READ)
     head_len, magic = _TRAILER.unpack_from(mm, size - _TRAILER.size)
     if magic != MAGIC or head_len > min(MAX_HEADER, size - _TRAILER.size):
         raise ProtocolError("shm", f"{path}: not a podsrl segment (bad trailer)")

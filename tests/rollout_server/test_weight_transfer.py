@@ -867,3 +867,27 @@ def test_segments_of_a_dead_learner_of_any_run_are_removed_at_start(tmp_path: Pa
         p.write_bytes(b"x")
     store = SegmentStore(tmp_path, "cccccccccccc", session=7)
     assert store.stale_removed == 1 and not left.exists() and alive.exists()
+
+
+def test_deltas_that_do_not_pay_give_way_to_full_versions(net: NetConfig, aio: Aio, publishers: Publishers) -> None:
+    """A delta larger than ``delta_max_ratio`` of the version is not worth encoding: once one is seen,
+    the publisher sends full versions (and stops encoding deltas eagerly) until a probe pays again."""
+    versions = chain()  # deltas are ~45% of a version here
+    cfg = WeightsConfig(chunk_mib=0.01, window=2, delta_max_ratio=0.05)
+    pub = publishers.make(net, cfg)
+    publish_packed(pub, versions[0])
+    fetcher = aio.fetcher(net, cfg)
+    held = aio.fetch(fetcher, None)
+    publish_packed(pub, versions[1])
+    held = aio.fetch(fetcher, held)  # the delta v0->v1 was encoded (eagerly), and found too large
+    assert same_bytes(held, versions[1]) and not pub._deltas_pay
+    publish_packed(pub, versions[2])
+    held = aio.fetch(fetcher, held)
+    assert same_bytes(held, versions[2]) and fetcher.last["delta"] == 0.0
+    assert fetcher.last["bytes"] == versions[2].data.nbytes and (1, 2) not in pub._deltas
+    relaxed = publishers.make(net.model_copy(update=dict(zip(("announce_port", "weights_port"), free_ports(2),
+                                                             strict=True))), WeightsConfig(chunk_mib=0.01))
+    publish_packed(relaxed, versions[0])
+    publish_packed(relaxed, versions[1])
+    assert relaxed._delta(versions[0], versions[1]).result(timeout=10).shape[0] < versions[1].data.nbytes / 2
+    assert relaxed._deltas_pay
