@@ -134,9 +134,11 @@ class WeightPublisher:
                 if self.shm is not None:
                     self.shm.remove(old)
                 for pair in [p for p in self._deltas if old in p]:
-                    del self._deltas[pair]
+                    self._deltas.pop(pair).cancel()  # a queued encoding of an evicted pair never runs
         probe = weights.version % 16 == 0  # deltas that did not pay may pay now (a lower lr, bf16)
-        if (self.cfg.delta and (self._deltas_pay or probe) and previous is not None
+        with self._lock:
+            busy = any(not f.done() for f in self._deltas.values())  # never queue eagerly behind a backlog
+        if (self.cfg.delta and (self._deltas_pay or probe) and not busy and previous is not None
                 and previous.version < weights.version and same_layout(previous.tensors, weights.tensors)):
             self._delta(previous, weights)  # the one most servers will ask for: start encoding it now
         self._wake.send(b"new")

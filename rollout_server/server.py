@@ -285,7 +285,10 @@ class RolloutServer:
                 self.counters["shm_fallbacks"] += 1
                 if self.cfg.weights.transport == "shm":
                     self._warn("shm", "shared-memory segment %s unusable (%s): fetching over the network", path, e)
-        self._fetching = asyncio.ensure_future(self.fetcher.fetch(self.held, with_files=self.task is None))
+        # the delta base: the newest verified version in memory (running, being installed, or ready)
+        base = max((w for w in (self.held, self.installing, self.ready) if w is not None),
+                   key=lambda w: w.version, default=None)
+        self._fetching = asyncio.ensure_future(self.fetcher.fetch(base, with_files=self.task is None))
         try:
             await asyncio.wait({self._fetching})
             if self._fetching.cancelled():
