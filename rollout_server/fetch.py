@@ -122,7 +122,8 @@ class Fetcher:
             if left <= 0:
                 raise TimeoutError
             try:
-                _, msg = await asyncio.wait_for(arecv(self.sock, WeightsChunk), left)
+                async with asyncio.timeout(left):  # (not wait_for: on 3.11 it can swallow a cancellation)
+                    _, msg = await arecv(self.sock, WeightsChunk)
             except ProtocolError as e:  # one bad reply: count it, the transfer times out or goes on
                 self.counters["weights_rejected"] += 1
                 log.warning("bad weights reply rejected: %s", e)

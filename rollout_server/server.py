@@ -246,8 +246,13 @@ class RolloutServer:
         waited = 0.0
         timeout = self.cfg.net.send_timeout_s
         while True:
+            if self._stop is not None and self._stop.is_set():  # the run is over: nobody will read it
+                raise asyncio.CancelledError
             try:
-                await asyncio.wait_for(asend(self.push, msg), timeout)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the cancellation
+                # that stops the server, and this loop would then wait on a selector that is gone
+                async with asyncio.timeout(timeout):
+                    await asend(self.push, msg)
                 return
             except TimeoutError:
                 waited += timeout
@@ -326,7 +331,8 @@ class RolloutServer:
     async def _wait(self, seconds: float) -> None:
         """Sleep until news (an announcement, a fetched version) or ``seconds`` pass."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._news.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._news.wait()
 
     async def _weights(self) -> None:
         """Swap in the newest fetched version; wait only while generating now would be useless."""
@@ -394,13 +400,14 @@ class RolloutServer:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not in the main thread (tests)
             loop.add_signal_handler(signal.SIGTERM, self._request_stop)
-        await self._send(Hello(server_id=self.server_id, host=socket.gethostname()[:255], pid=os.getpid(),
-                               engine=self.cfg.rollout.engine.type, session=self.session))
-        helpers = [asyncio.ensure_future(self._announcements()), asyncio.ensure_future(self._heartbeats())]
+        helpers = [asyncio.ensure_future(self._announcements())]  # first: a final announcement stops even the Hello
         if self.cfg.weights.background:
             helpers.append(asyncio.ensure_future(self._background_fetches()))
 
         async def work() -> None:
+            await self._send(Hello(server_id=self.server_id, host=socket.gethostname()[:255], pid=os.getpid(),
+                                   engine=self.cfg.rollout.engine.type, session=self.session))
+            helpers.append(asyncio.ensure_future(self._heartbeats()))  # after the Hello, as the selector expects
             while True:
                 await self._weights()
                 await self._generate()
@@ -410,12 +417,14 @@ class RolloutServer:
         try:
             done, _ = await asyncio.wait({main, stop, *helpers}, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
-                if t is not stop:
+                if t is not stop and not t.cancelled():
                     t.result()  # a crash of any part is the server's crash
         finally:
+            self._stop.set()
             for t in (main, stop, *helpers):
                 t.cancel()
-            await asyncio.gather(main, stop, *helpers, return_exceptions=True)
+            # bounded: a part stuck where a cancellation cannot reach must not keep the process alive
+            await asyncio.wait({main, stop, *helpers}, timeout=10)
 
     def run(self) -> None:
         import uvloop
