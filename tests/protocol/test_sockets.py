@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import socket
 from collections.abc import Callable, Iterator
@@ -10,6 +9,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 import zmq
+from helpers import free_ports
 
 from protocol import sockets
 from protocol.config import NetConfig
@@ -28,15 +28,6 @@ from protocol.weights import digest
 
 TIMEOUT_MS = 5000
 GROUP_TYPES = (Hello, Heartbeat, ScoredGroup)
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on loopback: bind n sockets to port 0 at once, read, release."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import mmap
 import os
 import queue
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import torch
 import zmq
 import zmq.asyncio
 import zstandard
-from helpers import ROOT, child_env
+from helpers import ROOT, child_env, free_ports
 from torch import nn
 from zmq.utils.monitor import recv_monitor_message
 
@@ -105,15 +104,6 @@ def big_versions() -> tuple[Weights, Weights]:
 
 
 # -- plumbing -----------------------------------------------------------------------------------
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (all bound at once, then released)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
 
 @pytest.fixture
 def net() -> NetConfig:
