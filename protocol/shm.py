@@ -17,6 +17,7 @@ whose learner process is gone (any run); ``podsrl run`` also removes its run's s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 import os
@@ -36,6 +37,7 @@ MAX_HEADER = 64 << 20
 _TRAILER = struct.Struct("<Q8s")
 
 
+@functools.cache  # announced every second and compared per version: read /proc once
 def host_id() -> str:
     """This machine's identity for shared memory: the kernel's boot id (the same in every container on
     the host, different on every other machine and after a reboot), else the host name."""
