@@ -17,6 +17,11 @@ The weight-transfer protocol (docs/ARCHITECTURE.md, "Weights"):
   is not worth its encoding: full versions are sent until a probe every 16 versions says otherwise.
 - Flow control is the server's pull: the learner holds at most ``window`` chunks for any peer, so a
   slow link delays only its own server; a reply is zero-copy (a view of the kept buffer or delta).
+- A transfer in progress pins what it started with: its version (or delta) stays alive after it is
+  no longer kept, until its last chunk is served or it is silent for ``weights.pin_s``, so a server
+  slower than ``keep_versions`` steps still completes a version and catches up instead of being
+  told ``gone`` forever. At most ``weights.max_pinned`` versions no longer kept are held this way
+  (the memory of one version each); beyond that the oldest pin is dropped and its server told ``gone``.
 
 One background thread alone owns both sockets, so serving never stalls training. Requests that
 arrive before version 0 exists are answered as soon as it does. Every announcement carries the
@@ -30,6 +35,7 @@ a second instead of waiting for the next step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -56,6 +62,19 @@ from protocol.sockets import announce_publisher, close, recv, send, weight_serve
 from protocol.weights import encode_delta, same_layout
 
 log = logging.getLogger("podsrl.learner")
+MAX_PINS = 4096  # transfers tracked at once (a hostile peer opening transfers cannot grow this further)
+
+
+@dataclasses.dataclass
+class Pin:
+    """What a transfer in progress started with, served to it even after the version is evicted."""
+
+    version: int
+    base: int
+    raw_bytes: int
+    payload: np.ndarray
+    left: set[int]  # chunk numbers not served yet
+    seen: float  # monotonic time of its last request
 
 
 class WeightPublisher:
@@ -99,6 +118,10 @@ class WeightPublisher:
         self.bytes_served = 0
         self.deltas_served = self.full_served = 0  # transfers (chunk 0 replies) of each kind
         self.rejected = 0
+        self._pins: OrderedDict[tuple[bytes, int], Pin] = OrderedDict()  # (peer, fetch id) -> pin, oldest first
+        self.pinned_served = 0  # chunk replies that only a pin made possible (the version was evicted)
+        self.pins_dropped = 0  # transfers told 'gone' because weights.max_pinned was reached
+        self.pins_expired = 0  # transfers silent for weights.pin_s
         self._thread = threading.Thread(target=self._serve, name="weight-publisher", daemon=True)
         self._thread.start()
 
@@ -147,7 +170,9 @@ class WeightPublisher:
         """Cumulative serving counters (``weights/*`` in the learner's metrics)."""
         return {"weights/bytes_served_mib": self.bytes_served / 2**20, "weights/deltas_served": self.deltas_served,
                 "weights/full_served": self.full_served, "weights/chunks_served": self.served,
-                "weights/requests_rejected": self.rejected, "weights/shm": float(self.shm is not None)}
+                "weights/requests_rejected": self.rejected, "weights/shm": float(self.shm is not None),
+                "weights/pinned_served": self.pinned_served, "weights/pins_dropped": self.pins_dropped,
+                "weights/pins_expired": self.pins_expired}
 
     def close(self) -> None:
         self._wake.send(b"stop")
@@ -216,6 +241,10 @@ class WeightPublisher:
 
     def _reply(self, route: list[bytes], req: WeightsRequest) -> bool:
         """Answer one request; False when its delta is still being encoded (ask again later)."""
+        key = (bytes(route[0]), req.fetch)
+        pin = self._pins.get(key) if req.chunk > 0 else None
+        if pin is not None and (pin.version, pin.base) == (req.version, req.have):
+            return self._send_part(route, req, pin.version, pin.base, pin.raw_bytes, pin.payload, pin=pin)
         found = self._payload(req)
         if isinstance(found, Future):
             return False
@@ -223,30 +252,65 @@ class WeightPublisher:
             send(self._router, WeightsChunk(fetch=req.fetch, version=max(req.version, 0), status="gone"), *route)
             return True
         target, base, payload = found
+        first = req.chunk == 0
+        chunks = max(1, -(-int(payload.shape[0]) // self._chunk))
+        if first and chunks > 1 and self.cfg.pin_s > 0:
+            self._pins[key] = Pin(target.version, base, int(target.data.shape[0]), payload, set(range(1, chunks)),
+                                  time.monotonic())
+            while len(self._pins) > MAX_PINS:
+                self._pins.popitem(last=False)
+        return self._send_part(route, req, target.version, base, int(target.data.shape[0]), payload,
+                               target=target if first else None)
+
+    def _send_part(self, route: list[bytes], req: WeightsRequest, version: int, base: int, raw_bytes: int,
+                   payload: np.ndarray, target: Weights | None = None, pin: Pin | None = None) -> bool:
+        """Send chunk ``req.chunk`` of ``payload`` (chunk 0 carries ``target``'s manifest and config)."""
         size = int(payload.shape[0])
         chunks = max(1, -(-size // self._chunk))
         if req.chunk >= chunks:
             self.rejected += 1
             self._warn("chunk", "a weights request asked for chunk %d of %d", req.chunk, chunks)
-            send(self._router, WeightsChunk(fetch=req.fetch, version=target.version, status="gone"), *route)
+            send(self._router, WeightsChunk(fetch=req.fetch, version=version, status="gone"), *route)
             return True
-        first = req.chunk == 0
-        files = first and req.with_files
+        files = target is not None and req.with_files
         part = payload[req.chunk * self._chunk:(req.chunk + 1) * self._chunk]
         self.served += 1
         self.bytes_served += int(part.shape[0])
-        if first:
+        if target is not None:
             if base < 0:
                 self.full_served += 1
             else:
                 self.deltas_served += 1
+        if pin is not None:
+            pin.left.discard(req.chunk)
+            pin.seen = time.monotonic()
+            with self._lock:
+                evicted = version not in self._kept
+            self.pinned_served += evicted
+            if not pin.left:
+                self._pins.pop((bytes(route[0]), req.fetch), None)
         send(self._router, WeightsChunk(
-            fetch=req.fetch, version=target.version, status="ok", base=base,
+            fetch=req.fetch, version=version, status="ok", base=base,
             encoding="raw" if base < 0 else "xor+zstd", chunk=req.chunk, chunks=chunks, chunk_bytes=self._chunk,
-            size=size, raw_bytes=int(target.data.shape[0]), model_config=target.model_config if first else "",
-            tensors=target.tensors if first else [], files=self._file_list if files else [],
+            size=size, raw_bytes=raw_bytes, model_config=target.model_config if target is not None else "",
+            tensors=target.tensors if target is not None else [], files=self._file_list if files else [],
             data=part, file_data=self._files_blob if files else np.empty(0, np.uint8)), *route)
         return True
+
+    def _expire_pins(self) -> None:
+        """Drop pins silent for ``pin_s``, then the oldest pins of versions no longer kept beyond ``max_pinned``."""
+        now = time.monotonic()
+        for key in [k for k, p in self._pins.items() if now - p.seen > self.cfg.pin_s]:
+            del self._pins[key]
+            self.pins_expired += 1
+        with self._lock:
+            kept = set(self._kept)
+        held = sorted({(p.version, p.base) for p in self._pins.values()
+                       if p.version not in kept or (p.base >= 0 and p.base not in kept)})
+        for pair in held[:max(0, len(held) - self.cfg.max_pinned)]:
+            for key in [k for k, p in self._pins.items() if (p.version, p.base) == pair]:
+                del self._pins[key]
+                self.pins_dropped += 1
 
     def _serve(self) -> None:
         wake = self._ctx.socket(zmq.PAIR)
@@ -275,6 +339,8 @@ class WeightPublisher:
                 if wake in events or time.monotonic() - announced >= ANNOUNCE_EVERY_S:
                     self._announce()
                     announced = time.monotonic()
+                if self._pins:
+                    self._expire_pins()
                 if self._latest is not None:
                     waiting = [(route, req) for route, req in waiting if not self._reply(route, req)]
                     timeout_ms = 5 if waiting else int(ANNOUNCE_EVERY_S * 1000)  # a delta being encoded

@@ -254,6 +254,11 @@ class WeightsConfig(Section):
                         "a slow link holds at most window x chunk_mib at the learner)")
     background: bool = Field(True, description="rollout: fetch and verify the next version while generating and "
                              "swap it in between engine calls; false = stop, fetch, then generate")
+    pin_s: float = Field(30.0, ge=0, description="learner: a transfer in progress keeps its version (or delta) alive "
+                         "after it is no longer kept, until this many seconds pass without a request from it; "
+                         "0 = no pins (a server slower than keep_versions x step time is told 'gone')")
+    max_pinned: int = Field(2, ge=0, description="learner: versions no longer kept that transfers in progress may "
+                            "hold at once, each one more copy of the weights in memory; the oldest pin goes first")
 
 
 class Config(Section):

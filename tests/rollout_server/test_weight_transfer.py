@@ -617,16 +617,17 @@ class ThrottledClient(threading.Thread):
             term(ctx)
 
 
-@pytest.mark.parametrize("keep", [1, 2])
-def test_a_throttled_client_does_not_slow_the_others(keep: int, net: NetConfig, aio: Aio,
+@pytest.mark.parametrize(("keep", "pin_s"), [(2, 30.0), (1, 30.0), (1, 0.0)])
+def test_a_throttled_client_does_not_slow_the_others(keep: int, pin_s: float, net: NetConfig, aio: Aio,
                                                      publishers: Publishers) -> None:
     """An 8 MiB version in 64 chunks. A throttled client starts pulling it one chunk at a time; while
     it has fewer than half of its chunks, a normal Fetcher (window 4) gets the same version, the
     learner publishes the next one and the Fetcher gets that too (a delta when the old version is
-    still kept). Afterwards the throttled client finishes its transfer bit for bit when its version
-    is still kept (keep_versions=2), or is told ``gone`` when it was evicted (keep_versions=1)."""
+    still kept). Afterwards the throttled client finishes its transfer bit for bit: its version is
+    still kept (keep_versions=2), or was evicted but pinned by the transfer in progress (keep 1);
+    without pins (pin_s=0) an evicted version is answered ``gone``."""
     v0, v1 = big_versions()
-    cfg = WeightsConfig(chunk_mib=0.125, window=4, keep_versions=keep)
+    cfg = WeightsConfig(chunk_mib=0.125, window=4, keep_versions=keep, pin_s=pin_s)
     pub = publishers.make(net, cfg)
     pub.publish(v0)
     slow = ThrottledClient(net)
@@ -647,12 +648,52 @@ def test_a_throttled_client_does_not_slow_the_others(keep: int, net: NetConfig, 
     assert fast.last["delta"] == float(keep > 1), "a delta when v0 is still kept, else the full version"
     assert received_when_done < slow.chunks // 2, (
         f"the fast fetcher needed the throttled client to get {received_when_done} of {slow.chunks} chunks first")
-    assert slow.outcome in ("complete", "gone")
-    if keep > 1:
+    if pin_s > 0:
         assert slow.outcome == "complete" and slow.received == slow.chunks
         assert slow.payload.tobytes() == v0.data.tobytes(), "the throttled transfer is exact"
+        assert (pub.pinned_served > 0) == (keep == 1), "chunks of an evicted version come from the pin"
+        assert not pub._pins, "a completed transfer releases its pin"
     else:
         assert slow.outcome == "gone" and slow.received < slow.chunks
+
+
+def test_pins_are_bounded_and_expire(net: NetConfig, zctx: zmq.Context, publishers: Publishers) -> None:
+    """keep_versions=1, max_pinned=1: two transfers in progress (of v0 and of v1) see both versions
+    evicted; only the newer pin survives, so the v0 transfer is told ``gone`` and the v1 transfer
+    completes bit for bit. A third transfer that goes silent for longer than pin_s loses its pin."""
+    versions = chain()
+    cfg = WeightsConfig(chunk_mib=0.01, window=1, keep_versions=1, max_pinned=1, pin_s=2.0)
+    pub = publishers.make(net, cfg)
+    a, b, c = (weight_client(zctx, net) for _ in range(3))
+    try:
+        pub.publish(versions[0])
+        first_a = ask_raw(a, WeightsRequest(version=-1, fetch=1))
+        pub.publish(versions[1])
+        first_b = ask_raw(b, WeightsRequest(version=-1, fetch=2))
+        assert (first_a.version, first_b.version, first_a.chunks) == (0, 1, 10)
+        pub.publish(versions[2])  # v0 and v1 evicted; both are pinned, one more than max_pinned
+        part = ask_raw(a, WeightsRequest(version=0, chunk=1, fetch=1))
+        assert part.status == "gone", "the oldest pin beyond max_pinned is dropped"
+        payload = np.empty(first_b.size, np.uint8)
+        payload[:first_b.data.shape[0]] = first_b.data
+        for k in range(1, first_b.chunks):
+            part = ask_raw(b, WeightsRequest(version=1, chunk=k, fetch=2))
+            assert part.status == "ok" and part.version == 1
+            payload[k * part.chunk_bytes:k * part.chunk_bytes + part.data.shape[0]] = part.data
+        assert payload.tobytes() == versions[1].data.tobytes()
+        assert pub.pins_dropped == 1 and pub.pinned_served == first_b.chunks - 1
+
+        first_c = ask_raw(c, WeightsRequest(version=-1, fetch=3))
+        assert first_c.version == 2
+        pub.publish(versions[3])  # v2 evicted, pinned by c's transfer, which now goes silent
+        deadline = time.monotonic() + REPLY_S
+        while pub.pins_expired == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pub.pins_expired == 1
+        assert ask_raw(c, WeightsRequest(version=2, chunk=1, fetch=3)).status == "gone"
+        assert pub.metrics()["weights/pins_expired"] == 1
+    finally:
+        close(a, b, c)
 
 
 # -- 5. shared memory ----------------------------------------------------------------------------
