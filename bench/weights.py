@@ -336,6 +336,7 @@ async def _client_main(conn: Any, net: dict[str, Any], ctl_port: int, raw_port: 
     raw.connect(f"tcp://127.0.0.1:{raw_port}")
     fetcher = Fetcher(dealer, WeightsConfig(transport="net"), TIMEOUT_S)
     held: Weights | None = None
+    last: Weights | None = None  # the version "running"; its buffer is recycled once the next one is in
     got, active, delta = -1, False, False
     poller = zmq.asyncio.Poller()
     poller.register(sub, zmq.POLLIN)
@@ -362,7 +363,9 @@ async def _client_main(conn: Any, net: dict[str, Any], ctl_port: int, raw_port: 
                     t0 = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
                     w = await fetcher.fetch(held if delta else None, with_files=False)
                     t1 = time.perf_counter()
-                    held, got = (w if delta else None), w.version  # full rows: hold nothing (memory)
+                    if last is not None and last is not w:
+                        fetcher.recycle(last)  # as a rollout server does after installing w
+                    held, last, got = (w if delta else None), w, w.version
                     conn.send(("podsrl", w.version, int(fetcher.last["bytes"]), bool(fetcher.last["delta"]), t1 - t0,
                                t0, t1))
     finally:
@@ -591,7 +594,15 @@ def shm_case(size: str, state: dict[str, torch.Tensor], repeats: int) -> list[Re
                 for k, v in unpack_weights(w, verified=True).items():
                     dst[k].copy_(v)
 
-            tr = measure({"shm": shm_read, "memcpy": lambda: np.copyto(dst_buf, src_buf)}, repeats, nbytes)
+            mapped = read_segment(path, ann.version, ann.session)  # (a rollout server maps and verifies in the
+            # background while generating: only the copy into the model stops generation)
+
+            def install() -> None:
+                for k, v in unpack_weights(mapped, verified=True).items():
+                    dst[k].copy_(v)
+
+            tr = measure({"shm": shm_read, "install": install, "memcpy": lambda: np.copyto(dst_buf, src_buf)},
+                         repeats, nbytes)
             assert all(torch.equal(dst[k], v) for k, v in state.items())
         finally:
             sub.close(linger=0)
@@ -607,6 +618,13 @@ def shm_case(size: str, state: dict[str, torch.Tensor], repeats: int) -> list[Re
                      "True) + copy_ of every tensor into a preallocated state; the segment was published by "
                      "WeightPublisher and found from its announcement (shared_segment); medians, interleaved",
                extra={"GBps": nbytes / tr["shm"] / 1e9, "memcpy_GBps": nbytes / tr["memcpy"] / 1e9}),
+        Result(bench="weights", case=f"(3) shm install (generation stall), {desc}", value=tr["install"] * 1e3,
+               unit="ms", peer="np.copyto of the same bytes", peer_value=tr["memcpy"] * 1e3,
+               ratio=tr["memcpy"] / tr["install"], goal="- (report)", met=None, ratio_means="memcpy time / podsrl time",
+               notes="the part of the row above that stops generation: unpack_weights + copy_ of every tensor from "
+                     "a segment already mapped and verified (the rollout server maps and verifies in the background "
+                     "while its engine generates); medians, interleaved",
+               extra={"GBps": nbytes / tr["install"] / 1e9}),
         Result(bench="weights", case=f"(3) pack into shm + publish, {desc}", value=tp["shm"] * 1e3, unit="ms",
                peer="pack_weights into ordinary memory", peer_value=tp["mem"] * 1e3, ratio=tp["shm"] / tp["mem"],
                goal="- (report)", met=None, ratio_means="podsrl / peer",

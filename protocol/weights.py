@@ -145,23 +145,40 @@ def encode_delta(base: Weights, target: Weights, level: int = 1) -> bytes:
     return zstandard.ZstdCompressor(level=level).compress(xor.data)
 
 
+DELTA_STEP = 1 << 20  # decompressed and XORed this many bytes at a time: the scratch stays in cache
+
+
 def apply_delta(base: Weights, blob: np.ndarray, version: int, model_config: str,
-                tensors: list) -> Weights:
-    """Version ``version`` from ``base`` and a delta; verified. Raises ProtocolError when the delta is
-    corrupt or does not rebuild the target exactly (the caller then fetches the full version)."""
+                tensors: list, out: np.ndarray | None = None) -> Weights:
+    """Version ``version`` from ``base`` and a delta, written into ``out`` (a recycled buffer of the
+    version's size, else a new one); verified. Raises ProtocolError when the delta is corrupt or does
+    not rebuild the target exactly (the caller then fetches the full version); ``base`` is never written.
+
+    One pass: the delta is decompressed a cache-sized piece at a time and XORed straight into the
+    result, so no version-sized temporary is allocated (and page-faulted) per delta."""
     raw = base.data.shape[0]
     if not same_layout(base.tensors, tensors):
         raise ProtocolError("delta", f"the delta to v{version} has another layout than v{base.version}")
-    try:  # the frame must declare exactly the version's size: nothing larger is ever allocated
+    data = out if out is not None and out.shape == (raw,) and out.dtype == np.uint8 else np.empty(raw, np.uint8)
+    scratch = np.empty(min(DELTA_STEP, max(raw, 1)), np.uint8)
+    pos = 0
+    try:  # the frame must declare exactly the version's size, and hold exactly that many bytes
         declared = zstandard.frame_content_size(blob.data)
         if declared != raw:
             raise ProtocolError("delta", f"the delta v{base.version}->v{version} declares {declared} bytes, not {raw}")
-        xor = zstandard.ZstdDecompressor().decompress(blob.data, max_output_size=raw)
+        with zstandard.ZstdDecompressor().stream_reader(blob.data) as reader:
+            while pos < raw:
+                n = reader.readinto(scratch[:min(DELTA_STEP, raw - pos)])
+                if n == 0:
+                    break
+                np.bitwise_xor(base.data[pos:pos + n], scratch[:n], out=data[pos:pos + n])
+                pos += n
+            extra = reader.read(1)
     except zstandard.ZstdError as e:
         raise ProtocolError("delta", f"the delta v{base.version}->v{version} does not decompress: {e}") from None
-    if len(xor) != raw:
-        raise ProtocolError("delta", f"the delta v{base.version}->v{version} has {len(xor)} bytes, not {raw}")
-    data = np.bitwise_xor(base.data, np.frombuffer(xor, np.uint8))
-    out = Weights(version=version, model_config=model_config, tensors=tensors, files=[], data=data)
-    verify(out)
-    return out
+    if pos != raw or extra:
+        raise ProtocolError("delta", f"the delta v{base.version}->v{version} has "
+                            f"{pos if pos != raw else 'more than ' + str(raw)} bytes, not {raw}")
+    result = Weights(version=version, model_config=model_config, tensors=tensors, files=[], data=data)
+    verify(result)
+    return result

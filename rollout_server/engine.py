@@ -47,7 +47,9 @@ class SamplingSpec:
 class Engine(Protocol):
     version: int | None
 
-    def load(self, weights: Weights, verified: bool = False) -> None: ...
+    def load(self, weights: Weights, verified: bool = False) -> None:
+        """Install ``weights`` by copying them: the server recycles ``weights.data`` for a later transfer
+        once a newer version is installed, so no reference to it may outlive this call."""
 
     def generate(self, prompts: list[np.ndarray], n: int, spec: SamplingSpec, seed: int) -> Samples: ...
 

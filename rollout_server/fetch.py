@@ -8,7 +8,9 @@ exactly (corrupt, or applied to the wrong base) is counted (``weights_rejected``
 fetched again in full, while the server keeps generating with the version it has.
 
 :func:`read_shared` maps a version from shared memory instead, when the learner announced a segment
-on this machine (protocol/shm.py). Both run on the server's asyncio loop (uvloop); the CPU-heavy
+on this machine (protocol/shm.py). The buffer of the version a server stops running comes back
+through :meth:`Fetcher.recycle` and receives the next transfer: its pages are already mapped, where a
+fresh buffer of a large model costs a page fault per 4 KiB (seconds per GB on a VM). Both run on the server's asyncio loop (uvloop); the CPU-heavy
 parts (decompression, XOR, digests) run in a helper thread so heartbeats and sends keep flowing.
 """
 
@@ -65,6 +67,19 @@ class Fetcher:
         self.sock, self.cfg, self.timeout_s = sock, cfg, timeout_s
         self.counters: Counter[str] = Counter()
         self.last: dict[str, float] = {}  # the last transfer: bytes, seconds, kind
+        self._spare: np.ndarray | None = None  # a buffer no version uses any more (recycle)
+
+    def recycle(self, w: Weights) -> None:
+        """Give back the buffer of a version the server no longer runs or holds; the next transfer of
+        the same size is written into it. Only buffers this process allocated are taken (a shared-memory
+        mapping is read-only and stays the learner's)."""
+        if w.data.flags.owndata and w.data.flags.writeable and w.data.dtype == np.uint8:
+            self._spare = w.data
+
+    def _take(self, nbytes: int) -> np.ndarray:
+        """A writable buffer of ``nbytes``: the recycled one when it has that size, else a new one."""
+        spare, self._spare = self._spare, None
+        return spare if spare is not None and spare.shape == (nbytes,) else np.empty(nbytes, np.uint8)
 
     async def fetch(self, held: Weights | None, with_files: bool) -> Weights:
         """The latest version, verified, with the tokenizer files if ``with_files``. Raises TimeoutError
@@ -91,7 +106,7 @@ class Fetcher:
             raise Gone
         if first.base >= 0 and (held is None or first.base != held.version):
             raise ProtocolError("delta", f"a delta from v{first.base}, but this server holds v{have}")
-        payload = np.empty(first.size, np.uint8)
+        payload = self._take(first.size) if first.base < 0 else np.empty(first.size, np.uint8)
         payload[:first.data.shape[0]] = first.data
         todo = list(range(first.chunks - 1, 0, -1))  # chunk numbers still to ask for, next last
         inflight = 0
@@ -109,7 +124,8 @@ class Fetcher:
                 raise ProtocolError("chunk", f"chunk {part.chunk} does not belong to the transfer of v{first.version}")
             start = part.chunk * part.chunk_bytes
             payload[start:start + part.data.shape[0]] = part.data
-        w = await asyncio.to_thread(_rebuild, first, payload, held)
+        out = self._take(held.data.shape[0]) if first.base >= 0 and held is not None else None  # (base's size)
+        w = await asyncio.to_thread(_rebuild, first, payload, held, out)
         self.last = {"bytes": float(first.size), "seconds": time.monotonic() - t0, "delta": float(first.base >= 0)}
         self.counters["deltas" if first.base >= 0 else "full"] += 1
         return w
@@ -133,7 +149,7 @@ class Fetcher:
             self.counters["stale_replies"] += 1
 
 
-def _rebuild(first: WeightsChunk, payload: np.ndarray, held: Weights | None) -> Weights:
+def _rebuild(first: WeightsChunk, payload: np.ndarray, held: Weights | None, out: np.ndarray | None) -> Weights:
     """The version a transfer carried: the raw buffer, or the base with the delta applied; verified."""
     if first.base < 0:
         w = Weights(version=first.version, model_config=first.model_config, tensors=first.tensors, files=[],
@@ -142,7 +158,7 @@ def _rebuild(first: WeightsChunk, payload: np.ndarray, held: Weights | None) -> 
         verify(w)
     else:
         assert held is not None
-        w = apply_delta(held, payload, first.version, first.model_config, first.tensors)
+        w = apply_delta(held, payload, first.version, first.model_config, first.tensors, out=out)
     if first.files:
         w = Weights(version=w.version, model_config=w.model_config, tensors=w.tensors, files=first.files,
                     data=w.data, file_data=first.file_data)

@@ -358,7 +358,9 @@ class RolloutServer:
                     metrics = await self._in_worker(self.install, ready)
                 finally:
                     self.installing = None
-                self.held = ready
+                old, self.held = self.held, ready
+                if old is not None and old is not ready:
+                    self.fetcher.recycle(old)  # the engine copied it; no fetch uses it as a base (they are serial)
                 metrics["rollout/weights_load_s"] = metrics["rollout/weights_install_s"] + self._fetch_s
                 self.monitor.log(ready.version, metrics)
             if self._usable(self.engine.version) and not self._learner_gone():

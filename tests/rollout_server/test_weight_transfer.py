@@ -375,6 +375,33 @@ def test_a_delta_chain_reassembles_bit_exactly_across_processes(net: NetConfig, 
     child.close()
 
 
+@pytest.mark.parametrize("delta", [True, False])
+def test_a_recycled_buffer_receives_the_next_version(delta: bool, net: NetConfig, aio: Aio,
+                                                    publishers: Publishers) -> None:
+    """The server gives the buffer of the version it stopped running back to its Fetcher; the next
+    transfer (a delta rebuilt into it, or a full version pulled into it) lands there, bit for bit. A
+    read-only buffer (as a shared-memory mapping is) is never taken."""
+    versions = chain()
+    cfg = WeightsConfig(chunk_mib=0.01, window=2, delta=delta)
+    pub = publishers.make(net, cfg)
+    fetcher = aio.fetcher(net, cfg)
+    pub.publish(versions[0])
+    held = aio.fetch(fetcher, None)
+    spare: np.ndarray | None = None
+    for v in (1, 2, 3):
+        pub.publish(versions[v])
+        got = aio.fetch(fetcher, held)
+        assert same_bytes(got, versions[v]) and fetcher.last["delta"] == float(delta)
+        if v >= 2:
+            assert got.data is spare, f"v{v} was not written into the recycled buffer"
+        fetcher.recycle(held)  # installed: the old version's buffer is free
+        spare, held = held.data, got
+    fresh = aio.fetcher(net, cfg)
+    fresh.recycle(versions[0])  # read-only: not taken, though it has the size of the full v3 fetched next
+    got = aio.fetch(fresh, None)
+    assert same_bytes(got, versions[3]) and got.data is not versions[0].data and got.data.flags.writeable
+
+
 # -- 2. a faulty learner ---------------------------------------------------------------------------
 
 class FakeLearner(threading.Thread):
