@@ -28,7 +28,8 @@ arrive before version 0 exists are answered as soon as it does. Every announceme
 learner's ``session`` (random per process: a rollout server waiting on a request the previous learner
 took to its grave asks again as soon as a new session speaks), the version ``floor``
 (``learner/checkpoint.py``), the vocabulary size the selector bounds token ids with, and the
-version's segment name and this machine's id when it is in shared memory. The latest announcement
+version's segment name and this machine's id when it is in shared memory, and its CUDA IPC handle
+when a learner on CUDA shares a device copy (:func:`share_on_device`). The latest announcement
 is repeated every ``ANNOUNCE_EVERY_S``, so a process that (re)connects late learns the version within
 a second instead of waiting for the next step.
 """
@@ -41,6 +42,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import zmq
@@ -77,6 +79,19 @@ class Pin:
     seen: float  # monotonic time of its last request
 
 
+def share_on_device(weights: Weights, device: Any) -> tuple[str, Any]:
+    """A copy of the packed version on ``device`` (CUDA) and its CUDA IPC handle text, for
+    :meth:`WeightPublisher.publish`: the bytes the digests were computed over, one host-to-device copy.
+    Untested without a GPU (protocol/cuda_ipc.py)."""
+    import torch
+
+    from protocol.cuda_ipc import share
+
+    buf = torch.empty(weights.data.shape[0], dtype=torch.uint8, device=device)
+    buf.copy_(torch.from_numpy(weights.data))
+    return share(buf).to_wire(), buf
+
+
 class WeightPublisher:
     def __init__(self, ctx: zmq.Context, net: NetConfig, files: dict[str, bytes] | None = None,
                  vocab_size: int = 0, weights: WeightsConfig | None = None, run_dir: str = "") -> None:
@@ -91,6 +106,7 @@ class WeightPublisher:
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="weight-delta")
         self._deltas_pay = True  # the last delta encoded was small enough (weights.delta_max_ratio)
         self._shm_names: dict[int, str] = {}
+        self._cuda: dict[int, tuple[str, Any]] = {}  # version -> (CUDA IPC handle text, the buffer it names)
         self._latest: Weights | None = None
         self._floor = 0
         self._final = False
@@ -139,9 +155,11 @@ class WeightPublisher:
                 self.shm = None
         return np.empty(nbytes, np.uint8)
 
-    def publish(self, weights: Weights, floor: int = 0, final: bool = False) -> None:
+    def publish(self, weights: Weights, floor: int = 0, final: bool = False,
+                cuda: tuple[str, Any] | None = None) -> None:
         """Make ``weights`` the version served and announce it (``floor``: see the module doc).
-        ``weights.data`` must come from :meth:`alloc` when shared memory is offered."""
+        ``weights.data`` must come from :meth:`alloc` when shared memory is offered. ``cuda``: the
+        handle text of a device copy and the buffer itself, kept alive while the version is kept."""
         name = ""
         if self.shm is not None and self.shm.pending:
             name = self.shm.seal(weights)
@@ -151,9 +169,12 @@ class WeightPublisher:
             self._kept[weights.version] = weights
             if name:
                 self._shm_names[weights.version] = name
+            if cuda is not None:
+                self._cuda[weights.version] = cuda
             while len(self._kept) > self.cfg.keep_versions:
                 old, _ = self._kept.popitem(last=False)
                 self._shm_names.pop(old, None)
+                self._cuda.pop(old, None)  # (torch frees the device memory once every reader has let go)
                 if self.shm is not None:
                     self.shm.remove(old)
                 for pair in [p for p in self._deltas if old in p]:
@@ -181,16 +202,18 @@ class WeightPublisher:
         close(self._wake)
         if self.shm is not None:
             self.shm.close()
+        self._cuda.clear()
 
     # -- the serving thread --------------------------------------------------------------------
     def _announce(self) -> None:
         with self._lock:
             w, floor, final = self._latest, self._floor, self._final
             shm = self._shm_names.get(w.version, "") if w is not None else ""
+            cuda = self._cuda.get(w.version, ("", None))[0] if w is not None else ""
         if w is not None:
             send(self._pub, WeightsAnnouncement(version=w.version, nbytes=int(w.data.nbytes), final=final,
                                                 floor=floor, vocab_size=self.vocab_size, session=self.session,
-                                                shm=shm, host=host_id() if shm else ""))
+                                                shm=shm, host=host_id() if shm or cuda else "", cuda=cuda))
 
     def _payload(self, req: WeightsRequest) -> tuple[Weights, int, np.ndarray] | Future | None:
         """(target, base, payload) for a request; the encoding in progress when its delta is not ready

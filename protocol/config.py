@@ -254,6 +254,9 @@ class WeightsConfig(Section):
                         "a slow link holds at most window x chunk_mib at the learner)")
     background: bool = Field(True, description="rollout: fetch and verify the next version while generating and "
                              "swap it in between engine calls; false = stop, fetch, then generate")
+    cuda_ipc: bool = Field(True, description="a learner on CUDA that offers shared memory also shares a device copy of "
+                           "each version by CUDA IPC, and torch engines on CUDA on its machine load from it "
+                           "(device-to-device); untested without a GPU (protocol/cuda_ipc.py)")
     pin_s: float = Field(30.0, ge=0, description="learner: a transfer in progress keeps its version (or delta) alive "
                          "after it is no longer kept, until this many seconds pass without a request from it; "
                          "0 = no pins (a server slower than keep_versions x step time is told 'gone')")

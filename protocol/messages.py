@@ -17,13 +17,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 I32, I64, F32, U8 = np.dtype("<i4"), np.dtype("<i8"), np.dtype("<f4"), np.dtype("u1")
 
 
 WEIGHTS_ALIGN = 64  # bytes; every tensor of a Weights buffer starts at a multiple of this
 _SAFE_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # a file name, never a path
+_CUDA_WIRE = re.compile(r"[0-9a-z;]{0,1024}")  # protocol/cuda_ipc.py parses it; this bounds it
 SERVER_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@/-]{0,63}")  # short and printable: it is logged and keyed on
 _LABEL = re.compile(r"[ -~]{0,255}")  # printable ASCII (host names, engine and task names)
 MAX_VERSION = 2**53  # far beyond any run; keeps version arithmetic exact in int64 and float64
@@ -282,7 +283,8 @@ class WeightsAnnouncement(Message):
 
     ``shm`` names the version's shared-memory segment (``protocol/shm.py``) and ``host`` the machine it
     lives on (``protocol.shm.host_id``): a rollout server on that machine maps it instead of fetching it
-    over the network. Both are empty when the learner offers no segment."""
+    over the network. Both are empty when the learner offers no segment. ``cuda`` is the version's
+    CUDA IPC handle (``protocol/cuda_ipc.py``) when a learner on CUDA shares a device copy, else empty."""
 
     TYPE: ClassVar[str] = "weights_announcement"
     version: int
@@ -293,6 +295,7 @@ class WeightsAnnouncement(Message):
     session: int = 0  # random per learner process: a new one means the learner restarted
     shm: str = ""
     host: str = ""
+    cuda: str = ""
 
     def check(self) -> None:
         _check_version("version", self.version)
@@ -301,6 +304,8 @@ class WeightsAnnouncement(Message):
             raise _invariant("floor <= version, vocab_size >= 0, nbytes >= 0 and a 63-bit session required")
         if self.shm and not _SAFE_FILE.fullmatch(self.shm):
             raise _invariant("shm must be a plain file name")
+        if not _CUDA_WIRE.fullmatch(self.cuda):
+            raise _invariant("cuda must be a CUDA IPC handle's text (at most 1024 of [0-9a-z;])")
         _check_label("host", self.host)
 
 

@@ -109,15 +109,22 @@ def read_tokenizer_files(model_dir: str | Path) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
 
-def unpack_weights(msg: Weights, verified: bool = False) -> dict[str, torch.Tensor]:
-    """Verify the digests (unless the caller just did) and return tensors that view ``msg.data`` (no copy)."""
+def unpack_weights(msg: Weights, verified: bool = False, buf: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Verify the digests (unless the caller just did) and return tensors that view ``msg.data`` (no
+    copy), or ``buf``: the same bytes elsewhere (a version's CUDA IPC device copy, protocol/cuda_ipc.py)."""
     import torch
 
     if not verified:
         verify(msg)
-    with warnings.catch_warnings():  # decoded arrays are read-only; load_state_dict only reads them
-        warnings.simplefilter("ignore", UserWarning)
-        buf = torch.frombuffer(msg.data, dtype=torch.uint8) if msg.data.size else torch.empty(0, dtype=torch.uint8)
+    if buf is not None:
+        if buf.dtype != torch.uint8 or tuple(buf.shape) != tuple(msg.data.shape):
+            raise ValueError(f"a device copy of v{msg.version} must be {msg.data.shape[0]} uint8 bytes, "
+                             f"got {buf.dtype} {tuple(buf.shape)}")
+    else:
+        with warnings.catch_warnings():  # decoded arrays are read-only; load_state_dict only reads them
+            warnings.simplefilter("ignore", UserWarning)
+            buf = (torch.frombuffer(msg.data, dtype=torch.uint8) if msg.data.size
+                   else torch.empty(0, dtype=torch.uint8))
     out = {}
     for name, dtype, shape, offset, nbytes, _ in msg.tensors:
         dt = getattr(torch, dtype, None)

@@ -47,9 +47,10 @@ class SamplingSpec:
 class Engine(Protocol):
     version: int | None
 
-    def load(self, weights: Weights, verified: bool = False) -> None:
+    def load(self, weights: Weights, verified: bool = False, device_data: torch.Tensor | None = None) -> None:
         """Install ``weights`` by copying them: the server recycles ``weights.data`` for a later transfer
-        once a newer version is installed, so no reference to it may outlive this call."""
+        once a newer version is installed, so no reference to it may outlive this call. ``device_data``:
+        the same bytes already on the engine's device (CUDA IPC), to copy from instead."""
 
     def generate(self, prompts: list[np.ndarray], n: int, spec: SamplingSpec, seed: int) -> Samples: ...
 
@@ -97,9 +98,10 @@ class TorchEngine:
         self._last_logits_only = False  # the model takes logits_to_keep (the prefill needs only the last)
         self._cache_kw = "past_key_values"
 
-    def load(self, weights: Weights, verified: bool = False) -> None:
-        """Install a complete version (its digests are checked first unless the caller just did)."""
-        tensors = unpack_weights(weights, verified=verified)
+    def load(self, weights: Weights, verified: bool = False, device_data: torch.Tensor | None = None) -> None:
+        """Install a complete version (its digests are checked first unless the caller just did), from
+        ``device_data`` when given (a device copy of the same bytes: a device-to-device copy)."""
+        tensors = unpack_weights(weights, verified=verified, buf=device_data)
         if self.model is None:
             from transformers import AutoConfig, AutoModelForCausalLM
 

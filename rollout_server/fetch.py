@@ -21,6 +21,7 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zmq.asyncio
@@ -37,6 +38,9 @@ from protocol.messages import (
 from protocol.shm import host_id, read_segment
 from protocol.sockets import arecv, asend
 from protocol.weights import apply_delta, verify
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("podsrl.rollout")
 
@@ -60,6 +64,17 @@ def shared_segment(cfg: WeightsConfig, ann: WeightsAnnouncement | None) -> Path 
 async def read_shared(path: Path, ann: WeightsAnnouncement) -> Weights:
     """``ann``'s version from its segment, verified (raises OSError or ProtocolError: use the network)."""
     return await asyncio.to_thread(read_segment, path, ann.version, ann.session)
+
+
+def open_device_copy(wire: str, nbytes: int, device: torch.device | None) -> torch.Tensor | None:
+    """The CUDA IPC device copy announced as ``wire`` (``nbytes`` of it), when there is one and the
+    engine runs on CUDA; else None. Raises ProtocolError for a malformed handle and torch's error when
+    CUDA cannot open it: the caller loads from the host segment. Untested without a GPU (protocol/cuda_ipc.py)."""
+    if not wire or device is None or device.type != "cuda":
+        return None
+    from protocol.cuda_ipc import CudaIpcHandle, open_handle
+
+    return open_handle(CudaIpcHandle.from_wire(wire), nbytes)
 
 
 class Fetcher:

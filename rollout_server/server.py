@@ -59,7 +59,7 @@ from protocol.messages import (
 from protocol.metrics import Monitor, RateLimitedLog
 from protocol.sockets import announce_subscriber, arecv, asend, close, group_sender, weight_client
 from protocol.weights import unpack_files
-from rollout_server.fetch import Fetcher, read_shared, shared_segment
+from rollout_server.fetch import Fetcher, open_device_copy, read_shared, shared_segment
 
 log = logging.getLogger("podsrl.rollout")
 T = TypeVar("T")
@@ -114,6 +114,7 @@ class RolloutServer:
         self._stop: asyncio.Event | None = None
         self._fetching: asyncio.Task | None = None
         self._fetch_s = 0.0  # how long the last fetch took (shared memory or network)
+        self._device_copies: dict[int, str] = {}  # version -> its CUDA IPC handle text (same machine, CUDA engine)
 
     # -- the worker thread ---------------------------------------------------------------------
     async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
@@ -124,8 +125,29 @@ class RolloutServer:
         t0 = time.monotonic()
         if self.task is None:
             self.task = self._build_task(w)
-        self.engine.load(w, verified=True)
+        device_data = self._open_device_copy(w)
+        try:
+            self.engine.load(w, verified=True, device_data=device_data)
+        except RuntimeError as e:
+            if device_data is None:
+                raise
+            self._cuda_ipc_failed(e)  # a partial load is overwritten from the host copy
+            self.engine.load(w, verified=True)
         return {"rollout/weights_install_s": time.monotonic() - t0, "rollout/weights_mib": w.data.nbytes / 2**20}
+
+    def _open_device_copy(self, w: Weights) -> Any:
+        """(worker) ``w``'s CUDA IPC device copy when announced and this engine runs on CUDA, else None."""
+        wire = self._device_copies.pop(w.version, "")
+        try:
+            return open_device_copy(wire, w.data.shape[0], getattr(self.engine, "device", None))
+        except (RuntimeError, ValueError) as e:  # (ProtocolError is a ValueError)
+            self._cuda_ipc_failed(e)
+            return None
+
+    def _cuda_ipc_failed(self, e: Exception) -> None:
+        self.counters["cuda_ipc_fallbacks"] += 1
+        self._warn("cuda_ipc", "CUDA IPC copy of the weights unusable (%s): loading from the host segment "
+                   "(same GPU visible to both processes? docker: ipc: host)", e)
 
     def _build_task(self, w: Weights) -> Any:
         """The task, with the tokenizer the learner sent (written to a scratch directory and loaded)."""
@@ -283,6 +305,9 @@ class RolloutServer:
             try:
                 w = await read_shared(path, ann)
                 self.counters["shm_loads"] += 1
+                if ann.cuda:
+                    self._device_copies = {v: c for v, c in self._device_copies.items() if v > self._have()}
+                    self._device_copies[w.version] = ann.cuda
                 self._fetch_s = time.monotonic() - t0
                 self.monitor.log(w.version, {"rollout/weights_fetch_s": self._fetch_s, "rollout/weights_shm": 1})
                 return w

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from protocol.config import Config
 from protocol.messages import Weights
 from protocol.weights import unpack_files, unpack_weights
 from rollout_server.engine import Samples, SamplingSpec
+
+if TYPE_CHECKING:
+    import torch
 
 WORKER_EXTENSION = "rollout_server.vllm_worker.WeightReloader"
 
@@ -80,8 +83,9 @@ class VLLMEngine:
                        gpu_memory_utilization=self.cfg.rollout.engine.gpu_memory_utilization,
                        enforce_eager=current_platform.is_cpu(), worker_extension_cls=WORKER_EXTENSION)
 
-    def load(self, weights: Weights, verified: bool = False) -> None:
-        """Install a complete, checksummed version in place; a rejected one leaves the previous loaded."""
+    def load(self, weights: Weights, verified: bool = False, device_data: torch.Tensor | None = None) -> None:
+        """Install a complete, checksummed version in place; a rejected one leaves the previous loaded.
+        ``device_data`` is ignored: vLLM's workers receive the bytes by RPC (no CUDA IPC path into them)."""
         unpack_weights(weights, verified=verified)  # digests and manifest, before vLLM is started or touched
         if self.llm is None:
             self._start(weights)

@@ -91,6 +91,25 @@ def test_engine_sampling_is_deterministic_in_seed_and_greedy_is_argmax(tiny):
     assert g.ids[0][0] == int(first.argmax())
 
 
+def test_the_engine_loads_from_a_device_copy_when_given(tiny):
+    """A torch engine on CUDA loads a version from its CUDA IPC device copy (protocol/cuda_ipc.py). On
+    CPU the path is the same with a CPU tensor standing in: the weights come from ``device_data``, not
+    from the host bytes (zeroed here), and without it from the host bytes."""
+    from rollout_server.engine import TorchEngine
+
+    cfg, model = tiny
+    w = pack_weights(model.state_dict(), 2, model.config.to_json_string())
+    copy = torch.from_numpy(w.data.copy())
+    w.data[:] = 0
+    engine = TorchEngine(cfg)
+    engine.load(w, verified=True, device_data=copy)
+    assert engine.model is not None and engine.version == 2
+    got = engine.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    engine.load(w, verified=True)
+    assert all(bool((v == 0).all()) for v in engine.model.state_dict().values())
+
+
 def test_missing_model_directory_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.path"):
         load_model(tmp_path / "nope", torch.device("cpu"))
