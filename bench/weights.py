@@ -4,12 +4,12 @@ with a slow subscriber attached, and while generating.
 (1) Bytes on the wire per version, delta vs full. (a) The tiny default model (``launcher.tiny``,
     fp32, as published by default) trained 10 AdamW steps at the default ``learner.lr`` and at 3e-3 on a
     real next-token cross-entropy loss of random token batches (grad clip 1.0, as the learner): the size of
-    ``encode_delta(v, v+1)`` and ``encode_delta(v, v+2)`` (zstd of the XOR, ``weights.zstd_level``)
+    ``encode_delta(v, v+1)`` and ``encode_delta(v, v+2)`` (zstd of the word-wise difference, ``weights.zstd_level``)
     over the version's raw bytes, medians over the run. (b) A ~100M-parameter Llama (quick: ~1M) with
     fp32 master weights updated by AdamW at lr 1e-6 and at 1e-5 (two steps from init, a real loss on
     a random 2 x 16 batch), published cast to bf16 as ``model.dtype = "bfloat16"`` does: delta bytes
-    over full bytes, goal <= 10%. (c) The time of ``encode_delta`` (XOR + zstd, the publisher's side)
-    and of ``apply_delta`` (unzstd + XOR + digest check, the rollout server's side) on (b)'s lr 1e-5
+    over full bytes, goal <= 10%. (c) The time of ``encode_delta`` (difference + zstd, the publisher's side)
+    and of ``apply_delta`` (unzstd + add + digest check, the rollout server's side) on (b)'s lr 1e-5
     delta, beside a numpy memcpy of the version's raw bytes.
 (2) Time from a new version existing to all R = 1, 2, 4 rollout clients having it fetched and
     verified, each client a separate process (spawn, so no shared GIL) running the real ``Fetcher`` on
@@ -20,7 +20,7 @@ with a slow subscriber attached, and while generating.
     travels (the publisher runs ``weights.delta = false``, so no delta is encoded meanwhile).
     ``delta`` rows: clients hold v-1 and every fp32 element moved by +-1e-6 (an AdamW step at lr
     1e-6); the publisher (``weights.delta_max_ratio = 1``: a delta whatever its size, here ~49%)
-    encodes it once on publish, and every client decompresses, XORs and verifies it. peer: the same client processes get a PUB "go", ask a ROUTER in the parent with a
+    encodes it once on publish, and every client decompresses, adds and verifies it. peer: the same client processes get a PUB "go", ask a ROUTER in the parent with a
     DEALER and receive one zero-copy frame of exactly the bytes one podsrl client received (the raw
     version, or the delta), nothing else. Goal <= 1.3x. Llama-shaped fp32 states of ~10M parameters
     (full and delta, R = 1, 2, 4) and ~100M (full, R = 1 and 4: on a 2-core machine one round of 4 x
@@ -297,8 +297,8 @@ def wire_big(quick: bool, level: int) -> list[Result]:
     t = {k: med(v) for k, v in times[1e-5].items()}
     raw = int(out[-1].extra["full_bytes"])
     size = f"{raw / MIB:.0f} MiB bf16 version, delta {out[-1].ratio:.1%}"
-    for k, what in (("encode", "encode_delta (XOR + zstd), publisher side"),
-                    ("apply", "apply_delta (unzstd + XOR + xxh3 verify), rollout side")):
+    for k, what in (("encode", "encode_delta (difference + zstd), publisher side"),
+                    ("apply", "apply_delta (unzstd + add + xxh3 verify), rollout side")):
         out.append(Result(
             bench="weights", case=f"(1c) {what}, {size}", value=t[k] * 1e3, unit="ms",
             peer="np.copyto of the version's raw bytes", peer_value=t["memcpy"] * 1e3, ratio=t[k] / t["memcpy"],
@@ -527,8 +527,8 @@ def sync_cases(rig: Rig, size: str, state: dict[str, torch.Tensor], counts: tupl
             t = got["t"]
             p, q = med(t["podsrl"]), med(t["raw"])
             mib = med([float(w) for w in got["wire"]]) / MIB
-            what = ("the delta from v-1 (publisher with weights.delta_max_ratio=1 encodes XOR + zstd once, on "
-                    f"publish; each client unzstd + XOR + xxh3 verify; every element moved by +-{STEP:g})"
+            what = ("the delta from v-1 (publisher with weights.delta_max_ratio=1 encodes difference + zstd once, on "
+                    f"publish; each client unzstd + add + xxh3 verify; every element moved by +-{STEP:g})"
                     if mode == "delta" else "the full raw buffer (no version held; publisher with weights.delta="
                     "false), xxh3 verify")
             results.append(Result(

@@ -6,8 +6,8 @@ The weight-transfer protocol (docs/ARCHITECTURE.md, "Weights"):
   buffer from :meth:`WeightPublisher.alloc` (a shared-memory segment when offered, ``protocol/shm.py``)
   and hands it over with :meth:`publish`. The publisher keeps the newest ``weights.keep_versions``.
 - A rollout server asks for chunk 0 of the latest version and says which version it ``have``\\s. If
-  that version is still kept (and not below the floor), the payload is the delta: zstd of the XOR of
-  the two raw buffers, computed once per (base, target) pair and cached; otherwise the full buffer.
+  that version is still kept (and not below the floor), the payload is the delta: zstd of the two raw
+  buffers' word-wise difference (``protocol/weights.py``), computed once per (base, target) pair and cached; otherwise the full buffer.
   Chunk 0 tells the payload's kind, size and chunk count and carries the manifest with the target's
   digests; the server then pulls the other chunks, at most ``weights.window`` in flight. A version or
   base evicted in the meantime is answered ``gone`` and the server starts again from the latest.
@@ -314,7 +314,7 @@ class WeightPublisher:
                 self._pins.pop((bytes(route[0]), req.fetch), None)
         send(self._router, WeightsChunk(
             fetch=req.fetch, version=version, status="ok", base=base,
-            encoding="raw" if base < 0 else "xor+zstd", chunk=req.chunk, chunks=chunks, chunk_bytes=self._chunk,
+            encoding="raw" if base < 0 else "diff+zstd", chunk=req.chunk, chunks=chunks, chunk_bytes=self._chunk,
             size=size, raw_bytes=raw_bytes, model_config=target.model_config if target is not None else "",
             tensors=target.tensors if target is not None else [], files=self._file_list if files else [],
             data=part, file_data=self._files_blob if files else np.empty(0, np.uint8)), *route)

@@ -243,7 +243,7 @@ class WeightsConfig(Section):
                          "raise shm_size); unusable = network only, with a warning")
     keep_versions: int = Field(4, ge=1, description="versions the learner keeps as delta bases (and segments); "
                                "each costs one copy of the weights in memory")
-    delta: bool = Field(True, description="send a server the zstd-compressed XOR from the version it holds when "
+    delta: bool = Field(True, description="send a server the zstd-compressed difference from the version it holds when "
                         "the learner still keeps that version, else the full version")
     delta_max_ratio: float = Field(0.5, gt=0, le=1, description="a delta larger than this fraction of the version "
                                    "is not worth its encoding: the learner then sends full versions, and tries a "

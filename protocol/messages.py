@@ -392,7 +392,7 @@ class Weights(Message):
         _check_manifest(self.tensors, self.data.shape[0])
 
 
-WEIGHT_ENCODINGS = ("raw", "xor+zstd")
+WEIGHT_ENCODINGS = ("raw", "diff+zstd")
 
 
 @dataclass(frozen=True)
@@ -400,9 +400,9 @@ class WeightsChunk(Message):
     """One chunk of a version in transfer: the reply to a ``WeightsRequest``.
 
     The payload (``size`` bytes in ``chunks`` chunks of ``chunk_bytes``, the last one shorter) is the
-    version's raw buffer (``base = -1``, ``encoding = "raw"``) or the zstd-compressed XOR of its raw
-    bytes with those of version ``base`` (``"xor+zstd"``: exact for any dtype; both versions have
-    the same manifest layout). Chunk 0 also carries the manifest (``tensors``, with the digests of
+    version's raw buffer (``base = -1``, ``encoding = "raw"``) or its delta from version ``base``
+    (``"diff+zstd"``, protocol/weights.py: exact for any dtype; both versions have the same manifest
+    layout). Chunk 0 also carries the manifest (``tensors``, with the digests of
     the *target* version), ``model_config`` and, if asked, the files. ``status = "gone"``: the
     publisher no longer keeps the version or base asked for; start again from the latest.
     """

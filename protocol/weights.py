@@ -2,9 +2,9 @@
 
 A version is complete or absent (DESIGN.md): :func:`verify` checks the xxh3-64 digest of every
 tensor (and names the first that differs) before anything touches a model. Between two versions of
-the same layout, :func:`encode_delta` is the zstd-compressed bitwise XOR of their raw bytes: exact for
-any dtype, and mostly zero bytes when few values changed (bf16 at RL learning rates), so it
-compresses to a few percent of the version. :func:`apply_delta` rebuilds the target from the base
+the same layout, :func:`encode_delta` is the zstd-compressed difference of their raw words (zigzag,
+in byte planes; below): exact for any dtype, and mostly zero bytes when few values changed (bf16 at
+RL learning rates), so it compresses to a few percent of the version. :func:`apply_delta` rebuilds the target from the base
 and verifies it; a delta that does not rebuild the target bit for bit is refused, never loaded.
 torch is imported lazily so the protocol stays light.
 """
@@ -138,21 +138,77 @@ def unpack_weights(msg: Weights, verified: bool = False, buf: torch.Tensor | Non
 
 
 # -- deltas -----------------------------------------------------------------------------------------
+#
+# A delta is one zstd frame (content size = the version's size) of the target's bytes relative to the
+# base's, block by block. Each tensor is read as little-endian words of its element size (gaps between
+# tensors as bytes); a word's delta is the zigzag of target - base (mod 2**bits): a value that moved by
+# a few units in the last place becomes a small number, whatever its sign. The words of a block are then
+# stored as byte planes (all the low bytes, then the next, ...), so the high planes of small deltas are
+# runs of zeros. Exact for any dtype, like an XOR, and 20-25% smaller than zstd(XOR) on AdamW updates of
+# bf16 and fp32 weights (docs/BENCHMARKS.md).
+
+DELTA_BLOCK = 1 << 20  # bytes per block (a multiple of 8): encoded and decoded a block at a time, in cache
+_ITEMSIZE = {"float64": 8, "int64": 8, "uint64": 8, "complex64": 8, "float32": 4, "int32": 4, "uint32": 4,
+             "bfloat16": 2, "float16": 2, "int16": 2, "uint16": 2}
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
 
 def same_layout(a: list, b: list) -> bool:
     """Manifests that slice their buffers identically (names, dtypes, shapes, offsets; digests aside)."""
     return len(a) == len(b) and all(x[:5] == y[:5] for x, y in zip(a, b, strict=True))
 
 
+def _blocks(tensors: list, raw: int) -> list[tuple[int, int, int]]:
+    """(start, end, word size) blocks covering ``[0, raw)``: each tensor in words of its element size,
+    the gaps between tensors in bytes; no block is longer than DELTA_BLOCK."""
+    segments, pos = [], 0
+    for _, dtype, _, offset, nbytes, _ in tensors:
+        if offset > pos:
+            segments.append((pos, offset, 1))
+        k = _ITEMSIZE.get(dtype, 1)
+        if nbytes:
+            segments.append((offset, offset + nbytes, k if nbytes % k == 0 else 1))
+        pos = offset + nbytes
+    if raw > pos:
+        segments.append((pos, raw, 1))
+    return [(s, min(s + DELTA_BLOCK, end), k) for start, end, k in segments for s in range(start, end, DELTA_BLOCK)]
+
+
+# (Planes are split and joined with shifts, not with a transposed copy: 6x faster in numpy.)
+
+def _encode_block(base: np.ndarray, target: np.ndarray, k: int) -> np.ndarray:
+    d = (target.view(_UINT[k]) - base.view(_UINT[k])).view(_INT[k])  # wraps: exact mod 2**bits
+    z = ((d << 1) ^ (d >> (8 * k - 1))).view(_UINT[k])  # zigzag: -1 -> 1, 1 -> 2, -2 -> 3, ...
+    planes = np.empty((k, z.shape[0]), np.uint8)
+    for j in range(k):  # plane j: byte j of every word (setitem truncates to the low byte)
+        planes[j] = z >> (8 * j) if j else z
+    return planes.ravel()
+
+
+def _decode_block(base: np.ndarray, planes: np.ndarray, k: int, out: np.ndarray) -> None:
+    p = planes.reshape(k, -1)
+    z = p[k - 1].astype(_UINT[k])
+    for j in range(k - 2, -1, -1):
+        z <<= 8
+        z |= p[j]
+    d = z >> 1  # un-zigzag: (z >> 1) ^ -(z & 1), in unsigned words
+    z &= 1
+    np.negative(z, out=z)
+    np.bitwise_xor(d, z, out=d)
+    np.add(base.view(_UINT[k]), d, out=out.view(_UINT[k]))
+
+
 def encode_delta(base: Weights, target: Weights, level: int = 1) -> bytes:
-    """zstd(base XOR target) over the raw buffers; the two must have the same layout."""
+    """The delta base -> target (see above); the two must have the same layout."""
     if not same_layout(base.tensors, target.tensors) or base.data.shape != target.data.shape:
         raise ValueError(f"v{base.version} and v{target.version} have different layouts: send the full version")
-    xor = np.bitwise_xor(base.data, target.data)
-    return zstandard.ZstdCompressor(level=level).compress(xor.data)
-
-
-DELTA_STEP = 1 << 20  # decompressed and XORed this many bytes at a time: the scratch stays in cache
+    raw = target.data.shape[0]
+    cobj = zstandard.ZstdCompressor(level=level, write_content_size=True).compressobj(size=raw)
+    parts = [cobj.compress(_encode_block(base.data[s:e], target.data[s:e], k).data)
+             for s, e, k in _blocks(target.tensors, raw)]
+    parts.append(cobj.flush())
+    return b"".join(parts)
 
 
 def apply_delta(base: Weights, blob: np.ndarray, version: int, model_config: str,
@@ -161,31 +217,31 @@ def apply_delta(base: Weights, blob: np.ndarray, version: int, model_config: str
     version's size, else a new one); verified. Raises ProtocolError when the delta is corrupt or does
     not rebuild the target exactly (the caller then fetches the full version); ``base`` is never written.
 
-    One pass: the delta is decompressed a cache-sized piece at a time and XORed straight into the
-    result, so no version-sized temporary is allocated (and page-faulted) per delta."""
+    One pass: the delta is decompressed a block at a time and decoded straight into the result, so no
+    version-sized temporary is allocated (and page-faulted) per delta."""
     raw = base.data.shape[0]
     if not same_layout(base.tensors, tensors):
         raise ProtocolError("delta", f"the delta to v{version} has another layout than v{base.version}")
     data = out if out is not None and out.shape == (raw,) and out.dtype == np.uint8 else np.empty(raw, np.uint8)
-    scratch = np.empty(min(DELTA_STEP, max(raw, 1)), np.uint8)
-    pos = 0
+    scratch = np.empty(min(DELTA_BLOCK, max(raw, 1)), np.uint8)
     try:  # the frame must declare exactly the version's size, and hold exactly that many bytes
         declared = zstandard.frame_content_size(blob.data)
         if declared != raw:
             raise ProtocolError("delta", f"the delta v{base.version}->v{version} declares {declared} bytes, not {raw}")
         with zstandard.ZstdDecompressor().stream_reader(blob.data) as reader:
-            while pos < raw:
-                n = reader.readinto(scratch[:min(DELTA_STEP, raw - pos)])
-                if n == 0:
-                    break
-                np.bitwise_xor(base.data[pos:pos + n], scratch[:n], out=data[pos:pos + n])
-                pos += n
-            extra = reader.read(1)
+            for s, e, k in _blocks(tensors, raw):
+                got = 0
+                while got < e - s:
+                    n = reader.readinto(scratch[got:e - s])
+                    if n == 0:
+                        raise ProtocolError("delta", f"the delta v{base.version}->v{version} ends at byte {s + got}, "
+                                            f"not {raw}")
+                    got += n
+                _decode_block(base.data[s:e], scratch[:e - s], k, data[s:e])
+            if reader.read(1):
+                raise ProtocolError("delta", f"the delta v{base.version}->v{version} has more than {raw} bytes")
     except zstandard.ZstdError as e:
         raise ProtocolError("delta", f"the delta v{base.version}->v{version} does not decompress: {e}") from None
-    if pos != raw or extra:
-        raise ProtocolError("delta", f"the delta v{base.version}->v{version} has "
-                            f"{pos if pos != raw else 'more than ' + str(raw)} bytes, not {raw}")
     result = Weights(version=version, model_config=model_config, tensors=tensors, files=[], data=data)
     verify(result)
     return result

@@ -102,7 +102,7 @@ def make_weights() -> Weights:
 def make_weights_chunk() -> WeightsChunk:
     """Chunk 0 of 2 of a delta v11 -> v12 (40 of 60 compressed bytes; the version is 136 raw bytes)."""
     w = make_weights()
-    return WeightsChunk(fetch=99, version=12, status="ok", base=11, encoding="xor+zstd", chunk=0, chunks=2,
+    return WeightsChunk(fetch=99, version=12, status="ok", base=11, encoding="diff+zstd", chunk=0, chunks=2,
                         chunk_bytes=40, size=60, raw_bytes=136, model_config=w.model_config, tensors=w.tensors,
                         files=[["tokenizer.json", 2]], data=np.arange(40, dtype=np.uint8),
                         file_data=np.frombuffer(b"{}", np.uint8))
