@@ -1,4 +1,7 @@
-"""``podsrl run``: start the selector, the learner (torchrun) and R rollout servers on this machine.
+"""``podsrl run``: start the selector, the learner and R rollout servers on this machine.
+
+The learner runs through torchrun for ``learner.nproc > 1``, and as a plain process group of one
+otherwise (``launcher.cli.learner_command``: torchrun's agent would add ~2.8 s of start-up).
 
 Each child is its own process group (own session), logging to
 ``<run>/logs/<name>.log``. The launcher shows progress from the learner's metrics file (a live
@@ -21,11 +24,11 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from launcher.cli import torchrun_command
+from launcher.cli import learner_command
 from protocol.cli import die_with_parent
 from protocol.config import Config, to_toml
 from protocol.shm import remove_segments, run_key
@@ -39,10 +42,11 @@ class Child:
     cmd: list[str]
     proc: subprocess.Popen | None = None
     log: IO[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment it is started with
 
     def start(self, logs: Path, env: dict[str, str]) -> None:
         self.log = (logs / f"{self.name}.log").open("ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**env, **self.env},
                                      stdin=subprocess.DEVNULL, start_new_session=True, cwd=os.getcwd(),
                                      preexec_fn=functools.partial(_die_with_parent, os.getpid()))
 
@@ -87,8 +91,8 @@ def log_tail(run_dir: Path, name: str, lines: int = 15) -> str:
 
 def children(cfg: Config, config_path: Path) -> list[Child]:
     py, conf = sys.executable, ["--config", str(config_path)]
-    kids = [Child("selector", [py, "-m", "selector.server", *conf]),
-            Child("learner", torchrun_command(str(config_path), [], cfg.learner.nproc))]
+    learner_cmd, learner_env = learner_command(str(config_path), [], cfg.learner.nproc)
+    kids = [Child("selector", [py, "-m", "selector.server", *conf]), Child("learner", learner_cmd, env=learner_env)]
     for i in range(cfg.rollout.servers):
         kids.append(Child(f"rollout-{i}", [py, "-m", "rollout_server.server", *conf, "--server-id", f"rollout-{i}",
                                            "--seed", str(cfg.run.seed * 1000 + i)]))

@@ -25,6 +25,7 @@ import psutil
 import pytest
 from helpers import ROOT, child_env
 
+from launcher.cli import torchrun_command
 from launcher.launch import Child, children
 from launcher.preflight import preflight
 from protocol.config import load_config, to_toml
@@ -62,6 +63,8 @@ class Run:
         self.config_path = run_dir / "config.toml"
         self.config_path.write_text(to_toml(self.cfg))
         self.commands = {kid.name: kid.cmd for kid in children(self.cfg, self.config_path)}
+        # the learner through torchrun, as with more than one rank: its workers must die with the agent
+        self.commands["learner"] = torchrun_command(str(self.config_path), [], 1)
         self.live: dict[str, Child] = {}
         self.dead: list[Child] = []
         self.pgids: set[int] = set()

@@ -68,16 +68,16 @@ def test_async_two_ranks_learns_within_staleness_bound(run_dir, net_overrides):
 
 
 def test_synchronous_baseline_k0_same_code_path(run_dir, net_overrides):
-    # 400 steps: a run now and then plateaus for a while as its sampling entropy collapses (often at lr
-    # 3e-3, rarely at the default 1e-3: docs/STALENESS.md); typical runs rise by 0.15-0.2 within 250 steps.
-    # Weights over the network (as for servers on other machines): deltas from the version each holds.
-    res = podsrl_run(run_dir, ["max_staleness=0", "run.steps=400", "weights.transport=net",
+    # 250 steps: at the default lr 1e-3 every K=0 run of the staleness grid (docs/STALENESS.md, 10 of 10)
+    # was above 0.3 by step 250, from 0.06; the test asks for a rise of 0.1. Weights over the network
+    # (as for servers on other machines): deltas from the version each holds.
+    res = podsrl_run(run_dir, ["max_staleness=0", "run.steps=250", "weights.transport=net",
                                "weights.delta_max_ratio=1", *net_overrides])  # fp32 deltas are ~80%: send them anyway
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert_all_exited(run_dir)
     steps = read_metrics(run_dir / "metrics" / "learner.jsonl")
-    assert len(steps) == 400 and all(m["staleness/max"] == 0 for m in steps)
-    assert steps[-1]["weights/shm"] == 0 and steps[-1]["weights/deltas_served"] > 300
+    assert len(steps) == 250 and all(m["staleness/max"] == 0 for m in steps)
+    assert steps[-1]["weights/shm"] == 0 and steps[-1]["weights/deltas_served"] > 180
     fetched = [m for p in (run_dir / "metrics").glob("rollout-*.jsonl") for m in read_metrics(p)
                if "rollout/weights_delta" in m]
     deltas = [m["rollout/weights_wire_mib"] for m in fetched if m["rollout/weights_delta"]]

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from test_pipeline import assert_all_exited, podsrl_run
+from helpers import ROOT, child_env, free_ports
+from test_pipeline import assert_all_exited
 
 from protocol.metrics import read_metrics
 
@@ -21,15 +25,33 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0].split("=")[1])
-def test_variant_runs_end_to_end(run_dir, net_overrides, variant):
-    res = podsrl_run(run_dir, ["run.steps=12", "rollout.servers=1", "max_staleness=1", *variant, *net_overrides])
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert_all_exited(run_dir)
-    steps = read_metrics(run_dir / "metrics" / "learner.jsonl")
-    assert len(steps) == 12
-    kept = 8 if "selector.rule=all" in variant else 4
-    assert all(m["train/samples"] == 8 * kept for m in steps)
-    for key in ("loss/pg_loss", "loss/ratio_mean", "loss/ess", "loss/kl_behav", "loss/entropy", "loss/clipfrac_high"):
-        assert all(m[key] is not None and math.isfinite(m[key]) for m in steps), key
-    assert all(m["staleness/max"] <= 1 for m in steps)
+def test_every_variant_runs_end_to_end(tmp_path: Path) -> None:
+    """The five runs go at once, each with its own ports and directory: they are short, so their
+    process start-ups (not their training) dominate, and those overlap well even on 2 cores."""
+    ports = iter(free_ports(4 * len(VARIANTS)))
+    runs = []
+    for variant in VARIANTS:
+        run_dir = tmp_path / variant[0].split("=")[1]
+        net = [f"net.{link}_port={next(ports)}" for link in ("group", "batch", "announce", "weights")]
+        cmd = [sys.executable, "-m", "launcher.cli", "run", "--config", str(ROOT / "configs/tiny.toml"),
+               f"run.dir={run_dir}", "learner.checkpoint_every=0", "run.steps=12", "rollout.servers=1",
+               "max_staleness=1", *variant, *net]
+        runs.append((variant, run_dir, subprocess.Popen(cmd, env=child_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                                                        stderr=subprocess.PIPE, text=True)))
+    try:
+        outputs = [proc.communicate(timeout=300) for _, _, proc in runs]
+    finally:
+        for _, _, proc in runs:
+            if proc.poll() is None:
+                proc.kill()
+    for (variant, run_dir, proc), (out, err) in zip(runs, outputs, strict=True):
+        assert proc.returncode == 0, (variant, out[-3000:] + err[-3000:])
+        assert_all_exited(run_dir)
+        steps = read_metrics(run_dir / "metrics" / "learner.jsonl")
+        assert len(steps) == 12, variant
+        kept = 8 if "selector.rule=all" in variant else 4
+        assert all(m["train/samples"] == 8 * kept for m in steps), variant
+        for key in ("loss/pg_loss", "loss/ratio_mean", "loss/ess", "loss/kl_behav", "loss/entropy",
+                    "loss/clipfrac_high"):
+            assert all(m[key] is not None and math.isfinite(m[key]) for m in steps), (variant, key)
+        assert all(m["staleness/max"] <= 1 for m in steps), variant
