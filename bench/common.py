@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from launcher.sweep import free_ports  # the launcher's: n distinct free loopback ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,17 +67,6 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 7, min_time: f
         for k, fn in fns.items():
             runs[k].append(median_time(fn, repeats=1, min_time=min_time))
     return {k: statistics.median(v) for k, v in runs.items()}
-
-
-def free_ports(k: int) -> list[int]:
-    """k distinct free loopback ports (all bound at once, so they differ)."""
-    socks = [socket.socket() for _ in range(k)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def free_port() -> int:

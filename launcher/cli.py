@@ -40,11 +40,9 @@ def learner_command(cfg_path: str, overrides: list[str], nproc: int) -> tuple[li
     import and rendezvous) and nothing else for a single rank. More ranks go through torchrun."""
     if nproc > 1:
         return torchrun_command(cfg_path, overrides, nproc), {}
-    import socket
+    from launcher.sweep import free_ports
 
-    with socket.socket() as s:  # (free now; the learner binds it within a second)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports(1)[0]  # (free now; the learner binds it within a second)
     cmd = [sys.executable, "-m", "learner.train", *(["--config", cfg_path] if cfg_path else []), *overrides]
     return cmd, {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}

@@ -7,7 +7,8 @@ The weight-transfer protocol (docs/ARCHITECTURE.md, "Weights"):
   and hands it over with :meth:`publish`. The publisher keeps the newest ``weights.keep_versions``.
 - A rollout server asks for chunk 0 of the latest version and says which version it ``have``\\s. If
   that version is still kept (and not below the floor), the payload is the delta: zstd of the two raw
-  buffers' word-wise difference (``protocol/weights.py``), computed once per (base, target) pair and cached; otherwise the full buffer.
+  buffers' word-wise difference (``protocol/weights.py``), computed once per (base, target) pair and
+  cached; otherwise the full buffer.
   Chunk 0 tells the payload's kind, size and chunk count and carries the manifest with the target's
   digests; the server then pulls the other chunks, at most ``weights.window`` in flight. A version or
   base evicted in the meantime is answered ``gone`` and the server starts again from the latest.

@@ -10,8 +10,9 @@ fetched again in full, while the server keeps generating with the version it has
 :func:`read_shared` maps a version from shared memory instead, when the learner announced a segment
 on this machine (protocol/shm.py). The buffer of the version a server stops running comes back
 through :meth:`Fetcher.recycle` and receives the next transfer: its pages are already mapped, where a
-fresh buffer of a large model costs a page fault per 4 KiB (seconds per GB on a VM). Both run on the server's asyncio loop (uvloop); the CPU-heavy
-parts (decompression, decoding, digests) run in a helper thread so heartbeats and sends keep flowing.
+fresh buffer of a large model costs a page fault per 4 KiB (seconds per GB on a VM). Both run on the
+server's asyncio loop (uvloop); the CPU-heavy parts (decompression, decoding, digests) run in a helper
+thread so heartbeats and sends keep flowing.
 """
 
 from __future__ import annotations

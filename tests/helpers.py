@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 from pathlib import Path
+
+from launcher.sweep import free_ports  # the launcher's: n distinct free loopback ports
+
+__all__ = ["ROOT", "child_env", "free_port", "free_ports"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on loopback: bind n sockets to port 0 at once, read, release."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
+    return free_ports(1)[0]
 
 
 def child_env() -> dict[str, str]:

@@ -20,10 +20,15 @@ from protocol.shm import run_key
 pytestmark = pytest.mark.slow
 
 
+def podsrl_command(run_dir: Path, overrides: list[str]) -> list[str]:
+    """``podsrl run`` of the default config in ``run_dir``, without checkpoints, plus ``overrides``."""
+    return [sys.executable, "-m", "launcher.cli", "run", "--config", str(ROOT / "configs/tiny.toml"),
+            f"run.dir={run_dir}", "learner.checkpoint_every=0", *overrides]
+
+
 def podsrl_run(run_dir: Path, overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launcher.cli", "run", "--config", str(ROOT / "configs/tiny.toml"),
-           f"run.dir={run_dir}", "learner.checkpoint_every=0", *overrides]
-    return subprocess.run(cmd, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(podsrl_command(run_dir, overrides), env=child_env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def assert_all_exited(run_dir: Path) -> None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from helpers import ROOT, child_env, free_ports
-from test_pipeline import assert_all_exited
+from test_pipeline import assert_all_exited, podsrl_command
 
 from protocol.metrics import read_metrics
 
@@ -33,9 +32,7 @@ def test_every_variant_runs_end_to_end(tmp_path: Path) -> None:
     for variant in VARIANTS:
         run_dir = tmp_path / variant[0].split("=")[1]
         net = [f"net.{link}_port={next(ports)}" for link in ("group", "batch", "announce", "weights")]
-        cmd = [sys.executable, "-m", "launcher.cli", "run", "--config", str(ROOT / "configs/tiny.toml"),
-               f"run.dir={run_dir}", "learner.checkpoint_every=0", "run.steps=12", "rollout.servers=1",
-               "max_staleness=1", *variant, *net]
+        cmd = podsrl_command(run_dir, ["run.steps=12", "rollout.servers=1", "max_staleness=1", *variant, *net])
         runs.append((variant, run_dir, subprocess.Popen(cmd, env=child_env(), cwd=ROOT, stdout=subprocess.PIPE,
                                                         stderr=subprocess.PIPE, text=True)))
     try:

@@ -9,7 +9,6 @@ in a second context, as another process would.
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
@@ -17,6 +16,7 @@ from typing import cast
 import numpy as np
 import pytest
 import zmq
+from helpers import free_ports
 from zmq.utils.monitor import recv_monitor_message
 
 from launcher.cli import main as podsrl
@@ -32,17 +32,6 @@ REFUSED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 HELLO = Hello(server_id="rollout-0", host="localhost", pid=1, engine="torch")
 Builder = Callable[[zmq.Context, NetConfig, Auth | None], zmq.Socket]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture
