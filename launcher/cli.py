@@ -35,17 +35,16 @@ def torchrun_command(cfg_path: str, overrides: list[str], nproc: int) -> list[st
 def learner_command(cfg_path: str, overrides: list[str], nproc: int) -> tuple[list[str], dict[str, str]]:
     """How ``podsrl run`` starts the learner: the command and the environment it adds.
 
-    One rank runs as a plain process with the variables torchrun would set (a process group of one,
-    rendezvous on a free loopback port): torchrun's agent costs ~2.8 s of start-up (its own torch
-    import and rendezvous) and nothing else for a single rank. More ranks go through torchrun."""
+    One rank runs as a plain process with the variables torchrun would set: torchrun's agent costs
+    ~2.8 s of start-up (its own torch import and rendezvous) and nothing else for a single rank. Its
+    rendezvous store binds port 0, i.e. whatever port is free when it starts: no other rank needs to
+    find it, and a port picked here and released could be taken before the learner binds it (seen
+    with five runs starting at once). More ranks go through torchrun."""
     if nproc > 1:
         return torchrun_command(cfg_path, overrides, nproc), {}
-    from launcher.sweep import free_ports
-
-    port = free_ports(1)[0]  # (free now; the learner binds it within a second)
     cmd = [sys.executable, "-m", "learner.train", *(["--config", cfg_path] if cfg_path else []), *overrides]
     return cmd, {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
 
 
 def main(argv: list[str] | None = None) -> int:
