@@ -201,7 +201,7 @@ def zmq_stream(g: ScoredGroup, quick: bool, us: dict[str, float]) -> Result:
         ctl.send(msgpack.packb([mode, count]))
         if mode == "podsrl":
             for _ in range(count):
-                recv(pull, ScoredGroup, max_bytes=max_bytes)  # recv_multipart(copy=False) + decode
+                recv(pull, ScoredGroup, routed=True, max_bytes=max_bytes)  # recv_multipart(copy=False) + decode
         else:
             for _ in range(count):
                 pull.recv_multipart(copy=False)

@@ -122,7 +122,7 @@ def copy_credit(completions: list[np.ndarray], answer: np.ndarray) -> np.ndarray
 def server_groups(server: Any, push: zmq.Socket) -> None:
     """What the server's loop does per engine call: ``produce`` (in its worker thread), then push each
     group and log one metrics line (here on a plain socket: the loop's asyncio send is the same frames)."""
-    produced = server.produce()
+    produced = server.produce(server.cfg.rollout.prompts_per_call, server.cfg.rollout.group_size)
     for group in produced.groups:
         send(push, group)
         server.groups_sent += 1

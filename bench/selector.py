@@ -296,7 +296,7 @@ def _relay_main(group_port: int, batch_port: int) -> None:
         events = dict(poller.poll(200))
         if pull in events:
             for _ in range(64):
-                buf.append(pull.recv_multipart(copy=False))
+                buf.append(pull.recv_multipart(copy=False)[1:])  # less the ROUTER identity frame
                 if not pull.poll(0) or len(buf) >= BUFFER_GROUPS:
                     break
         if router in events:

@@ -791,7 +791,7 @@ class GroupLog:
         while not self._stop.is_set():
             if self.sock.poll(50):
                 try:
-                    got: tuple[list[bytes], Any] = recv(self.sock, (Hello, Heartbeat, ScoredGroup))
+                    got: tuple[list[bytes], Any] = recv(self.sock, (Hello, Heartbeat, ScoredGroup), routed=True)
                 except ProtocolError:
                     continue
                 msg = got[1]
@@ -850,7 +850,8 @@ def generate_case(quick: bool) -> list[Result]:
         cfg = load_config(None, [
             f"run.dir={tmp}", f"net.group_port={g}", f"net.batch_port={b}", f"net.announce_port={an}",
             f"net.weights_port={w}", "max_staleness=1000", "weights.transport=\"net\"", "task.length=8",
-            "rollout.max_new_tokens=9", "rollout.prompts_per_call=2", "rollout.group_size=8", *shape])
+            "rollout.max_new_tokens=9", "rollout.prompts_per_call=2", "rollout.group_size=8",
+            "rollout.pacing=\"free\"", *shape])  # the sink grants no work: the servers generate unpaced
         config_path = Path(tmp) / "config.toml"
         config_path.write_text(to_toml(cfg))
         build_tiny_model(cfg, cfg.model_dir, builtin_alphabet(cfg.task) + WIDE)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from launcher.accounting import account
 from launcher.cli import learner_command
 from protocol.cli import die_with_parent
 from protocol.config import Config, to_toml
@@ -272,6 +273,8 @@ def launch(cfg: Config, report: str) -> int:
     progress.finish()
     print(f"podsrl run: {progress.summary()}; peak RSS MiB: "
           + ", ".join(f"{k} {v:.0f}" for k, v in memory.peak.items()), flush=True)
+    for line in account(run_dir).lines():
+        print(f"podsrl run: {line}", flush=True)
     if interrupted:
         print("podsrl run: interrupted; all processes stopped", file=sys.stderr)
         return 130

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from launcher.accounting import account
 from launcher.stats import (
     Estimate,
     Reach,
@@ -54,6 +55,8 @@ class Run:
     staleness_mean: float
     staleness_max: float
     dropped_frac: float  # groups dropped as too stale / groups received by the selector
+    waste: float  # generated groups never trained / generated (launcher/accounting.py)
+    slowest_share: float | None  # the lowest share ratio of any rollout server (1.0: trained in proportion)
     weight_sync_s: float | None  # mean rollout/weights_load_s, every load after the first
     staleness_hist: np.ndarray  # trained rows per staleness 0..max
 
@@ -97,6 +100,8 @@ def load_run(run_dir: Path, config: str | None = None, seed: int | None = None) 
     rows = _col(records, "train/samples")
     stal = _col(records, "staleness/mean")
     received, dropped = _col(records, "groups/received").sum(), _col(records, "staleness/dropped").sum()
+    acc = account(run_dir)
+    shares = [r for name in acc.servers if (r := acc.share_ratio(name)) is not None]
     loads = [x for p in sorted((run_dir / "metrics").glob("rollout-*.jsonl"))  # each server's first load
              for x in [float(m["rollout/weights_load_s"]) for m in read_metrics(p)  # waits for the learner
                        if m.get("rollout/weights_load_s") is not None][1:]]
@@ -109,6 +114,7 @@ def load_run(run_dir: Path, config: str | None = None, seed: int | None = None) 
         staleness_mean=float((stal * rows).sum() / rows.sum()) if rows.sum() else float(stal.mean()),
         staleness_max=float(_col(records, "staleness/max").max()),
         dropped_frac=float(dropped / received) if received else 0.0,
+        waste=acc.waste, slowest_share=min(shares, default=None),
         weight_sync_s=float(np.mean(loads)) if loads else None, staleness_hist=hist)
 
 
@@ -196,6 +202,10 @@ def table(runs: dict[str, list[Run]], thresholds: list[float], window: int, refe
     return rows
 
 
+def _blank(x: float | None) -> float | str:
+    return "" if x is None else x
+
+
 def _f(x: float | None, digits: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
@@ -204,7 +214,8 @@ def markdown(rows: list[Row], thresholds: list[float], window: int, reference: s
     head = ["config", "seeds", "final reward IQM [95% CI]", f"P(> {reference})"]
     for t in thresholds:
         head += [f"reached {t:g}", f"s to {t:g}", f"steps to {t:g}"]
-    head += ["samples/s", "learner idle", "staleness mean", "staleness max", "dropped stale", "weight sync ms"]
+    head += ["samples/s", "learner idle", "staleness mean", "staleness max", "dropped stale", "waste",
+             "lowest share ratio", "weight sync ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         sync = row.mean("weight_sync_s")
@@ -214,7 +225,7 @@ def markdown(rows: list[Row], thresholds: list[float], window: int, reference: s
             cells += [f"{r.reached}/{r.runs}", r.fmt("seconds", 1), r.fmt("steps", 0)]
         cells += [_f(row.mean("samples_per_s"), 0), _f(row.mean("idle_frac"), 2), _f(row.mean("staleness_mean"), 2),
                   _f(max(r.staleness_max for r in row.runs), 0), _f(row.mean("dropped_frac"), 3),
-                  _f(None if sync is None else 1e3 * sync, 1)]
+                  _f(row.mean("waste"), 3), _f(row.mean("slowest_share"), 2), _f(None if sync is None else 1e3 * sync, 1)]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
         "",
@@ -226,6 +237,8 @@ def markdown(rows: list[Row], thresholds: list[float], window: int, reference: s
         "and the IQM [CI] is then marked `>=` (a lower bound); `never` when no seed did.",
         "samples/s: rows trained per second; learner idle: time waiting for batches / wall-clock; staleness: "
         "row-weighted mean and max of trained rows; dropped stale: groups dropped as too stale / groups received; "
+        "waste: generated groups never trained / generated; lowest share ratio: the rollout server whose work was "
+        "trained least in proportion to what it made (its share of trained / of generated groups, docs/METRICS.md); "
         "weight sync: mean `rollout/weights_load_s` after the first load. Means across seeds (max for staleness max).",
     ]
     elsewhere = [f"`{r.dir}`" for row in rows for r in row.runs if not r.complete]
@@ -241,7 +254,8 @@ def csv_text(rows: list[Row], thresholds: list[float]) -> str:
     for t in thresholds:
         head += [f"reached_{t:g}", f"runs_{t:g}", f"censored_{t:g}", f"seconds_to_{t:g}_iqm", f"seconds_to_{t:g}_lo",
                  f"seconds_to_{t:g}_hi", f"steps_to_{t:g}_iqm", f"steps_to_{t:g}_lo", f"steps_to_{t:g}_hi"]
-    head += ["samples_per_s", "idle_frac", "staleness_mean", "staleness_max", "dropped_frac", "weight_sync_s"]
+    head += ["samples_per_s", "idle_frac", "staleness_mean", "staleness_max", "dropped_frac", "waste",
+             "lowest_share_ratio", "weight_sync_s"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(head)
@@ -255,7 +269,8 @@ def csv_text(rows: list[Row], thresholds: list[float]) -> str:
                       r.steps.lo, r.steps.hi]
         sync = row.mean("weight_sync_s")
         cells += [row.mean("samples_per_s"), row.mean("idle_frac"), row.mean("staleness_mean"),
-                  max(r.staleness_max for r in row.runs), row.mean("dropped_frac"), "" if sync is None else sync]
+                  max(r.staleness_max for r in row.runs), row.mean("dropped_frac"), row.mean("waste"),
+                  _blank(row.mean("slowest_share")), "" if sync is None else sync]
         w.writerow(cells)
     return buf.getvalue()
 

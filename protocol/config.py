@@ -60,7 +60,10 @@ class TaskConfig(Section):
     type: Literal["copy", "reverse", "dataset"] = Field(
         "copy", description="'copy'/'reverse': built-in generated tasks; 'dataset': rows of task.dataset "
         "(the default whenever task.dataset is set)")
-    length: int = Field(3, ge=1, le=32, description="copy/reverse: symbols per prompt")
+    length: int = Field(3, ge=1, le=32, description="copy/reverse: symbols per prompt; the most, with min_length")
+    min_length: int = Field(0, ge=0, le=32, description="copy/reverse: 0 = every prompt has exactly `length` "
+                            "symbols; else each prompt's length is drawn uniformly from min_length..length "
+                            "(inclusive), so answer lengths vary (to measure length bias)")
     symbols: int = Field(12, ge=2, le=26, description="copy/reverse: alphabet size (letters a..)")
     dataset: str = Field("", description="local JSONL or Parquet file, or a `datasets` save_to_disk directory")
     prompt_field: str = Field("prompt", description="column holding the prompt: a string, or a list of chat "
@@ -105,6 +108,10 @@ class TaskConfig(Section):
                              "function(s): give one weight per function, or none")
         if self.eval_dataset and self.eval_fraction:
             raise ValueError("set task.eval_dataset or task.eval_fraction, not both")
+        if self.min_length > self.length:
+            raise ValueError(f"task.min_length={self.min_length} is above task.length={self.length}: set "
+                             "task.min_length <= task.length (task.length is the longest prompt; "
+                             "task.min_length=0 for a fixed length)")
         if self.eval_fraction and self.type != "dataset":
             raise ValueError("task.eval_fraction holds out rows of task.dataset; built-in tasks draw eval prompts "
                              "from their own generator")
@@ -152,6 +159,16 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(0, ge=0, description="0 = copy/reverse: the answer length + 1; dataset: 256")
     threads: int = Field(1, ge=1, description="torch threads per rollout server")
     heartbeat_s: float = Field(2.0, gt=0, description="heartbeat period to the selector")
+    pacing: Literal["credits", "free"] = Field(
+        "credits", description="'credits': before each engine call a server asks the selector for work, and the "
+        "selector grants only what can be trained within max_staleness, sized to the server's measured speed "
+        "(docs/ARCHITECTURE.md, 'Pacing'); 'free': generate without asking, stale groups are dropped on arrival "
+        "(the behaviour before pacing, kept for comparison)")
+    surplus: Literal["idle", "grow_n"] = Field(
+        "idle", description="pacing: what servers do when they can generate more than the learner trains: "
+        "'idle' waits for work; 'grow_n' samples more completions per prompt (up to max_group_size), so the "
+        "selector keeps its m from more candidates (PODS)")
+    max_group_size: int = Field(0, ge=0, description="surplus='grow_n': the largest n granted; 0 = 4 x group_size")
     engine: EngineConfig = EngineConfig()
 
 
@@ -171,6 +188,11 @@ class SelectorConfig(Section):
                                "(no sampler draws a token of probability e^-100; such a value would blow up "
                                "the importance ratio)")
     max_abs_reward: float = Field(1e4, gt=0, description="a group with a reward outside +-this is rejected")
+    lease_s: float = Field(5.0, gt=0, le=3600, description="pacing: a grant not delivered within max(lease_s, 4 x "
+                           "the server's expected call time) expires, and its capacity goes to other servers")
+    max_hold_steps: float = Field(4.0, ge=0, description="pacing: a batch waits at most this x the learner's step "
+                                  "time for granted groups whose last chance it is (a slow server's late groups are "
+                                  "trained instead of dropped); 0 = never wait")
 
 
 class LossSettings(Section):
@@ -284,6 +306,9 @@ class Config(Section):
         if self.samples_per_step < self.learner.nproc:
             raise ValueError(f"{self.samples_per_step} samples per step cannot feed learner.nproc={self.learner.nproc} "
                              "ranks: raise learner.groups_per_step")
+        if self.rollout.max_group_size and self.rollout.max_group_size < self.rollout.group_size:
+            raise ValueError(f"rollout.max_group_size={self.rollout.max_group_size} < rollout.group_size="
+                             f"{self.rollout.group_size}: the group size only grows (or set it to 0 for 4 x group_size)")
         if self.model.init == "pretrained" and not self.model.path:
             raise ValueError("model.init='pretrained' needs model.path=<local directory>")
         need = (2 * self.max_staleness + 1) * self.learner.groups_per_step
@@ -308,9 +333,17 @@ class Config(Section):
         return self.learner.groups_per_step * self.kept_per_group
 
     @property
+    def max_group_size(self) -> int:
+        """The largest n a group may have: rollout.group_size, unless rollout.surplus='grow_n' raises it."""
+        if self.rollout.surplus != "grow_n":
+            return self.rollout.group_size
+        return self.rollout.max_group_size or 4 * self.rollout.group_size
+
+    @property
     def max_new_tokens(self) -> int:
         if self.rollout.max_new_tokens:
             return self.rollout.max_new_tokens
+        # copy/reverse: the longest answer (task.length symbols, also with task.min_length) + its stop token
         return self.task.length + 1 if self.task.type in BUILTIN_TASKS else 256
 
     @property

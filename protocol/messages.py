@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 I32, I64, F32, U8 = np.dtype("<i4"), np.dtype("<i8"), np.dtype("<f4"), np.dtype("u1")
 
@@ -32,7 +32,10 @@ MAX_SESSION = 2**63 - 1
 MAX_CHUNKS = 2**31  # chunks of one weights transfer
 ANNOUNCE_EVERY_S = 1.0  # the learner repeats its latest announcement this often (learner/publisher.py)
 LEARNER_SILENT_S = 3.0  # no announcement for this long: the learner is gone (killed, restarting, unreachable)
-HEARTBEAT_STATES = frozenset({"generating", "waiting_for_weights", "loading_weights", "evaluating"})
+HEARTBEAT_STATES = frozenset({"generating", "waiting_for_weights", "loading_weights", "evaluating", "waiting_for_work"})
+MAX_PROMPTS = 1 << 12  # prompts of one work request or grant
+MAX_GROUP_SIZE = 1 << 12  # completions of one group (a grant's n)
+MAX_LEASE_S = 3600.0
 
 
 def new_session() -> int:
@@ -450,10 +453,49 @@ class WeightsChunk(Message):
             raise _invariant("only chunk 0 carries the manifest, the config and the files")
 
 
+@dataclass(frozen=True)
+class WorkRequest(Message):
+    """A rollout server asks the selector for work (``rollout.pacing = "credits"``) before an engine call,
+    on the groups link. ``version`` is the version its engine runs and will generate with."""
+
+    TYPE: ClassVar[str] = "work_request"
+    server_id: str
+    session: int
+    request_id: int
+    version: int
+    prompts: int  # wanted: at most rollout.prompts_per_call
+
+    def check(self) -> None:
+        _check_server_id(self.server_id)
+        _check_version("version", self.version)
+        if not (0 <= self.session <= MAX_SESSION and 0 <= self.request_id <= MAX_SESSION):
+            raise _invariant("session and request_id must be non-negative 64-bit integers")
+        if not 0 < self.prompts <= MAX_PROMPTS:
+            raise _invariant(f"prompts must be in 1..{MAX_PROMPTS}, got {self.prompts}")
+
+
+@dataclass(frozen=True)
+class WorkGrant(Message):
+    """The selector's answer to a WorkRequest: sample ``prompts`` groups of ``group_size`` completions
+    and deliver them within ``lease_s``, after which the selector gives the capacity to others."""
+
+    TYPE: ClassVar[str] = "work_grant"
+    request_id: int
+    prompts: int
+    group_size: int
+    lease_s: float
+
+    def check(self) -> None:
+        if not (0 <= self.request_id <= MAX_SESSION and 0 < self.prompts <= MAX_PROMPTS
+                and 0 < self.group_size <= MAX_GROUP_SIZE and 0 < self.lease_s <= MAX_LEASE_S):
+            raise _invariant(f"a grant needs prompts in 1..{MAX_PROMPTS}, group_size in 1..{MAX_GROUP_SIZE} and "
+                             f"lease_s in (0, {MAX_LEASE_S:g}]")
+
+
 MESSAGES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Hello, Heartbeat, ScoredGroup, BatchRequest, TrainBatch, WeightsAnnouncement, WeightsRequest, Weights,
-                WeightsChunk)
+    for cls in (Hello, Heartbeat, ScoredGroup, WorkRequest, WorkGrant, BatchRequest, TrainBatch, WeightsAnnouncement,
+                WeightsRequest, Weights, WeightsChunk)
 }
 
 

@@ -6,7 +6,7 @@ needs only two hosts to join from any machine at any time.
 ===========  ==================  =====================  ==========================================
 link         binds               connects               messages
 ===========  ==================  =====================  ==========================================
-groups       selector PULL       rollout PUSH           Hello, Heartbeat, ScoredGroup
+groups       selector ROUTER     rollout DEALER         Hello, Heartbeat, ScoredGroup, WorkRequest -> WorkGrant
 batches      selector ROUTER     learner rank-0 DEALER  BatchRequest -> TrainBatch
 announce     learner PUB         rollout, selector SUB  WeightsAnnouncement
 weights      learner ROUTER      rollout DEALER         WeightsRequest -> WeightsChunk
@@ -84,19 +84,23 @@ def _connect(sock: zmq.Socket, host: str, port: int) -> zmq.Socket:
 
 
 def group_receiver(ctx: zmq.Context, net: NetConfig, auth: Auth | None = None) -> zmq.Socket:
-    """Selector side of *groups*: PULL, binds. Receive HWM ``net.group_hwm`` messages; when the
-    selector's buffer is full it stops reading, the queue fills and rollout servers block (back-pressure),
-    so nothing is dropped in transit. Frames over 4x ``max_group_mib`` disconnect the sender (hard
-    guard); messages over ``max_group_mib`` are rejected and counted by :func:`recv`."""
-    sock = _secure(_socket(ctx, zmq.PULL, rcvhwm=net.group_hwm, maxmsgsize=4 * net.max_group_mib * MIB),
+    """Selector side of *groups*: ROUTER, binds; read with ``recv(..., routed=True)``. Receive HWM
+    ``net.group_hwm`` messages; when the selector's buffer is full it stops reading, the queue fills and
+    rollout servers block (back-pressure), so nothing is dropped in transit. Work grants go back to
+    the route a WorkRequest came from (ROUTER_MANDATORY: a vanished server raises). Frames over 4x
+    ``max_group_mib`` disconnect the sender (hard guard); messages over ``max_group_mib`` are rejected
+    and counted by :func:`recv`."""
+    sock = _secure(_socket(ctx, zmq.ROUTER, rcvhwm=net.group_hwm, maxmsgsize=4 * net.max_group_mib * MIB),
                    net, "groups", auth, server=True)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     return _bind(sock, net.bind_host, net.group_port, "group_port")
 
 
 def group_sender(ctx: zmq.Context, net: NetConfig, auth: Auth | None = None) -> zmq.Socket:
-    """Rollout side of *groups*: PUSH, connects to the selector. Send HWM 2: a finished group waits in
-    the rollout server (which polls POLLOUT with ``send_timeout_s``) instead of piling up in queues."""
-    sock = _secure(_socket(ctx, zmq.PUSH, sndhwm=2), net, "groups", auth, server=False)
+    """Rollout side of *groups*: DEALER, connects to the selector. Send HWM 2: a finished group waits in
+    the rollout server (which polls POLLOUT with ``send_timeout_s``) instead of piling up in queues.
+    Receives only WorkGrants (small)."""
+    sock = _secure(_socket(ctx, zmq.DEALER, sndhwm=2, maxmsgsize=MIB), net, "groups", auth, server=False)
     return _connect(sock, net.selector_host, net.group_port)
 
 

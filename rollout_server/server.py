@@ -11,7 +11,10 @@ still keeps it, shared memory on the learner's machine; ``rollout_server/fetch.p
 scoring and loading a version into the engine run in one worker thread, so a version is swapped in
 only between engine calls, and a long load or generation never silences the heartbeats.
 
-It never starts a group while its weights lag the newest announced version by more than
+With ``rollout.pacing = "credits"`` (the default) it asks the selector for work before each engine
+call (a ``WorkRequest`` with the version its engine runs, on the groups link) and generates only what
+it is granted, waiting otherwise (``rollout/idle_s``); ``"free"`` generates without asking
+(docs/ARCHITECTURE.md, "Pacing"). It never starts a group while its weights lag the newest announced version by more than
 ``max_staleness`` (DESIGN.md): such a group could only be dropped. Then, and before the first
 version, it waits for the fetch. ``weights.background = false`` is the older stop-and-fetch mode:
 fetch and load between engine calls, generating nothing meanwhile. It exits on the learner's final
@@ -33,7 +36,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,6 +57,8 @@ from protocol.messages import (
     ScoredGroup,
     Weights,
     WeightsAnnouncement,
+    WorkGrant,
+    WorkRequest,
     new_session,
 )
 from protocol.metrics import Monitor, RateLimitedLog
@@ -63,6 +68,7 @@ from rollout_server.fetch import Fetcher, open_device_copy, read_shared, shared_
 
 log = logging.getLogger("podsrl.rollout")
 T = TypeVar("T")
+ASK_AGAIN_S = 2.0  # pacing: re-send an unanswered work request this often (the selector may have restarted)
 
 
 class Stop(Exception):
@@ -115,6 +121,12 @@ class RolloutServer:
         self._fetching: asyncio.Task | None = None
         self._fetch_s = 0.0  # how long the last fetch took (shared memory or network)
         self._device_copies: dict[int, str] = {}  # version -> its CUDA IPC handle text (same machine, CUDA engine)
+        self._grants: deque[tuple[WorkGrant, float]] = deque()  # pacing: (grant, when its lease ends)
+        self._granted = asyncio.Event()
+        self._fetched = asyncio.Event()  # the background fetcher made a version ready (_news may be cleared by it)
+        self._asked: tuple[int, int, float] | None = None  # the request in flight: (id, version, sent at)
+        self._requests = 0
+        self.idle_s = 0.0  # pacing: time spent waiting for work
 
     # -- the worker thread ---------------------------------------------------------------------
     async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
@@ -174,20 +186,19 @@ class RolloutServer:
                             pad_id=t.pad_id, stop_strings=tuple(self.cfg.task.stop),
                             decode=t.tokenizer.decode if self.cfg.task.stop else None)
 
-    def produce(self) -> Produced:
-        """(worker) One engine call: sample ``prompts_per_call`` groups, score them, make the messages."""
-        cfg = self.cfg.rollout
+    def produce(self, num_prompts: int, n: int) -> Produced:
+        """(worker) One engine call: sample ``num_prompts`` groups of ``n``, score them, make the messages."""
         version = self.engine.version
         assert version is not None
-        prompts = self.task.next_prompts(cfg.prompts_per_call)
+        prompts = self.task.next_prompts(num_prompts)
         t0 = time.monotonic()
-        samples = self.engine.generate([p.ids for p in prompts], cfg.group_size, self.sampling(cfg.temperature),
+        samples = self.engine.generate([p.ids for p in prompts], n, self.sampling(self.cfg.rollout.temperature),
                                        seed=int(self.rng.integers(2**62)))
         gen_s = time.monotonic() - t0
-        scores, _ = self.task.score(prompts, samples.ids, cfg.group_size)
+        scores, _ = self.task.score(prompts, samples.ids, n)
         reward_s = time.monotonic() - t0 - gen_s
         self.reward_errors.update(scores.errors)
-        n, groups = cfg.group_size, []
+        groups = []
         for i, prompt in enumerate(prompts):
             ids, lps = samples.ids[i * n:(i + 1) * n], samples.logprobs[i * n:(i + 1) * n]
             groups.append(ScoredGroup(
@@ -263,7 +274,7 @@ class RolloutServer:
                                        state=self.state, session=self.session))
             await asyncio.sleep(self.cfg.rollout.heartbeat_s)
 
-    async def _send(self, msg: Hello | Heartbeat | ScoredGroup) -> None:
+    async def _send(self, msg: Hello | Heartbeat | ScoredGroup | WorkRequest) -> None:
         """Send with back-pressure: wait (heartbeats and fetches go on) while the selector is not accepting."""
         waited = 0.0
         timeout = self.cfg.net.send_timeout_s
@@ -352,12 +363,16 @@ class RolloutServer:
             if w.version > self._have():
                 self.ready = w
                 self._news.set()
+                self._fetched.set()
 
-    async def _wait(self, seconds: float) -> None:
-        """Sleep until news (an announcement, a fetched version) or ``seconds`` pass."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._news.wait()
+    async def _wait(self, seconds: float, *also: asyncio.Event) -> None:
+        """Sleep until news (an announcement, a fetched version), one of ``also`` is set, or ``seconds`` pass."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._news, *also)]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def _weights(self) -> None:
         """Swap in the newest fetched version; wait only while generating now would be useless."""
@@ -388,6 +403,7 @@ class RolloutServer:
                     self.fetcher.recycle(old)  # the engine copied it; no fetch uses it as a base (they are serial)
                 metrics["rollout/weights_load_s"] = metrics["rollout/weights_install_s"] + self._fetch_s
                 self.monitor.log(ready.version, metrics)
+                await self._evaluate()  # every version loaded is evaluated when due, even one too stale to use
             if self._usable(self.engine.version) and not self._learner_gone():
                 self.state = "generating"
                 return
@@ -399,23 +415,91 @@ class RolloutServer:
             if not self.cfg.weights.background:
                 await self._wait(0.2)
             else:
-                self._news.set()  # let the fetcher look, then wait for what it brings
+                # Let the fetcher look, then wait for what it brings. Not on _news alone: the fetcher
+                # clears it when it looks again right after a fetch, which cost an idle server 0.2 s per
+                # version (every step at K=0) until the timeout; _fetched has this one waiter.
+                self._fetched.clear()
+                self._news.set()
                 await asyncio.sleep(0)
-                await self._wait(0.2)
+                if self.ready is None:
+                    await self._wait(0.2, self._fetched)
 
-    async def _generate(self) -> None:
+    async def _grant_reader(self) -> None:
+        """Pacing: the selector's answers to our work requests, on the groups link."""
+        while True:
+            try:
+                _, grant = await arecv(self.push, WorkGrant)
+                self._check_grant(grant)
+            except ProtocolError as e:
+                self.counters["grants_rejected"] += 1
+                self._warn(e.reason, "bad work grant rejected: %s", e)
+                continue
+            if self._asked is not None and grant.request_id == self._asked[0]:
+                self._asked = None
+            self._grants.append((grant, time.monotonic() + grant.lease_s))
+            self._granted.set()
+
+    def _check_grant(self, grant: WorkGrant) -> None:
+        """Well-formed is not enough: more prompts than asked for, or another group size than this run's,
+        would make groups the selector rejects (or an engine call of absurd size)."""
+        cfg = self.cfg.rollout
+        if grant.prompts > cfg.prompts_per_call or not cfg.group_size <= grant.group_size <= self.cfg.max_group_size:
+            raise ProtocolError("grant", f"grant of {grant.prompts} prompts x {grant.group_size}: this server asks "
+                                f"for at most {cfg.prompts_per_call} x {self.cfg.max_group_size} (rollout.group_size="
+                                f"{cfg.group_size}, rollout.surplus={cfg.surplus!r})")
+
+    async def _work(self) -> tuple[int, int]:
+        """The (prompts, group size) of the next engine call: ``prompts_per_call`` x ``group_size`` when
+        pacing is free; otherwise what the selector grants, (0, 0) meaning none yet (look at the weights
+        and ask again). A request carries the version the engine runs, which is the version it will
+        generate with: weights are swapped only in ``_weights``, before the request."""
+        cfg = self.cfg.rollout
+        if cfg.pacing == "free":
+            return cfg.prompts_per_call, cfg.group_size
+        self._granted.clear()
+        self._fetched.clear()
+        if self.ready is not None:  # newer weights are here: swap them in first, then generate or ask
+            return 0, 0
+        now = time.monotonic()
+        while self._grants:
+            grant, ends = self._grants.popleft()
+            if ends > now:
+                self.counters["grants"] += 1
+                return grant.prompts, grant.group_size
+            self.counters["grants_expired"] += 1  # the selector gave that capacity to others meanwhile
+        version = self.engine.version
+        assert version is not None
+        asked = self._asked
+        if asked is None or asked[1] != version or now - asked[2] > ASK_AGAIN_S:
+            same = asked is not None and asked[1] == version  # the same request again: granted at most once
+            rid = asked[0] if asked is not None and same else self._requests
+            self._requests += not same
+            self._asked = (rid, version, now)
+            await self._send(WorkRequest(server_id=self.server_id, session=self.session, request_id=rid,
+                                         version=version, prompts=cfg.prompts_per_call))
+        self.state = "waiting_for_work"
+        t0 = time.monotonic()
+        await self._wait(0.5, self._granted, self._fetched)
+        self.idle_s += time.monotonic() - t0
+        return 0, 0
+
+    async def _evaluate(self) -> None:
+        """``eval.server`` only: evaluate the version just loaded when one is due (right after loading it:
+        a server that waits for work, or loads a newer version at once, still evaluates this one)."""
         if self.evaluates:
             self.state = "evaluating"
             metrics = await self._in_worker(self.evaluate)
-            self.state = "generating"
             if metrics is not None:
                 self.monitor.log(self.engine.version or 0, metrics)
-        produced = await self._in_worker(self.produce)
+
+    async def _generate(self, num_prompts: int, n: int) -> None:
+        self.state = "generating"
+        produced = await self._in_worker(self.produce, num_prompts, n)
         for group in produced.groups:
             await self._send(group)
             self.groups_sent += 1
         self.monitor.log(produced.groups[0].version if produced.groups else 0, {
-            **produced.metrics, "rollout/groups_sent": self.groups_sent,
+            **produced.metrics, "rollout/groups_sent": self.groups_sent, "rollout/idle_s": self.idle_s,
             **{f"rollout/{k}": v for k, v in (self.counters + self.fetcher.counters).items()}})
 
     def _request_stop(self) -> None:
@@ -435,9 +519,13 @@ class RolloutServer:
             await self._send(Hello(server_id=self.server_id, host=socket.gethostname()[:255], pid=os.getpid(),
                                    engine=self.cfg.rollout.engine.type, session=self.session))
             helpers.append(asyncio.ensure_future(self._heartbeats()))  # after the Hello, as the selector expects
+            if self.cfg.rollout.pacing == "credits":
+                helpers.append(asyncio.ensure_future(self._grant_reader()))
             while True:
                 await self._weights()
-                await self._generate()
+                prompts, n = await self._work()
+                if prompts:
+                    await self._generate(prompts, n)
 
         main = asyncio.ensure_future(work())
         stop = asyncio.ensure_future(self._stop.wait())
@@ -458,8 +546,12 @@ class RolloutServer:
 
         try:
             uvloop.run(self._main())
-            log.info("%s stopping after %d groups", self.server_id, self.groups_sent)
+            log.info("%s stopping after %d groups (%.1fs waiting for work)", self.server_id, self.groups_sent,
+                     self.idle_s)
         finally:
+            # the server's own counts, for the run's accounting (launcher/accounting.py)
+            self.monitor.log(self.engine.version or 0, {"total/groups_sent": self.groups_sent,
+                                                        "total/idle_s": self.idle_s, "total/grants": self.counters["grants"]})
             self._worker.shutdown(wait=True)  # an engine call in flight finishes first
             if self.task is not None:
                 self.task.close()

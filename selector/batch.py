@@ -27,6 +27,8 @@ class KeptGroup:
     zero_variance: bool
     session: int = 0  # the group's identity (selector/bounds.py), carried into the batch for audits
     seq: int = 0
+    tokens: int = 0  # completion tokens of all n sampled completions (length accounting: generated vs trained)
+    n: int = 0  # completions sampled
 
 
 def keep_group(group: ScoredGroup, cfg: SelectorConfig, m: int, rng: np.random.Generator) -> KeptGroup | None:
@@ -69,7 +71,8 @@ def _kept(group: ScoredGroup, decision: GroupDecision, reward_mean: float) -> Ke
         completions.append(cids[start:end])
         lps.append(logprobs[start:end])
     return KeptGroup(group.server_id, group.version, group.prompt_ids, completions, lps, group.rewards[kept],
-                     decision.advantages, reward_mean, decision.zero_variance, group.session, group.group_id)
+                     decision.advantages, reward_mean, decision.zero_variance, group.session, group.group_id,
+                     ends[-1] if ends else 0, len(lens))
 
 
 def build_batch(groups: list[KeptGroup], req: BatchRequest, stats: dict[str, float]) -> TrainBatch:

@@ -9,7 +9,8 @@ rejects, with a reason that becomes the counter ``rejected/<reason>``:
 - ``token_id``: a prompt or completion token id outside ``0..vocab_size-1`` (once the learner has
   announced the vocabulary size; the learner checks again before training).
 - ``length``: a prompt over ``task.max_prompt_tokens`` or a completion over ``max_new_tokens``;
-  ``group_size``: n other than ``rollout.group_size``.
+  ``group_size``: n other than ``rollout.group_size`` (or beyond ``rollout.max_group_size`` with
+  ``rollout.surplus = "grow_n"``).
 - ``logprob``: a behaviour log-prob below ``selector.min_logprob``; ``reward``: one outside
   ``+-selector.max_abs_reward``; ``task``: a task other than this run's.
 
@@ -38,20 +39,26 @@ class Bounds:
     floor: int = 0  # no row below this version is trained (a learner restart discarded those weights)
     vocab_size: int = 0  # 0 until the learner announces it
 
+    def check_version(self, version: int, server_id: str, what: str = "group", ahead: int = 0) -> None:
+        """Raise unless ``version`` was published (or is at most ``ahead`` beyond the newest announcement this
+        process has read) and not discarded."""
+        if version > self.version + ahead:
+            raise ProtocolError("version_future", f"{what} of version {version} from {server_id}, but the "
+                                f"learner has announced only up to {self.version}")
+        if version < self.floor:
+            raise ProtocolError("version_discarded", f"{what} of version {version} from {server_id}: the learner "
+                                f"restarted and discarded versions below {self.floor}")
+
     def check(self, g: ScoredGroup) -> None:
         """Raise ProtocolError(reason) if ``g`` breaks this run's bounds."""
-        if g.version > self.version:
-            raise ProtocolError("version_future", f"group of version {g.version} from {g.server_id}, but the "
-                                f"learner has announced only up to {self.version}")
-        if g.version < self.floor:
-            raise ProtocolError("version_discarded", f"group of version {g.version} from {g.server_id}: the learner "
-                                f"restarted and discarded versions below {self.floor}")
+        self.check_version(g.version, g.server_id)
         if g.task != self.cfg.task.name:
             raise ProtocolError("task", f"group of task {g.task[:64]!r} from {g.server_id}, this run trains "
                                 f"{self.cfg.task.name!r}")
-        if g.n != self.cfg.rollout.group_size:
+        if not self.cfg.rollout.group_size <= g.n <= self.cfg.max_group_size:
             raise ProtocolError("group_size", f"group of {g.n} completions from {g.server_id}, rollout.group_size is "
-                                f"{self.cfg.rollout.group_size}")
+                                f"{self.cfg.rollout.group_size} (at most {self.cfg.max_group_size} with "
+                                f"rollout.surplus='grow_n')")
         if g.prompt_ids.shape[0] > self.cfg.task.max_prompt_tokens:
             raise ProtocolError("length", f"prompt of {g.prompt_ids.shape[0]} tokens from {g.server_id} > "
                                 f"task.max_prompt_tokens={self.cfg.task.max_prompt_tokens}")

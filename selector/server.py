@@ -4,12 +4,14 @@ Start alone::
 
     podsrl selector --config configs/tiny.toml net.bind_host=0.0.0.0
 
-Groups arrive from any number of rollout servers (PULL). A group whose staleness would exceed
-``max_staleness`` is dropped and counted, at arrival and again when a batch is cut for a learner
-version. Kept groups wait in a bounded FIFO; when it is full the selector stops reading, which
-back-pressures the rollout servers instead of buffering without bound. The learner asks for each
-batch (ROUTER), so a batch is always built for the exact version it will train. One plain loop
-with a ``zmq.Poller``; malformed messages are rejected, counted and logged, never fatal.
+Groups arrive from any number of rollout servers (ROUTER). This class only moves messages: what
+enters the buffer and what a batch takes is ``selector/buffer.py`` (the staleness gate at arrival and
+per request version, PODS down-sampling, oldest version first), and how much work each rollout server
+is granted is ``selector/pacing.py`` (work requests and grants on the same link; docs/ARCHITECTURE.md,
+"Pacing"). When the buffer is full the selector stops reading, which back-pressures the rollout
+servers instead of buffering without bound. The learner asks for each batch (ROUTER), so a batch is
+always built for the exact version it will train. One plain loop with a ``zmq.Poller``; malformed
+messages are rejected, counted and logged, never fatal.
 
 Trust (docs/RELIABILITY.md): the learner's announcements alone move the selector's version; groups
 are read only once one has arrived, a batch request for a version not yet announced waits for it, and
@@ -41,13 +43,19 @@ from protocol.messages import (
     ScoredGroup,
     TrainBatch,
     WeightsAnnouncement,
+    WorkGrant,
+    WorkRequest,
 )
 from protocol.metrics import Monitor, RateLimitedLog
 from protocol.sockets import MIB, announce_subscriber, batch_server, close, group_receiver, recv, send
-from selector.batch import KeptGroup, build_batch, keep_groups
+from selector.batch import KeptGroup, build_batch
 from selector.bounds import Bounds, Identities
+from selector.buffer import Buffer, Tally
+from selector.pacing import Pacer
 
 log = logging.getLogger("podsrl.selector")
+GroupLinkMessage = Hello | Heartbeat | ScoredGroup | WorkRequest
+GROUP_LINK = (Hello, Heartbeat, ScoredGroup, WorkRequest)
 
 
 
@@ -72,9 +80,11 @@ class Selector:
         self.groups = group_receiver(self.ctx, self.cfg.net, auth)
         self.batches = batch_server(self.ctx, self.cfg.net, auth)
         self.sub = announce_subscriber(self.ctx, self.cfg.net, auth)
-        self.buffer: deque[KeptGroup] = deque()
+        self.tally = Tally()
+        self.rng = np.random.default_rng(self.cfg.run.seed)
+        self.pool = Buffer(self.cfg, self.rng, self.tally)  # the buffer policy (selector/buffer.py)
+        self.pacer = Pacer(self.cfg, self.tally)  # work grants (selector/pacing.py)
         self.pending: tuple[list[bytes], BatchRequest] | None = None
-        self.scanned_version: int | None = None  # request version the buffer was last gated for in try_serve
         self.bounds = Bounds(self.cfg)  # the newest announced version, its floor and the vocabulary size
         self.heard_learner = False  # groups are read only once the learner's version is known
         self.heard_at = 0.0  # when the last announcement arrived
@@ -82,54 +92,75 @@ class Selector:
         self.identities = Identities(takeover_s=3 * self.cfg.rollout.heartbeat_s)
         self.warn = RateLimitedLog(log)
         self.peers: dict[str, Peer] = {}
-        self.counts: Counter[str] = Counter()  # since the last batch; reset when a batch is sent
-        self.totals: Counter[str] = Counter()  # since start
-        self.rng = np.random.default_rng(self.cfg.run.seed)
         self.monitor = Monitor(self.cfg.run.dir, "selector", tensorboard=False)
         self.stopping = False
         self.batches_sent = 0
+        self.hold_until = 0.0  # a batch held for late leases (Pacer.hold) is looked at again by then
+        self.pending_at = 0.0  # when the pending batch request arrived
 
     @property
     def version(self) -> int:
         """The newest version the learner has announced."""
         return self.bounds.version
 
+    @property
+    def buffer(self) -> deque[KeptGroup]:
+        return self.pool.groups
+
+    @buffer.setter
+    def buffer(self, groups: deque[KeptGroup]) -> None:
+        self.pool.groups = groups
+
+    @property
+    def counts(self) -> Counter[str]:
+        return self.tally.counts
+
+    @property
+    def totals(self) -> Counter[str]:
+        return self.tally.totals
+
     def count(self, key: str, n: int = 1) -> None:
-        self.counts[key] += n
-        self.totals[key] += n
+        self.tally.add(key, n)
 
     def reject(self, link: str, e: ProtocolError) -> None:
         self.count(f"rejected/{e.reason}")
         self.warn(e.reason, "rejected a message on the %s link: %s", link, e)
 
     # -- handlers ------------------------------------------------------------------------------
-    def receive_group_message(self) -> Hello | Heartbeat | ScoredGroup | None:
+    def receive_group_message(self) -> GroupLinkMessage | None:
         """Read one message from the groups link and update its peer; a ScoredGroup is returned for
-        ``on_groups`` (None for a rejected message)."""
-        msg: Hello | Heartbeat | ScoredGroup
+        ``on_groups``, a WorkRequest is handed to the pacer (None for a rejected message)."""
+        msg: GroupLinkMessage
         try:
-            _, msg = recv(self.groups, (Hello, Heartbeat, ScoredGroup), max_bytes=self.cfg.net.max_group_mib * MIB)
+            route, msg = recv(self.groups, GROUP_LINK, routed=True, max_bytes=self.cfg.net.max_group_mib * MIB)
             self.admit(msg)
         except ProtocolError as e:
             self.reject("groups", e)
             return None
+        now = time.monotonic()
         peer = self.peers.get(msg.server_id)
         if peer is None:
-            peer = self.peers[msg.server_id] = Peer(last_seen=time.monotonic())
+            peer = self.peers[msg.server_id] = Peer(last_seen=now)
             log.info("rollout server %s joined (%s)", msg.server_id, type(msg).__name__)
         elif peer.dead:
             log.info("rollout server %s is back", msg.server_id)
             peer.dead = False
-        peer.last_seen = time.monotonic()
+        peer.last_seen = now
         if isinstance(msg, Heartbeat):
             peer.version, peer.state = msg.version, msg.state
         elif isinstance(msg, ScoredGroup):
             peer.version, peer.groups = msg.version, peer.groups + 1
+        elif isinstance(msg, WorkRequest):
+            if self.cfg.rollout.pacing == "credits":
+                self.pacer.request(route, msg, now)
+            else:  # a server configured for credits in a run that paces nothing: let it generate
+                self.reply_work(route, WorkGrant(request_id=msg.request_id, prompts=msg.prompts,
+                                                 group_size=self.cfg.rollout.group_size, lease_s=3600.0))
         return msg
 
-    def admit(self, msg: Hello | Heartbeat | ScoredGroup) -> None:
+    def admit(self, msg: GroupLinkMessage) -> None:
         """Raise ProtocolError unless ``msg`` may enter: a known or admissible peer, a new group
-        (not a replay) within the run's bounds."""
+        (not a replay) within the run's bounds, a work request for a version the learner published."""
         now = time.monotonic()
         if msg.server_id not in self.peers and len(self.peers) >= self.cfg.selector.max_peers:
             self.forget_dead(now, grace_s=0.0)
@@ -138,6 +169,12 @@ class Selector:
                                     f"selector.max_peers={self.cfg.selector.max_peers}")
         if not isinstance(msg, ScoredGroup):
             self.identities.admit(msg.server_id, msg.session, now)
+            if isinstance(msg, WorkRequest):
+                if msg.version > self.bounds.version:
+                    self.drain_announcements()
+                # one ahead: the server may have read an announcement still on its way here; the pacer
+                # grants nothing for a version before its announcement arrives
+                self.bounds.check_version(msg.version, msg.server_id, "work request", ahead=1)
             return
         gaps = self.identities.gaps
         self.identities.check_group(msg, now)
@@ -154,61 +191,25 @@ class Selector:
             del self.peers[sid]
             self.identities.forget(sid)
 
-    def drop_stale(self, server_id: str) -> None:
-        """Never train on s > K (DESIGN.md): drop and count, per rollout server too."""
-        self.count("staleness/dropped")
-        self.count(f"staleness/dropped/{server_id}")
-
     def on_groups(self, groups: list[ScoredGroup]) -> None:
-        """Gate staleness, down-sample the fresh groups of a burst in one ``keep_groups`` call, buffer
-        the kept ones. Counters, warnings and the buffer change in arrival order, group by group, and
-        the draws from ``self.rng`` are those of one ``keep_group`` per fresh group."""
-        stale = [self.cfg.too_stale(self.version, g.version) for g in groups]
-        fresh = [g for g, s in zip(groups, stale, strict=True) if not s]
-        kept_groups = iter(keep_groups(fresh, self.cfg.selector, self.cfg.kept_per_group, self.rng))
-        for group, is_stale in zip(groups, stale, strict=True):
-            self.count("groups/received")
-            if is_stale:
-                self.drop_stale(group.server_id)
-                continue
-            kept = next(kept_groups)
-            if kept is not None and self.exact_surplus(kept.version):
-                self.count("staleness/exact_surplus")
-                continue
-            if kept is None:
-                self.count("selector/zero_variance_dropped")
-                self._warn_starving()
-                continue
-            if kept.zero_variance:
-                self.count("selector/zero_variance_kept")
-            if len(self.buffer) >= self.cfg.selector.buffer_groups:  # read on while the learner is gone
-                self.count("selector/dropped_learner_silent")
-                continue
-            self.buffer.append(kept)
+        """Gate, down-sample and buffer a burst (``Buffer.admit``); each group fills its server's lease."""
+        outcomes = self.pool.admit(groups, self.version, self.learner_silent())
+        if "zero_variance" in outcomes:
+            self._warn_starving()
+        now = time.monotonic()
+        for g in groups:
+            self.pacer.received(g.server_id, now)
 
-    def exact_surplus(self, version: int) -> bool:
-        """Exact mode: each version is trained once (version 0 by the first K+1 updates), so more than
-        that many groups of a version can only wait until they are dropped, filling the buffer."""
-        if self.cfg.run.staleness_mode != "exact":
-            return False
-        per_step = self.cfg.learner.groups_per_step
-        cap = per_step * (self.cfg.max_staleness + 1 if version == 0 else 1)
-        return sum(g.version == version for g in self.buffer) >= cap
+    def reply_work(self, route: list[bytes], grant: WorkGrant) -> None:
+        try:
+            send(self.groups, grant, *route, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # the server went away (or its pipe is full): its lease expires
+            self.count("pacing/undeliverable_grants")
+            self.warn("grant", "work grant undeliverable (%s)", e)
 
-    def take_exact(self, req: BatchRequest) -> list[KeptGroup] | None:
-        """The groups of version ``max(0, V - K)`` for request version V, once the buffer also holds all
-        that version V must supply to later updates (one batch; K+1 batches for version 0): the rollout
-        servers move on to V+1 as soon as it exists, so no version may be left short."""
-        k = self.cfg.max_staleness
-        want = max(0, req.version - k)
-        rows = [i for i, g in enumerate(self.buffer) if g.version == want][:req.num_groups]
-        need = req.num_groups * (k + 1 if req.version == 0 else 1)
-        if len(rows) < req.num_groups or (k and sum(g.version == req.version for g in self.buffer) < need):
-            return None
-        chosen = set(rows)
-        take = [self.buffer[i] for i in rows]
-        self.buffer = deque(g for i, g in enumerate(self.buffer) if i not in chosen)
-        return take
+    def send_grants(self) -> None:
+        for route, grant in self.pacer.grants(time.monotonic(), self.version, self.pool):
+            self.reply_work(route, grant)
 
     def _warn_starving(self) -> None:
         dropped, received = self.totals["selector/zero_variance_dropped"], self.totals["groups/received"]
@@ -225,6 +226,8 @@ class Selector:
             return
         # A request never moves the version: one for a version not yet announced waits for the
         # announcement (try_serve), so a forged request cannot age every group out of the buffer.
+        if self.pending is None:
+            self.pending_at = time.monotonic()
         self.pending = (route, req)  # a re-sent request replaces the one it repeats
         if req.version > self.bounds.version:
             self.drain_announcements()
@@ -248,11 +251,9 @@ class Selector:
         b.version, b.vocab_size = max(b.version, msg.version), msg.vocab_size or b.vocab_size
         if msg.floor > b.floor:  # a restarted learner discarded the versions in [old floor, msg.floor)
             b.floor = msg.floor
-            before = len(self.buffer)
-            self.buffer = deque(g for g in self.buffer if g.version >= b.floor)
-            self.count("restart/discarded_groups", before - len(self.buffer))
+            dropped = self.pool.discard_below(b.floor)
             log.warning("the learner restarted: versions below %d are discarded; %d buffered groups dropped",
-                        b.floor, before - len(self.buffer))
+                        b.floor, dropped)
         if msg.final:
             self.stopping = True
 
@@ -273,37 +274,32 @@ class Selector:
         route, req = self.pending
         if req.version > self.bounds.version:  # not announced yet: wait for the announcement
             return
-        # Re-gate the buffer only for a new request version: a group admitted since the last scan
-        # passed the arrival gate with self.version >= req.version, so it is fresh enough for req.
-        if req.version != self.scanned_version:
-            kept: deque[KeptGroup] = deque()
-            for g in self.buffer:
-                if self.cfg.too_stale(req.version, g.version):
-                    self.drop_stale(g.server_id)
-                else:
-                    kept.append(g)
-            self.buffer = kept
-            self.scanned_version = req.version
-        if self.cfg.run.staleness_mode == "exact":
-            exact = self.take_exact(req)
-            if exact is None:
-                return
-            take = exact
-        elif len(self.buffer) < req.num_groups:
+        now = time.monotonic()
+        hold = self.pacer.hold(req.version, now) if self.pool.fresh(req.version) >= req.num_groups else 0.0
+        if hold > 0:  # granted groups whose last chance this batch is are on their way
+            self.hold_until = now + hold
             return
-        else:
-            take = [self.buffer.popleft() for _ in range(req.num_groups)]
+        self.hold_until = 0.0
+        take = self.pool.take(req)
+        if take is None:
+            return
         stats: dict[str, float] = {**self.counts, "selector/buffer_groups": len(self.buffer),
-                                   "selector/peers_alive": sum(not p.dead for p in self.peers.values())}
+                                   "selector/peers_alive": sum(not p.dead for p in self.peers.values()),
+                                   "pacing/outstanding": self.pacer.outstanding(),
+                                   "pacing/hold_s": self.pacer.held_s, "pacing/group_size": self.pacer.group_size()}
         batch = build_batch(take, req, stats)
         try:
             send(self.batches, batch, *route)
         except zmq.ZMQError as e:  # the learner went away: keep the groups for whoever asks next
-            self.buffer.extendleft(reversed(take))
+            self.pool.put_back(take)
             self.count("selector/undeliverable_batches")
             log.warning("batch for learner version %d undeliverable (%s); groups kept", req.version, e)
         else:
             self.batches_sent += 1
+            self.pool.trained(take)
+            now = time.monotonic()
+            waited = now - self.pending_at - self.pacer.held_s  # the learner waited for groups (holds excluded)
+            self.pacer.batch_served(req.version, [(g.version, g.server_id) for g in take], now, waited)
             self.monitor.log(req.version, self._metrics(batch))
             self.counts.clear()
         self.pending = None
@@ -322,8 +318,9 @@ class Selector:
                 peer.dead = True
                 self.count("peers/dead")
                 self.count(f"peers/dead/{sid}")
-                log.warning("rollout server %s silent for %.0fs: marked dead (its groups so far are kept)",
-                            sid, now - peer.last_seen)
+                log.warning("rollout server %s silent for %.0fs: marked dead (its groups so far are kept, its "
+                            "work grants withdrawn)", sid, now - peer.last_seen)
+                self.pacer.forget(sid)
         self.forget_dead(now, grace_s=9 * self.cfg.selector.peer_timeout_s)
 
     # -- loop ----------------------------------------------------------------------------------
@@ -347,7 +344,8 @@ class Selector:
                     if reading:
                         for peer in self.peers.values():
                             peer.last_seen = max(peer.last_seen, time.monotonic())
-                events = dict(poller.poll(200))
+                wait_ms = 200 if not self.hold_until else max(1, min(200, int(1e3 * (self.hold_until - time.monotonic()))))
+                events = dict(poller.poll(wait_ms))
                 if self.sub in events:  # first: a group or request may carry the version just announced
                     self.drain_announcements()
                 if self.groups in events:
@@ -356,7 +354,7 @@ class Selector:
                     # the staleness gate (zero-variance drops are known only after down-sampling).
                     burst: list[ScoredGroup] = []
                     room = 64 if silent else self.cfg.selector.buffer_groups - len(self.buffer)
-                    for _ in range(64):
+                    for _ in range(64):  # (work requests count against the burst too: it stays bounded)
                         msg = self.receive_group_message()
                         if isinstance(msg, ScoredGroup):
                             burst.append(msg)
@@ -369,6 +367,8 @@ class Selector:
                 if self.batches in events:
                     self.on_request()
                 self.try_serve()
+                if self.pacer.queue:
+                    self.send_grants()
                 if reading and time.monotonic() - last_check > 1.0:
                     self.check_peers()
                     last_check = time.monotonic()

@@ -100,8 +100,16 @@ def check_prompt(row: dict[str, Any], prompt_field: str, where: str) -> None:
                     f"chat messages {{'role': ..., 'content': ...}}, got {type(value).__name__}")
 
 
-def generated_row(kind: str, length: int, symbols: int, rng: np.random.Generator) -> dict[str, Any]:
-    """One copy/reverse row: ``{"prompt": "cfa=", "answer": "cfa"}`` (reverse: ``"afc"``)."""
+def generated_row(kind: str, length: int, symbols: int, rng: np.random.Generator,
+                  min_length: int = 0) -> dict[str, Any]:
+    """One copy/reverse row: ``{"prompt": "cfa=", "answer": "cfa"}`` (reverse: ``"afc"``).
+
+    ``length`` symbols, or with ``0 < min_length < length`` a length drawn uniformly from
+    ``min_length..length`` first; otherwise no extra draw, so a fixed length gives the same rows
+    for the same generator state whatever ``min_length`` is.
+    """
+    if 0 < min_length < length:
+        length = int(rng.integers(min_length, length + 1))
     body = "".join(string.ascii_lowercase[i] for i in rng.integers(0, symbols, size=length))
     return {"prompt": body + "=", "answer": body if kind == "copy" else body[::-1]}
 
@@ -126,7 +134,8 @@ class RowSource:
         if cfg.type in BUILTIN_TASKS:
             self.rows: list[dict[str, Any]] = []
             eval_rng = np.random.default_rng([run_seed, 0xE7A1])
-            self.eval_rows = [generated_row(cfg.type, cfg.length, cfg.symbols, eval_rng) for _ in range(eval_rows)]
+            self.eval_rows = [generated_row(cfg.type, cfg.length, cfg.symbols, eval_rng, cfg.min_length)
+                              for _ in range(eval_rows)]
             return
         rows = load_rows(cfg.dataset, cfg.prompt_field)
         if cfg.eval_dataset:
@@ -145,7 +154,7 @@ class RowSource:
 
     def next_row(self) -> dict[str, Any]:
         if not self.rows:
-            return generated_row(self.cfg.type, self.cfg.length, self.cfg.symbols, self.rng)
+            return generated_row(self.cfg.type, self.cfg.length, self.cfg.symbols, self.rng, self.cfg.min_length)
         if self.index == len(self.rows):
             self.epoch, self.index = self.epoch + 1, 0
             self.order = self.rng.permutation(len(self.rows))

@@ -147,14 +147,14 @@ def weights(version: int) -> Weights:
 def test_groups_link_accepts_only_allowlisted_rollout_servers(z: Zmq, net: NetConfig, keys: Path) -> None:
     selector, learner, rollout = roles(net)
     rx = z.track(sockets.group_receiver(z.server, net, selector))
-    intruders = [z.plain(zmq.PUSH, net.group_port), intruder(z, sockets.group_sender, net, rogue(keys)),
+    intruders = [z.plain(zmq.DEALER, net.group_port), intruder(z, sockets.group_sender, net, rogue(keys)),
                  intruder(z, sockets.group_sender, net, learner)]  # a valid key of the wrong role
     for sock in intruders:
         sockets.send(sock, HELLO)
     good = client(z, sockets.group_sender, net, rollout)
     sockets.send(good, HELLO)
     ready(rx)
-    assert sockets.recv(rx, Hello)[1] == HELLO
+    assert sockets.recv(rx, Hello, routed=True)[1] == HELLO
     for sock in intruders:
         await_refused(z, sock)
     assert quiet(rx)  # the intruders' queued messages never arrive
@@ -265,7 +265,7 @@ def test_without_its_zap_handler_a_link_still_rejects_every_unknown_message(z: Z
     sockets.send(client(z, sockets.group_sender, net, rogue(keys)), HELLO)
     ready(rx)  # admitted at the handshake...
     with pytest.raises(ProtocolError) as info:
-        sockets.recv(rx, Hello)  # ...refused at the receiver
+        sockets.recv(rx, Hello, routed=True)  # ...refused at the receiver
     assert info.value.reason == "unauthenticated"
 
 
@@ -281,7 +281,7 @@ def test_a_rollout_server_added_later_joins_without_a_restart(z: Zmq, net: NetCo
     assert late is not None
     sockets.send(client(z, sockets.group_sender, net, late), HELLO)
     ready(rx)
-    assert sockets.recv(rx, Hello)[1] == HELLO
+    assert sockets.recv(rx, Hello, routed=True)[1] == HELLO
 
 
 # --- when auth is on, and what it needs ---

@@ -35,6 +35,8 @@ from protocol.messages import (
     WeightsAnnouncement,
     WeightsChunk,
     WeightsRequest,
+    WorkGrant,
+    WorkRequest,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -60,6 +62,14 @@ def make_scored_group() -> ScoredGroup:
         prompt_ids=np.array([1, 5, 9, 7, 2], np.int32), completion_ids=ids, completion_lens=lens,
         logprobs=logprobs, rewards=np.array([1.0, 2 / 3, 0.0, 1.0], np.float32),
     )
+
+
+def make_work_request() -> WorkRequest:
+    return WorkRequest(server_id="box-7/0", session=77, request_id=3, version=12, prompts=4)
+
+
+def make_work_grant() -> WorkGrant:
+    return WorkGrant(request_id=3, prompts=2, group_size=16, lease_s=5.0)
 
 
 def make_batch_request() -> BatchRequest:
@@ -112,6 +122,8 @@ FACTORIES: dict[type[Message], Callable[[], Message]] = {
     Hello: make_hello,
     Heartbeat: make_heartbeat,
     ScoredGroup: make_scored_group,
+    WorkRequest: make_work_request,
+    WorkGrant: make_work_grant,
     BatchRequest: make_batch_request,
     TrainBatch: make_train_batch,
     WeightsAnnouncement: make_weights_announcement,

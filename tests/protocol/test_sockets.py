@@ -23,6 +23,7 @@ from protocol.messages import (
     Weights,
     WeightsAnnouncement,
     WeightsRequest,
+    WorkGrant,
 )
 from protocol.weights import digest
 
@@ -94,15 +95,19 @@ def test_group_round_trip(ctx: zmq.Context, net: NetConfig) -> None:
     sockets.send(tx, Heartbeat(server_id="box-7/0", version=3, groups_sent=1, state="generating"))
 
     wait_readable(rx)
-    route, got = sockets.recv(rx, GROUP_TYPES)
-    assert route == [] and got == hello
+    route, got = sockets.recv(rx, GROUP_TYPES, routed=True)
+    assert len(route) == 1 and got == hello  # the sender's ROUTER identity: work grants go back to it
     wait_readable(rx)
-    route, got = sockets.recv(rx, GROUP_TYPES, max_bytes=net.max_group_mib * sockets.MIB)
-    assert route == []
+    again, got = sockets.recv(rx, GROUP_TYPES, routed=True, max_bytes=net.max_group_mib * sockets.MIB)
+    assert again == route
     assert_same_group(got, group)
     assert not got.rewards.flags.owndata  # a view of the received frame
     wait_readable(rx)
-    assert isinstance(sockets.recv(rx, GROUP_TYPES)[1], Heartbeat)
+    assert isinstance(sockets.recv(rx, GROUP_TYPES, routed=True)[1], Heartbeat)
+    grant = WorkGrant(request_id=3, prompts=2, group_size=16, lease_s=5.0)
+    sockets.send(rx, grant, *route)
+    wait_readable(tx)
+    assert sockets.recv(tx, WorkGrant)[1] == grant
 
 
 def test_too_large_message_is_consumed_and_the_next_one_arrives(ctx: zmq.Context, net: NetConfig) -> None:
@@ -116,11 +121,11 @@ def test_too_large_message_is_consumed_and_the_next_one_arrives(ctx: zmq.Context
 
     wait_readable(rx)
     with pytest.raises(ProtocolError) as info:
-        sockets.recv(rx, GROUP_TYPES, max_bytes=limit)
+        sockets.recv(rx, GROUP_TYPES, routed=True, max_bytes=limit)
     assert info.value.reason == "too_large" and str(limit) in str(info.value)
 
     wait_readable(rx)
-    _, got = sockets.recv(rx, GROUP_TYPES, max_bytes=limit)
+    _, got = sockets.recv(rx, GROUP_TYPES, routed=True, max_bytes=limit)
     assert_same_group(got, small)
     assert rx.poll(0) == 0  # nothing left over from the big one
 
@@ -135,14 +140,14 @@ def test_bad_payloads_leave_the_socket_usable(ctx: zmq.Context, net: NetConfig) 
 
     wait_readable(rx)
     with pytest.raises(ProtocolError) as info:
-        sockets.recv(rx, GROUP_TYPES)
+        sockets.recv(rx, GROUP_TYPES, routed=True)
     assert info.value.reason == "malformed"
     wait_readable(rx)
     with pytest.raises(ProtocolError) as info:
-        sockets.recv(rx, GROUP_TYPES)
+        sockets.recv(rx, GROUP_TYPES, routed=True)
     assert info.value.reason == "unknown_type"
     wait_readable(rx)
-    assert_same_group(sockets.recv(rx, GROUP_TYPES)[1], group)
+    assert_same_group(sockets.recv(rx, GROUP_TYPES, routed=True)[1], group)
 
 
 def test_received_arrays_are_read_only(ctx: zmq.Context, net: NetConfig) -> None:
@@ -150,7 +155,7 @@ def test_received_arrays_are_read_only(ctx: zmq.Context, net: NetConfig) -> None
     tx = track(ctx, sockets.group_sender(ctx, net))
     sockets.send(tx, scored_group())
     wait_readable(rx)
-    _, got = sockets.recv(rx, GROUP_TYPES)
+    _, got = sockets.recv(rx, GROUP_TYPES, routed=True)
     assert not got.rewards.flags.writeable
 
 

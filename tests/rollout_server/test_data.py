@@ -10,10 +10,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from protocol.config import TaskConfig
-from rollout_server.tasks.data import RowSource, TaskError, alphabet_of, load_rows
+from rollout_server.tasks.data import RowSource, TaskError, alphabet_of, generated_row, load_rows
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
@@ -271,6 +272,57 @@ def test_builtin_eval_rows_are_fixed_by_the_run_seed():
     assert len(a.eval_rows) == 16 and a.eval_rows == b.eval_rows
     assert a.eval_rows != c.eval_rows
     assert all(r["answer"] == r["prompt"][:-1][::-1] for r in a.eval_rows)
+
+
+# Rows of RowSource(TaskConfig(type=..., length=4, symbols=5), seed=7, run_seed=3, eval_rows=3), recorded
+# with the generator as it was before task.min_length existed: min_length=0 must keep drawing exactly these.
+FIXED_TRAIN = ["edde=", "cdeb=", "abbe=", "eace=", "adac=", "ebbb="]
+FIXED_EVAL = ["cead=", "dbdd=", "cbad="]
+
+
+@pytest.mark.parametrize("kind", ["copy", "reverse"])
+@pytest.mark.parametrize("min_length", [0, 4])  # min_length == length is a fixed length too: no extra draw
+def test_fixed_length_rows_are_the_rows_drawn_before_min_length_existed(kind, min_length):
+    source = RowSource(TaskConfig(type=kind, length=4, symbols=5, min_length=min_length), seed=7, run_seed=3,
+                       eval_rows=3)
+    train = [source.next_row() for _ in range(6)]
+    assert [r["prompt"] for r in train] == FIXED_TRAIN
+    assert [r["prompt"] for r in source.eval_rows] == FIXED_EVAL
+    for r in train + source.eval_rows:
+        assert r["answer"] == (r["prompt"][:-1] if kind == "copy" else r["prompt"][:-1][::-1])
+    # and the generator called without min_length (its signature before) draws the same rows
+    rng = np.random.default_rng(7)
+    assert [generated_row(kind, 4, 5, rng)["prompt"] for _ in range(6)] == FIXED_TRAIN
+
+
+@pytest.mark.parametrize("kind", ["copy", "reverse"])
+def test_min_length_draws_every_length_from_min_to_length_uniformly(kind):
+    cfg = TaskConfig(type=kind, min_length=1, length=16, symbols=5)
+    source = RowSource(cfg, seed=0, run_seed=0, eval_rows=400)
+    rows = [source.next_row() for _ in range(3200)]
+    for row in rows + source.eval_rows:
+        body = row["prompt"][:-1]
+        assert row["prompt"].endswith("=") and 1 <= len(body) <= 16 and set(body) <= set("abcde")
+        assert row["answer"] == (body if kind == "copy" else body[::-1])
+    counts = Counter(len(r["answer"]) for r in rows)
+    assert sorted(counts) == list(range(1, 17))  # every length from min_length to length, both ends included
+    assert all(150 <= c <= 250 for c in counts.values()), counts  # uniform: 200 each expected
+    # eval prompts follow the same distribution, fixed by the run seed
+    assert set(len(r["answer"]) for r in source.eval_rows) == set(range(1, 17))
+    assert source.eval_rows == RowSource(cfg, seed=5, run_seed=0, eval_rows=400).eval_rows
+    narrow = RowSource(TaskConfig(type=kind, min_length=3, length=5, symbols=5), seed=1, run_seed=0, eval_rows=1)
+    assert {len(narrow.next_row()["answer"]) for _ in range(300)} == {3, 4, 5}
+
+
+def test_min_length_above_length_is_rejected_with_the_fix():
+    with pytest.raises(ValueError, match=r"task\.min_length=5 is above task\.length=4") as info:
+        TaskConfig(type="copy", min_length=5, length=4)
+    assert "set task.min_length <= task.length" in str(info.value)
+    assert TaskConfig(type="copy", min_length=4, length=4).min_length == 4
+    with pytest.raises(ValueError, match="min_length"):
+        TaskConfig(type="copy", min_length=-1)
+    with pytest.raises(ValueError, match="min_length"):
+        TaskConfig(type="copy", min_length=33, length=32)
 
 
 # ---------------------------------------------------------------- alphabet of the tiny tokenizer

@@ -265,6 +265,33 @@ def test_builtin_task_prompts_and_partial_credit(tokenizer, tasks):
     assert len(task.eval_prompts()) == 4
 
 
+def test_variable_length_copy_fits_max_new_tokens_and_scores_each_row_by_its_own_answer(tokenizer, tasks):
+    cfg = load_config(overrides=["task.type=copy", "task.min_length=1", "task.length=16", "task.symbols=5",
+                                 "eval.prompts=64"])
+    assert cfg.task.min_length == 1 and cfg.max_new_tokens == 17  # rollout.max_new_tokens=0: longest answer + stop
+    task = Task(cfg, tokenizer, {}, seed=0)
+    tasks.append(task)
+    prompts = task.next_prompts(200)
+    eos = tokenizer.eos_token_id
+    right = [np.array([*ids_of(tokenizer, p.row["answer"]), eos], np.int32) for p in prompts]
+    assert max(len(c) for c in right) == cfg.max_new_tokens  # the longest answer and its stop token fit exactly
+    assert min(len(c) for c in right) == 2
+    assert all(len(p.ids) == len(p.row["prompt"]) + 1 for p in prompts)  # BOS + one token per character
+    # char_match scores each completion against its own row's answer, whatever its length
+    half = [c[:len(c) // 2] for c in right]  # the first half of each answer's tokens, no stop token
+    scores, texts = task.score(prompts, [c for pair in zip(right, half, strict=True) for c in pair], 2)
+    expected = [x for p in prompts for x in (1.0, (len(p.row["answer"]) + 1) // 2 / len(p.row["answer"]))]
+    assert scores.rewards.tolist() == pytest.approx(expected) and not scores.errors
+    assert texts[::2] == [p.row["answer"] for p in prompts]
+    assert len({len(p.row["answer"]) for p in task.eval_prompts()}) > 8  # eval prompts vary in length too
+    assert all(len(p.row["answer"]) + 1 <= cfg.max_new_tokens for p in task.eval_prompts())
+    # an explicit rollout.max_new_tokens still wins; a min_length above length is refused with the fix
+    assert load_config(overrides=["task.min_length=1", "task.length=16",
+                                  "rollout.max_new_tokens=40"]).max_new_tokens == 40
+    with pytest.raises(ValueError, match=r"task\.min_length=9 is above task\.length=8.*task\.min_length <= "):
+        load_config(overrides=["task.min_length=9", "task.length=8"])
+
+
 # ---------------------------------------------------------------- validate_task
 
 

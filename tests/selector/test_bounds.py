@@ -129,3 +129,18 @@ def test_a_selector_that_meets_a_session_midway_counts_no_gap():
     ids.check_group(group(group_id=212), now=0.0)  # a restarted selector: the server has sent 212 groups before
     ids.check_group(group(group_id=213), now=0.1)
     assert ids.gaps == 0
+
+
+def test_grow_n_admits_group_sizes_up_to_its_cap_only():
+    cfg = load_config(None, ["rollout.group_size=4", "task.max_prompt_tokens=8", "rollout.max_new_tokens=5",
+                             "rollout.surplus=grow_n", "rollout.max_group_size=6"])
+    b = Bounds(cfg, version=5, floor=2, vocab_size=VOCAB)
+    for n in (4, 5, 6):
+        b.check(group(completion_lens=np.full(n, 1, np.int32), completion_ids=np.arange(n, dtype=np.int32),
+                      logprobs=np.full(n, -0.5, np.float32), rewards=np.zeros(n, np.float32)))
+    for n in (3, 7):
+        with pytest.raises(ProtocolError, match="group_size"):
+            b.check(group(completion_lens=np.full(n, 1, np.int32), completion_ids=np.arange(n, dtype=np.int32),
+                          logprobs=np.full(n, -0.5, np.float32), rewards=np.zeros(n, np.float32)))
+    with pytest.raises(ValueError, match="max_group_size"):
+        load_config(None, ["rollout.group_size=4", "rollout.max_group_size=3"])

@@ -512,23 +512,16 @@ def test_process_groups_zero_variance_rows() -> None:
 
 # --------------------------------------------------------------------------------------------------
 # The selector's burst path: keep_groups and the faster build_batch give exactly what the per-group
-# code gives, and Selector.on_groups changes counters and buffer as one on_group per group did.
+# code gives (tests/selector/test_buffer.py: Buffer.admit of a burst changes counters and buffer as one
+# admit per group does).
 # --------------------------------------------------------------------------------------------------
+
+from helpers import assert_same_kept as _assert_same_kept  # noqa: E402
+from helpers import random_group as _group  # noqa: E402
 
 from protocol.config import SelectorConfig, load_config  # noqa: E402
 from protocol.messages import BatchRequest, ScoredGroup  # noqa: E402
 from selector.batch import KeptGroup, build_batch, keep_group, keep_groups  # noqa: E402
-
-
-def _group(rewards, gid: int, server: str = "s-0", version: int = 0) -> ScoredGroup:
-    gen = np.random.default_rng(gid)
-    n = len(rewards)
-    lens = gen.integers(0, 6, n).astype(np.int32)
-    total = int(lens.sum())
-    return ScoredGroup(server_id=server, session=1, group_id=gid, version=version, task="copy", gen_seconds=0.0,
-                       prompt_ids=np.arange(1, 2 + gid % 5, dtype=np.int32),
-                       completion_ids=gen.integers(4, 99, total, dtype=np.int32), completion_lens=lens,
-                       logprobs=-gen.random(total, dtype=np.float32), rewards=np.asarray(rewards, np.float32))
 
 
 def _reference_keep_group(group: ScoredGroup, cfg: SelectorConfig, m: int, rng: np.random.Generator):
@@ -544,7 +537,9 @@ def _reference_keep_group(group: ScoredGroup, cfg: SelectorConfig, m: int, rng: 
         completions=[group.completion_ids[starts[i]:ends[i]] for i in kept],
         logprobs=[group.logprobs[starts[i]:ends[i]] for i in kept],
         rewards=group.rewards[kept], advantages=decision.advantages,
-        group_reward_mean=float(group.rewards.mean()), zero_variance=decision.zero_variance)
+        group_reward_mean=float(group.rewards.mean()), zero_variance=decision.zero_variance,
+        session=group.session, seq=group.group_id, tokens=int(group.completion_lens.sum()),
+        n=len(group.completion_lens))
 
 
 def _reference_build_batch(groups, req, stats):
@@ -568,21 +563,6 @@ def _reference_build_batch(groups, req, stats):
         server_index=np.array([index[g.server_id] for _, g, _ in rows], np.int32),
         group_sessions=np.array([g.session for g in groups], np.int64),
         group_seqs=np.array([g.seq for g in groups], np.int64))
-
-
-def _assert_same_kept(a: KeptGroup | None, b: KeptGroup | None) -> None:
-    if a is None or b is None:
-        assert a is b
-        return
-    assert (a.server_id, a.version, a.zero_variance) == (b.server_id, b.version, b.zero_variance)
-    assert a.prompt_ids is b.prompt_ids
-    assert type(a.group_reward_mean) is float and a.group_reward_mean == b.group_reward_mean
-    assert a.rewards.dtype == b.rewards.dtype and a.rewards.tobytes() == b.rewards.tobytes()
-    assert a.advantages.dtype == b.advantages.dtype and a.advantages.tobytes() == b.advantages.tobytes()
-    for xs, ys in ((a.completions, b.completions), (a.logprobs, b.logprobs)):
-        assert len(xs) == len(ys)
-        for x, y in zip(xs, ys, strict=True):
-            assert x.dtype == y.dtype and np.array_equal(x, y) and np.shares_memory(x, y) or x.size == y.size == 0
 
 
 @settings(max_examples=120, deadline=None, database=None)
@@ -625,83 +605,6 @@ def test_keep_group_single_equals_reference() -> None:
         assert _same_state(a, b)
 
 
-@pytest.fixture
-def selector_factory(tmp_path, net_overrides):
-    from selector.server import Selector
-
-    made = []
-
-    def make(*overrides: str):
-        cfg = load_config(None, [f"run.dir={tmp_path / f'run{len(made)}'}", "max_staleness=1",
-                                 "rollout.group_size=8", "selector.keep=4", *overrides, *net_overrides])
-        made.append(Selector(cfg))  # binds the configured ports: one selector at a time
-        return made[-1]
-
-    yield make
-    for s in made:
-        from protocol.sockets import close
-
-        close(s.groups, s.batches, s.sub)
-        s.ctx.term()
-        s.monitor.close()
-
-
-def _reference_on_group(sel, group: ScoredGroup) -> None:
-    """Selector.on_group as it was: one group at a time."""
-    sel.count("groups/received")
-    if sel.version - group.version > sel.cfg.max_staleness:
-        sel.drop_stale(group.server_id)
-        return
-    kept = _reference_keep_group(group, sel.cfg.selector, sel.cfg.kept_per_group, sel.rng)
-    if kept is None:
-        sel.count("selector/zero_variance_dropped")
-        sel._warn_starving()
-        return
-    if kept.zero_variance:
-        sel.count("selector/zero_variance_kept")
-    sel.buffer.append(kept)
-
-
-@pytest.mark.parametrize("zv", ZERO_VARIANCE_RULES)
-def test_selector_on_groups_matches_one_group_at_a_time(selector_factory, zv: str) -> None:
-    sel = selector_factory(f"selector.zero_variance={zv}")
-    gen = np.random.default_rng(1)
-    burst = [_group(gen.choice([0.0, 1.0], 8) if i % 4 else np.full(8, 0.5), i, f"s-{i % 2}", version=i % 4)
-             for i in range(40)]
-    sel.bounds.version = 3  # groups of version 0 and 1 are stale (K = 1)
-    ref_counts, ref_totals, ref_buffer = sel.counts.copy(), sel.totals.copy(), list(sel.buffer)
-    state = sel.rng.bit_generator.state
-    for group in burst:
-        _reference_on_group(sel, group)
-    want = (sel.counts.copy(), sel.totals.copy(), list(sel.buffer), sel.rng.bit_generator.state)
-    sel.counts, sel.totals, sel.buffer = ref_counts, ref_totals, type(sel.buffer)(ref_buffer)
-    sel.rng.bit_generator.state = state
-    sel.on_groups(burst[:25])
-    sel.on_groups(burst[25:])
-    assert sel.counts == want[0] and sel.totals == want[1]
-    assert sel.rng.bit_generator.state == want[3]
-    assert len(sel.buffer) == len(want[2]) and sel.counts["staleness/dropped"] == 20
-    for x, y in zip(sel.buffer, want[2], strict=True):
-        _assert_same_kept(x, y)
-
-
-def test_selector_regates_the_buffer_once_per_request_version(selector_factory) -> None:
-    sel = selector_factory()
-    sel.on_groups([_group([0.0, 1.0] * 4, i, version=i % 3) for i in range(6)])  # versions 0, 1, 2; self.version 0
-    assert len(sel.buffer) == 6
-    sel.bounds.version = 2
-    sel.pending = ([b"learner"], BatchRequest(request_id=1, version=2, num_groups=100))
-    sel.try_serve()  # version-0 groups are stale for version 2: dropped and counted once
-    assert len(sel.buffer) == 4 and sel.counts["staleness/dropped"] == 2 and sel.scanned_version == 2
-    sel.on_groups([_group([0.0, 1.0] * 4, 10, version=1)])  # passes the arrival gate, so fresh for version 2
-    sel.try_serve()
-    assert len(sel.buffer) == 5 and sel.counts["staleness/dropped"] == 2
-    sel.bounds.version = 3
-    sel.pending = ([b"learner"], BatchRequest(request_id=2, version=3, num_groups=100))
-    sel.try_serve()  # a new version: re-gated
-    assert len(sel.buffer) == 2 and sel.counts["staleness/dropped"] == 5 and sel.scanned_version == 3
-
-
 def test_legacy_random_state_takes_the_numpy_path() -> None:
     rewards = np.random.default_rng(0).choice([0.0, 1.0], (9, 6))
     a, b = np.random.RandomState(3), np.random.RandomState(3)
@@ -711,42 +614,7 @@ def test_legacy_random_state_takes_the_numpy_path() -> None:
     assert a.randint(1 << 30) == b.randint(1 << 30)
 
 
-def test_exact_mode_trains_every_update_on_rows_exactly_k_versions_old(selector_factory) -> None:
-    """run.staleness_mode='exact': update V trains version max(0, V-K) only, and V is served only once
-    version V has supplied what later updates need (no version is skipped, so no deadlock)."""
-    k, per = 2, 2
-    sel = selector_factory(f"max_staleness={k}", "run.staleness_mode=exact", f"learner.groups_per_step={per}")
-    gid, trained = 0, []
-    for v in range(8):
-        sel.bounds.version = v  # the rollout servers now generate with version v, and more than is needed
-        req = BatchRequest(request_id=v, version=v, num_groups=per)
-        take = sel.take_exact(req)
-        while take is None:
-            assert gid < 1000
-            sel.on_groups([_group([0.0, 1.0] * 4, gid, version=v)])
-            gid += 1
-            take = sel.take_exact(req)
-        trained.append([v - g.version for g in take])
-    assert trained[:k] == [[s] * per for s in range(k)], trained  # the first K updates: version-0 rows
-    assert all(t == [k] * per for t in trained[k:]), trained
-    assert sel.counts["staleness/exact_surplus"] == 0  # take_exact is called as soon as a group arrives
-    sel.on_groups([_group([0.0, 1.0] * 4, gid + i, version=7) for i in range(per + 3)])
-    assert sel.counts["staleness/exact_surplus"] == per + 3  # version 7 already holds the one batch it owes
-
-
 def test_exact_mode_needs_room_for_2k_plus_1_batches() -> None:
     with pytest.raises(ValueError, match="selector.buffer_groups"):
         load_config(None, ["run.staleness_mode=exact", "max_staleness=8", "learner.groups_per_step=8",
                            "selector.buffer_groups=100"])
-
-
-def test_a_full_buffer_reads_on_and_drops_while_the_learner_is_silent(selector_factory) -> None:
-    import time
-
-    sel = selector_factory("selector.buffer_groups=4")
-    sel.heard_learner, sel.heard_at = True, time.monotonic()
-    assert not sel.learner_silent()
-    sel.on_groups([_group([0.0, 1.0] * 4, i) for i in range(6)])
-    assert len(sel.buffer) == 4 and sel.counts["selector/dropped_learner_silent"] == 2
-    sel.heard_at -= 10  # no announcement for 10 s: the learner is gone (restarting)
-    assert sel.learner_silent()

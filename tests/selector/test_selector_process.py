@@ -10,7 +10,17 @@ import zmq
 
 from protocol.codec import encode
 from protocol.config import load_config
-from protocol.messages import BatchRequest, Heartbeat, Hello, ScoredGroup, TrainBatch, WeightsAnnouncement
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    BatchRequest,
+    Heartbeat,
+    Hello,
+    ScoredGroup,
+    TrainBatch,
+    WeightsAnnouncement,
+    WorkGrant,
+    WorkRequest,
+)
 from protocol.metrics import read_metrics
 from protocol.sockets import MIB, announce_publisher, batch_client, close, group_sender, recv, send
 
@@ -130,19 +140,33 @@ def test_hostile_but_well_formed_input_is_rejected_counted_and_never_batched(spa
             group(3, [1.0], gid=8),  # n = 1
             ScoredGroup(**{**vars(group(3, rewards, gid=9)), "session": 2}),  # a second process as t-0
         ]
+        hostile += [  # work requests (pacing) are bounded like groups
+            WorkRequest(server_id="t-0", session=1, request_id=0, version=2**40, prompts=4),  # future version
+            WorkRequest(server_id="t-0", session=1, request_id=1, version=0, prompts=4),  # below the floor
+            WorkRequest(server_id="t-0", session=2, request_id=0, version=3, prompts=4),  # a second process as t-0
+            WorkGrant(request_id=0, prompts=4, group_size=8, lease_s=1.0),  # a grant sent to the selector
+        ]
         for msg in hostile:
             send(push, msg)
+        header = msgpack.packb({"t": "work_request", "v": PROTOCOL_VERSION, "a": [], "f": {  # decodes, absurd
+            "server_id": "t-0", "session": 1, "request_id": 2, "version": 3, "prompts": 10**6}})
+        push.send_multipart([header])
         for i in range(10):  # a flood of new identities: only max_peers are tracked
             send(push, Heartbeat(server_id=f"flood-{i}", version=0, groups_sent=0, state="generating", session=i))
         for _ in range(200):
             push.send_multipart([b"\xc1not msgpack"])
+        send(push, WorkRequest(server_id="t-0", session=1, request_id=3, version=3, prompts=4))  # honest
         send(push, group(3, rewards, gid=10))
         batch = reply(dealer, pub, 3, floor=1)
+        assert push.poll(TIMEOUT_MS)
+        grant = recv(push, WorkGrant)[1]  # the honest request's answer, on the same connection
+        assert grant.request_id == 3 and 1 <= grant.prompts <= 4 and grant.group_size == 8
         assert batch.request_id == 1 and batch.version == 3 and batch.size == 8
         assert set(batch.versions.tolist()) == {3} and batch.group_index.max() == 1
         stats = batch.stats
-        assert stats["rejected/duplicate"] == 1 and stats["rejected/server_id_in_use"] == 1
-        assert stats["rejected/version_future"] == 2 and stats["rejected/version_discarded"] == 1
+        assert stats["rejected/duplicate"] == 1 and stats["rejected/server_id_in_use"] == 2
+        assert stats["rejected/version_future"] == 3 and stats["rejected/version_discarded"] == 2
+        assert stats["rejected/unknown_type"] == 1 and stats["rejected/invariant"] == 1
         assert stats["rejected/logprob"] == 1 and stats["rejected/reward"] == 1 and stats["rejected/token_id"] == 1
         assert stats["rejected/task"] == 1 and stats["rejected/group_size"] == 1
         assert stats["rejected/too_many_peers"] == 7 and stats["rejected/malformed"] == 200
@@ -154,4 +178,4 @@ def test_hostile_but_well_formed_input_is_rejected_counted_and_never_batched(spa
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     warnings = [line for line in log_path.read_text().splitlines() if "WARNING" in line and "rejected" in line]
-    assert len(warnings) <= 12, "rejections must be logged at most once per reason per interval"
+    assert len(warnings) <= 14, "rejections must be logged at most once per reason per interval"
