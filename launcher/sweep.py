@@ -164,7 +164,9 @@ def config_name(values: dict[str, Any], names: dict[str, str]) -> str:
 
 
 def plan(grid: Grid, out: Path, overrides: list[str]) -> list[RunSpec]:
-    """Check every key, then the cartesian product of the axes x seeds in order, configuration-major."""
+    """Check every key, then the cartesian product of the axes x seeds, seed-major: seed k of every
+    configuration runs before any seed k+1, so drift in the machine's load over a sweep falls on every
+    configuration alike instead of on whichever ran last."""
     for key in grid.axes:
         check_key(key, "grid axis")
     for key in grid.base:
@@ -176,17 +178,17 @@ def plan(grid: Grid, out: Path, overrides: list[str]) -> list[RunSpec]:
             raise SweepError(f"{key} is both a grid axis and an override: drop one of them")
     base = [override(k, v) for k, v in grid.base.items() if k not in grid.axes] + list(overrides)
     names = short_names(list(grid.axes))
-    specs: list[RunSpec] = []
-    seen: set[str] = set()
+    configs: dict[str, tuple[str, ...]] = {}
     for combo in itertools.product(*grid.axes.values()):
         values = dict(zip(grid.axes, combo, strict=True))
         name = config_name(values, names)
-        if name in seen:
+        if name in configs:
             raise SweepError(f"two configurations share the directory name {name!r}: give distinct values")
-        seen.add(name)
-        for seed in grid.seeds:
-            specs.append(RunSpec(len(specs) + 1, name, seed, out / name / f"seed{seed}",
-                                 (*base, *(override(k, v) for k, v in values.items()))))
+        configs[name] = (*base, *(override(k, v) for k, v in values.items()))
+    specs: list[RunSpec] = []
+    for seed in grid.seeds:
+        for name, run_overrides in configs.items():
+            specs.append(RunSpec(len(specs) + 1, name, seed, out / name / f"seed{seed}", run_overrides))
     return specs
 
 
