@@ -12,7 +12,8 @@ free jobs alternate seed by seed, so drift in machine load hits both alike. Rows
 3. heterogeneous: rollout-1 is SIGSTOPped 70 ms of every 100 ms; its share of trained groups / its share of
    generated groups (1.0 = its work is trained in proportion), credits and free. Each job's audit trail is
    checked: no trained group beyond K, none trained twice.
-4. length: the variable-length copy task (``task.min_length=1 task.length=16``): mean completion length of
+4. length: the variable-length copy task (``task.min_length=1 task.length=16``, scored by ``char_match_strict``
+   so that the model learns where to stop): mean completion length of
    the trained groups / of the generated ones, credits and free.
 5. overhead: a WorkRequest -> WorkGrant round trip to a real selector process, as a fraction of the
    median engine call of the default run.
@@ -176,7 +177,8 @@ def heterogeneous(quick: bool) -> list[Result]:
 
 
 def length(quick: bool) -> list[Result]:
-    jobs = pair(["task.min_length=1", "task.length=16", "run.steps=30" if quick else "run.steps=300"], [0])
+    jobs = pair(["task.min_length=1", "task.length=16", "task.reward=char_match_strict",
+                 "run.steps=30" if quick else "run.steps=300"], [0])
     ratio = {m: (js[0].acc.length("trained") or 0) / (js[0].acc.length("received") or 1) for m, js in jobs.items()}
     lens = {m: (js[0].acc.length("received"), js[0].acc.length("trained")) for m, js in jobs.items()}
     return [Result("pacing", "variable-length copy (1-16 symbols): mean trained / mean generated completion length",

@@ -74,7 +74,7 @@ class TaskConfig(Section):
     system_prompt: str = Field("", description="chat_template only: a system message put before each prompt")
     reward: str | list[str] = Field(
         "", description="reward function(s): a built-in name (math_answer, countdown, exact_match, "
-        "regex_match, copy, reverse), 'package.module:function' or 'path/file.py:function'; '' = the "
+        "regex_match, copy, reverse, char_match_strict), 'package.module:function' or 'path/file.py:function'; '' = the "
         "built-in task's own")
     reward_weights: list[float] = Field([], description="one weight per reward function; [] = all 1.0")
     reward_timeout_s: float = Field(10.0, gt=0, description="a reward call running longer is killed; its rows "

@@ -49,10 +49,17 @@ def char_match(prompts: list[Any], completions: list[str], answer: list[str], **
             for c, ans in zip(completions, answer, strict=True)]
 
 
+def char_match_strict(prompts: list[Any], completions: list[str], answer: list[str], **_: Any) -> list[float | None]:
+    """copy / reverse with a length to learn: the characters in place over the longer of the answer and the
+    completion, so characters after the answer cost (the variable-length task's model learns to stop)."""
+    return [sum(a == b for a, b in zip(ans, c, strict=False)) / max(len(ans), len(c)) if ans else 0.0
+            for c, ans in zip(completions, answer, strict=True)]
+
+
 def builtin_rewards() -> dict[str, RewardFn]:
     from rollout_server.tasks.verifiers import BUILTIN_REWARDS
 
-    return {"copy": char_match, "reverse": char_match, **BUILTIN_REWARDS}
+    return {"copy": char_match, "reverse": char_match, "char_match_strict": char_match_strict, **BUILTIN_REWARDS}
 
 
 def load_reward(spec: str) -> RewardFn:

@@ -15,7 +15,7 @@ import pytest
 
 from rollout_server.tasks import verifiers
 from rollout_server.tasks.data import TaskError
-from rollout_server.tasks.rewards import RewardWorker, char_match, check_signature, load_reward
+from rollout_server.tasks.rewards import RewardWorker, char_match, char_match_strict, check_signature, load_reward
 
 TIMEOUT_S = 1.5
 
@@ -223,6 +223,19 @@ def test_signature_without_prompts_and_completions_is_rejected():
 ])
 def test_char_match_values(completion, answer, expected):
     assert char_match(["p"], [completion], [answer]) == [pytest.approx(expected)]
+
+
+@pytest.mark.parametrize(("completion", "answer", "expected"), [
+    ("abc", "abc", 1.0),
+    ("ab", "abc", 2 / 3),  # shorter: as char_match
+    ("abcabc", "abc", 0.5),  # longer: the extra characters count against it
+    ("abcd", "abc", 0.75),
+    ("", "abc", 0.0),
+    ("anything", "", 0.0),
+])
+def test_char_match_strict_charges_characters_after_the_answer(completion, answer, expected):
+    assert char_match_strict(["p"], [completion], [answer]) == [pytest.approx(expected)]
+    assert load_reward("char_match_strict") is char_match_strict
 
 
 def test_char_match_is_batched():
