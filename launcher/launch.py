@@ -1,7 +1,7 @@
 """``podsrl run``: start the selector, the learner and R rollout servers on this machine.
 
 The learner runs through torchrun for ``learner.nproc > 1``, and as a plain process group of one
-otherwise (``launcher.cli.learner_command``: torchrun's agent would add ~2.8 s of start-up).
+otherwise (``learner_command``: torchrun's agent would add ~2.8 s of start-up).
 
 Each child is its own process group (own session), logging to
 ``<run>/logs/<name>.log``. The launcher shows progress from the learner's metrics file (a live
@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import IO
 
 from launcher.accounting import account
-from launcher.cli import learner_command
 from protocol.cli import die_with_parent
 from protocol.config import Config, to_toml
 from protocol.shm import remove_segments, run_key
@@ -82,6 +81,28 @@ def _die_with_parent(launcher_pid: int) -> None:
     Linux only (prctl PR_SET_PDEATHSIG); elsewhere a killed launcher can leave its children running."""
     if die_with_parent(signal.SIGTERM) and os.getppid() != launcher_pid:  # it died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def torchrun_command(cfg_path: str, overrides: list[str], nproc: int) -> list[str]:
+    """The exact torchrun line ``podsrl learner`` and ``podsrl run`` (for more than one rank) use."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "learner.train"]
+    return cmd + (["--config", cfg_path] if cfg_path else []) + list(overrides)
+
+
+def learner_command(cfg_path: str, overrides: list[str], nproc: int) -> tuple[list[str], dict[str, str]]:
+    """How ``podsrl run`` starts the learner: the command and the environment it adds.
+
+    One rank runs as a plain process with the variables torchrun would set: torchrun's agent costs
+    ~2.8 s of start-up (its own torch import and rendezvous) and nothing else for a single rank. Its
+    rendezvous store binds port 0, i.e. whatever port is free when it starts: no other rank needs to
+    find it, and a port picked here and released could be taken before the learner binds it (seen
+    with five runs starting at once). More ranks go through torchrun."""
+    if nproc > 1:
+        return torchrun_command(cfg_path, overrides, nproc), {}
+    cmd = [sys.executable, "-m", "learner.train", *(["--config", cfg_path] if cfg_path else []), *overrides]
+    return cmd, {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
 
 
 def log_tail(run_dir: Path, name: str, lines: int = 15) -> str:
