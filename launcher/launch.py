@@ -169,7 +169,7 @@ class Progress:
         self.live = sys.stdout.isatty() if live is None else live
         self.every_s, self.last_print = every_s, -math.inf
         self.first: tuple[int, float] | None = None  # (step, metrics time) of the first record seen
-        self.open_line = False  # a live line is on screen without its newline
+        self.shown = 0  # length of the live line on screen without its newline (0: none)
 
     def line(self, m: dict) -> str:
         total, step = self.cfg.run.steps, int(m.get("train/step", m["step"]))
@@ -203,17 +203,21 @@ class Progress:
         m, now = records[-1], time.monotonic()
         last = int(m.get("train/step", m["step"])) >= self.cfg.run.steps
         if self.live:
-            print("\r" + self.line(m), end="\n" if last else "", flush=True)
-            self.open_line = not last
+            # Padded to the previous line's length: a shorter line (staleness max 2 after 10) must not
+            # leave the old line's last characters behind ("ETA 6ss"). Spaces, not an ANSI erase, so
+            # any terminal shows it right.
+            text = self.line(m)
+            print("\r" + text.ljust(self.shown), end="\n" if last else "", flush=True)
+            self.shown = 0 if last else len(text)
         elif last or now - self.last_print >= self.every_s:
             self.last_print = now
             print(self.line(m), flush=True)
 
     def finish(self) -> None:
         """End a live line left open (a run stopped before its last step)."""
-        if self.open_line:
+        if self.shown:
             print(flush=True)
-            self.open_line = False
+            self.shown = 0
 
     def summary(self) -> str:
         r = self.rewards
