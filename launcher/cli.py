@@ -111,7 +111,8 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--print-commands", action="store_true",
                    help="print one `podsrl run ...` line per run instead of running them")
     p.add_argument("--port-base", type=int, metavar="PORT", help="run i uses ports PORT+4i..PORT+4i+3 (default: "
-                   "free ports chosen at each start; printed commands then keep the config's ports)")
+                   "free ports chosen at each start; printed commands then leave them to each podsrl run, "
+                   "which picks free ones unless the config sets them)")
     p.add_argument("--summarize", metavar="DIR", help="only rebuild DIR/summary.md and summary.csv from its runs")
     p.add_argument("--thresholds", metavar="R1,R2", help="reward thresholds for time-to-threshold (default 0.6,0.8)")
     p.add_argument("--window", type=int, metavar="STEPS", help="steps averaged for time-to-threshold (default 10)")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO
 
 from launcher.accounting import account
+from launcher.ports import assign_ports, describe
 from protocol.cli import die_with_parent
 from protocol.config import Config, to_toml
 from protocol.shm import remove_segments, run_key
@@ -233,12 +234,14 @@ def launch(cfg: Config, report: str) -> int:
     """Start every process of ``cfg`` (checked by ``preflight``, whose ``report`` is printed)."""
     run_dir = Path(cfg.run.dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.toml"
+    cfg, picked = assign_ports(cfg)
+    config_path = run_dir / "config.toml"  # what every child reads: the ports picked included
     config_path.write_text(to_toml(cfg))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     print(f"podsrl run: {cfg.summary()}\n{report}\n  run dir {run_dir}  (logs in {run_dir / 'logs'}, metrics in "
-          f"{run_dir / 'metrics'})", flush=True)
+          f"{run_dir / 'metrics'})\n  {describe(cfg.net, picked)}; in {config_path}, with which another rollout "
+          f"server on this machine joins: podsrl rollout --config {config_path} --server-id NAME", flush=True)
     kids = children(cfg, config_path)
     progress = Progress(cfg)
     memory = MemoryMonitor(kids, run_dir)
