@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.sweep import free_ports  # the launcher's: n distinct free loopback ports
+from launcher.ports import free_ports  # the launcher's: n distinct free loopback ports
 
 ROOT = Path(__file__).resolve().parents[1]
 

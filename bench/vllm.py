@@ -35,7 +35,8 @@ MEDIUM = ["model.tiny.hidden_size=512", "model.tiny.num_heads=16", "model.tiny.n
 
 
 def case(name: str, overrides: list[str], quick: bool) -> list[Result]:
-    from rollout_server.engine import SamplingSpec, TorchEngine
+    from rollout_server.engine import TorchEngine
+    from rollout_server.sampling import SamplingSpec
     from rollout_server.vllm_engine import VLLMEngine
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,28 +25,6 @@ from protocol.cli import common_parser, configure
 from protocol.config import config_reference, load_config, to_toml
 
 
-def torchrun_command(cfg_path: str, overrides: list[str], nproc: int) -> list[str]:
-    """The exact torchrun line ``podsrl learner`` and ``podsrl run`` (for more than one rank) use."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "learner.train"]
-    return cmd + (["--config", cfg_path] if cfg_path else []) + list(overrides)
-
-
-def learner_command(cfg_path: str, overrides: list[str], nproc: int) -> tuple[list[str], dict[str, str]]:
-    """How ``podsrl run`` starts the learner: the command and the environment it adds.
-
-    One rank runs as a plain process with the variables torchrun would set: torchrun's agent costs
-    ~2.8 s of start-up (its own torch import and rendezvous) and nothing else for a single rank. Its
-    rendezvous store binds port 0, i.e. whatever port is free when it starts: no other rank needs to
-    find it, and a port picked here and released could be taken before the learner binds it (seen
-    with five runs starting at once). More ranks go through torchrun."""
-    if nproc > 1:
-        return torchrun_command(cfg_path, overrides, nproc), {}
-    cmd = [sys.executable, "-m", "learner.train", *(["--config", cfg_path] if cfg_path else []), *overrides]
-    return cmd, {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="podsrl", description=__doc__,
@@ -99,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print(report)
         return 0
     if args.cmd == "learner":
+        from launcher.launch import torchrun_command
+
         cmd = torchrun_command(args.config or "", args.overrides, cfg.learner.nproc)
         os.execv(cmd[0], cmd)
     from launcher.launch import launch
@@ -131,7 +111,8 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--print-commands", action="store_true",
                    help="print one `podsrl run ...` line per run instead of running them")
     p.add_argument("--port-base", type=int, metavar="PORT", help="run i uses ports PORT+4i..PORT+4i+3 (default: "
-                   "free ports chosen at each start; printed commands then keep the config's ports)")
+                   "free ports chosen at each start; printed commands then leave them to each podsrl run, "
+                   "which picks free ones unless the config sets them)")
     p.add_argument("--summarize", metavar="DIR", help="only rebuild DIR/summary.md and summary.csv from its runs")
     p.add_argument("--thresholds", metavar="R1,R2", help="reward thresholds for time-to-threshold (default 0.6,0.8)")
     p.add_argument("--window", type=int, metavar="STEPS", help="steps averaged for time-to-threshold (default 10)")

@@ -1,7 +1,7 @@
 """``podsrl run``: start the selector, the learner and R rollout servers on this machine.
 
 The learner runs through torchrun for ``learner.nproc > 1``, and as a plain process group of one
-otherwise (``launcher.cli.learner_command``: torchrun's agent would add ~2.8 s of start-up).
+otherwise (``learner_command``: torchrun's agent would add ~2.8 s of start-up).
 
 Each child is its own process group (own session), logging to
 ``<run>/logs/<name>.log``. The launcher shows progress from the learner's metrics file (a live
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO
 
 from launcher.accounting import account
-from launcher.cli import learner_command
+from launcher.ports import assign_ports, describe
 from protocol.cli import die_with_parent
 from protocol.config import Config, to_toml
 from protocol.shm import remove_segments, run_key
@@ -82,6 +82,28 @@ def _die_with_parent(launcher_pid: int) -> None:
     Linux only (prctl PR_SET_PDEATHSIG); elsewhere a killed launcher can leave its children running."""
     if die_with_parent(signal.SIGTERM) and os.getppid() != launcher_pid:  # it died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def torchrun_command(cfg_path: str, overrides: list[str], nproc: int) -> list[str]:
+    """The exact torchrun line ``podsrl learner`` and ``podsrl run`` (for more than one rank) use."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "learner.train"]
+    return cmd + (["--config", cfg_path] if cfg_path else []) + list(overrides)
+
+
+def learner_command(cfg_path: str, overrides: list[str], nproc: int) -> tuple[list[str], dict[str, str]]:
+    """How ``podsrl run`` starts the learner: the command and the environment it adds.
+
+    One rank runs as a plain process with the variables torchrun would set: torchrun's agent costs
+    ~2.8 s of start-up (its own torch import and rendezvous) and nothing else for a single rank. Its
+    rendezvous store binds port 0, i.e. whatever port is free when it starts: no other rank needs to
+    find it, and a port picked here and released could be taken before the learner binds it (seen
+    with five runs starting at once). More ranks go through torchrun."""
+    if nproc > 1:
+        return torchrun_command(cfg_path, overrides, nproc), {}
+    cmd = [sys.executable, "-m", "learner.train", *(["--config", cfg_path] if cfg_path else []), *overrides]
+    return cmd, {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
 
 
 def log_tail(run_dir: Path, name: str, lines: int = 15) -> str:
@@ -148,7 +170,7 @@ class Progress:
         self.live = sys.stdout.isatty() if live is None else live
         self.every_s, self.last_print = every_s, -math.inf
         self.first: tuple[int, float] | None = None  # (step, metrics time) of the first record seen
-        self.open_line = False  # a live line is on screen without its newline
+        self.shown = 0  # length of the live line on screen without its newline (0: none)
 
     def line(self, m: dict) -> str:
         total, step = self.cfg.run.steps, int(m.get("train/step", m["step"]))
@@ -182,17 +204,21 @@ class Progress:
         m, now = records[-1], time.monotonic()
         last = int(m.get("train/step", m["step"])) >= self.cfg.run.steps
         if self.live:
-            print("\r" + self.line(m), end="\n" if last else "", flush=True)
-            self.open_line = not last
+            # Padded to the previous line's length: a shorter line (staleness max 2 after 10) must not
+            # leave the old line's last characters behind ("ETA 6ss"). Spaces, not an ANSI erase, so
+            # any terminal shows it right.
+            text = self.line(m)
+            print("\r" + text.ljust(self.shown), end="\n" if last else "", flush=True)
+            self.shown = 0 if last else len(text)
         elif last or now - self.last_print >= self.every_s:
             self.last_print = now
             print(self.line(m), flush=True)
 
     def finish(self) -> None:
         """End a live line left open (a run stopped before its last step)."""
-        if self.open_line:
+        if self.shown:
             print(flush=True)
-            self.open_line = False
+            self.shown = 0
 
     def summary(self) -> str:
         r = self.rewards
@@ -208,12 +234,14 @@ def launch(cfg: Config, report: str) -> int:
     """Start every process of ``cfg`` (checked by ``preflight``, whose ``report`` is printed)."""
     run_dir = Path(cfg.run.dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.toml"
+    cfg, picked = assign_ports(cfg)
+    config_path = run_dir / "config.toml"  # what every child reads: the ports picked included
     config_path.write_text(to_toml(cfg))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     print(f"podsrl run: {cfg.summary()}\n{report}\n  run dir {run_dir}  (logs in {run_dir / 'logs'}, metrics in "
-          f"{run_dir / 'metrics'})", flush=True)
+          f"{run_dir / 'metrics'})\n  {describe(cfg.net, picked)}; in {config_path}, with which another rollout "
+          f"server on this machine joins: podsrl rollout --config {config_path} --server-id NAME", flush=True)
     kids = children(cfg, config_path)
     progress = Progress(cfg)
     memory = MemoryMonitor(kids, run_dir)

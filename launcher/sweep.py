@@ -25,7 +25,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from typing import IO, Any
 
 from pydantic import BaseModel
 
+from launcher.ports import PORT_KEYS, free_ports
 from launcher.summary import DONE, STARTED, flatten, load_run, parse_thresholds, write_summary
 from protocol.config import Config, _toml_value, load_config, parse_override, read_toml, to_toml
 
@@ -199,19 +199,11 @@ def resolve(grid: Grid, spec: RunSpec) -> Config:
         raise SweepError(f"configuration {spec.name}: {e}") from None
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (all held open together while they are picked)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-
-
 def port_overrides(spec: RunSpec, port_base: int | None) -> list[str]:
-    links = ("group", "batch", "announce", "weights")
-    ports = [port_base + 4 * (spec.index - 1) + i for i in range(4)] if port_base else free_ports(len(links))
-    return [f"net.{link}_port={p}" for link, p in zip(links, ports, strict=True)]
+    """Run i's ports: PORT+4i..PORT+4i+3 with ``--port-base``, else free ones (reserved: the next run
+    starts before this one binds them), whatever its config says, so parallel runs never share one."""
+    ports = [port_base + 4 * (spec.index - 1) + i for i in range(4)] if port_base else free_ports(4, reserve=True)
+    return [f"net.{key}={p}" for key, p in zip(PORT_KEYS, ports, strict=True)]
 
 
 def run_args(grid: Grid, spec: RunSpec, ports: list[str]) -> list[str]:

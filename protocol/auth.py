@@ -79,12 +79,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def on_loopback(net: NetConfig) -> bool:
+    """Every address of the run is loopback: the bind address, and the selector's and learner's
+    addresses a client connects to."""
+    return all(is_loopback(h) for h in (net.bind_host, net.selector_host, net.learner_host))
+
+
 def auth_enabled(net: NetConfig) -> bool:
-    """``net.auth`` resolved: 'auto' is on as soon as one address of the run leaves loopback (the bind
-    address, or the selector's or learner's address a client connects to), so both sides agree."""
+    """``net.auth`` resolved: 'auto' is on as soon as one address of the run leaves loopback
+    (:func:`on_loopback`), so both sides agree."""
     if net.auth != "auto":
         return net.auth == "on"
-    return not all(is_loopback(h) for h in (net.bind_host, net.selector_host, net.learner_host))
+    return not on_loopback(net)
 
 
 def check(net: NetConfig) -> None:

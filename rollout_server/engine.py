@@ -1,7 +1,8 @@
 """Generation engines: sample n completions per prompt with per-token behaviour log-probs.
 
-``ENGINES`` maps the config's ``rollout.engine.type`` to a class; ``build_engine`` makes one.
-The torch engine runs anywhere torch does; the vLLM engine (``vllm_engine.py``) is an optional extra.
+``ENGINES`` maps the config's ``rollout.engine.type`` to a class; ``build_engine`` makes one. Every
+engine implements ``sampling.Engine``. The torch engine runs anywhere torch does; the vLLM engine
+(``vllm_engine.py``) is an optional extra.
 Log-probs are those of the distribution actually sampled: ``log_softmax(logits / temperature)``
 (temperature 0 is greedy decoding, for evaluation; its log-probs are those of temperature 1).
 A completion ends after a stop token (the tokenizer's EOS and the model's ``eos_token_id``s), after
@@ -12,9 +13,6 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,38 +20,7 @@ import torch
 from protocol.config import Config
 from protocol.messages import Weights
 from protocol.weights import unpack_weights
-
-
-@dataclass(frozen=True)
-class Samples:
-    """Completions in prompt-major order: prompt 0's n completions, then prompt 1's, ..."""
-
-    ids: list[np.ndarray]  # int32 [L_i], EOS included when sampled
-    logprobs: list[np.ndarray]  # float32 [L_i]
-
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    """How to sample: from the task (stop tokens and strings) and the config (lengths, temperature)."""
-
-    max_new_tokens: int
-    temperature: float  # 0 = greedy
-    stop_ids: tuple[int, ...]
-    pad_id: int
-    stop_strings: tuple[str, ...] = ()
-    decode: Callable[[list[int]], str] | None = None  # needed for stop strings
-
-
-class Engine(Protocol):
-    version: int | None
-
-    def load(self, weights: Weights, verified: bool = False, device_data: torch.Tensor | None = None) -> None:
-        """Install ``weights`` by copying them: the server recycles ``weights.data`` for a later transfer
-        once a newer version is installed, so no reference to it may outlive this call. ``device_data``:
-        the same bytes already on the engine's device (CUDA IPC), to copy from instead."""
-
-    def generate(self, prompts: list[np.ndarray], n: int, spec: SamplingSpec, seed: int) -> Samples: ...
-
+from rollout_server.sampling import Engine, Samples, SamplingSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -65,6 +65,7 @@ from protocol.metrics import Monitor, RateLimitedLog
 from protocol.sockets import announce_subscriber, arecv, asend, close, group_sender, weight_client
 from protocol.weights import unpack_files
 from rollout_server.fetch import Fetcher, open_device_copy, read_shared, shared_segment
+from rollout_server.sampling import SamplingSpec
 
 log = logging.getLogger("podsrl.rollout")
 T = TypeVar("T")
@@ -178,9 +179,7 @@ class RolloutServer:
         log.info("task %s: stop ids %s, vocabulary %d", task.name, task.stop_ids, len(tokenizer))
         return task
 
-    def sampling(self, temperature: float) -> Any:
-        from rollout_server.engine import SamplingSpec
-
+    def sampling(self, temperature: float) -> SamplingSpec:
         t = self.task
         return SamplingSpec(max_new_tokens=self.cfg.max_new_tokens, temperature=temperature, stop_ids=t.stop_ids,
                             pad_id=t.pad_id, stop_strings=tuple(self.cfg.task.stop),

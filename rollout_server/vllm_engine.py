@@ -35,7 +35,7 @@ import numpy as np
 from protocol.config import Config
 from protocol.messages import Weights
 from protocol.weights import unpack_files, unpack_weights
-from rollout_server.engine import Samples, SamplingSpec
+from rollout_server.sampling import Samples, SamplingSpec
 
 if TYPE_CHECKING:
     import torch

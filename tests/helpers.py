@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.sweep import free_ports  # the launcher's: n distinct free loopback ports
+from launcher.ports import free_ports  # the launcher's: n distinct free loopback ports
 
 __all__ = ["ROOT", "child_env", "free_port", "free_ports", "random_group", "assert_same_kept"]
 

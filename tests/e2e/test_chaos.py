@@ -25,8 +25,7 @@ import psutil
 import pytest
 from helpers import ROOT, child_env
 
-from launcher.cli import torchrun_command
-from launcher.launch import Child, children
+from launcher.launch import Child, children, torchrun_command
 from launcher.preflight import preflight
 from protocol.config import load_config, to_toml
 

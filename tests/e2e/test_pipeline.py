@@ -14,6 +14,7 @@ import psutil
 import pytest
 from helpers import ROOT, child_env
 
+from protocol.config import load_config
 from protocol.metrics import read_metrics
 from protocol.shm import run_key
 
@@ -139,3 +140,25 @@ def test_exact_staleness_mode_trains_every_row_exactly_k_versions_old(run_dir, n
     for m in steps:
         want = min(m["step"] - 1, k)  # update V makes version V+1 from rows of version max(0, V-K)
         assert m["staleness/mean"] == m["staleness/max"] == want, m
+
+
+def test_two_runs_at_once_on_the_default_ports_pick_their_own(tmp_path):
+    """No net.*_port given: each launcher picks free ones, records them in its config.toml, and both train."""
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    runs = [subprocess.Popen(podsrl_command(d, ["run.steps=5", "rollout.servers=1"]), env=child_env(), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for d in dirs]
+    try:
+        outs = [r.communicate(timeout=240)[0] for r in runs]
+    finally:
+        for r in runs:
+            if r.poll() is None:
+                r.kill()
+    assert [r.returncode for r in runs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    used = []
+    for d, out in zip(dirs, outs, strict=True):
+        net = load_config(d / "config.toml").net
+        ports = [net.group_port, net.batch_port, net.announce_port, net.weights_port]
+        assert f"ports: group {ports[0]} (free), batch {ports[1]} (free)" in out
+        assert len(read_metrics(d / "metrics" / "learner.jsonl")) == 5
+        used += ports
+    assert len(set(used)) == 8

@@ -46,3 +46,31 @@ def test_live_output_rewrites_one_line_and_ends_it(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("\r") == 3 and out.endswith("\n") and out.count("\n") == 1
     assert "[############--------]" in out.split("\r")[-1]  # 3 of 5 steps
+
+
+def screen(out: str) -> list[str]:
+    """What a terminal shows after ``out``: ``\\r`` returns to the line's start, later text overwrites."""
+    lines, col = [""], 0
+    for ch in out:
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            lines.append("")
+            col = 0
+        else:
+            lines[-1] = lines[-1][:col] + ch + lines[-1][col + 1:]
+            col += 1
+    return lines
+
+
+def test_a_shorter_live_line_leaves_nothing_of_the_longer_one(tmp_path, capsys):
+    progress, path = make(tmp_path, live=True)
+    with path.open("a") as f:  # staleness/max 10, then 2: the line is one character shorter
+        for s, worst in ((1, 10), (2, 10), (3, 2)):
+            f.write(json.dumps({"step": s, "time": 100.0 + 2 * s, "reward/mean": 0.5, "staleness/max": worst}) + "\n")
+            f.flush()
+            progress.poll()
+    progress.finish()
+    out = capsys.readouterr().out
+    last = out.split("\r")[-1].rstrip()
+    assert "(max 2," in last and [line.rstrip() for line in screen(out)] == [last, ""]  # not "ETA    4ss"

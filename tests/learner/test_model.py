@@ -33,7 +33,7 @@ def test_tiny_model_is_a_local_from_pretrained_directory(tiny):
 
 
 def spec(cfg, temperature: float, max_new_tokens: int = 6):
-    from rollout_server.engine import SamplingSpec
+    from rollout_server.sampling import SamplingSpec
 
     tok = AutoTokenizer.from_pretrained(cfg.model_dir)
     return tok, SamplingSpec(max_new_tokens, temperature, (tok.eos_token_id,), tok.pad_token_id)

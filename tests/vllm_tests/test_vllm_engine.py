@@ -19,7 +19,8 @@ from protocol.codec import decode, encode
 from protocol.config import load_config
 from protocol.messages import ProtocolError
 from protocol.weights import pack_weights, read_tokenizer_files, with_files
-from rollout_server.engine import SamplingSpec, TorchEngine, build_engine
+from rollout_server.engine import TorchEngine, build_engine
+from rollout_server.sampling import SamplingSpec
 
 pytestmark = pytest.mark.vllm
 
