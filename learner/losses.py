@@ -1,7 +1,9 @@
 """Policy-gradient losses for asynchronous off-policy RL on language models.
+docs/LOSSES.md repeats the rest of this docstring word for word (tests/test_docs.py checks).
 
-Every loss is a pure function ``(LossInputs, LossSettings) -> (per-token loss (B, T), metrics)``.
-Notation: ``logp`` is log π_θ of the sampled tokens under the policy being trained, ``behav_logp``
+Every loss is a pure function ``(LossInputs, LossSettings) -> (per-token loss (B, T), metrics)``;
+``LossSettings`` is the run config's ``[learner.loss]``, whose knobs, defaults and bounds are listed
+in docs/CONFIG.md. Notation: ``logp`` is log π_θ of the sampled tokens under the policy being trained, ``behav_logp``
 the log-probs reported by the rollout engine (behaviour policy μ, possibly several versions stale
 and computed by a different kernel), ``prox_logp`` the log-probs of a proximal policy π_prox that the
 learner recomputes at the start of the step, and ``A`` the (group-relative) advantage broadcast to
@@ -28,7 +30,10 @@ rollout/learner mismatch and PPO-clip runs on r = π_θ/π_old: loss = −w·min
 Can Off-Policy RL Reach with Stale Data on LLMs?"): with d = log(π_θ/μ), tokens are masked
 greedily in decreasing d² until the mean d² (M2) of the remaining tokens of the batch is ≤ τ; the
 rest get the unclipped importance-weighted gradient, loss = −(π_θ/μ)·A. M2 is computed over the
-tokens of the call (the local micro-batch), not across ranks.
+tokens of the call (the local micro-batch), not across ranks. In the learner one call is one
+micro-batch (``learner.micro_batch_tokens``), so with several micro-batches per rank each masks
+against its own M2: the only loss whose update is not independent of the micro-batch split (set
+``learner.micro_batch_tokens=0`` for M2 over each rank's whole shard).
 
 **rec_oneside** — REC with one-sided clipping (Yao et al. 2025, "Group-relative REINFORCE is
 secretly an off-policy algorithm"): plain REINFORCE, loss = −A·log π_θ, with no importance weight

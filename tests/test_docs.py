@@ -1,13 +1,25 @@
 """Docs that are generated from code stay in sync with it."""
 
+import inspect
+
 from helpers import ROOT
 
+import learner.losses
 from protocol.config import config_reference
 
 
 def test_config_reference_is_current():
     assert (ROOT / "docs" / "CONFIG.md").read_text().strip() == config_reference().strip(), \
         "docs/CONFIG.md is stale: run `podsrl config --reference > docs/CONFIG.md`"
+
+
+def test_losses_doc_repeats_the_losses_docstring():
+    """One text for the losses: docs/LOSSES.md holds learner/losses.py's docstring after its first
+    paragraph, word for word (line breaks aside)."""
+    body = inspect.cleandoc(learner.losses.__doc__ or "").split("\n\n", 1)[1]
+    doc = (ROOT / "docs" / "LOSSES.md").read_text()
+    assert " ".join(body.split()) in " ".join(doc.split()), \
+        "docs/LOSSES.md's losses section differs from learner/losses.py's docstring: edit one, copy it to the other"
 
 
 def test_ci_runs_the_readme_test_command():
