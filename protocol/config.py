@@ -172,6 +172,9 @@ class RolloutConfig(Section):
     engine: EngineConfig = EngineConfig()
 
 
+# Literals of names below are the keys of a role's registry (protocol/ imports no role): rule, adv_norm
+# and zero_variance those of selector/rules.py, loss.type and loss.aggregation those of learner/losses.py.
+# A test beside each registry checks they are equal.
 class SelectorConfig(Section):
     rule: Literal["max_variance", "max_reward", "random", "all"] = Field(
         "max_variance", description="down-sampling rule (PODS max_variance; 'all' = plain GRPO)")
