@@ -73,9 +73,8 @@ class TaskConfig(Section):
     chat_template: bool = Field(False, description="render prompts with the tokenizer's chat template")
     system_prompt: str = Field("", description="chat_template only: a system message put before each prompt")
     reward: str | list[str] = Field(
-        "", description="reward function(s): a built-in name (math_answer, countdown, exact_match, "
-        "regex_match, copy, reverse), 'package.module:function' or 'path/file.py:function'; '' = the "
-        "built-in task's own")
+        "", description="reward function(s): a built-in name (docs/TASKS.md, 'Built-in rewards'), "
+        "'package.module:function' or 'path/file.py:function'; '' = the built-in task's own")
     reward_weights: list[float] = Field([], description="one weight per reward function; [] = all 1.0")
     reward_timeout_s: float = Field(10.0, gt=0, description="a reward call running longer is killed; its rows "
                                     "score 0 (counted as reward/errors/timeout)")
