@@ -1,7 +1,9 @@
 """Policy-gradient losses for asynchronous off-policy RL on language models.
+docs/LOSSES.md repeats the rest of this docstring word for word (tests/test_docs.py checks).
 
-Every loss is a pure function ``(LossInputs, LossConfig) -> (per-token loss (B, T), metrics)``.
-Notation: ``logp`` is log π_θ of the sampled tokens under the policy being trained, ``behav_logp``
+Every loss is a pure function ``(LossInputs, LossSettings) -> (per-token loss (B, T), metrics)``;
+``LossSettings`` is the run config's ``[learner.loss]``, whose knobs, defaults and bounds are listed
+in docs/CONFIG.md. Notation: ``logp`` is log π_θ of the sampled tokens under the policy being trained, ``behav_logp``
 the log-probs reported by the rollout engine (behaviour policy μ, possibly several versions stale
 and computed by a different kernel), ``prox_logp`` the log-probs of a proximal policy π_prox that the
 learner recomputes at the start of the step, and ``A`` the (group-relative) advantage broadcast to
@@ -28,7 +30,10 @@ rollout/learner mismatch and PPO-clip runs on r = π_θ/π_old: loss = −w·min
 Can Off-Policy RL Reach with Stale Data on LLMs?"): with d = log(π_θ/μ), tokens are masked
 greedily in decreasing d² until the mean d² (M2) of the remaining tokens of the batch is ≤ τ; the
 rest get the unclipped importance-weighted gradient, loss = −(π_θ/μ)·A. M2 is computed over the
-tokens of the call (the local micro-batch), not across ranks.
+tokens of the call (the local micro-batch), not across ranks. In the learner one call is one
+micro-batch (``learner.micro_batch_tokens``), so with several micro-batches per rank each masks
+against its own M2: the only loss whose update is not independent of the micro-batch split (set
+``learner.micro_batch_tokens=0`` for M2 over each rank's whole shard).
 
 **rec_oneside** — REC with one-sided clipping (Yao et al. 2025, "Group-relative REINFORCE is
 secretly an off-policy algorithm"): plain REINFORCE, loss = −A·log π_θ, with no importance weight
@@ -58,35 +63,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from protocol.config import LossSettings
+
 __all__ = [
-    "AGGREGATIONS", "LOSSES", "LossConfig", "LossFn", "LossInputs",
-    "aggregate", "build_loss", "compute_loss", "diagnostics",
+    "AGGREGATIONS", "LOSSES", "LossFn", "LossInputs", "aggregate", "build_loss", "compute_loss", "diagnostics",
 ]
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "constant")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "constant")  # aggregate()'s modes; learner.loss.aggregation
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    type: str = "grpo_is"
-    clip_low: float = 0.2  # ε_low
-    clip_high: float = 0.28  # ε_high (DAPO clip-higher: Yu et al. 2025, "DAPO")
-    tis_cap: float = 2.0  # C for truncated importance sampling
-    behav_cap: float = 2.0  # cap on π_prox/π_behav in decoupled PPO
-    m2_tau: float = 0.04  # M2PO second-moment threshold
-    aggregation: str = "token_mean"  # token_mean | seq_mean_token_mean | constant
-    max_len: int | None = None  # normaliser for "constant" (Dr. GRPO); required for that mode
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.clip_low < 1.0 or self.clip_high < 0.0:
-            raise ValueError(f"need 0 <= clip_low < 1, clip_high >= 0; got {self.clip_low}, {self.clip_high}")
-        if self.tis_cap <= 0.0 or self.behav_cap <= 0.0 or self.m2_tau < 0.0:
-            raise ValueError("tis_cap and behav_cap must be > 0 and m2_tau >= 0")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {self.aggregation!r}; valid: {list(AGGREGATIONS)}")
-        if self.max_len is not None and self.max_len <= 0:
-            raise ValueError(f"max_len must be positive, got {self.max_len}")
 
 
 @dataclass(frozen=True)
@@ -112,7 +96,7 @@ class LossInputs:
             raise ValueError(f"mask must be a floating-point tensor of 0/1, got dtype {self.mask.dtype}")
 
 
-LossFn = Callable[[LossInputs, LossConfig], tuple[Tensor, dict[str, Tensor]]]
+LossFn = Callable[[LossInputs, LossSettings], tuple[Tensor, dict[str, Tensor]]]
 
 
 MAX_LOG_RATIO = 20.0  # |log(π/μ)| beyond this (a ratio of 5e8) is clamped: one absurd behaviour log-prob
@@ -141,7 +125,7 @@ def _frac(flags: Tensor, valid: Tensor, dtype: torch.dtype) -> Tensor:
     return (flags & valid).sum().to(dtype) / valid.sum().clamp(min=1).to(dtype)
 
 
-def _ppo_clip(logp: Tensor, old: Tensor, adv: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor]:
+def _ppo_clip(logp: Tensor, old: Tensor, adv: Tensor, cfg: LossSettings) -> tuple[Tensor, Tensor, Tensor]:
     """PPO-clip (Schulman et al. 2017): −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A), r = exp(logp − old)."""
     r = _ratio(logp - old)
     tok = -torch.minimum(r * adv, r.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high) * adv)
@@ -168,14 +152,14 @@ def _capped_weight(log_w: Tensor, cap: float, valid: Tensor) -> tuple[Tensor, di
     }
 
 
-def grpo_is(inp: LossInputs, cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def grpo_is(inp: LossInputs, cfg: LossSettings) -> tuple[Tensor, dict[str, Tensor]]:
     logp, behav, _, adv, valid = _prep(inp)
     # GRPO / PPO-clip against the behaviour policy (Shao et al. 2024; Schulman et al. 2017; DAPO clip-higher)
     tok, low, high = _ppo_clip(logp, behav, adv, cfg)
     return tok, _clip_metrics(low, high, torch.zeros_like(valid), valid, tok.dtype)
 
 
-def decoupled_ppo(inp: LossInputs, cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def decoupled_ppo(inp: LossInputs, cfg: LossSettings) -> tuple[Tensor, dict[str, Tensor]]:
     if inp.prox_logp is None:
         raise ValueError("decoupled_ppo needs prox_logp (proximal log-probs recomputed by the learner)")
     logp, behav, prox, adv, valid = _prep(inp)
@@ -186,7 +170,7 @@ def decoupled_ppo(inp: LossInputs, cfg: LossConfig) -> tuple[Tensor, dict[str, T
     return w * tok, {**_clip_metrics(low, high, torch.zeros_like(valid), valid, tok.dtype), **wm}
 
 
-def tis(inp: LossInputs, cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def tis(inp: LossInputs, cfg: LossSettings) -> tuple[Tensor, dict[str, Tensor]]:
     logp, behav, prox, adv, valid = _prep(inp)
     old = prox if prox is not None else logp.detach()
     # Yao et al. 2025 (TIS) / IMPALA truncation: w = min(π_old/μ, C) (detached), PPO-clip on r = π_θ/π_old
@@ -212,7 +196,7 @@ def _m2_keep(d2: Tensor, valid: Tensor, tau: float) -> Tensor:
     return keep
 
 
-def m2po(inp: LossInputs, cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def m2po(inp: LossInputs, cfg: LossSettings) -> tuple[Tensor, dict[str, Tensor]]:
     logp, behav, _, adv, valid = _prep(inp)
     # Zheng et al. 2025 (M2PO): d = log(π_θ/μ), M2 = mean d², greedy masking of the largest d² until M2 <= τ
     d2 = (logp.detach() - behav).square()
@@ -226,7 +210,7 @@ def m2po(inp: LossInputs, cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
     return tok, m
 
 
-def rec_oneside(inp: LossInputs, cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def rec_oneside(inp: LossInputs, cfg: LossSettings) -> tuple[Tensor, dict[str, Tensor]]:
     logp, behav, _, adv, valid = _prep(inp)
     # REC (Yao et al. 2025): REINFORCE −A·log π_θ with a one-sided clip mask on r = π_θ/μ, no IS weight
     r = _ratio(logp.detach() - behav)
@@ -245,10 +229,12 @@ LOSSES: dict[str, LossFn] = {
 }
 
 
-def build_loss(cfg: LossConfig) -> LossFn:
-    if cfg.type not in LOSSES:
-        raise ValueError(f"unknown loss type {cfg.type!r}; valid types: {sorted(LOSSES)}")
-    return LOSSES[cfg.type]
+def build_loss(name: str) -> LossFn:
+    """The loss registered as ``name``; ValueError listing the valid names otherwise."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss type {name!r}; valid types: {sorted(LOSSES)}") from None
 
 
 def aggregate(
@@ -276,8 +262,8 @@ def aggregate(
     if mode == "seq_mean_token_mean":  # GRPO: mean over tokens of a sequence, then over sequences
         return (masked.sum(-1) / m.sum(-1).clamp(min=1)).sum() / n_seqs
     if mode == "constant":  # Dr. GRPO (Liu et al. 2025): a constant normaliser, no length bias
-        if max_len is None:
-            raise ValueError("aggregation 'constant' (Dr. GRPO) needs max_len")
+        if max_len is None or max_len <= 0:
+            raise ValueError(f"aggregation 'constant' (Dr. GRPO) needs a positive max_len, got {max_len!r}")
         return masked.sum() / (n_seqs * max_len)
     raise ValueError(f"unknown aggregation {mode!r}; valid: {list(AGGREGATIONS)}")
 
@@ -321,12 +307,21 @@ def diagnostics(inp: LossInputs) -> dict[str, float]:
 
 
 def compute_loss(
-    inp: LossInputs, cfg: LossConfig, *, total_tokens: float | None = None, total_seqs: float | None = None
+    inp: LossInputs,
+    cfg: LossSettings,
+    *,
+    max_len: int | None = None,
+    total_tokens: float | None = None,
+    total_seqs: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """LOSSES[cfg.type] → aggregate → scalar loss; metrics: the loss's, diagnostics(), ``loss/pg_loss``."""
-    tok, metrics = build_loss(cfg)(inp, cfg)
+    """LOSSES[cfg.type] → aggregate → scalar loss; metrics: the loss's, diagnostics(), ``loss/pg_loss``.
+
+    ``cfg`` is the run config's ``[learner.loss]`` (its bounds are checked there); ``max_len``, the
+    normaliser of ``constant`` aggregation (Dr. GRPO), is a derived size (``Config.max_new_tokens``).
+    """
+    tok, metrics = build_loss(cfg.type)(inp, cfg)
     loss = aggregate(
-        tok, inp.mask, cfg.aggregation, total_tokens=total_tokens, total_seqs=total_seqs, max_len=cfg.max_len
+        tok, inp.mask, cfg.aggregation, total_tokens=total_tokens, total_seqs=total_seqs, max_len=max_len
     )
     out = {**_diagnostic_tensors(inp), **metrics, "loss/pg_loss": loss.detach()}
     return loss, _to_floats(out)

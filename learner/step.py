@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from learner.losses import LossConfig, LossInputs, compute_loss
+from learner.losses import LossInputs, compute_loss
 from learner.model import completion_logprobs
 from learner.parallel import autocast, sync_gradients
 from protocol.config import Config
@@ -109,12 +109,12 @@ def micro_batch_loss(net: torch.nn.Module, data: Shard, cfg: Config, totals: tup
         logp, mask, entropy = completion_logprobs(net, data["prompts"], data["completions"],
                                                   cfg.rollout.temperature, device, entropy_grad=bonus > 0)
     behav = pad(data["behav"], mask.shape[1]).to(device)
-    loss_cfg = LossConfig(**cfg.learner.loss.model_dump(exclude={"entropy_coef"}), max_len=cfg.max_new_tokens)
     # One optimizer step per batch: the proximal policy of decoupled PPO is the current one at step
     # start, i.e. exactly logp without gradient; no second forward pass is needed.
     inputs = LossInputs(logp=logp, behav_logp=behav, advantages=data["advantages"].to(device), mask=mask,
                         prox_logp=logp.detach())
-    loss, metrics = compute_loss(inputs, loss_cfg, total_tokens=totals[0], total_seqs=totals[1])
+    loss, metrics = compute_loss(inputs, cfg.learner.loss, max_len=cfg.max_new_tokens, total_tokens=totals[0],
+                                 total_seqs=totals[1])
     if bonus > 0:  # this micro-batch's share of the batch's token-mean entropy, as the loss is
         loss = loss - bonus * entropy.sum() / max(totals[0], 1.0)
     metrics["loss/entropy"] = float(entropy.detach().sum() / mask.sum().clamp(min=1))

@@ -33,6 +33,9 @@ import numpy as np
 
 Rule = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 
+# The name sets of selector.rule (SELECTORS below), selector.adv_norm and selector.zero_variance. The
+# config spells them as Literals (protocol/ imports no role) and rejects other names when it loads;
+# tests/selector/test_rules.py checks that its Literals are these names.
 ADV_NORMS = ("std", "mean")
 ZERO_VARIANCE_RULES = ("drop", "keep")
 
@@ -120,8 +123,7 @@ def build_selector(name: str) -> Rule:
 
 def advantages(rewards: np.ndarray, norm: str, eps: float = 1e-6) -> np.ndarray:
     """Group-relative advantages: ``(r - mean) / (std + eps)`` ("std") or ``r - mean`` ("mean")."""
-    if norm not in ADV_NORMS:
-        raise ValueError(f"unknown advantage norm {norm!r}; valid choices: {list(ADV_NORMS)}")
+    _check_norm(norm)
     r = _check_rewards(rewards)
     centred = r - r.mean()
     if norm == "std":
@@ -208,6 +210,10 @@ def _check_options(zero_variance: str, adv_norm: str) -> None:
         raise ValueError(
             f"unknown zero_variance rule {zero_variance!r}; valid choices: {list(ZERO_VARIANCE_RULES)}"
         )
+    _check_norm(adv_norm)
+
+
+def _check_norm(adv_norm: str) -> None:
     if adv_norm not in ADV_NORMS:
         raise ValueError(f"unknown advantage norm {adv_norm!r}; valid choices: {list(ADV_NORMS)}")
 

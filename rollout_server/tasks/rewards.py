@@ -35,41 +35,21 @@ from typing import Any
 import numpy as np
 
 from rollout_server.tasks.data import TaskError
+from rollout_server.tasks.verifiers import BUILTIN_REWARDS, RewardFn
 
 log = logging.getLogger("podsrl.rollout")
 
-RewardFn = Callable[..., Any]
 ERROR_REASONS = ("raised", "wrong_length", "not_a_number", "non_finite", "timeout", "worker_died", "none")
 STARTUP_S = 60.0  # a (re)started worker's imports and load_reward, on top of task.reward_timeout_s
 
 
-def char_match(prompts: list[Any], completions: list[str], answer: list[str], **_: Any) -> list[float | None]:
-    """copy / reverse: the fraction of the answer's characters the completion has in place."""
-    return [sum(a == b for a, b in zip(ans, c, strict=False)) / len(ans) if ans else 0.0
-            for c, ans in zip(completions, answer, strict=True)]
-
-
-def char_match_strict(prompts: list[Any], completions: list[str], answer: list[str], **_: Any) -> list[float | None]:
-    """copy / reverse with a length to learn: the characters in place over the longer of the answer and the
-    completion, so characters after the answer cost (the variable-length task's model learns to stop)."""
-    return [sum(a == b for a, b in zip(ans, c, strict=False)) / max(len(ans), len(c)) if ans else 0.0
-            for c, ans in zip(completions, answer, strict=True)]
-
-
-def builtin_rewards() -> dict[str, RewardFn]:
-    from rollout_server.tasks.verifiers import BUILTIN_REWARDS
-
-    return {"copy": char_match, "reverse": char_match, "char_match_strict": char_match_strict, **BUILTIN_REWARDS}
-
-
 def load_reward(spec: str) -> RewardFn:
     """Resolve one ``task.reward`` entry to a callable, or raise TaskError naming the fix."""
-    builtins = builtin_rewards()
-    if spec in builtins:
-        return builtins[spec]
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise TaskError(f"task.reward={spec!r} is neither a built-in ({', '.join(sorted(builtins))}) nor "
+        raise TaskError(f"task.reward={spec!r} is neither a built-in ({', '.join(sorted(BUILTIN_REWARDS))}) nor "
                         "'package.module:function' / 'path/to/file.py:function'")
     try:
         if target.endswith(".py"):
@@ -182,7 +162,7 @@ class RewardScores:
 class RewardWorker:
     """Scores batches in a separate process, so a reward function can be killed when it hangs.
 
-    When every function is a built-in (the copy/reverse scorers and ``verifiers.py``, which are bounded:
+    When every function is a built-in (``verifiers.BUILTIN_REWARDS``, which are bounded:
     tests/rollout_server/test_verifiers.py feeds them hostile input), they run in this process instead:
     no round trip, and nothing to hang. A user's plug-in always runs in the worker.
     """
@@ -195,8 +175,8 @@ class RewardWorker:
         self.conn: Any = None
         self.restarts = 0
         self.starting = True  # until the worker says it has loaded the functions
-        builtins = builtin_rewards()
-        self.in_process = [builtins[s] for s in specs] if all(s in builtins for s in specs) else None
+        in_process = all(s in BUILTIN_REWARDS for s in specs)
+        self.in_process = [BUILTIN_REWARDS[s] for s in specs] if in_process else None
         if self.in_process is None:
             self._start()
 

@@ -1,5 +1,8 @@
 """Built-in reward functions ("verifiers") for RL on text tasks: standard library only, safe on hostile text.
 
+``BUILTIN_REWARDS`` is the registry of the names ``task.reward`` accepts besides a
+``package.module:function`` or ``path/file.py:function`` (docs/TASKS.md lists them; a test checks).
+
 Every reward follows TRL's batched reward-function convention::
 
     def reward(prompts: list, completions: list[str], **columns: list) -> list[float | None]
@@ -34,7 +37,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
-RewardFunc = Callable[..., Sequence[float | None]]
+RewardFn = Callable[..., Sequence[float | None]]  # f(prompts, completions, **columns), TRL's convention
 Column = Sequence[Any]  # one dataset column: a value per completion
 
 MAX_ANSWER_CHARS = 200  # extracted final answers longer than this never match
@@ -301,6 +304,19 @@ def regex_match_score(completion: str, pattern: str) -> float:
 # ---------------------------------------------------------------- batched rewards (TRL convention)
 
 
+def char_match(prompts: Column, completions: list[str], answer: Column, **_: Any) -> list[float]:
+    """copy / reverse: the fraction of the answer's characters the completion has in place."""
+    return [sum(a == b for a, b in zip(ans, c, strict=False)) / len(ans) if ans else 0.0
+            for c, ans in zip(completions, answer, strict=True)]
+
+
+def char_match_strict(prompts: Column, completions: list[str], answer: Column, **_: Any) -> list[float]:
+    """copy / reverse with a length to learn: the characters in place over the longer of the answer and the
+    completion, so characters after the answer cost (the variable-length task's model learns to stop)."""
+    return [sum(a == b for a, b in zip(ans, c, strict=False)) / max(len(ans), len(c)) if ans else 0.0
+            for c, ans in zip(completions, answer, strict=True)]
+
+
 def math_answer(prompts: Column, completions: list[str], answer: Column, **_: Any) -> list[float]:
     """Final ``#### x`` / ``\\boxed{x}`` answer equals the reference (see normalize_number): 1.0, else 0.0."""
     return [math_answer_score(c, a) for c, a in zip(completions, answer, strict=True)]
@@ -324,7 +340,10 @@ def regex_match(prompts: Column, completions: list[str], pattern: str | Column, 
     return [regex_match_score(c, p) for c, p in zip(completions, patterns, strict=True)]
 
 
-BUILTIN_REWARDS: dict[str, RewardFunc] = {
+BUILTIN_REWARDS: dict[str, RewardFn] = {
+    "copy": char_match,  # the built-in tasks' own (task.type copy / reverse)
+    "reverse": char_match,
+    "char_match_strict": char_match_strict,
     "math_answer": math_answer,
     "countdown": countdown,
     "exact_match": exact_match,

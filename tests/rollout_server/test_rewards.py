@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from protocol.config import BUILTIN_TASKS
 from rollout_server.tasks import verifiers
 from rollout_server.tasks.data import TaskError
-from rollout_server.tasks.rewards import RewardWorker, char_match, char_match_strict, check_signature, load_reward
+from rollout_server.tasks.rewards import RewardWorker, check_signature, load_reward
+from rollout_server.tasks.verifiers import char_match, char_match_strict
 
 TIMEOUT_S = 1.5
 
@@ -102,6 +104,7 @@ def write_module(directory: Path, name: str, body: str) -> Path:
 
 def test_builtin_names_resolve_to_their_functions():
     assert load_reward("copy") is char_match and load_reward("reverse") is char_match
+    assert set(BUILTIN_TASKS) <= set(verifiers.BUILTIN_REWARDS)  # a built-in task's default reward is its type
     for name, fn in verifiers.BUILTIN_REWARDS.items():
         assert load_reward(name) is fn
 

@@ -14,6 +14,8 @@ from rollout_server.tasks.verifiers import (
     BUILTIN_REWARDS,
     COUNTDOWN_FORMAT_SCORE,
     ExpressionError,
+    char_match,
+    char_match_strict,
     countdown,
     evaluate_expression,
     exact_match,
@@ -170,7 +172,8 @@ def test_exact_and_regex_match():
 
 
 def test_batched_convention_and_registry():
-    assert set(BUILTIN_REWARDS) == {"math_answer", "countdown", "exact_match", "regex_match"}
+    assert set(BUILTIN_REWARDS) == {"math_answer", "countdown", "exact_match", "regex_match", "copy", "reverse",
+                                    "char_match_strict"}
     columns = {
         "answer": ["4", "5"],
         "numbers": [[2, 2], [2, 3]],
@@ -181,7 +184,8 @@ def test_batched_convention_and_registry():
     }
     completions = ["#### 4\n<answer>2+2</answer>", "<answer>2*3</answer>"]
     expected = {"math_answer": [1.0, 0.0], "countdown": [1.0, 0.1], "exact_match": [0.0, 0.0],
-                "regex_match": [0.0, 0.0]}
+                "regex_match": [0.0, 0.0], "copy": [0.0, 0.0], "reverse": [0.0, 0.0],
+                "char_match_strict": [0.0, 0.0]}
     for name, fn in BUILTIN_REWARDS.items():
         out = fn(prompts=["p1", "p2"], completions=completions, **columns)
         assert out == expected[name], name
@@ -236,7 +240,8 @@ def test_hostile_completions_are_fast_and_bounded(text):
             (score,) = fn(["q"], [text], **columns)
         elapsed = time.perf_counter() - start
         assert isinstance(score, float) and 0.0 <= score <= 1.0, name
-        assert score in (0.0, COUNTDOWN_FORMAT_SCORE), name
+        if fn not in (char_match, char_match_strict):  # characters in place: "9" * 100_000 has the answer's 150
+            assert score in (0.0, COUNTDOWN_FORMAT_SCORE), name
         assert elapsed < 1.0, (name, elapsed)
 
 

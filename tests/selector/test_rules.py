@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
+from typing import get_args
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocol.config import SelectorConfig
 from selector.rules import (
     ADV_NORMS,
     SELECTORS,
@@ -237,6 +240,13 @@ def test_unknown_rule_lists_valid_names() -> None:
         build_selector("pods")
     for name in SELECTORS:
         assert name in str(exc.value)
+
+
+@pytest.mark.parametrize(("field", "names"), [
+    ("rule", SELECTORS), ("adv_norm", ADV_NORMS), ("zero_variance", ZERO_VARIANCE_RULES)])
+def test_config_names_the_registered_options(field: str, names: Iterable[str]) -> None:
+    """protocol/ imports no role, so the config spells these names as Literals; they must be these."""
+    assert set(get_args(SelectorConfig.model_fields[field].annotation)) == set(names)
 
 
 def test_max_variance_large_group() -> None:
@@ -519,7 +529,7 @@ def test_process_groups_zero_variance_rows() -> None:
 from helpers import assert_same_kept as _assert_same_kept  # noqa: E402
 from helpers import random_group as _group  # noqa: E402
 
-from protocol.config import SelectorConfig, load_config  # noqa: E402
+from protocol.config import load_config  # noqa: E402
 from protocol.messages import BatchRequest, ScoredGroup  # noqa: E402
 from selector.batch import KeptGroup, build_batch, keep_group, keep_groups  # noqa: E402
 
