@@ -6,6 +6,7 @@ reference with defaults is ``docs/CONFIG.md``; ``configs/tiny.toml`` is the defa
 
 from __future__ import annotations
 
+import inspect
 import json
 import tomllib
 from pathlib import Path
@@ -239,13 +240,22 @@ class LearnerConfig(Section):
 
 
 class NetConfig(Section):
+    """Ports under `podsrl run`: when the launcher starts every process itself on loopback
+    (`rollout.servers` >= 1 and `bind_host`, `selector_host`, `learner_host` all loopback), each
+    `*_port` that neither the config file nor an override sets is a free port it picks, so two runs
+    on one machine never collide; a port set either way is kept as given, even at its default. The
+    launcher prints the ports and writes them to `<run.dir>/config.toml`, the file its processes
+    read, with which another rollout server on the machine joins:
+    `podsrl rollout --config <run.dir>/config.toml --server-id NAME` (a run started from that file
+    keeps its ports). Otherwise, and for a process started alone, the ports are as configured."""
+
     bind_host: str = Field("127.0.0.1", description="address the selector and learner bind ('0.0.0.0' for remote servers)")
     selector_host: str = Field("127.0.0.1", description="where rollout servers and the learner find the selector")
     learner_host: str = Field("127.0.0.1", description="where rollout servers and the selector find the learner")
-    group_port: int = Field(5555, ge=1, le=65535, description="groups link (selector PULL)")
-    batch_port: int = Field(5556, ge=1, le=65535, description="batches link (selector ROUTER)")
-    announce_port: int = Field(5557, ge=1, le=65535, description="announce link (learner PUB)")
-    weights_port: int = Field(5558, ge=1, le=65535, description="weights link (learner ROUTER)")
+    group_port: int = Field(5555, ge=1, le=65535, description="groups link (selector ROUTER); `podsrl run` picks a free one unless set (above)")
+    batch_port: int = Field(5556, ge=1, le=65535, description="batches link (selector ROUTER); `podsrl run` picks a free one unless set (above)")
+    announce_port: int = Field(5557, ge=1, le=65535, description="announce link (learner PUB); `podsrl run` picks a free one unless set (above)")
+    weights_port: int = Field(5558, ge=1, le=65535, description="weights link (learner ROUTER); `podsrl run` picks a free one unless set (above)")
     group_hwm: int = Field(64, ge=1, description="selector receive queue, in messages")
     max_group_mib: int = Field(16, ge=1, description="a larger group message is rejected and counted")
     max_batch_mib: int = Field(1024, ge=1, description="largest train batch the learner accepts")
@@ -448,8 +458,10 @@ def config_reference() -> str:
                                if hasattr(m, op))
             rows.append(f"| `{name}` | `{_toml_value(f.default)}` | {f.description}{f' ({bounds})' if bounds else ''} |")
         if rows:
-            out.extend([f"## `[{title}]`" if title else "## top level", "", "| key | default | meaning |",
-                        "|---|---|---|", *rows, ""])
+            out.extend([f"## `[{title}]`" if title else "## top level", ""])
+            if model.__doc__:  # a section's own notes (a class without a docstring of its own has None)
+                out.extend([inspect.cleandoc(model.__doc__), ""])
+            out.extend(["| key | default | meaning |", "|---|---|---|", *rows, ""])
         for sub_title, sub in subs:
             table(sub_title, sub)
 
