@@ -33,13 +33,17 @@ def markdown(results: list[Result], meta: dict) -> str:
     info = meta["machine"]
     lines = [
         BEGIN,
-        f"Latest full run: {meta['date']}, `{meta['command']}` ({meta['seconds'] / 60:.1f} min).", "",
+        f"Latest full run: {meta['date']}, `{meta['command']}` ({meta['seconds'] / 60:.1f} min).",
+        "",
         f"Machine: {info.get('cpu', '?')}, {info['cpus']} CPUs, torch {info.get('torch')}, "
-        f"CUDA: {info.get('cuda') or 'none'}, Python {info['python']}.", "",
+        f"CUDA: {info.get('cuda') or 'none'}, Python {info['python']}.",
+        "",
         "Every row is measured side by side with its peer in the same run; numbers are medians. The machine",
         "is shared and noisy, so compare ratios, not absolute values across runs. Raw results:",
-        "`bench/results.json`.", "",
-        "| benchmark | case | podsrl | peer | ratio | goal | met |", "|---|---|---|---|---|---|---|",
+        "`bench/results.json`.",
+        "",
+        "| benchmark | case | podsrl | peer | ratio | goal | met |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         peer = f"{r.peer_value:.4g} {r.unit} ({r.peer})" if r.peer_value is not None else r.peer
@@ -63,11 +67,16 @@ def render(results: list[Result], meta: dict) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", default=[], metavar="NAME",
-                        help=f"benchmarks to run (default all): {', '.join(BENCHES)}; by name only: "
-                        f"{', '.join(OPTIONAL)}")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "names",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help=f"benchmarks to run (default all): {', '.join(BENCHES)}; by name only: {', '.join(OPTIONAL)}",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes; for smoke tests, not for quoting")
     parser.add_argument("--render", action="store_true", help="only rewrite docs/BENCHMARKS.md from results.json")
     args = parser.parse_args()
@@ -88,8 +97,12 @@ def main() -> int:
         got = importlib.import_module(f"bench.{name}").run(quick=args.quick)
         print_results(got)
         results += got
-    meta = {"date": datetime.date.today().isoformat(), "command": " ".join(["python -m bench", *sys.argv[1:]]),
-            "seconds": time.monotonic() - t0, "machine": machine()}
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "seconds": time.monotonic() - t0,
+        "machine": machine(),
+    }
     if not args.quick and args.names and out.exists():  # a partial run updates its rows in the full record
         old = json.loads(out.read_text())
         results = [Result(**r) for r in old["results"] if r["bench"] not in names] + results

@@ -51,12 +51,18 @@ SCALARS = [f.name for f in dataclasses.fields(ScoredGroup) if f.name not in ARRA
 def make_group(n: int = N, t: int = T, p: int = P, seed: int = 0, group_id: int = 0) -> ScoredGroup:
     rng = np.random.default_rng(seed)
     return ScoredGroup(
-        server_id="bench-0", session=1, group_id=group_id, version=0, task="copy", gen_seconds=0.25,
+        server_id="bench-0",
+        session=1,
+        group_id=group_id,
+        version=0,
+        task="copy",
+        gen_seconds=0.25,
         prompt_ids=rng.integers(4, 32000, p, dtype=np.int32),
         completion_ids=rng.integers(4, 32000, n * t, dtype=np.int32),
         completion_lens=np.full(n, t, np.int32),
         logprobs=-rng.exponential(1.0, n * t).astype(np.float32),
-        rewards=rng.choice(np.arange(5) / 4, n).astype(np.float32))
+        rewards=rng.choice(np.arange(5) / 4, n).astype(np.float32),
+    )
 
 
 def array_bytes(g: ScoredGroup) -> int:
@@ -141,10 +147,12 @@ def _decode_breakdown(g: ScoredGroup, repeats: int, min_time: float) -> dict[str
         "encode": lambda: encode(g),
         "wire copy (bytes per frame)": lambda: wire_copy(encode(g)),
         "decode": lambda: decode(frames, ScoredGroup),
-        "decode/header msgpack.unpackb": lambda: msgpack.unpackb(frames[0], raw=False, strict_map_key=True,
-                                                                 use_list=True),
-        "decode/np.frombuffer x5": lambda: [np.frombuffer(f, d) for f, (d, _) in zip(frames[1:], ARRAYS.values(),
-                                                                                    strict=True)],
+        "decode/header msgpack.unpackb": lambda: msgpack.unpackb(
+            frames[0], raw=False, strict_map_key=True, use_list=True
+        ),
+        "decode/np.frombuffer x5": lambda: [
+            np.frombuffer(f, d) for f, (d, _) in zip(frames[1:], ARRAYS.values(), strict=True)
+        ],
         "decode/float scans (codec: np.vdot sum of squares)": lambda: [math.isfinite(np.vdot(a, a)) for a in floats],
         "decode/ScoredGroup.check()": g.check,
         "decode/instance (object.__new__ + __dict__.update, as decode builds it)": lambda: _build(fields, views),
@@ -217,7 +225,7 @@ def zmq_stream(g: ScoredGroup, quick: bool, us: dict[str, float]) -> Result:
         count = max(50, int(target * stream("podsrl", 300)))
         rates: dict[str, list[float]] = {"podsrl": [], "raw": []}
         for i in range(pairs):
-            for mode in (("podsrl", "raw") if i % 2 == 0 else ("raw", "podsrl")):
+            for mode in ("podsrl", "raw") if i % 2 == 0 else ("raw", "podsrl"):
                 rates[mode].append(stream(mode, count))
         ctl.send(msgpack.packb(["stop", 0]))
         proc.wait(timeout=10)
@@ -230,16 +238,32 @@ def zmq_stream(g: ScoredGroup, quick: bool, us: dict[str, float]) -> Result:
     ours, raw = statistics.median(rates["podsrl"]), statistics.median(rates["raw"])
     ratio = statistics.median(a / b for a, b in zip(rates["podsrl"], rates["raw"], strict=True))
     return Result(
-        BENCH, f"ZeroMQ PUSH/PULL tcp loopback, scored group {N}x{T} stream (sender in another process)",
-        ours, "groups/s", "raw send_multipart/recv_multipart(copy=False) of the same frames, no encode/decode",
-        raw, ratio, ">= 0.9x raw", ratio >= 0.9, ratio_means="median over adjacent round pairs of podsrl / raw",
-        notes=(f"{ours * nbytes / 1e9:.2f} GB/s vs raw {raw * nbytes / 1e9:.2f} GB/s of array bytes; "
-               f"{1e6 / ours:.1f} vs {1e6 / raw:.1f} us per group: podsrl adds encode ({us['encode']:.1f} us, "
-               f"sender) + decode ({us['decode']:.1f} us, receiver) of CPU per group, on 2 cores shared by both "
-               f"processes and their ZeroMQ I/O threads; {count} groups per round, same sockets "
-               f"(group_sender sndhwm=2 -> group_receiver)."),
-        extra={"podsrl_rounds": rates["podsrl"], "raw_rounds": rates["raw"], "groups_per_round": count,
-               "array_bytes": nbytes, "podsrl_us_per_group": 1e6 / ours, "raw_us_per_group": 1e6 / raw})
+        BENCH,
+        f"ZeroMQ PUSH/PULL tcp loopback, scored group {N}x{T} stream (sender in another process)",
+        ours,
+        "groups/s",
+        "raw send_multipart/recv_multipart(copy=False) of the same frames, no encode/decode",
+        raw,
+        ratio,
+        ">= 0.9x raw",
+        ratio >= 0.9,
+        ratio_means="median over adjacent round pairs of podsrl / raw",
+        notes=(
+            f"{ours * nbytes / 1e9:.2f} GB/s vs raw {raw * nbytes / 1e9:.2f} GB/s of array bytes; "
+            f"{1e6 / ours:.1f} vs {1e6 / raw:.1f} us per group: podsrl adds encode ({us['encode']:.1f} us, "
+            f"sender) + decode ({us['decode']:.1f} us, receiver) of CPU per group, on 2 cores shared by both "
+            f"processes and their ZeroMQ I/O threads; {count} groups per round, same sockets "
+            f"(group_sender sndhwm=2 -> group_receiver)."
+        ),
+        extra={
+            "podsrl_rounds": rates["podsrl"],
+            "raw_rounds": rates["raw"],
+            "groups_per_round": count,
+            "array_bytes": nbytes,
+            "podsrl_us_per_group": 1e6 / ours,
+            "raw_us_per_group": 1e6 / raw,
+        },
+    )
 
 
 # -- the benchmark ---------------------------------------------------------------------------------
@@ -293,68 +317,147 @@ def run(quick: bool = False) -> list[Result]:
     peer = "numpy memcpy (one np.copyto into a preallocated buffer of the same size)"
     mem = gbs["memcpy"]
     results = [
-        Result(BENCH, f"{case}, (a) in-process encode+decode, zero-copy", gbs["podsrl (a)"], "GB/s", peer, mem,
-               gbs["podsrl (a)"] / mem, "none (moves no byte: not comparable with memcpy)", None,
-               notes=f"{t['podsrl (a)'] * 1e6:.1f} us per group; memcpy {t['memcpy'] * 1e6:.2f} us"),
-        Result(BENCH, f"{case}, (b) encode -> bytes(frame) copy -> decode", gbs["podsrl (b)"], "GB/s", peer, mem,
-               gbs["podsrl (b)"] / mem, ">= 0.8x memcpy", gbs["podsrl (b)"] / mem >= 0.8,
-               notes=(f"us per group: {breakdown}. (b) >= 0.8x memcpy needs everything but the copy within "
-                      f"{overhead_budget:.2f} us (0.25 x memcpy), "
-                      f"{'less' if overhead_budget < us['decode/header msgpack.unpackb'] else 'more'} than one "
-                      f"msgpack.unpackb of the header ({us['decode/header msgpack.unpackb']:.2f} us): the fixed "
-                      f"per-message Python cost, not the bytes, sets (b) at this size. Per-array memcpy "
-                      f"(5 np.copyto) is {gbs['memcpy per frame']:.1f} GB/s "
-                      f"(ratio {gbs['podsrl (b)'] / gbs['memcpy per frame']:.2f}x)."),
-               extra={"us": us, "memcpy_per_frame_gbs": gbs["memcpy per frame"], "array_bytes": nbytes}),
+        Result(
+            BENCH,
+            f"{case}, (a) in-process encode+decode, zero-copy",
+            gbs["podsrl (a)"],
+            "GB/s",
+            peer,
+            mem,
+            gbs["podsrl (a)"] / mem,
+            "none (moves no byte: not comparable with memcpy)",
+            None,
+            notes=f"{t['podsrl (a)'] * 1e6:.1f} us per group; memcpy {t['memcpy'] * 1e6:.2f} us",
+        ),
+        Result(
+            BENCH,
+            f"{case}, (b) encode -> bytes(frame) copy -> decode",
+            gbs["podsrl (b)"],
+            "GB/s",
+            peer,
+            mem,
+            gbs["podsrl (b)"] / mem,
+            ">= 0.8x memcpy",
+            gbs["podsrl (b)"] / mem >= 0.8,
+            notes=(
+                f"us per group: {breakdown}. (b) >= 0.8x memcpy needs everything but the copy within "
+                f"{overhead_budget:.2f} us (0.25 x memcpy), "
+                f"{'less' if overhead_budget < us['decode/header msgpack.unpackb'] else 'more'} than one "
+                f"msgpack.unpackb of the header ({us['decode/header msgpack.unpackb']:.2f} us): the fixed "
+                f"per-message Python cost, not the bytes, sets (b) at this size. Per-array memcpy "
+                f"(5 np.copyto) is {gbs['memcpy per frame']:.1f} GB/s "
+                f"(ratio {gbs['podsrl (b)'] / gbs['memcpy per frame']:.2f}x)."
+            ),
+            extra={"us": us, "memcpy_per_frame_gbs": gbs["memcpy per frame"], "array_bytes": nbytes},
+        ),
     ]
     validation = us["decode/float scans (codec: np.vdot sum of squares)"] + us["decode/ScoredGroup.check()"]
-    for name, label in (("pickle", "pickle.dumps/loads protocol 5, in-band arrays"),
-                        ("msgpack bin", "msgpack map with bin fields (tobytes / np.frombuffer)"),
-                        ("msgpack lists", "msgpack map of Python lists (tolist / np.array)")):
-        results.append(Result(
-            BENCH, f"{case}, (b) vs naive: {name}", gbs["podsrl (b)"], "GB/s", label, gbs[name],
-            gbs["podsrl (b)"] / gbs[name], "context (no goal)", None, ratio_means="podsrl (b) / naive (speed-up)",
-            notes=(f"naive {t[name] * 1e6:.1f} us per group incl. one copy of its wire bytes, and no validation; "
-                   f"podsrl (b) {t['podsrl (b)'] * 1e6:.1f} us, of which {validation:.1f} us validate "
-                   "(float scans + ScoredGroup.check())")))
+    for name, label in (
+        ("pickle", "pickle.dumps/loads protocol 5, in-band arrays"),
+        ("msgpack bin", "msgpack map with bin fields (tobytes / np.frombuffer)"),
+        ("msgpack lists", "msgpack map of Python lists (tolist / np.array)"),
+    ):
+        results.append(
+            Result(
+                BENCH,
+                f"{case}, (b) vs naive: {name}",
+                gbs["podsrl (b)"],
+                "GB/s",
+                label,
+                gbs[name],
+                gbs["podsrl (b)"] / gbs[name],
+                "context (no goal)",
+                None,
+                ratio_means="podsrl (b) / naive (speed-up)",
+                notes=(
+                    f"naive {t[name] * 1e6:.1f} us per group incl. one copy of its wire bytes, and no validation; "
+                    f"podsrl (b) {t['podsrl (b)'] * 1e6:.1f} us, of which {validation:.1f} us validate "
+                    "(float scans + ScoredGroup.check())"
+                ),
+            )
+        )
 
     # (b) against copies of the same bytes, at three sizes; then the fixed / per-byte split
     byte_counts = [sized[s][1] for s in SIZES]
-    fits = {k: _fit(byte_counts, [t[f"{k} {n}x{t_}"] for n, t_ in SIZES])
-            for k in ("podsrl (b)", "allocating memcpy", "memcpy", "bytes copy")}
+    fits = {
+        k: _fit(byte_counts, [t[f"{k} {n}x{t_}"] for n, t_ in SIZES])
+        for k in ("podsrl (b)", "allocating memcpy", "memcpy", "bytes copy")
+    }
     for n, t_ in SIZES:
         label, size = f"{n}x{t_}", sized[n, t_][1]
         tb, ta, tm, tc = (t[f"{k} {label}"] for k in ("podsrl (b)", "allocating memcpy", "memcpy", "bytes copy"))
         gb = {k: size / v / 1e9 for k, v in (("b", tb), ("alloc", ta), ("mem", tm))}
-        what = (f"{tb * 1e6:.1f} us per message; allocating memcpy {ta * 1e6:.1f} us, memcpy into a preallocated "
-                f"buffer {tm * 1e6:.1f} us, the bytes() copies inside (b) {tc * 1e6:.1f} us, so (b) spends "
-                f"{(tb - tc) * 1e6:.1f} us on everything but moving bytes (encode, header, views, float scans, "
-                "check). Copies into fresh allocations pay page faults when glibc serves them from new mmaps "
-                "(above ~128 KiB-32 MiB, adaptive), which varies from run to run; a warm preallocated buffer never does")
+        what = (
+            f"{tb * 1e6:.1f} us per message; allocating memcpy {ta * 1e6:.1f} us, memcpy into a preallocated "
+            f"buffer {tm * 1e6:.1f} us, the bytes() copies inside (b) {tc * 1e6:.1f} us, so (b) spends "
+            f"{(tb - tc) * 1e6:.1f} us on everything but moving bytes (encode, header, views, float scans, "
+            "check). Copies into fresh allocations pay page faults when glibc serves them from new mmaps "
+            "(above ~128 KiB-32 MiB, adaptive), which varies from run to run; a warm preallocated buffer never does"
+        )
         case_s = f"scored group {label} tokens ({size} array bytes), (b) encode -> bytes copy -> decode"
-        results.append(Result(
-            BENCH, f"{case_s}, vs allocating memcpy", gb["b"], "GB/s",
-            "allocating memcpy (np.copy of each array: the cost of producing a fresh message's bytes)", gb["alloc"],
-            gb["b"] / gb["alloc"], "context (no goal)", None, notes=what,
-            extra={"us": {"podsrl (b)": tb * 1e6, "allocating memcpy": ta * 1e6, "memcpy": tm * 1e6,
-                          "bytes copy": tc * 1e6}, "array_bytes": size}))
+        results.append(
+            Result(
+                BENCH,
+                f"{case_s}, vs allocating memcpy",
+                gb["b"],
+                "GB/s",
+                "allocating memcpy (np.copy of each array: the cost of producing a fresh message's bytes)",
+                gb["alloc"],
+                gb["b"] / gb["alloc"],
+                "context (no goal)",
+                None,
+                notes=what,
+                extra={
+                    "us": {
+                        "podsrl (b)": tb * 1e6,
+                        "allocating memcpy": ta * 1e6,
+                        "memcpy": tm * 1e6,
+                        "bytes copy": tc * 1e6,
+                    },
+                    "array_bytes": size,
+                },
+            )
+        )
         if (n, t_) != (N, T):  # the 128 KiB row against memcpy is the goal row above
-            results.append(Result(
-                BENCH, case_s, gb["b"], "GB/s", "numpy memcpy into a preallocated buffer", gb["mem"],
-                gb["b"] / gb["mem"], "context (no goal)", None, notes=what))
+            results.append(
+                Result(
+                    BENCH,
+                    case_s,
+                    gb["b"],
+                    "GB/s",
+                    "numpy memcpy into a preallocated buffer",
+                    gb["mem"],
+                    gb["b"] / gb["mem"],
+                    "context (no goal)",
+                    None,
+                    notes=what,
+                )
+            )
     fixed_b, rate_b = fits["podsrl (b)"]
     fixed_a, rate_a = fits["allocating memcpy"]
-    results.append(Result(
-        BENCH, "(b) encode -> bytes copy -> decode: fixed cost per message (least squares over "
-               f"{', '.join(f'{n}x{t_}' for n, t_ in SIZES)})", fixed_b * 1e6, "us",
-        "allocating memcpy, same fit", fixed_a * 1e6, fixed_b / fixed_a if fixed_a > 0 else None,
-        "context (no goal)", None, ratio_means="podsrl / peer",
-        notes=(f"time = fixed + bytes / rate: podsrl (b) {fixed_b * 1e6:.1f} us + bytes at {rate_b / 1e9:.1f} GB/s; "
-               f"allocating memcpy {fixed_a * 1e6:.1f} us + {rate_a / 1e9:.1f} GB/s; memcpy into a preallocated "
-               f"buffer {fits['memcpy'][0] * 1e6:.1f} us + {fits['memcpy'][1] / 1e9:.1f} GB/s; bytes() copies "
-               f"{fits['bytes copy'][0] * 1e6:.1f} us + {fits['bytes copy'][1] / 1e9:.1f} GB/s. A negative fixed "
-               "cost means page faults grow faster than linearly with size in this run"),
-        extra={k: {"fixed_us": v[0] * 1e6, "gb_s": v[1] / 1e9} for k, v in fits.items()}))
+    results.append(
+        Result(
+            BENCH,
+            "(b) encode -> bytes copy -> decode: fixed cost per message (least squares over "
+            f"{', '.join(f'{n}x{t_}' for n, t_ in SIZES)})",
+            fixed_b * 1e6,
+            "us",
+            "allocating memcpy, same fit",
+            fixed_a * 1e6,
+            fixed_b / fixed_a if fixed_a > 0 else None,
+            "context (no goal)",
+            None,
+            ratio_means="podsrl / peer",
+            notes=(
+                f"time = fixed + bytes / rate: podsrl (b) {fixed_b * 1e6:.1f} us + bytes at {rate_b / 1e9:.1f} GB/s; "
+                f"allocating memcpy {fixed_a * 1e6:.1f} us + {rate_a / 1e9:.1f} GB/s; memcpy into a preallocated "
+                f"buffer {fits['memcpy'][0] * 1e6:.1f} us + {fits['memcpy'][1] / 1e9:.1f} GB/s; bytes() copies "
+                f"{fits['bytes copy'][0] * 1e6:.1f} us + {fits['bytes copy'][1] / 1e9:.1f} GB/s. A negative fixed "
+                "cost means page faults grow faster than linearly with size in this run"
+            ),
+            extra={k: {"fixed_us": v[0] * 1e6, "gb_s": v[1] / 1e9} for k, v in fits.items()},
+        )
+    )
     results.append(zmq_stream(g, quick, us))
     return results
 

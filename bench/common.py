@@ -79,8 +79,11 @@ def child_env() -> dict[str, str]:
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                            "cpus": os.cpu_count()}
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+    }
     try:
         import torch
 
@@ -106,5 +109,8 @@ def print_results(results: list[Result]) -> None:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
         peer = f"{r.peer_value:.4g}" if r.peer_value is not None else "-"
         met = {True: "MET", False: "MISSED", None: ""}[r.met]
-        print(f"[{r.bench}] {r.case}: {r.value:.4g} {r.unit} vs {peer} ({r.peer}) -> {ratio} ({r.ratio_means}); "
-              f"goal {r.goal} {met}", flush=True)
+        print(
+            f"[{r.bench}] {r.case}: {r.value:.4g} {r.unit} vs {peer} ({r.peer}) -> {ratio} ({r.ratio_means}); "
+            f"goal {r.goal} {met}",
+            flush=True,
+        )

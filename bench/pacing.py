@@ -81,10 +81,21 @@ def duty_cycle(run_dir: Path, name: str, stop_s: float, period_s: float, done: t
 def run_job(overrides: list[str], slow: str = "") -> Job:
     with tempfile.TemporaryDirectory(prefix="podsrl-bench-pacing-") as tmp:
         run_dir = Path(tmp) / "run"
-        ports = [f"net.{k}_port={p}" for k, p in zip(("group", "batch", "announce", "weights"), free_ports(4),
-                                                      strict=True)]
-        cmd = [sys.executable, "-m", "launcher.cli", "run", "--config", str(ROOT / "configs/tiny.toml"),
-               f"run.dir={run_dir}", "learner.checkpoint_every=0", *ports, *overrides]
+        ports = [
+            f"net.{k}_port={p}" for k, p in zip(("group", "batch", "announce", "weights"), free_ports(4), strict=True)
+        ]
+        cmd = [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            "run",
+            "--config",
+            str(ROOT / "configs/tiny.toml"),
+            f"run.dir={run_dir}",
+            "learner.checkpoint_every=0",
+            *ports,
+            *overrides,
+        ]
         done = threading.Event()
         cycler = threading.Thread(target=duty_cycle, args=(run_dir, slow, 0.07, 0.1, done), daemon=True)
         if slow:
@@ -98,18 +109,37 @@ def run_job(overrides: list[str], slow: str = "") -> Job:
         if res.returncode != 0:
             raise RuntimeError(f"job {overrides} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
         steps = read_metrics(run_dir / "metrics/learner.jsonl")
-        calls = [m["time/generate"] for p in (run_dir / "metrics").glob("rollout-*.jsonl") for m in read_metrics(p)
-                 if "time/generate" in m]
-        audit = [tuple(g[:3]) for line in (run_dir / "metrics/trained_groups.jsonl").read_text().splitlines()
-                 for g in json.loads(line)["groups"]]
+        calls = [
+            m["time/generate"]
+            for p in (run_dir / "metrics").glob("rollout-*.jsonl")
+            for m in read_metrics(p)
+            if "time/generate" in m
+        ]
+        audit = [
+            tuple(g[:3])
+            for line in (run_dir / "metrics/trained_groups.jsonl").read_text().splitlines()
+            for g in json.loads(line)["groups"]
+        ]
         acc = account(run_dir)
     t0 = steps[0]["time"] - steps[0]["time/step"]
     raw = [m["reward/mean"] for m in steps]
-    smooth = [statistics.fmean(raw[max(0, i - WINDOW + 1):i + 1]) for i in range(len(raw))]
-    reach = next((m["time"] - t0 for i, (m, r) in enumerate(zip(steps, smooth, strict=True))
-                  if i >= WINDOW - 1 and r >= THRESHOLD), float("inf"))  # a 10-step mean needs 10 steps
-    return Job(acc, reach, statistics.median(calls) if calls else float("nan"),
-               int(max(m.get("staleness/max", 0) for m in steps)), len(audit) - len(set(audit)), steps[-1]["time"] - t0)
+    smooth = [statistics.fmean(raw[max(0, i - WINDOW + 1) : i + 1]) for i in range(len(raw))]
+    reach = next(
+        (
+            m["time"] - t0
+            for i, (m, r) in enumerate(zip(steps, smooth, strict=True))
+            if i >= WINDOW - 1 and r >= THRESHOLD
+        ),
+        float("inf"),
+    )  # a 10-step mean needs 10 steps
+    return Job(
+        acc,
+        reach,
+        statistics.median(calls) if calls else float("nan"),
+        int(max(m.get("staleness/max", 0) for m in steps)),
+        len(audit) - len(set(audit)),
+        steps[-1]["time"] - t0,
+    )
 
 
 def pair(overrides: list[str], seeds: list[int], slow: str = "") -> dict[str, list[Job]]:
@@ -117,8 +147,9 @@ def pair(overrides: list[str], seeds: list[int], slow: str = "") -> dict[str, li
     for seed in seeds:
         for mode in jobs:
             jobs[mode].append(run_job([f"rollout.pacing={mode}", f"run.seed={seed}", *overrides], slow))
-            print(f"  {mode} seed {seed} {' '.join(overrides)}: " + "; ".join(jobs[mode][-1].acc.lines()[:1]),
-                  flush=True)
+            print(
+                f"  {mode} seed {seed} {' '.join(overrides)}: " + "; ".join(jobs[mode][-1].acc.lines()[:1]), flush=True
+            )
     return jobs
 
 
@@ -132,32 +163,76 @@ def default_run(quick: bool) -> tuple[list[Result], float]:
     t = {k: med([j.time_to for j in js]) for k, js in jobs.items()}
     waste = {k: med([j.acc.waste for j in js]) for k, js in jobs.items()}
     ratio = t["credits"] / t["free"] if all(v not in (0, float("inf")) for v in t.values()) else None
-    notes = (f"seeds {seeds}; per seed time to {WINDOW}-step mean {THRESHOLD} credits "
-             + ", ".join(f"{j.time_to:.1f}" for j in jobs["credits"]) + " s, free "
-             + ", ".join(f"{j.time_to:.1f}" for j in jobs["free"]) + " s; waste credits "
-             + ", ".join(f"{j.acc.waste:.3f}" for j in jobs["credits"]) + ", free "
-             + ", ".join(f"{j.acc.waste:.3f}" for j in jobs["free"]))
+    notes = (
+        f"seeds {seeds}; per seed time to {WINDOW}-step mean {THRESHOLD} credits "
+        + ", ".join(f"{j.time_to:.1f}" for j in jobs["credits"])
+        + " s, free "
+        + ", ".join(f"{j.time_to:.1f}" for j in jobs["free"])
+        + " s; waste credits "
+        + ", ".join(f"{j.acc.waste:.3f}" for j in jobs["credits"])
+        + ", free "
+        + ", ".join(f"{j.acc.waste:.3f}" for j in jobs["free"])
+    )
     call_s = med([j.gen_call_s for j in jobs["credits"]])
     return [
-        Result("pacing", f"default run: wall-clock to a {WINDOW}-step mean reward {THRESHOLD}", t["credits"], "s",
-               "rollout.pacing=free", t["free"], ratio, "<= 0.8x (never > 1.0x)",
-               None if ratio is None else ratio <= 0.8, ratio_means="time(credits) / time(free)", notes=notes,
-               extra={"time_to": t, "waste": waste}),
-        Result("pacing", "default run: generated groups never trained", waste["credits"], "fraction",
-               "rollout.pacing=free", waste["free"], None, "<= 5%", waste["credits"] <= 0.05, ratio_means="-",
-               notes="(generated - trained in the audit trail) / generated, median over seeds"),
+        Result(
+            "pacing",
+            f"default run: wall-clock to a {WINDOW}-step mean reward {THRESHOLD}",
+            t["credits"],
+            "s",
+            "rollout.pacing=free",
+            t["free"],
+            ratio,
+            "<= 0.8x (never > 1.0x)",
+            None if ratio is None else ratio <= 0.8,
+            ratio_means="time(credits) / time(free)",
+            notes=notes,
+            extra={"time_to": t, "waste": waste},
+        ),
+        Result(
+            "pacing",
+            "default run: generated groups never trained",
+            waste["credits"],
+            "fraction",
+            "rollout.pacing=free",
+            waste["free"],
+            None,
+            "<= 5%",
+            waste["credits"] <= 0.05,
+            ratio_means="-",
+            notes="(generated - trained in the audit trail) / generated, median over seeds",
+        ),
     ], call_s
 
 
 def exact_mode(quick: bool) -> list[Result]:
     out = []
     for k in (2, 8):
-        jobs = pair([f"max_staleness={k}", "run.staleness_mode=exact", "selector.buffer_groups=256",
-                     "run.steps=30" if quick else "run.steps=300"], [0])
+        jobs = pair(
+            [
+                f"max_staleness={k}",
+                "run.staleness_mode=exact",
+                "selector.buffer_groups=256",
+                "run.steps=30" if quick else "run.steps=300",
+            ],
+            [0],
+        )
         w = {m: js[0].acc.waste for m, js in jobs.items()}
-        out.append(Result("pacing", f"exact mode K={k}: generated groups never trained", w["credits"], "fraction",
-                          "rollout.pacing=free", w["free"], None, "<= 20%", w["credits"] <= 0.20, ratio_means="-",
-                          notes="300 steps, seed 0"))
+        out.append(
+            Result(
+                "pacing",
+                f"exact mode K={k}: generated groups never trained",
+                w["credits"],
+                "fraction",
+                "rollout.pacing=free",
+                w["free"],
+                None,
+                "<= 20%",
+                w["credits"] <= 0.20,
+                ratio_means="-",
+                notes="300 steps, seed 0",
+            )
+        )
     return out
 
 
@@ -168,24 +243,54 @@ def heterogeneous(quick: bool) -> list[Result]:
     gen = {m: med([j.acc.servers["rollout-1"].generated / j.acc.generated for j in js]) for m, js in jobs.items()}
     worst = max(j.max_staleness for js in jobs.values() for j in js)
     dup = sum(j.duplicates for js in jobs.values() for j in js)
-    return [Result("pacing", "heterogeneous (rollout-1 stopped 70% of every 100 ms): its trained/generated share",
-                   share["credits"], "ratio", "rollout.pacing=free", share["free"], None, "within 10% of 1.0",
-                   abs(share["credits"] - 1) <= 0.10, ratio_means="-",
-                   notes=f"seeds {seeds}, the default 600 steps; rollout-1's share of generated groups credits {gen['credits']:.3f}, "
-                   f"free {gen['free']:.3f}; max trained staleness {worst} (K=2); groups trained twice: {dup}",
-                   extra={"share_ratio": share, "generated_share": gen, "max_staleness": worst, "duplicates": dup})]
+    return [
+        Result(
+            "pacing",
+            "heterogeneous (rollout-1 stopped 70% of every 100 ms): its trained/generated share",
+            share["credits"],
+            "ratio",
+            "rollout.pacing=free",
+            share["free"],
+            None,
+            "within 10% of 1.0",
+            abs(share["credits"] - 1) <= 0.10,
+            ratio_means="-",
+            notes=f"seeds {seeds}, the default 600 steps; rollout-1's share of generated groups credits "
+            f"{gen['credits']:.3f}, "
+            f"free {gen['free']:.3f}; max trained staleness {worst} (K=2); groups trained twice: {dup}",
+            extra={"share_ratio": share, "generated_share": gen, "max_staleness": worst, "duplicates": dup},
+        )
+    ]
 
 
 def length(quick: bool) -> list[Result]:
-    jobs = pair(["task.min_length=1", "task.length=16", "task.reward=char_match_strict",
-                 "run.steps=30" if quick else "run.steps=300"], [0])
+    jobs = pair(
+        [
+            "task.min_length=1",
+            "task.length=16",
+            "task.reward=char_match_strict",
+            "run.steps=30" if quick else "run.steps=300",
+        ],
+        [0],
+    )
     ratio = {m: (js[0].acc.length("trained") or 0) / (js[0].acc.length("received") or 1) for m, js in jobs.items()}
     lens = {m: (js[0].acc.length("received"), js[0].acc.length("trained")) for m, js in jobs.items()}
-    return [Result("pacing", "variable-length copy (1-16 symbols): mean trained / mean generated completion length",
-                   ratio["credits"], "ratio", "rollout.pacing=free", ratio["free"], None, "within 5% of 1.0",
-                   abs(ratio["credits"] - 1) <= 0.05, ratio_means="-",
-                   notes="300 steps, seed 0; (generated, trained) mean tokens: "
-                   + ", ".join(f"{m} ({g:.2f}, {t:.2f})" for m, (g, t) in lens.items() if g and t))]
+    return [
+        Result(
+            "pacing",
+            "variable-length copy (1-16 symbols): mean trained / mean generated completion length",
+            ratio["credits"],
+            "ratio",
+            "rollout.pacing=free",
+            ratio["free"],
+            None,
+            "within 5% of 1.0",
+            abs(ratio["credits"] - 1) <= 0.05,
+            ratio_means="-",
+            notes="300 steps, seed 0; (generated, trained) mean tokens: "
+            + ", ".join(f"{m} ({g:.2f}, {t:.2f})" for m, (g, t) in lens.items() if g and t),
+        )
+    ]
 
 
 def grant_round_trip(quick: bool, call_s: float) -> list[Result]:
@@ -195,9 +300,22 @@ def grant_round_trip(quick: bool, call_s: float) -> list[Result]:
     group, batch, announce, weights = free_ports(4)
     with tempfile.TemporaryDirectory(prefix="podsrl-bench-grant-") as tmp:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "selector.server", f"run.dir={tmp}", f"net.group_port={group}",
-             f"net.batch_port={batch}", f"net.announce_port={announce}", f"net.weights_port={weights}",
-             "max_staleness=100000"], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "selector.server",
+                f"run.dir={tmp}",
+                f"net.group_port={group}",
+                f"net.batch_port={batch}",
+                f"net.announce_port={announce}",
+                f"net.weights_port={weights}",
+                "max_staleness=100000",
+            ],
+            cwd=ROOT,
+            env=child_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         ctx, stop = zmq.Context(), threading.Event()
         announcer = threading.Thread(target=_announce_main, args=(ctx, announce, stop), daemon=True)
         announcer.start()
@@ -223,10 +341,21 @@ def grant_round_trip(quick: bool, call_s: float) -> list[Result]:
             announcer.join()
             ctx.term()
     rtt = med(rtts) if rtts else float("nan")
-    return [Result("pacing", "work request -> grant round trip per engine call", rtt * 1e3, "ms",
-                   "median engine call of the default run (time/generate)", call_s * 1e3, rtt / call_s, "< 5% of a call",
-                   rtt / call_s < 0.05, ratio_means="round trip / call",
-                   notes=f"{len(rtts)} round trips to a selector process on loopback with capacity to spare")]
+    return [
+        Result(
+            "pacing",
+            "work request -> grant round trip per engine call",
+            rtt * 1e3,
+            "ms",
+            "median engine call of the default run (time/generate)",
+            call_s * 1e3,
+            rtt / call_s,
+            "< 5% of a call",
+            rtt / call_s < 0.05,
+            ratio_means="round trip / call",
+            notes=f"{len(rtts)} round trips to a selector process on loopback with capacity to spare",
+        )
+    ]
 
 
 def run(quick: bool = False) -> list[Result]:

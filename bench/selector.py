@@ -106,19 +106,31 @@ def _variance(r: np.ndarray, kept: Any) -> float:
 def make_group(rewards: np.ndarray, t: int = 64, p: int = 8, server: str = "bench-0", gid: int = 0) -> ScoredGroup:
     n = rewards.shape[0]
     rng = np.random.default_rng(gid)
-    return ScoredGroup(server_id=server, session=1, group_id=gid, version=0, task="copy", gen_seconds=0.0,
-                       prompt_ids=np.arange(1, p + 1, dtype=np.int32),
-                       completion_ids=rng.integers(4, 32000, n * t, dtype=np.int32),
-                       completion_lens=np.full(n, t, np.int32),
-                       logprobs=-rng.exponential(1.0, n * t).astype(np.float32),
-                       rewards=rewards.astype(np.float32))
+    return ScoredGroup(
+        server_id=server,
+        session=1,
+        group_id=gid,
+        version=0,
+        task="copy",
+        gen_seconds=0.0,
+        prompt_ids=np.arange(1, p + 1, dtype=np.int32),
+        completion_ids=rng.integers(4, 32000, n * t, dtype=np.int32),
+        completion_lens=np.full(n, t, np.int32),
+        logprobs=-rng.exponential(1.0, n * t).astype(np.float32),
+        rewards=rewards.astype(np.float32),
+    )
 
 
 def _same(d: Any, e: Any) -> bool:
     """Two GroupDecisions are bit-identical."""
-    return (d.kept.dtype == e.kept.dtype and np.array_equal(d.kept, e.kept) and d.advantages.dtype == e.advantages.dtype
-            and d.advantages.tobytes() == e.advantages.tobytes() and d.zero_variance == e.zero_variance
-            and d.dropped == e.dropped)
+    return (
+        d.kept.dtype == e.kept.dtype
+        and np.array_equal(d.kept, e.kept)
+        and d.advantages.dtype == e.advantages.dtype
+        and d.advantages.tobytes() == e.advantages.tobytes()
+        and d.zero_variance == e.zero_variance
+        and d.dropped == e.dropped
+    )
 
 
 def selection(quick: bool) -> list[Result]:
@@ -129,10 +141,10 @@ def selection(quick: bool) -> list[Result]:
     brute = brute_force_numpy(idx)
     lists = [row.tolist() for row in pool]
     burst, small = 64, 8
-    bursts = [pool[i:i + burst] for i in range(0, len(pool), burst)]
-    smalls = [pool[i:i + small] for i in range(0, len(pool), small)]
+    bursts = [pool[i : i + burst] for i in range(0, len(pool), burst)]
+    smalls = [pool[i : i + small] for i in range(0, len(pool), small)]
     groups = [make_group(row, gid=i) for i, row in enumerate(pool[:256])]
-    group_bursts = [groups[i:i + burst] for i in range(0, len(groups), burst)]
+    group_bursts = [groups[i : i + burst] for i in range(0, len(groups), burst)]
     cfg = SelectorConfig()
 
     # the rules agree on the variance of what they keep (ties may pick different equal rewards) ...
@@ -143,16 +155,30 @@ def selection(quick: bool) -> list[Result]:
     # ... and both fast paths are bit-exact with the numpy path, draws from the generator included
     g1, g2, g3 = np.random.default_rng(7), np.random.default_rng(7), np.random.default_rng(7)
     rows = np.concatenate((pool[:512], np.random.default_rng(8).random((256, N))))
-    batched = [d for i in range(0, len(rows), burst) for d in process_groups(rows[i:i + burst], M, "max_variance",
-                                                                             "keep", "std", g3)]
+    batched = [
+        d
+        for i in range(0, len(rows), burst)
+        for d in process_groups(rows[i : i + burst], M, "max_variance", "keep", "std", g3)
+    ]
     for r, b in zip(rows, batched, strict=True):
         d = process_group(r, M, "max_variance", "keep", "std", g1)
         e = _process_group_numpy(r, M, max_variance, "keep", "std", g2, 1e-6)
         assert _same(d, e) and _same(b, e), r
     assert g1.random() == g2.random() == g3.random()
 
-    cyc = {k: _Cycle(v) for k, v in (("pg", pool), ("np", pool), ("bf", pool), ("bfpy", lists), ("batch", bursts),
-                                      ("small", smalls), ("kg", groups), ("kgs", group_bursts))}
+    cyc = {
+        k: _Cycle(v)
+        for k, v in (
+            ("pg", pool),
+            ("np", pool),
+            ("bf", pool),
+            ("bfpy", lists),
+            ("batch", bursts),
+            ("small", smalls),
+            ("kg", groups),
+            ("kgs", group_bursts),
+        )
+    }
     fns = {
         "process_group": lambda: process_group(cyc["pg"](), M, "max_variance", "keep", "std", rng),
         "numpy path": lambda: _process_group_numpy(cyc["np"](), M, max_variance, "keep", "std", rng, 1e-6),
@@ -163,11 +189,17 @@ def selection(quick: bool) -> list[Result]:
         f"keep_groups ({burst}/call)": lambda: keep_groups(cyc["kgs"](), cfg, M, rng),
     }
     t = interleaved(fns, repeats=repeats, min_time=min_time)
-    for k, per in ((f"process_groups ({burst}/call)", burst), (f"process_groups ({small}/call)", small),
-                   (f"keep_groups ({burst}/call)", burst)):
+    for k, per in (
+        (f"process_groups ({burst}/call)", burst),
+        (f"process_groups ({small}/call)", small),
+        (f"keep_groups ({burst}/call)", burst),
+    ):
         t[k] /= per
-    t_bfpy = interleaved({"brute force python": lambda: brute_force_python(cyc["bfpy"](), M)},
-                         repeats=max(1, repeats // 2), min_time=min_time / 2)["brute force python"]
+    t_bfpy = interleaved(
+        {"brute force python": lambda: brute_force_python(cyc["bfpy"](), M)},
+        repeats=max(1, repeats // 2),
+        min_time=min_time / 2,
+    )["brute force python"]
     rate = {k: 1 / v for k, v in t.items()}
     us = {k: v * 1e6 for k, v in t.items()}
     pg, pgs = rate["process_group"], rate[f"process_groups ({burst}/call)"]
@@ -175,38 +207,98 @@ def selection(quick: bool) -> list[Result]:
     bf_peer = "vectorised numpy brute force over C(16,4)=1820 subsets (index matrix precomputed)"
     budget = f"200k/s is a {1e6 / GOAL_GROUPS_S:.0f} us budget"
     results = [
-        Result(BENCH, f"process_group {case}", pg, "groups/s", bf_peer, rate["brute force numpy"],
-               pg / rate["brute force numpy"], f">= {GOAL_GROUPS_S // 1000}k groups/s", pg >= GOAL_GROUPS_S,
-               ratio_means="speed-up over peer",
-               notes=(f"one group per call: the pure-Python fast path, {us['process_group']:.1f} us per group "
-                      f"(numpy path {us['numpy path']:.1f} us); {budget}. Bit-exact with the numpy path, so it "
-                      "keeps its ~25 Python-level steps (tie-break shuffle, sort, numpy's summation order, prefix "
-                      "sums over all n, numpy arrays out)"), extra={"us": us}),
-        Result(BENCH, f"process_group {case}, vs pure-Python brute force", pg, "groups/s",
-               "pure-Python brute force over itertools.combinations", 1 / t_bfpy, pg * t_bfpy, "context (no goal)", None,
-               ratio_means="speed-up over peer"),
-        Result(BENCH, f"process_group {case}, vs the numpy path", pg, "groups/s",
-               "_process_group_numpy: the same rule on numpy arrays (process_group before the fast path; still the "
-               "path for n > 64 and the other rules)", rate["numpy path"], pg / rate["numpy path"], "context (no goal)",
-               None, ratio_means="speed-up over peer",
-               notes=f"{us['process_group']:.1f} vs {us['numpy path']:.1f} us per group, bit-identical results"),
-        Result(BENCH, f"process_groups {case}, bursts of {burst} groups ([{burst}, {N}] per call)", pgs, "groups/s",
-               bf_peer, rate["brute force numpy"], pgs / rate["brute force numpy"],
-               f">= {GOAL_GROUPS_S // 1000}k groups/s", pgs >= GOAL_GROUPS_S, ratio_means="speed-up over peer",
-               notes=(f"{us[f'process_groups ({burst}/call)']:.2f} us per group ({budget}); at {small} groups per "
-                      f"call (the smallest burst the vectorised path takes) "
-                      f"{us[f'process_groups ({small}/call)']:.2f} us per group. Equal, group for group and bit "
-                      "for bit, to process_group on each row, with the same draws from the generator"),
-               extra={"us_per_group": {k: us[k] for k in us if k.startswith("process_groups")}}),
-        Result(BENCH, "keep_group (process_group + slicing kept completions), 16x64 tokens", rate["keep_group"],
-               "groups/s", "process_group alone", pg, rate["keep_group"] / pg, "context (no goal)", None,
-               notes=f"{us['keep_group']:.1f} us per group"),
-        Result(BENCH, f"keep_groups (process_groups + slicing kept completions), bursts of {burst} groups of "
-                      "16x64 tokens", rate[f"keep_groups ({burst}/call)"], "groups/s", "keep_group, one group per call",
-               rate["keep_group"], rate[f"keep_groups ({burst}/call)"] / rate["keep_group"], "context (no goal)", None,
-               ratio_means="speed-up over peer",
-               notes=(f"{us[f'keep_groups ({burst}/call)']:.1f} us per group; the selector's burst loop drains up "
-                      f"to {burst} groups per wake-up and hands them to keep_groups")),
+        Result(
+            BENCH,
+            f"process_group {case}",
+            pg,
+            "groups/s",
+            bf_peer,
+            rate["brute force numpy"],
+            pg / rate["brute force numpy"],
+            f">= {GOAL_GROUPS_S // 1000}k groups/s",
+            pg >= GOAL_GROUPS_S,
+            ratio_means="speed-up over peer",
+            notes=(
+                f"one group per call: the pure-Python fast path, {us['process_group']:.1f} us per group "
+                f"(numpy path {us['numpy path']:.1f} us); {budget}. Bit-exact with the numpy path, so it "
+                "keeps its ~25 Python-level steps (tie-break shuffle, sort, numpy's summation order, prefix "
+                "sums over all n, numpy arrays out)"
+            ),
+            extra={"us": us},
+        ),
+        Result(
+            BENCH,
+            f"process_group {case}, vs pure-Python brute force",
+            pg,
+            "groups/s",
+            "pure-Python brute force over itertools.combinations",
+            1 / t_bfpy,
+            pg * t_bfpy,
+            "context (no goal)",
+            None,
+            ratio_means="speed-up over peer",
+        ),
+        Result(
+            BENCH,
+            f"process_group {case}, vs the numpy path",
+            pg,
+            "groups/s",
+            "_process_group_numpy: the same rule on numpy arrays (process_group before the fast path; still the "
+            "path for n > 64 and the other rules)",
+            rate["numpy path"],
+            pg / rate["numpy path"],
+            "context (no goal)",
+            None,
+            ratio_means="speed-up over peer",
+            notes=f"{us['process_group']:.1f} vs {us['numpy path']:.1f} us per group, bit-identical results",
+        ),
+        Result(
+            BENCH,
+            f"process_groups {case}, bursts of {burst} groups ([{burst}, {N}] per call)",
+            pgs,
+            "groups/s",
+            bf_peer,
+            rate["brute force numpy"],
+            pgs / rate["brute force numpy"],
+            f">= {GOAL_GROUPS_S // 1000}k groups/s",
+            pgs >= GOAL_GROUPS_S,
+            ratio_means="speed-up over peer",
+            notes=(
+                f"{us[f'process_groups ({burst}/call)']:.2f} us per group ({budget}); at {small} groups per "
+                f"call (the smallest burst the vectorised path takes) "
+                f"{us[f'process_groups ({small}/call)']:.2f} us per group. Equal, group for group and bit "
+                "for bit, to process_group on each row, with the same draws from the generator"
+            ),
+            extra={"us_per_group": {k: us[k] for k in us if k.startswith("process_groups")}},
+        ),
+        Result(
+            BENCH,
+            "keep_group (process_group + slicing kept completions), 16x64 tokens",
+            rate["keep_group"],
+            "groups/s",
+            "process_group alone",
+            pg,
+            rate["keep_group"] / pg,
+            "context (no goal)",
+            None,
+            notes=f"{us['keep_group']:.1f} us per group",
+        ),
+        Result(
+            BENCH,
+            f"keep_groups (process_groups + slicing kept completions), bursts of {burst} groups of 16x64 tokens",
+            rate[f"keep_groups ({burst}/call)"],
+            "groups/s",
+            "keep_group, one group per call",
+            rate["keep_group"],
+            rate[f"keep_groups ({burst}/call)"] / rate["keep_group"],
+            "context (no goal)",
+            None,
+            ratio_means="speed-up over peer",
+            notes=(
+                f"{us[f'keep_groups ({burst}/call)']:.1f} us per group; the selector's burst loop drains up "
+                f"to {burst} groups per wake-up and hands them to keep_groups"
+            ),
+        ),
     ]
     return results
 
@@ -232,8 +324,10 @@ def _stamps(prompts: np.ndarray) -> np.ndarray:
 def _pusher_main(idx: int, selector_port: int, relay_port: int, ctl_port: int, ack_port: int) -> None:
     """Child process: push pre-encoded groups to the target the controller names, flooding or paced."""
     ctx = zmq.Context()
-    socks = {"selector": group_sender(ctx, NetConfig(group_port=selector_port)),
-             "relay": group_sender(ctx, NetConfig(group_port=relay_port))}
+    socks = {
+        "selector": group_sender(ctx, NetConfig(group_port=selector_port)),
+        "relay": group_sender(ctx, NetConfig(group_port=relay_port)),
+    }
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(f"tcp://127.0.0.1:{ctl_port}")
@@ -267,8 +361,17 @@ def _pusher_main(idx: int, selector_port: int, relay_port: int, ctl_port: int, a
             if not sock.poll(20, zmq.POLLOUT):  # back-pressure; look at the control socket again
                 continue
             head["f"]["group_id"] = i  # every group is new: the selector drops replays
-            sock.send_multipart([msgpack.packb(head, use_bin_type=True), _stamped_prompt(idx, time.monotonic_ns()),
-                                 cids, lens, logprobs, rewards[i % 64]], copy=False)
+            sock.send_multipart(
+                [
+                    msgpack.packb(head, use_bin_type=True),
+                    _stamped_prompt(idx, time.monotonic_ns()),
+                    cids,
+                    lens,
+                    logprobs,
+                    rewards[i % 64],
+                ],
+                copy=False,
+            )
             i += 1
             if mode == "paced":
                 next_t = max(next_t + period, time.monotonic() - period)
@@ -367,30 +470,59 @@ class _Rig:
     def start(self) -> None:
         tmp = self.tmp
         ports = {k: free_port() for k in ("group", "batch", "announce", "weights", "relay_group", "relay_batch")}
-        overrides = [f"run.dir={tmp / 'run'}", f"net.group_port={ports['group']}", f"net.batch_port={ports['batch']}",
-                     f"net.announce_port={ports['announce']}", f"net.weights_port={ports['weights']}",
-                     "max_staleness=1000", f"rollout.group_size={N}", f"selector.keep={M}",
-                     f"rollout.max_new_tokens={E2E_T}", f"task.max_prompt_tokens={E2E_P}",
-                     f"learner.groups_per_step={BATCH_GROUPS}", f"selector.buffer_groups={BUFFER_GROUPS}"]
+        overrides = [
+            f"run.dir={tmp / 'run'}",
+            f"net.group_port={ports['group']}",
+            f"net.batch_port={ports['batch']}",
+            f"net.announce_port={ports['announce']}",
+            f"net.weights_port={ports['weights']}",
+            "max_staleness=1000",
+            f"rollout.group_size={N}",
+            f"selector.keep={M}",
+            f"rollout.max_new_tokens={E2E_T}",
+            f"task.max_prompt_tokens={E2E_P}",
+            f"learner.groups_per_step={BATCH_GROUPS}",
+            f"selector.buffer_groups={BUFFER_GROUPS}",
+        ]
         ctl_port = self.pub.bind_to_random_port("tcp://127.0.0.1")
         ack_port = self.acks.bind_to_random_port("tcp://127.0.0.1")
         self._spawn("selector", ["-m", "selector.server", *overrides])
-        self._spawn("relay", ["-c", f"from bench.selector import _relay_main; "
-                                    f"_relay_main({ports['relay_group']}, {ports['relay_batch']})"])
+        self._spawn(
+            "relay",
+            [
+                "-c",
+                f"from bench.selector import _relay_main; _relay_main({ports['relay_group']}, {ports['relay_batch']})",
+            ],
+        )
         for i in range(4):
-            self._spawn(f"pusher{i}", ["-c", f"from bench.selector import _pusher_main; _pusher_main({i}, "
-                                             f"{ports['group']}, {ports['relay_group']}, {ctl_port}, {ack_port})"])
+            self._spawn(
+                f"pusher{i}",
+                [
+                    "-c",
+                    f"from bench.selector import _pusher_main; _pusher_main({i}, "
+                    f"{ports['group']}, {ports['relay_group']}, {ctl_port}, {ack_port})",
+                ],
+            )
         # the learner's announcements of version 0, which the selector waits for before reading groups
-        self.announcer = threading.Thread(target=_announce_main, args=(self.ctx, ports["announce"], self.stop),
-                                          daemon=True)
+        self.announcer = threading.Thread(
+            target=_announce_main, args=(self.ctx, ports["announce"], self.stop), daemon=True
+        )
         self.announcer.start()
-        self.learners = {"selector": _Learner(self.ctx, ports["batch"], raw=False),
-                         "relay": _Learner(self.ctx, ports["relay_batch"], raw=True)}
+        self.learners = {
+            "selector": _Learner(self.ctx, ports["batch"], raw=False),
+            "relay": _Learner(self.ctx, ports["relay_batch"], raw=True),
+        }
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = (self.tmp / f"{name}.log").open("wb")
-        proc = subprocess.Popen([sys.executable, *args], env=child_env(), cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            env=child_env(),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.procs.append(proc)
         return proc
 
@@ -489,7 +621,7 @@ def end_to_end(quick: bool) -> list[Result]:
             rig.prime("relay")
             flood: dict[str, list[dict[str, Any]]] = {"selector": [], "relay": []}
             for rep in range(reps):
-                for target in (("selector", "relay") if rep % 2 == 0 else ("relay", "selector")):
+                for target in ("selector", "relay") if rep % 2 == 0 else ("relay", "selector"):
                     flood[target].append(rig.phase(target, "flood", 0.0, warm, window))
             capacity = statistics.median(p["groups_s"] for p in flood["selector"])
             paced_total = max(50.0, 0.25 * capacity)
@@ -503,33 +635,71 @@ def end_to_end(quick: bool) -> list[Result]:
     raw = [p["groups_s"] for p in flood["relay"]]
     ratio = statistics.median(a / b for a, b in zip(ours, raw, strict=True))
     sat = {t: [x for p in flood[t] for x in p["latency_ms"]] for t in flood}
-    results = [Result(
-        BENCH, f"selector process end to end, 4 pushers flooding 16x{E2E_T}-token groups, batches of "
-               f"{BATCH_GROUPS} requested back to back", statistics.median(ours), "groups/s",
-        "raw relay process (PULL -> bounded buffer -> ROUTER, recv/send_multipart, no decode/selection)",
-        statistics.median(raw), ratio, "report (no threshold set)", None,
-        ratio_means="median over adjacent window pairs of podsrl / relay",
-        notes=(f"{reps} alternating windows of {window}s each after {warm}s warm-up; groups delivered in batches "
-               f"/ window; 2 cores shared by 4 pushers, the server, this learner and ZeroMQ I/O threads"),
-        extra={"selector_windows": ours, "relay_windows": raw})]
+    results = [
+        Result(
+            BENCH,
+            f"selector process end to end, 4 pushers flooding 16x{E2E_T}-token groups, batches of "
+            f"{BATCH_GROUPS} requested back to back",
+            statistics.median(ours),
+            "groups/s",
+            "raw relay process (PULL -> bounded buffer -> ROUTER, recv/send_multipart, no decode/selection)",
+            statistics.median(raw),
+            ratio,
+            "report (no threshold set)",
+            None,
+            ratio_means="median over adjacent window pairs of podsrl / relay",
+            notes=(
+                f"{reps} alternating windows of {window}s each after {warm}s warm-up; groups delivered in batches "
+                f"/ window; 2 cores shared by 4 pushers, the server, this learner and ZeroMQ I/O threads"
+            ),
+            extra={"selector_windows": ours, "relay_windows": raw},
+        )
+    ]
     for q in (50, 99):
         a, b = _pct(sat["selector"], q), _pct(sat["relay"], q)
-        results.append(Result(
-            BENCH, f"end to end latency p{q}, saturated (send -> batch arrival at the learner)", a, "ms",
-            "raw relay, same load", b, a / b, "report (lower is better)", None,
-            ratio_means="podsrl / relay",
-            notes=(f"includes queueing in ZeroMQ/TCP buffers and the {BUFFER_GROUPS}-group buffer under "
-                   f"back-pressure (by Little's law ~ queued groups / throughput); {len(sat['selector'])} and "
-                   f"{len(sat['relay'])} groups")))
-    for key, what in (("last_ms", "batch-completing group (send of the batch's newest group -> batch arrival)"),
-                      ("latency_ms", "every group (includes waiting for the batch to fill)")):
+        results.append(
+            Result(
+                BENCH,
+                f"end to end latency p{q}, saturated (send -> batch arrival at the learner)",
+                a,
+                "ms",
+                "raw relay, same load",
+                b,
+                a / b,
+                "report (lower is better)",
+                None,
+                ratio_means="podsrl / relay",
+                notes=(
+                    f"includes queueing in ZeroMQ/TCP buffers and the {BUFFER_GROUPS}-group buffer under "
+                    f"back-pressure (by Little's law ~ queued groups / throughput); {len(sat['selector'])} and "
+                    f"{len(sat['relay'])} groups"
+                ),
+            )
+        )
+    for key, what in (
+        ("last_ms", "batch-completing group (send of the batch's newest group -> batch arrival)"),
+        ("latency_ms", "every group (includes waiting for the batch to fill)"),
+    ):
         for q in (50, 99):
             a, b = _pct(paced["selector"][key], q), _pct(paced["relay"][key], q)
-            results.append(Result(
-                BENCH, f"latency p{q}, learner always waiting, paced at {paced_total:.0f} groups/s: {what}", a, "ms",
-                "raw relay, same pacing", b, a / b, "report (lower is better)", None, ratio_means="podsrl / relay",
-                notes=(f"added by the selector: {a - b:+.2f} ms; paced at 25% of the selector's flood capacity; "
-                       f"{len(paced['selector'][key])} / {len(paced['relay'][key])} samples")))
+            results.append(
+                Result(
+                    BENCH,
+                    f"latency p{q}, learner always waiting, paced at {paced_total:.0f} groups/s: {what}",
+                    a,
+                    "ms",
+                    "raw relay, same pacing",
+                    b,
+                    a / b,
+                    "report (lower is better)",
+                    None,
+                    ratio_means="podsrl / relay",
+                    notes=(
+                        f"added by the selector: {a - b:+.2f} ms; paced at 25% of the selector's flood capacity; "
+                        f"{len(paced['selector'][key])} / {len(paced['relay'][key])} samples"
+                    ),
+                )
+            )
     return results
 
 

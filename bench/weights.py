@@ -20,7 +20,8 @@ with a slow subscriber attached, and while generating.
     travels (the publisher runs ``weights.delta = false``, so no delta is encoded meanwhile).
     ``delta`` rows: clients hold v-1 and every fp32 element moved by +-1e-6 (an AdamW step at lr
     1e-6); the publisher (``weights.delta_max_ratio = 1``: a delta whatever its size, here ~49%)
-    encodes it once on publish, and every client decompresses, adds and verifies it. peer: the same client processes get a PUB "go", ask a ROUTER in the parent with a
+    encodes it once on publish, and every client decompresses, adds and verifies it. peer: the same client
+    processes get a PUB "go", ask a ROUTER in the parent with a
     DEALER and receive one zero-copy frame of exactly the bytes one podsrl client received (the raw
     version, or the delta), nothing else. Goal <= 1.3x. Llama-shaped fp32 states of ~10M parameters
     (full and delta, R = 1, 2, 4) and ~100M (full, R = 1 and 4: on a 2-core machine one round of 4 x
@@ -105,8 +106,11 @@ def llama_spec(hidden: int, inter: int, layers: int, vocab: int) -> list[tuple[s
         p = f"model.layers.{i}."
         spec += [(p + "input_layernorm.weight", [hidden]), (p + "post_attention_layernorm.weight", [hidden])]
         spec += [(p + f"self_attn.{k}_proj.weight", [hidden, hidden]) for k in "qkvo"]
-        spec += [(p + "mlp.gate_proj.weight", [inter, hidden]), (p + "mlp.up_proj.weight", [inter, hidden]),
-                 (p + "mlp.down_proj.weight", [hidden, inter])]
+        spec += [
+            (p + "mlp.gate_proj.weight", [inter, hidden]),
+            (p + "mlp.up_proj.weight", [inter, hidden]),
+            (p + "mlp.down_proj.weight", [hidden, inter]),
+        ]
     return [*spec, ("model.norm.weight", [hidden]), ("lm_head.weight", [vocab, hidden])]
 
 
@@ -123,8 +127,10 @@ def random_state(size: str, seed: int = 0) -> dict[str, torch.Tensor]:
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    return {name: torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen).mul_(0.02)
-            for name, shape in llama_spec(*SIZES[size])}
+    return {
+        name: torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen).mul_(0.02)
+        for name, shape in llama_spec(*SIZES[size])
+    }
 
 
 def nbytes_of(state: dict[str, torch.Tensor]) -> int:
@@ -152,10 +158,12 @@ def alternate(fns: dict[str, Callable[[], float]], repeats: int, warmup: int = 1
 
 def timed(fn: Callable[[], Any]) -> Callable[[], float]:
     """``fn`` returning its own duration in seconds (for :func:`alternate`)."""
+
     def call() -> float:
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
+
     return call
 
 
@@ -188,8 +196,18 @@ def _wait(conns: list[Any], want: Callable[[Any], bool] = lambda _: True) -> lis
 
 # -- (1) bytes on the wire ----------------------------------------------------------------------------
 
-def _versions(model: torch.nn.Module, lr: float, steps: int, dtype: str, batch: int, seq: int, vocab: int,
-              config: str, seed: int = 0) -> list[Weights]:
+
+def _versions(
+    model: torch.nn.Module,
+    lr: float,
+    steps: int,
+    dtype: str,
+    batch: int,
+    seq: int,
+    vocab: int,
+    config: str,
+    seed: int = 0,
+) -> list[Weights]:
     """Version 0 and each of ``steps`` AdamW steps on next-token cross-entropy of random tokens, published
     as the learner does (fp32 master weights cast to ``dtype``)."""
     import torch
@@ -233,21 +251,33 @@ def wire_tiny(level: int) -> list[Result]:
     out = []
     for lr in sorted({cfg.learner.lr, 3e-3}):  # the default, and 3e-3 (the default before it)
         model.load_state_dict(init)
-        versions = _versions(model, lr, steps, cfg.model.dtype, batch=8, seq=32, vocab=vocab,
-                             config=model.config.to_json_string())
+        versions = _versions(
+            model, lr, steps, cfg.model.dtype, batch=8, seq=32, vocab=vocab, config=model.config.to_json_string()
+        )
         full = int(versions[0].data.nbytes)
         for gap in (1, 2):
             sizes = _delta_sizes(versions, gap, level)
             d = med([float(s) for s in sizes])
-            out.append(Result(
-                bench="weights", case=f"(1a) delta v->v+{gap}, tiny default model ({params / 1e3:.0f}k fp32 params, "
-                                      f"vocab {vocab}), AdamW lr {lr:g}{' (default)' if lr == cfg.learner.lr else ''}",
-                value=d / 1024, unit="KiB", peer="full version (raw bytes)", peer_value=full / 1024, ratio=d / full,
-                goal="- (report)", met=None, ratio_means="delta bytes / full bytes",
-                notes=f"len(encode_delta(v, v+{gap}, zstd level {level})) over {steps} AdamW steps (lr {lr:g}, grad "
-                      "clip 1, next-token CE of random 8x32 token batches), median over the run; fp32, as published "
-                      "by default (model.dtype)",
-                extra={"delta_bytes": sizes, "full_bytes": full}))
+            out.append(
+                Result(
+                    bench="weights",
+                    case=f"(1a) delta v->v+{gap}, tiny default model ({params / 1e3:.0f}k fp32 params, "
+                    f"vocab {vocab}), AdamW lr {lr:g}{' (default)' if lr == cfg.learner.lr else ''}",
+                    value=d / 1024,
+                    unit="KiB",
+                    peer="full version (raw bytes)",
+                    peer_value=full / 1024,
+                    ratio=d / full,
+                    goal="- (report)",
+                    met=None,
+                    ratio_means="delta bytes / full bytes",
+                    notes=f"len(encode_delta(v, v+{gap}, zstd level {level})) over {steps} AdamW steps (lr "
+                    f"{lr:g}, grad "
+                    "clip 1, next-token CE of random 8x32 token batches), median over the run; fp32, as published "
+                    "by default (model.dtype)",
+                    extra={"delta_bytes": sizes, "full_bytes": full},
+                )
+            )
     return out
 
 
@@ -256,9 +286,16 @@ def wire_big(quick: bool, level: int) -> list[Result]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, inter, layers, vocab = SIZES["1M" if quick else "100M"]
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-                         max_position_embeddings=64, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).train()
     params = sum(p.numel() for p in model.parameters())
@@ -267,8 +304,7 @@ def wire_big(quick: bool, level: int) -> list[Result]:
     times: dict[float, dict[str, list[float]]] = {}
     for lr in (1e-6, 1e-5):
         model.load_state_dict(init)
-        versions = _versions(model, lr, 2, "bfloat16", batch=2, seq=16, vocab=vocab,
-                             config=config.to_json_string())
+        versions = _versions(model, lr, 2, "bfloat16", batch=2, seq=16, vocab=vocab, config=config.to_json_string())
         full = int(versions[0].data.nbytes)
         dst = np.empty(full, np.uint8)
         sizes: list[int] = []
@@ -285,33 +321,59 @@ def wire_big(quick: bool, level: int) -> list[Result]:
             for k, dt in (("encode", t1 - t0), ("apply", t2 - t1), ("memcpy", t3 - t2)):
                 samples[k].append(dt)
         d = med([float(s) for s in sizes])
-        out.append(Result(
-            bench="weights", case=f"(1b) delta v->v+1, {params / 1e6:.0f}M-param Llama published in bf16, "
-                                  f"AdamW lr {lr:g}",
-            value=d / MIB, unit="MiB", peer="full bf16 version (raw bytes)", peer_value=full / MIB, ratio=d / full,
-            goal="<= 0.10x", met=d / full <= 0.10, ratio_means="delta bytes / full bytes",
-            notes=f"len(encode_delta(v, v+1, zstd level {level})) for the 2 AdamW steps from init (fp32 master "
-                  "weights, grad clip 1, next-token CE of a random 2x16 batch), each version cast to bf16; median "
-                  "of the 2",
-            extra={"delta_bytes": sizes, "full_bytes": full, "params": params}))
+        out.append(
+            Result(
+                bench="weights",
+                case=f"(1b) delta v->v+1, {params / 1e6:.0f}M-param Llama published in bf16, AdamW lr {lr:g}",
+                value=d / MIB,
+                unit="MiB",
+                peer="full bf16 version (raw bytes)",
+                peer_value=full / MIB,
+                ratio=d / full,
+                goal="<= 0.10x",
+                met=d / full <= 0.10,
+                ratio_means="delta bytes / full bytes",
+                notes=f"len(encode_delta(v, v+1, zstd level {level})) for the 2 AdamW steps from init (fp32 master "
+                "weights, grad clip 1, next-token CE of a random 2x16 batch), each version cast to bf16; median "
+                "of the 2",
+                extra={"delta_bytes": sizes, "full_bytes": full, "params": params},
+            )
+        )
     del init, model
     t = {k: med(v) for k, v in times[1e-5].items()}
     raw = int(out[-1].extra["full_bytes"])
     size = f"{raw / MIB:.0f} MiB bf16 version, delta {out[-1].ratio:.1%}"
-    for k, what in (("encode", "encode_delta (difference + zstd), publisher side"),
-                    ("apply", "apply_delta (unzstd + add + xxh3 verify), rollout side")):
-        out.append(Result(
-            bench="weights", case=f"(1c) {what}, {size}", value=t[k] * 1e3, unit="ms",
-            peer="np.copyto of the version's raw bytes", peer_value=t["memcpy"] * 1e3, ratio=t[k] / t["memcpy"],
-            goal="- (report)", met=None, ratio_means="podsrl time / memcpy time",
-            notes=f"median time of one {k} call on (1b)'s two lr 1e-5 deltas (v0->v1, v1->v2), each call followed by "
-                  "the memcpy into a preallocated buffer",
-            extra={"MBps_of_raw": raw / t[k] / 1e6, "memcpy_MBps": raw / t["memcpy"] / 1e6,
-                   "ms": {f"lr {lr:g}": {k: [x * 1e3 for x in v] for k, v in tl.items()} for lr, tl in times.items()}}))
+    for k, what in (
+        ("encode", "encode_delta (difference + zstd), publisher side"),
+        ("apply", "apply_delta (unzstd + add + xxh3 verify), rollout side"),
+    ):
+        out.append(
+            Result(
+                bench="weights",
+                case=f"(1c) {what}, {size}",
+                value=t[k] * 1e3,
+                unit="ms",
+                peer="np.copyto of the version's raw bytes",
+                peer_value=t["memcpy"] * 1e3,
+                ratio=t[k] / t["memcpy"],
+                goal="- (report)",
+                met=None,
+                ratio_means="podsrl time / memcpy time",
+                notes=f"median time of one {k} call on (1b)'s two lr 1e-5 deltas (v0->v1, v1->v2), each call "
+                f"followed by "
+                "the memcpy into a preallocated buffer",
+                extra={
+                    "MBps_of_raw": raw / t[k] / 1e6,
+                    "memcpy_MBps": raw / t["memcpy"] / 1e6,
+                    "ms": {f"lr {lr:g}": {k: [x * 1e3 for x in v] for k, v in tl.items()} for lr, tl in times.items()},
+                },
+            )
+        )
     return out
 
 
 # -- client processes, for (2) and (4) -----------------------------------------------------------------
+
 
 def _client(conn: Any, net: dict[str, Any], ctl_port: int, raw_port: int, index: int) -> None:
     """One rollout client process: a Fetcher on uvloop for podsrl versions, a raw DEALER for raw "go"s."""
@@ -367,8 +429,9 @@ async def _client_main(conn: Any, net: dict[str, Any], ctl_port: int, raw_port: 
                     if last is not None and last is not w:
                         fetcher.recycle(last)  # as a rollout server does after installing w
                     held, last, got = (w if delta else None), w, w.version
-                    conn.send(("podsrl", w.version, int(fetcher.last["bytes"]), bool(fetcher.last["delta"]), t1 - t0,
-                               t0, t1))
+                    conn.send(
+                        ("podsrl", w.version, int(fetcher.last["bytes"]), bool(fetcher.last["delta"]), t1 - t0, t0, t1)
+                    )
     finally:
         for s in (sub, dealer, ctl, raw):
             s.close(linger=0)
@@ -392,8 +455,10 @@ class Rig:
         spawn = mp.get_context("spawn")
         pipes = [spawn.Pipe() for _ in range(n)]
         self.conns = [parent for parent, _ in pipes]
-        self.procs = [spawn.Process(target=_client, args=(child, self.net, self.ctl_port, raw_port, i), daemon=True)
-                      for i, (_, child) in enumerate(pipes)]
+        self.procs = [
+            spawn.Process(target=_client, args=(child, self.net, self.ctl_port, raw_port, i), daemon=True)
+            for i, (_, child) in enumerate(pipes)
+        ]
         self.version = 0
         self.active = 0
         self._cmd_id = 0
@@ -447,7 +512,7 @@ class Rig:
         for _ in range(self.active):
             ident, _ = self.router.recv_multipart()
             self.router.send_multipart([ident, payload], copy=False)
-        done = _wait(self.conns[:self.active], lambda m: m[0] == "raw")
+        done = _wait(self.conns[: self.active], lambda m: m[0] == "raw")
         seconds = time.perf_counter() - t0
         assert all(d == ("raw", len(payload)) for d in done), done
         return seconds
@@ -466,6 +531,7 @@ class Rig:
 
 
 # -- (2) time to R servers -------------------------------------------------------------------------------
+
 
 class Mover:
     """The training step of (2)'s delta rows: every element of ``state`` moves by ``STEP`` per version."""
@@ -507,20 +573,27 @@ def sync_one(rig: Rig, state: dict[str, torch.Tensor], mover: Mover | None, r: i
         return seconds
 
     def raw() -> float:
-        return rig.raw(raw_buf.data[:wire[-1]])
+        return rig.raw(raw_buf.data[: wire[-1]])
 
     served0 = rig.publisher.bytes_served
     # Two warm-up rounds: a client's first two fetches land in fresh buffers (first-touch page faults);
     # from the third on it writes into the buffer of the version it replaced, as a rollout server does.
     t = alternate({"podsrl": podsrl, "raw": raw}, repeats, warmup=2)
-    return {"t": t, "wire": wire[2:], "all_delta": all(deltas[2:]),
-            "phase_ms": {k: med([p[i] * 1e3 for p in phases[2:]])
-                         for i, k in enumerate(("pack", "last_fetch_started", "last_fetched"))},
-            "bytes_served_MiB": (rig.publisher.bytes_served - served0) / MIB}
+    return {
+        "t": t,
+        "wire": wire[2:],
+        "all_delta": all(deltas[2:]),
+        "phase_ms": {
+            k: med([p[i] * 1e3 for p in phases[2:]])
+            for i, k in enumerate(("pack", "last_fetch_started", "last_fetched"))
+        },
+        "bytes_served_MiB": (rig.publisher.bytes_served - served0) / MIB,
+    }
 
 
-def sync_cases(rig: Rig, size: str, state: dict[str, torch.Tensor], counts: tuple[int, ...], modes: tuple[str, ...],
-               repeats: int) -> list[Result]:
+def sync_cases(
+    rig: Rig, size: str, state: dict[str, torch.Tensor], counts: tuple[int, ...], modes: tuple[str, ...], repeats: int
+) -> list[Result]:
     full = nbytes_of(state)
     results = []
     for mode in modes:
@@ -530,28 +603,46 @@ def sync_cases(rig: Rig, size: str, state: dict[str, torch.Tensor], counts: tupl
             t = got["t"]
             p, q = med(t["podsrl"]), med(t["raw"])
             mib = med([float(w) for w in got["wire"]]) / MIB
-            what = ("the delta from v-1 (publisher with weights.delta_max_ratio=1 encodes difference + zstd once, on "
-                    f"publish; each client unzstd + add + xxh3 verify; every element moved by +-{STEP:g})"
-                    if mode == "delta" else "the full raw buffer (no version held; publisher with weights.delta="
-                    "false), xxh3 verify")
-            results.append(Result(
-                bench="weights",
-                case=f"(2) {mode}, {describe(size, state)} to {r} client process{'es' if r > 1 else ''}",
-                value=p * 1e3, unit="ms", peer="raw zmq ROUTER->DEALER, one zero-copy frame of the bytes one "
-                "podsrl client received", peer_value=q * 1e3, ratio=p / q, goal="<= 1.3x", met=p / q <= 1.3,
-                notes="from before pack_weights (into publisher.alloc) + publish to the last client's done message: "
-                      f"announcement, Fetcher chunked pull of {what}; peer: PUB go -> DEALER request -> one frame "
-                      "of that many bytes per client, no pack, no verify; medians of alternating rounds after two "
-                      "warm-up rounds (clients recycle the buffer of the version they replace)",
-                extra={"wire_MiB_per_client": mib, "full_MiB": full / MIB, "wire_over_full": mib * MIB / full,
-                       "all_delta": got["all_delta"], "podsrl_ms": [x * 1e3 for x in t["podsrl"]],
-                       "raw_ms": [x * 1e3 for x in t["raw"]], "bytes_served_MiB": got["bytes_served_MiB"],
-                       "phase_ms_from_start": got["phase_ms"]}))
+            what = (
+                "the delta from v-1 (publisher with weights.delta_max_ratio=1 encodes difference + zstd once, on "
+                f"publish; each client unzstd + add + xxh3 verify; every element moved by +-{STEP:g})"
+                if mode == "delta"
+                else "the full raw buffer (no version held; publisher with weights.delta=false), xxh3 verify"
+            )
+            results.append(
+                Result(
+                    bench="weights",
+                    case=f"(2) {mode}, {describe(size, state)} to {r} client process{'es' if r > 1 else ''}",
+                    value=p * 1e3,
+                    unit="ms",
+                    peer="raw zmq ROUTER->DEALER, one zero-copy frame of the bytes one podsrl client received",
+                    peer_value=q * 1e3,
+                    ratio=p / q,
+                    goal="<= 1.3x",
+                    met=p / q <= 1.3,
+                    notes="from before pack_weights (into publisher.alloc) + publish to the last client's done "
+                    "message: "
+                    f"announcement, Fetcher chunked pull of {what}; peer: PUB go -> DEALER request -> one frame "
+                    "of that many bytes per client, no pack, no verify; medians of alternating rounds after two "
+                    "warm-up rounds (clients recycle the buffer of the version they replace)",
+                    extra={
+                        "wire_MiB_per_client": mib,
+                        "full_MiB": full / MIB,
+                        "wire_over_full": mib * MIB / full,
+                        "all_delta": got["all_delta"],
+                        "podsrl_ms": [x * 1e3 for x in t["podsrl"]],
+                        "raw_ms": [x * 1e3 for x in t["raw"]],
+                        "bytes_served_MiB": got["bytes_served_MiB"],
+                        "phase_ms_from_start": got["phase_ms"],
+                    },
+                )
+            )
         del mover
     return results
 
 
 # -- (3) same machine: shared memory -------------------------------------------------------------------
+
 
 def shm_case(size: str, state: dict[str, torch.Tensor], repeats: int) -> list[Result]:
     import torch
@@ -605,8 +696,9 @@ def shm_case(size: str, state: dict[str, torch.Tensor], repeats: int) -> list[Re
                 for k, v in unpack_weights(mapped, verified=True).items():
                     dst[k].copy_(v)
 
-            tr = measure({"shm": shm_read, "install": install, "memcpy": lambda: np.copyto(dst_buf, src_buf)},
-                         repeats, nbytes)
+            tr = measure(
+                {"shm": shm_read, "install": install, "memcpy": lambda: np.copyto(dst_buf, src_buf)}, repeats, nbytes
+            )
             assert all(torch.equal(dst[k], v) for k, v in state.items())
         finally:
             sub.close(linger=0)
@@ -615,30 +707,59 @@ def shm_case(size: str, state: dict[str, torch.Tensor], repeats: int) -> list[Re
     desc = describe(size, state)
     ratio = tr["memcpy"] / tr["shm"]
     return [
-        Result(bench="weights", case=f"(3) shm read + load, {desc}", value=tr["shm"] * 1e3, unit="ms",
-               peer="np.copyto of the same bytes", peer_value=tr["memcpy"] * 1e3, ratio=ratio, goal=">= 0.5x",
-               met=ratio >= 0.5, ratio_means="memcpy time / podsrl time",
-               notes="read_segment (open + mmap + header check + xxh3 of every tensor) + unpack_weights(verified="
-                     "True) + copy_ of every tensor into a preallocated state; the segment was published by "
-                     "WeightPublisher and found from its announcement (shared_segment); medians, interleaved",
-               extra={"GBps": nbytes / tr["shm"] / 1e9, "memcpy_GBps": nbytes / tr["memcpy"] / 1e9}),
-        Result(bench="weights", case=f"(3) shm install (generation stall), {desc}", value=tr["install"] * 1e3,
-               unit="ms", peer="np.copyto of the same bytes", peer_value=tr["memcpy"] * 1e3,
-               ratio=tr["memcpy"] / tr["install"], goal="- (report)", met=None, ratio_means="memcpy time / podsrl time",
-               notes="the part of the row above that stops generation: unpack_weights + copy_ of every tensor from "
-                     "a segment already mapped and verified (the rollout server maps and verifies in the background "
-                     "while its engine generates); medians, interleaved",
-               extra={"GBps": nbytes / tr["install"] / 1e9}),
-        Result(bench="weights", case=f"(3) pack into shm + publish, {desc}", value=tp["shm"] * 1e3, unit="ms",
-               peer="pack_weights into ordinary memory", peer_value=tp["mem"] * 1e3, ratio=tp["shm"] / tp["mem"],
-               goal="- (report)", met=None, ratio_means="podsrl / peer",
-               notes="publisher.alloc (fallocate + mmap of a new segment) + pack_weights (copy + xxh3) + publish "
-                     "(seal: header, rename; unlink of the version no longer kept) vs pack_weights into np.empty; "
-                     "medians, interleaved",
-               extra={"GBps": nbytes / tp["shm"] / 1e9, "mem_GBps": nbytes / tp["mem"] / 1e9})]
+        Result(
+            bench="weights",
+            case=f"(3) shm read + load, {desc}",
+            value=tr["shm"] * 1e3,
+            unit="ms",
+            peer="np.copyto of the same bytes",
+            peer_value=tr["memcpy"] * 1e3,
+            ratio=ratio,
+            goal=">= 0.5x",
+            met=ratio >= 0.5,
+            ratio_means="memcpy time / podsrl time",
+            notes="read_segment (open + mmap + header check + xxh3 of every tensor) + unpack_weights(verified="
+            "True) + copy_ of every tensor into a preallocated state; the segment was published by "
+            "WeightPublisher and found from its announcement (shared_segment); medians, interleaved",
+            extra={"GBps": nbytes / tr["shm"] / 1e9, "memcpy_GBps": nbytes / tr["memcpy"] / 1e9},
+        ),
+        Result(
+            bench="weights",
+            case=f"(3) shm install (generation stall), {desc}",
+            value=tr["install"] * 1e3,
+            unit="ms",
+            peer="np.copyto of the same bytes",
+            peer_value=tr["memcpy"] * 1e3,
+            ratio=tr["memcpy"] / tr["install"],
+            goal="- (report)",
+            met=None,
+            ratio_means="memcpy time / podsrl time",
+            notes="the part of the row above that stops generation: unpack_weights + copy_ of every tensor from "
+            "a segment already mapped and verified (the rollout server maps and verifies in the background "
+            "while its engine generates); medians, interleaved",
+            extra={"GBps": nbytes / tr["install"] / 1e9},
+        ),
+        Result(
+            bench="weights",
+            case=f"(3) pack into shm + publish, {desc}",
+            value=tp["shm"] * 1e3,
+            unit="ms",
+            peer="pack_weights into ordinary memory",
+            peer_value=tp["mem"] * 1e3,
+            ratio=tp["shm"] / tp["mem"],
+            goal="- (report)",
+            met=None,
+            ratio_means="podsrl / peer",
+            notes="publisher.alloc (fallocate + mmap of a new segment) + pack_weights (copy + xxh3) + publish "
+            "(seal: header, rename; unlink of the version no longer kept) vs pack_weights into np.empty; "
+            "medians, interleaved",
+            extra={"GBps": nbytes / tp["shm"] / 1e9, "mem_GBps": nbytes / tp["mem"] / 1e9},
+        ),
+    ]
 
 
 # -- (4) a slow subscriber ---------------------------------------------------------------------------------
+
 
 def _slow_client(conn: Any, net: dict[str, Any], ctl_port: int, rate: float) -> None:
     """Pull whole versions with raw WeightsRequests, one chunk at a time, at most ``rate`` bytes/s, while
@@ -752,24 +873,47 @@ def slow_case(rig: Rig, quick: bool) -> list[Result]:
     s_with, s_without = med(steps[True]), med(steps[False])
     f_with, f_without = med(fetches[True]), med(fetches[False])
     desc = f"{nbytes / MIB:.0f} MiB fp32 version per step, 1 fast client"
-    extra = {"slow_client": stats, "slow_rate_MBps": rate / 1e6,
-             "steps_measured": {"with": len(steps[True]), "without": len(steps[False])},
-             "fetches_measured": {"with": len(fetches[True]), "without": len(fetches[False])}}
+    extra = {
+        "slow_client": stats,
+        "slow_rate_MBps": rate / 1e6,
+        "steps_measured": {"with": len(steps[True]), "without": len(steps[False])},
+        "fetches_measured": {"with": len(fetches[True]), "without": len(fetches[False])},
+    }
     return [
-        Result(bench="weights", case=f"(4) learner step with a 10 MB/s subscriber, {desc}", value=s_with * 1e3,
-               unit="ms", peer="the same without it", peer_value=s_without * 1e3, ratio=s_with / s_without,
-               goal="<= 1.02x", met=s_with / s_without <= 1.02, ratio_means="with / without",
-               notes=f"median learner step: one single-thread 1024x1024 fp32 matmul + pack_weights into publisher.alloc "
-                     "+ publish, back to back, while a fast client process fetches every version it sees in full "
-                     "(Fetcher) and, in the 'with' arms, one more process pulls versions with raw WeightsRequests, "
-                     f"one chunk at a time, capped at 10 MB/s; {len(arms)} arms of {per_arm} steps in ABBA order, "
-                     f"the first {skip} of each dropped",
-               extra=extra),
-        Result(bench="weights", case=f"(4) fast client's fetch with a 10 MB/s subscriber, {desc}",
-               value=f_with * 1e3, unit="ms", peer="the same without it", peer_value=f_without * 1e3,
-               ratio=f_with / f_without, goal="- (report)", met=None, ratio_means="with / without",
-               notes="median Fetcher.fetch time (full version: chunked pull + xxh3 verify) in the fast client "
-                     "process, by the arm in which the version fetched was published", extra=extra)]
+        Result(
+            bench="weights",
+            case=f"(4) learner step with a 10 MB/s subscriber, {desc}",
+            value=s_with * 1e3,
+            unit="ms",
+            peer="the same without it",
+            peer_value=s_without * 1e3,
+            ratio=s_with / s_without,
+            goal="<= 1.02x",
+            met=s_with / s_without <= 1.02,
+            ratio_means="with / without",
+            notes=f"median learner step: one single-thread 1024x1024 fp32 matmul + pack_weights into publisher.alloc "
+            "+ publish, back to back, while a fast client process fetches every version it sees in full "
+            "(Fetcher) and, in the 'with' arms, one more process pulls versions with raw WeightsRequests, "
+            f"one chunk at a time, capped at 10 MB/s; {len(arms)} arms of {per_arm} steps in ABBA order, "
+            f"the first {skip} of each dropped",
+            extra=extra,
+        ),
+        Result(
+            bench="weights",
+            case=f"(4) fast client's fetch with a 10 MB/s subscriber, {desc}",
+            value=f_with * 1e3,
+            unit="ms",
+            peer="the same without it",
+            peer_value=f_without * 1e3,
+            ratio=f_with / f_without,
+            goal="- (report)",
+            met=None,
+            ratio_means="with / without",
+            notes="median Fetcher.fetch time (full version: chunked pull + xxh3 verify) in the fast client "
+            "process, by the arm in which the version fetched was published",
+            extra=extra,
+        ),
+    ]
 
 
 # -- (5) fetch while generating -----------------------------------------------------------------------------
@@ -796,8 +940,9 @@ class GroupLog:
                     continue
                 msg = got[1]
                 if isinstance(msg, ScoredGroup):
-                    self.groups.append((time.time(), msg.server_id, msg.group_id,
-                                        int(msg.completion_lens.sum()), msg.version))
+                    self.groups.append(
+                        (time.time(), msg.server_id, msg.group_id, int(msg.completion_lens.sum()), msg.version)
+                    )
 
     def started(self, server: str) -> bool:
         return any(g[1] == server for g in list(self.groups))
@@ -843,15 +988,31 @@ def generate_case(quick: bool) -> list[Result]:
 
     window, warm = (3.0, 1.5) if quick else (6.0, 2.0)
     order = ["bg", "stop"] * (1 if quick else 2)
-    shape = ["model.tiny.hidden_size=128", "model.tiny.num_layers=2", "model.tiny.intermediate_size=256"] if quick \
+    shape = (
+        ["model.tiny.hidden_size=128", "model.tiny.num_layers=2", "model.tiny.intermediate_size=256"]
+        if quick
         else ["model.tiny.hidden_size=256", "model.tiny.num_layers=4", "model.tiny.intermediate_size=704"]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         g, b, an, w = free_ports(4)
-        cfg = load_config(None, [
-            f"run.dir={tmp}", f"net.group_port={g}", f"net.batch_port={b}", f"net.announce_port={an}",
-            f"net.weights_port={w}", "max_staleness=1000", "weights.transport=\"net\"", "task.length=8",
-            "rollout.max_new_tokens=9", "rollout.prompts_per_call=2", "rollout.group_size=8",
-            "rollout.pacing=\"free\"", *shape])  # the sink grants no work: the servers generate unpaced
+        cfg = load_config(
+            None,
+            [
+                f"run.dir={tmp}",
+                f"net.group_port={g}",
+                f"net.batch_port={b}",
+                f"net.announce_port={an}",
+                f"net.weights_port={w}",
+                "max_staleness=1000",
+                'weights.transport="net"',
+                "task.length=8",
+                "rollout.max_new_tokens=9",
+                "rollout.prompts_per_call=2",
+                "rollout.group_size=8",
+                'rollout.pacing="free"',
+                *shape,
+            ],
+        )  # the sink grants no work: the servers generate unpaced
         config_path = Path(tmp) / "config.toml"
         config_path.write_text(to_toml(cfg))
         build_tiny_model(cfg, cfg.model_dir, builtin_alphabet(cfg.task) + WIDE)
@@ -862,8 +1023,13 @@ def generate_case(quick: bool) -> list[Result]:
         noise = {k: torch.sign(v.roll(1)) for k, v in base.items()}
         model_config = model.config.to_json_string()
         ctx = zmq.Context()
-        publisher = WeightPublisher(ctx, cfg.net, files=read_tokenizer_files(cfg.model_dir),
-                                    vocab_size=int(model.config.vocab_size), weights=cfg.weights)
+        publisher = WeightPublisher(
+            ctx,
+            cfg.net,
+            files=read_tokenizer_files(cfg.model_dir),
+            vocab_size=int(model.config.vocab_size),
+            weights=cfg.weights,
+        )
         log = GroupLog(ctx, cfg.net)
         published: list[tuple[float, int]] = []  # (time, version)
         nbytes = 0
@@ -900,14 +1066,28 @@ def generate_case(quick: bool) -> list[Result]:
                 out = (Path(tmp) / f"{name}.log").open("w")
                 logs.append(out)
                 procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "rollout_server.server", "--config", str(config_path), "--server-id",
-                     name, f"weights.background={'true' if name == 'bg' else 'false'}"],
-                    cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT)
+                    [
+                        sys.executable,
+                        "-m",
+                        "rollout_server.server",
+                        "--config",
+                        str(config_path),
+                        "--server-id",
+                        name,
+                        f"weights.background={'true' if name == 'bg' else 'false'}",
+                    ],
+                    cwd=ROOT,
+                    env=child_env(),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
             deadline = time.time() + TIMEOUT_S
             while not all(log.started(n) for n in procs):  # no new versions while they start
                 if time.time() > deadline or any(p.poll() is not None for p in procs.values()):
-                    raise RuntimeError("a rollout server did not start: " + " | ".join(
-                        (Path(tmp) / f"{n}.log").read_text()[-2000:] for n in procs))
+                    raise RuntimeError(
+                        "a rollout server did not start: "
+                        + " | ".join((Path(tmp) / f"{n}.log").read_text()[-2000:] for n in procs)
+                    )
                 time.sleep(0.1)
             paused = ""
             for i, name in enumerate(order):
@@ -960,25 +1140,44 @@ def generate_case(quick: bool) -> list[Result]:
             gen = [m["time/generate"] for m in recs if "time/generate" in m]
             delta = [m["rollout/weights_delta"] for m in recs if "rollout/weights_delta" in m]
             wire = [m["rollout/weights_wire_mib"] for m in recs if "rollout/weights_wire_mib" in m]
-            lag = [max(v for t, v in published if t <= at) - ver for at, s, _, _, ver in list(log.groups)
-                   if s == name and any(t0 <= at <= t1 for t0, t1 in mine)]
-            info[name] = {"tokens_per_s": rates[name], "engine_calls": calls, "fetches": len(fetch),
-                          "fetch_s_median": med(fetch), "generate_s_median": med(gen),
-                          "delta_fraction": float(np.mean(delta)) if delta else None,
-                          "wire_MiB_median": med(wire), "version_lag_mean": float(np.mean(lag)) if lag else None}
+            lag = [
+                max(v for t, v in published if t <= at) - ver
+                for at, s, _, _, ver in list(log.groups)
+                if s == name and any(t0 <= at <= t1 for t0, t1 in mine)
+            ]
+            info[name] = {
+                "tokens_per_s": rates[name],
+                "engine_calls": calls,
+                "fetches": len(fetch),
+                "fetch_s_median": med(fetch),
+                "generate_s_median": med(gen),
+                "delta_fraction": float(np.mean(delta)) if delta else None,
+                "wire_MiB_median": med(wire),
+                "version_lag_mean": float(np.mean(lag)) if lag else None,
+            }
     bg, stop = float(np.mean(rates["bg"])), float(np.mean(rates["stop"]))
     ratio = bg / stop if stop > 0 else float("nan")
-    return [Result(
-        bench="weights", case=f"(5) fetch while generating: a rollout server, {params / 1e6:.1f}M fp32 params "
-                              f"({nbytes / MIB:.0f} MiB), a new version every {period * 1e3:.0f} ms",
-        value=bg, unit="tokens/s", peer="the same server with weights.background=false (stop-and-fetch)",
-        peer_value=stop, ratio=ratio, goal=">= 1x", met=ratio >= 1.0, ratio_means="background / stop-and-fetch",
-        notes=f"completion tokens/s of the groups a group_receiver got from a real rollout server process "
-              f"(transport net, max_staleness 1000, {cfg.rollout.prompts_per_call}x{cfg.rollout.group_size} rows x "
-              f"{cfg.max_new_tokens} new tokens per engine call), from the first to the last engine call ending in "
-              f"each window; {len(order) // 2} alternating {window:.0f} s window(s) per mode after {warm:.0f} s "
-              "warm-up each, the other server SIGSTOPped; versions published every median engine call",
-        extra={"bg": info["bg"], "stop": info["stop"], "period_s": period, "versions_published": len(published)})]
+    return [
+        Result(
+            bench="weights",
+            case=f"(5) fetch while generating: a rollout server, {params / 1e6:.1f}M fp32 params "
+            f"({nbytes / MIB:.0f} MiB), a new version every {period * 1e3:.0f} ms",
+            value=bg,
+            unit="tokens/s",
+            peer="the same server with weights.background=false (stop-and-fetch)",
+            peer_value=stop,
+            ratio=ratio,
+            goal=">= 1x",
+            met=ratio >= 1.0,
+            ratio_means="background / stop-and-fetch",
+            notes=f"completion tokens/s of the groups a group_receiver got from a real rollout server process "
+            f"(transport net, max_staleness 1000, {cfg.rollout.prompts_per_call}x{cfg.rollout.group_size} rows x "
+            f"{cfg.max_new_tokens} new tokens per engine call), from the first to the last engine call ending in "
+            f"each window; {len(order) // 2} alternating {window:.0f} s window(s) per mode after {warm:.0f} s "
+            "warm-up each, the other server SIGSTOPped; versions published every median engine call",
+            extra={"bg": info["bg"], "stop": info["stop"], "period_s": period, "versions_published": len(published)},
+        )
+    ]
 
 
 def run(quick: bool = False) -> list[Result]:
@@ -1009,8 +1208,7 @@ def run(quick: bool = False) -> list[Result]:
     rig = Rig(2 if quick else 4, WeightsConfig(transport="net", delta_max_ratio=1.0))
     try:
         size = "1M" if quick else "10M"
-        sync += sync_cases(rig, size, states.pop(size), (1, 2) if quick else (1, 2, 4), ("delta",),
-                           repeats=3)
+        sync += sync_cases(rig, size, states.pop(size), (1, 2) if quick else (1, 2, 4), ("delta",), repeats=3)
     finally:
         rig.close()
     return wire + sync + shm + slow + generate_case(quick)

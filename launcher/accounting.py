@@ -65,13 +65,21 @@ class Accounting:
 
     def length(self, what: str) -> float | None:
         """Mean completion length of all n completions of the groups ``received`` or ``trained``."""
-        tokens, completions = self.selector.get(f"length/{what}_tokens"), self.selector.get(f"length/{what}_completions")
+        tokens, completions = (
+            self.selector.get(f"length/{what}_tokens"),
+            self.selector.get(f"length/{what}_completions"),
+        )
         return tokens / completions if tokens is not None and completions else None
 
     def dropped(self) -> dict[str, int]:
         """Groups the selector received and did not buffer, by reason."""
-        keys = ("staleness/dropped", "staleness/exact_surplus", "selector/zero_variance_dropped",
-                "selector/dropped_learner_silent", "restart/discarded_groups")
+        keys = (
+            "staleness/dropped",
+            "staleness/exact_surplus",
+            "selector/zero_variance_dropped",
+            "selector/dropped_learner_silent",
+            "restart/discarded_groups",
+        )
         return {k: int(self.selector[k]) for k in keys if self.selector.get(k)}
 
     def lines(self) -> list[str]:
@@ -79,16 +87,22 @@ class Accounting:
             return ["accounting: no rollout server metrics found"]
         gen, trained = self.generated, self.trained
         dropped = ", ".join(f"{k} {v}" for k, v in self.dropped().items()) or "none"
-        out = [f"generated {gen} groups, trained {trained} ({trained / gen:.1%}), never trained {gen - trained} "
-               f"({self.waste:.1%}); dropped at the selector: {dropped}" if gen else "generated nothing"]
+        out = [
+            f"generated {gen} groups, trained {trained} ({trained / gen:.1%}), never trained {gen - trained} "
+            f"({self.waste:.1%}); dropped at the selector: {dropped}"
+            if gen
+            else "generated nothing"
+        ]
         lg, lt = self.length("received"), self.length("trained")
         if lg is not None and lt is not None:
             out.append(f"mean completion length: generated {lg:.2f}, trained {lt:.2f} tokens ({lt / lg:.3f}x)")
         for name, s in sorted(self.servers.items()):
             ratio = self.share_ratio(name)
-            out.append(f"  {name}: generated {s.generated}{'' if s.counted_by_server else ' (selector count)'}, "
-                       f"trained {s.trained}, stale {s.stale}, idle {s.idle_s:.1f}s, share ratio "
-                       f"{'-' if ratio is None else f'{ratio:.2f}'}")
+            out.append(
+                f"  {name}: generated {s.generated}{'' if s.counted_by_server else ' (selector count)'}, "
+                f"trained {s.trained}, stale {s.stale}, idle {s.idle_s:.1f}s, share ratio "
+                f"{'-' if ratio is None else f'{ratio:.2f}'}"
+            )
         return out
 
     def metrics(self) -> dict[str, float]:
@@ -110,7 +124,7 @@ def _totals(records: list[dict[str, Any]]) -> dict[str, float]:
     """The last ``total/*`` values of a metrics file, prefix removed."""
     out: dict[str, float] = {}
     for r in records:
-        out.update({k[len("total/"):]: v for k, v in r.items() if k.startswith("total/")})
+        out.update({k[len("total/") :]: v for k, v in r.items() if k.startswith("total/")})
     return out
 
 
@@ -128,16 +142,21 @@ def account(run_dir: str | Path) -> Accounting:
     metrics = Path(run_dir) / "metrics"
     selector_file = metrics / "selector.jsonl"
     acc = Accounting(selector=_totals(read_metrics(selector_file)) if selector_file.exists() else {})
-    files = {p.name[len("rollout-"):-len(".jsonl")]: p for p in metrics.glob("rollout-*.jsonl")}
-    seen = {k[len("groups/received/"):] for k in acc.selector if k.startswith("groups/received/")}
+    files = {p.name[len("rollout-") : -len(".jsonl")]: p for p in metrics.glob("rollout-*.jsonl")}
+    seen = {k[len("groups/received/") :] for k in acc.selector if k.startswith("groups/received/")}
     trained = trained_per_server(metrics / "trained_groups.jsonl")
     for name in sorted(set(files) | seen | set(trained)):
         own = _totals(read_metrics(files[name])) if name in files else {}
         received = int(acc.selector.get(f"groups/received/{name}", 0))
         acc.servers[name] = ServerAccount(
-            name, generated=int(own.get("groups_sent", received)), received=received, trained=trained[name],
-            stale=int(acc.selector.get(f"staleness/dropped/{name}", 0)), idle_s=float(own.get("idle_s", 0.0)),
-            counted_by_server="groups_sent" in own)
+            name,
+            generated=int(own.get("groups_sent", received)),
+            received=received,
+            trained=trained[name],
+            stale=int(acc.selector.get(f"staleness/dropped/{name}", 0)),
+            idle_s=float(own.get("idle_s", 0.0)),
+            counted_by_server="groups_sent" in own,
+        )
     return acc
 
 

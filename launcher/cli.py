@@ -27,16 +27,19 @@ from protocol.config import config_reference, load_config, to_toml
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="podsrl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="podsrl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    sub.add_parser("run", help="the whole pipeline on this machine (selector, learner, rollout servers)",
-                   parents=[common_parser()])
+    sub.add_parser(
+        "run", help="the whole pipeline on this machine (selector, learner, rollout servers)", parents=[common_parser()]
+    )
     sub.add_parser("selector", help="the selector alone", add_help=False)
     sub.add_parser("rollout", help="one rollout server alone", add_help=False)
     sub.add_parser("learner", help="the learner alone, through torchrun", parents=[common_parser()])
-    sub.add_parser("check", help="run the start-up checks (model, tokenizer, dataset, rewards) and exit",
-                   parents=[common_parser()])
+    sub.add_parser(
+        "check", help="run the start-up checks (model, tokenizer, dataset, rewards) and exit", parents=[common_parser()]
+    )
     conf = sub.add_parser("config", help="print the resolved config as TOML", parents=[common_parser()])
     conf.add_argument("--reference", action="store_true", help="print the reference of every key (docs/CONFIG.md)")
     add_sweep_parser(sub)
@@ -88,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "sweep", help="a grid of configurations x seeds, each a podsrl run; summary table (docs/STALENESS.md)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, description=(
+        "sweep",
+        help="a grid of configurations x seeds, each a podsrl run; summary table (docs/STALENESS.md)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
             "Run the cartesian product of a grid's axes x seeds, each as `podsrl run` in <out>/<config>/seed<k>,\n"
             "one after another (or --parallel P at a time); a sweep started again skips finished runs. Then\n"
             "write <out>/summary.md and summary.csv: per configuration, IQM and 95% CI of the final reward,\n"
@@ -98,26 +103,52 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
             "  podsrl sweep --axis max_staleness=0,2 --axis learner.lr=1e-3,3e-3 --seeds 3 run.steps=200\n"
             "  podsrl sweep --grid configs/sweeps/staleness.toml --print-commands   # run them elsewhere\n"
             "  podsrl sweep --summarize runs/sweeps/staleness                       # rebuild the table\n\n"
-            "Any config key can be an axis (docs/CONFIG.md); the grid file format is in docs/STALENESS.md."))
+            "Any config key can be an axis (docs/CONFIG.md); the grid file format is in docs/STALENESS.md."
+        ),
+    )
     p.add_argument("--grid", metavar="FILE", help="TOML grid file: config, seeds, thresholds, window, [base], [grid]")
     p.add_argument("--config", "-c", metavar="FILE", help="base run file (overrides the grid file's `config`)")
-    p.add_argument("--axis", action="append", default=[], metavar="KEY=V1,V2",
-                   help="an axis from the command line (repeatable; replaces the grid file's axis of that key)")
-    p.add_argument("--seeds", metavar="N", help="seeds 0..N-1, or a TOML list like [0,3,7] (default: the grid's, else 3)")
-    p.add_argument("--parallel", type=int, default=1, metavar="P",
-                   help="runs at once (default 1: on a small machine parallel runs slow each other down)")
-    p.add_argument("--out", metavar="DIR", help="sweep directory (default: the grid's `out`, else "
-                   "runs/sweeps/<grid file name>, else runs/sweep)")
-    p.add_argument("--print-commands", action="store_true",
-                   help="print one `podsrl run ...` line per run instead of running them")
-    p.add_argument("--port-base", type=int, metavar="PORT", help="run i uses ports PORT+4i..PORT+4i+3 (default: "
-                   "free ports chosen at each start; printed commands then leave them to each podsrl run, "
-                   "which picks free ones unless the config sets them)")
+    p.add_argument(
+        "--axis",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="an axis from the command line (repeatable; replaces the grid file's axis of that key)",
+    )
+    p.add_argument(
+        "--seeds", metavar="N", help="seeds 0..N-1, or a TOML list like [0,3,7] (default: the grid's, else 3)"
+    )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="P",
+        help="runs at once (default 1: on a small machine parallel runs slow each other down)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="sweep directory (default: the grid's `out`, else runs/sweeps/<grid file name>, else runs/sweep)",
+    )
+    p.add_argument(
+        "--print-commands", action="store_true", help="print one `podsrl run ...` line per run instead of running them"
+    )
+    p.add_argument(
+        "--port-base",
+        type=int,
+        metavar="PORT",
+        help="run i uses ports PORT+4i..PORT+4i+3 (default: "
+        "free ports chosen at each start; printed commands then leave them to each podsrl run, "
+        "which picks free ones unless the config sets them)",
+    )
     p.add_argument("--summarize", metavar="DIR", help="only rebuild DIR/summary.md and summary.csv from its runs")
     p.add_argument("--thresholds", metavar="R1,R2", help="reward thresholds for time-to-threshold (default 0.6,0.8)")
     p.add_argument("--window", type=int, metavar="STEPS", help="steps averaged for time-to-threshold (default 10)")
-    p.add_argument("--reference", metavar="CONFIG",
-                   help="configuration the others are compared with (probability of improvement; default: the first)")
+    p.add_argument(
+        "--reference",
+        metavar="CONFIG",
+        help="configuration the others are compared with (probability of improvement; default: the first)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every run, e.g. run.steps=200")
     p.set_defaults(handler=sweep_command)
 
@@ -131,16 +162,25 @@ def sweep_command(args: argparse.Namespace, argv: list[str]) -> int:
 
     try:
         if args.summarize:
-            print(write_summary(Path(args.summarize), parse_thresholds(args.thresholds) if args.thresholds else None,
-                                args.window, args.reference))
+            print(
+                write_summary(
+                    Path(args.summarize),
+                    parse_thresholds(args.thresholds) if args.thresholds else None,
+                    args.window,
+                    args.reference,
+                )
+            )
             return 0
         if not args.grid and not args.axis:
-            raise SweepError("nothing to sweep: give --grid FILE (e.g. configs/sweeps/staleness.toml) or "
-                             "--axis KEY=V1,V2 (or --summarize DIR)")
+            raise SweepError(
+                "nothing to sweep: give --grid FILE (e.g. configs/sweeps/staleness.toml) or "
+                "--axis KEY=V1,V2 (or --summarize DIR)"
+            )
         grid = build_grid(args.grid, args.config, args.axis, args.seeds, args.thresholds, args.window)
         out = Path(args.out or grid.out or (f"runs/sweeps/{Path(args.grid).stem}" if args.grid else "runs/sweep"))
-        return sweep(argv, grid, out, args.overrides, args.parallel, args.port_base, args.print_commands,
-                     args.reference)
+        return sweep(
+            argv, grid, out, args.overrides, args.parallel, args.port_base, args.print_commands, args.reference
+        )
     except ValueError as e:  # SweepError, and config or metrics problems that name the fix
         print(f"podsrl sweep: {e}", file=sys.stderr)
         return 2
@@ -148,16 +188,24 @@ def sweep_command(args: argparse.Namespace, argv: list[str]) -> int:
 
 def add_plot_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "plot", help="figures (PNG and SVG) of a sweep directory or of one run directory",
-        formatter_class=argparse.RawDescriptionHelpFormatter, description=(
+        "plot",
+        help="figures (PNG and SVG) of a sweep directory or of one run directory",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
             "  podsrl plot runs/sweeps/staleness   # reward vs step and vs wall-clock with 95% bands, staleness\n"
             "                                      # histograms, throughput and idle time vs K, IQM intervals\n"
             "  podsrl plot runs/tiny               # one run: reward, staleness, loss diagnostics, throughput\n\n"
-            "Needs matplotlib: pip install -e '.[plot]'."))
-    p.add_argument("dirs", nargs="+", metavar="RUN_DIR", help="sweep directories (podsrl sweep --out) or run directories")
+            "Needs matplotlib: pip install -e '.[plot]'."
+        ),
+    )
+    p.add_argument(
+        "dirs", nargs="+", metavar="RUN_DIR", help="sweep directories (podsrl sweep --out) or run directories"
+    )
     p.add_argument("--out", metavar="DIR", help="where the figures go (default: <RUN_DIR>/plots)")
     p.add_argument("--thresholds", metavar="R1,R2", help="reward thresholds (default: the sweep's, else 0.6,0.8)")
-    p.add_argument("--window", type=int, metavar="STEPS", help="steps of reward smoothing (default: the sweep's, else 10)")
+    p.add_argument(
+        "--window", type=int, metavar="STEPS", help="steps of reward smoothing (default: the sweep's, else 10)"
+    )
     p.set_defaults(handler=plot_command)
 
 
@@ -188,20 +236,28 @@ def plot_command(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-
 def add_keys_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "keys", help="create CurveZMQ key pairs for an authenticated run (docs/RELIABILITY.md)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, description=(
+        "keys",
+        help="create CurveZMQ key pairs for an authenticated run (docs/RELIABILITY.md)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
             "Create the missing key pairs in DIR (existing ones are kept): selector, learner, and one per\n"
             "rollout server, named by its --server-id. Then run every process with net.keys_dir=DIR.\n\n"
             "  podsrl keys keys --rollout 2            # rollout-0, rollout-1 (the names podsrl run gives)\n"
             "  podsrl keys keys --rollout box-7 box-8  # named servers; run again to add more\n\n"
             "DIR/selector.key, DIR/learner.key: public (every machine); DIR/rollout/*.key: the rollout\n"
-            "servers the selector and learner accept; *.key_secret: only on the machine of that process."))
+            "servers the selector and learner accept; *.key_secret: only on the machine of that process."
+        ),
+    )
     p.add_argument("dir", metavar="DIR", help="key directory (created if missing)")
-    p.add_argument("--rollout", nargs="+", default=[], metavar="N|NAME",
-                   help="a count N (rollout-0 .. rollout-N-1) or the --server-id of each rollout server")
+    p.add_argument(
+        "--rollout",
+        nargs="+",
+        default=[],
+        metavar="N|NAME",
+        help="a count N (rollout-0 .. rollout-N-1) or the --server-id of each rollout server",
+    )
 
 
 def keys_command(args: argparse.Namespace) -> int:
@@ -220,27 +276,38 @@ def keys_command(args: argparse.Namespace) -> int:
         print(f"podsrl keys: {e}", file=sys.stderr)
         return 2
     print("\n".join(f"wrote {p}" for p in made) or f"podsrl keys: every key already exists in {keys_dir}")
-    print(f"Run every process with net.keys_dir={keys_dir} (and net.auth=on on loopback).\n"
-          f"Selector and learner machine: all of {keys_dir}/ except rollout/*.key_secret (delete those once "
-          "copied).\nEach rollout machine: selector.key, learner.key, rollout/<server-id>.key_secret "
-          "(docs/RELIABILITY.md).")
+    print(
+        f"Run every process with net.keys_dir={keys_dir} (and net.auth=on on loopback).\n"
+        f"Selector and learner machine: all of {keys_dir}/ except rollout/*.key_secret (delete those once "
+        "copied).\nEach rollout machine: selector.key, learner.key, rollout/<server-id>.key_secret "
+        "(docs/RELIABILITY.md)."
+    )
     return 0
 
 
 def add_health_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "health", help="exit 0 if a selector, learner or rollout process is alive (the images' HEALTHCHECK)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, description=(
+        "health",
+        help="exit 0 if a selector, learner or rollout process is alive (the images' HEALTHCHECK)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
             "Find the process (--pid, else the first podsrl selector, learner or rollout process in /proc: in a\n"
             "container, its own), read its command line and config, and check it: the selector and the learner\n"
             "accept TCP connections on the ports they bind; a rollout server wrote its metrics file within\n"
             "--max-age seconds. Exit 0 with one line if alive, 1 with the reason if not. Linux only.\n\n"
             "  podsrl health                 # in a container: `docker inspect` shows the line\n"
-            "  podsrl health --pid 4242      # one process of a run on this machine"))
+            "  podsrl health --pid 4242      # one process of a run on this machine"
+        ),
+    )
     p.add_argument("--pid", type=int, help="the process to check (default: the first one found in /proc)")
-    p.add_argument("--max-age", type=float, default=600.0, metavar="S",
-                   help="rollout: its metrics file must be newer than this (default 600: waiting for a slow "
-                   "learner is not a failure)")
+    p.add_argument(
+        "--max-age",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="rollout: its metrics file must be newer than this (default 600: waiting for a slow "
+        "learner is not a failure)",
+    )
 
 
 # A podsrl process's command line names its role after `podsrl` (or `-m launcher.cli`), or its module after
@@ -262,8 +329,9 @@ def health_command(args: argparse.Namespace) -> int:
         for i in range(1, len(argv)):
             before, token = argv[i - 1], argv[i]
             if (before == "-m" and token in ROLE_MODULES) or (
-                    token in ROLE_MODULES.values() and (os.path.basename(before) == "podsrl" or before == "launcher.cli")):
-                return ROLE_MODULES.get(token, token), argv[i + 1:]
+                token in ROLE_MODULES.values() and (os.path.basename(before) == "podsrl" or before == "launcher.cli")
+            ):
+                return ROLE_MODULES.get(token, token), argv[i + 1 :]
         return None
 
     pids = [args.pid] if args.pid else sorted(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())

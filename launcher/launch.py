@@ -5,7 +5,8 @@ otherwise (``learner_command``: torchrun's agent would add ~2.8 s of start-up).
 
 Each child is its own process group (own session), logging to
 ``<run>/logs/<name>.log``. The launcher shows progress from the learner's metrics file (a live
-status line on a terminal, a plain line every 5 s otherwise), and ends when the learner does: the rest exit on its final announcement
+status line on a terminal, a plain line every 5 s otherwise), and ends when the learner does: the rest exit on
+its final announcement
 and are terminated if they linger. Ctrl-C or SIGTERM stops everything; no child outlives the
 launcher, even one killed with SIGKILL (children get SIGTERM when it dies, and torchrun's workers,
 which torch starts in sessions of their own, are killed when torchrun dies: learner/train.py).
@@ -47,9 +48,16 @@ class Child:
 
     def start(self, logs: Path, env: dict[str, str]) -> None:
         self.log = (logs / f"{self.name}.log").open("ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**env, **self.env},
-                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=os.getcwd(),
-                                     preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**env, **self.env},
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=os.getcwd(),
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -86,8 +94,15 @@ def _die_with_parent(launcher_pid: int) -> None:
 
 def torchrun_command(cfg_path: str, overrides: list[str], nproc: int) -> list[str]:
     """The exact torchrun line ``podsrl learner`` and ``podsrl run`` (for more than one rank) use."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "learner.train"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "learner.train",
+    ]
     return cmd + (["--config", cfg_path] if cfg_path else []) + list(overrides)
 
 
@@ -102,8 +117,14 @@ def learner_command(cfg_path: str, overrides: list[str], nproc: int) -> tuple[li
     if nproc > 1:
         return torchrun_command(cfg_path, overrides, nproc), {}
     cmd = [sys.executable, "-m", "learner.train", *(["--config", cfg_path] if cfg_path else []), *overrides]
-    return cmd, {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
+    return cmd, {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "0",
+    }
 
 
 def log_tail(run_dir: Path, name: str, lines: int = 15) -> str:
@@ -117,8 +138,21 @@ def children(cfg: Config, config_path: Path) -> list[Child]:
     learner_cmd, learner_env = learner_command(str(config_path), [], cfg.learner.nproc)
     kids = [Child("selector", [py, "-m", "selector.server", *conf]), Child("learner", learner_cmd, env=learner_env)]
     for i in range(cfg.rollout.servers):
-        kids.append(Child(f"rollout-{i}", [py, "-m", "rollout_server.server", *conf, "--server-id", f"rollout-{i}",
-                                           "--seed", str(cfg.run.seed * 1000 + i)]))
+        kids.append(
+            Child(
+                f"rollout-{i}",
+                [
+                    py,
+                    "-m",
+                    "rollout_server.server",
+                    *conf,
+                    "--server-id",
+                    f"rollout-{i}",
+                    "--seed",
+                    str(cfg.run.seed * 1000 + i),
+                ],
+            )
+        )
     return kids
 
 
@@ -181,10 +215,12 @@ class Progress:
         eta_text = f"ETA {eta:4.0f}s" if math.isfinite(eta) else "ETA    ?"
         width = 20
         bar = "#" * int(width * step / total) + "-" * (width - int(width * step / total))
-        return (f"step {step:>5}/{total} [{bar}] reward {self.rewards[-1]:.3f}  staleness "
-                f"{m.get('staleness/mean', 0):.2f} (max {m.get('staleness/max', 0)}, K={self.cfg.max_staleness})  "
-                f"{m.get('train/samples_per_s', 0):6.1f} samples/s  wait {m.get('time/wait_for_batch', 0):5.2f}s  "
-                f"dropped {m.get('staleness/dropped', 0)}  {now - self.t0:5.0f}s  {eta_text}")
+        return (
+            f"step {step:>5}/{total} [{bar}] reward {self.rewards[-1]:.3f}  staleness "
+            f"{m.get('staleness/mean', 0):.2f} (max {m.get('staleness/max', 0)}, K={self.cfg.max_staleness})  "
+            f"{m.get('train/samples_per_s', 0):6.1f} samples/s  wait {m.get('time/wait_for_batch', 0):5.2f}s  "
+            f"dropped {m.get('staleness/dropped', 0)}  {now - self.t0:5.0f}s  {eta_text}"
+        )
 
     def poll(self) -> None:
         if not self.path.exists():
@@ -226,8 +262,10 @@ class Progress:
             return "no steps completed"
         k = max(1, len(r) // 10)
         first, last = sum(r[:k]) / k, sum(r[-k:]) / k
-        return (f"{len(r)} steps in {time.monotonic() - self.t0:.0f}s; mean reward first 10% {first:.3f} "
-                f"-> last 10% {last:.3f}")
+        return (
+            f"{len(r)} steps in {time.monotonic() - self.t0:.0f}s; mean reward first 10% {first:.3f} "
+            f"-> last 10% {last:.3f}"
+        )
 
 
 def launch(cfg: Config, report: str) -> int:
@@ -237,11 +275,18 @@ def launch(cfg: Config, report: str) -> int:
     cfg, picked = assign_ports(cfg)
     config_path = run_dir / "config.toml"  # what every child reads: the ports picked included
     config_path.write_text(to_toml(cfg))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    print(f"podsrl run: {cfg.summary()}\n{report}\n  run dir {run_dir}  (logs in {run_dir / 'logs'}, metrics in "
-          f"{run_dir / 'metrics'})\n  {describe(cfg.net, picked)}; in {config_path}, with which another rollout "
-          f"server on this machine joins: podsrl rollout --config {config_path} --server-id NAME", flush=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    print(
+        f"podsrl run: {cfg.summary()}\n{report}\n  run dir {run_dir}  (logs in {run_dir / 'logs'}, metrics in "
+        f"{run_dir / 'metrics'})\n  {describe(cfg.net, picked)}; in {config_path}, with which another rollout "
+        f"server on this machine joins: podsrl rollout --config {config_path} --server-id NAME",
+        flush=True,
+    )
     kids = children(cfg, config_path)
     progress = Progress(cfg)
     memory = MemoryMonitor(kids, run_dir)
@@ -268,8 +313,11 @@ def launch(cfg: Config, report: str) -> int:
                 rc = kid.proc.poll() if kid.proc else None
                 if rc is not None and rc != 0 and kid.name not in failed:
                     failed.append(kid.name)
-                    print(f"\n{kid.name} exited with status {rc}; last lines of its log:\n{log_tail(run_dir, kid.name)}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"\n{kid.name} exited with status {rc}; last lines of its log:\n{log_tail(run_dir, kid.name)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             rollouts_alive = any(k.proc.poll() is None for k in kids if k.name.startswith("rollout") and k.proc)
             assert learner.proc is not None
             if learner.proc.poll() is not None or "selector" in failed or (cfg.rollout.servers and not rollouts_alive):
@@ -299,8 +347,10 @@ def launch(cfg: Config, report: str) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     progress.finish()
-    print(f"podsrl run: {progress.summary()}; peak RSS MiB: "
-          + ", ".join(f"{k} {v:.0f}" for k, v in memory.peak.items()), flush=True)
+    print(
+        f"podsrl run: {progress.summary()}; peak RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in memory.peak.items()),
+        flush=True,
+    )
     for line in account(run_dir).lines():
         print(f"podsrl run: {line}", flush=True)
     if interrupted:

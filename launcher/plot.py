@@ -51,8 +51,12 @@ def plot(path: Path, out: Path, thresholds: list[float] | None = None, window: i
         return plot_run(load_run(path), out, window)
     runs = find_runs(path)
     rows = table(runs, thresholds, window, reps=1000)
-    return [*plot_reward(runs, out, window, thresholds), *plot_staleness(runs, out),
-            *plot_throughput(rows, out), *plot_intervals(rows, out, thresholds)]
+    return [
+        *plot_reward(runs, out, window, thresholds),
+        *plot_staleness(runs, out),
+        *plot_throughput(rows, out),
+        *plot_intervals(rows, out, thresholds),
+    ]
 
 
 def _curves(runs: list[Run], window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -81,8 +85,11 @@ def plot_reward(runs: dict[str, list[Run]], out: Path, window: int, thresholds: 
         for thr in thresholds:
             ax.axhline(thr, color="grey", linestyle=":", linewidth=0.8)
         ax.grid(alpha=0.3)
-    ax_s.set(xlabel="optimizer step", ylabel=f"reward (mean of last {window} steps)",
-             title="reward vs step (mean across seeds, 95% band)")
+    ax_s.set(
+        xlabel="optimizer step",
+        ylabel=f"reward (mean of last {window} steps)",
+        title="reward vs step (mean across seeds, 95% band)",
+    )
     ax_t.set(xlabel="wall-clock seconds since the first batch", title="reward vs wall-clock")
     ax_s.legend(fontsize=7)
     return save(fig, out, "reward")
@@ -92,16 +99,22 @@ def plot_staleness(runs: dict[str, list[Run]], out: Path) -> list[Path]:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(runs) + 4), 4))
     size = max(len(r.staleness_hist) for rs in runs.values() for r in rs)
-    hists = {name: sum((np.pad(r.staleness_hist, (0, size - len(r.staleness_hist))) for r in rs), np.zeros(size))
-             for name, rs in runs.items()}
+    hists = {
+        name: sum((np.pad(r.staleness_hist, (0, size - len(r.staleness_hist))) for r in rs), np.zeros(size))
+        for name, rs in runs.items()
+    }
     top = max((int(np.nonzero(h)[0].max()) for h in hists.values() if h.any()), default=0)
     width = 0.8 / max(1, len(hists))
     ks = np.arange(top + 1)
     for i, (name, h) in enumerate(hists.items()):
         frac = h[: top + 1] / max(1.0, h.sum())
         ax.bar(ks + (i - (len(hists) - 1) / 2) * width, frac, width, label=name, color=f"C{i % 10}")
-    ax.set(xlabel="staleness s = V - v of trained rows", ylabel="fraction of trained rows", xticks=ks,
-           title="staleness histogram (all seeds)")
+    ax.set(
+        xlabel="staleness s = V - v of trained rows",
+        ylabel="fraction of trained rows",
+        xticks=ks,
+        title="staleness histogram (all seeds)",
+    )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
     return save(fig, out, "staleness")
@@ -117,8 +130,10 @@ def plot_throughput(rows: list[Row], out: Path) -> list[Path]:
     for row in rows:
         rest = ",".join(f"{'.'.join(k.split('.')[-2:])}={v}" for k, v in row.values.items() if k != "max_staleness")
         groups.setdefault(rest if has_k else "", []).append(row)
-    for ax, attr, label in ((axes[0], "samples_per_s", "samples/s (rows trained per second)"),
-                            (axes[1], "idle_frac", "learner idle fraction")):
+    for ax, attr, label in (
+        (axes[0], "samples_per_s", "samples/s (rows trained per second)"),
+        (axes[1], "idle_frac", "learner idle fraction"),
+    ):
         top = max(getattr(run, attr) for r in rows for run in r.runs)
         for i, (rest, rs) in enumerate(groups.items()):
             x = np.array([r.values["max_staleness"] for r in rs]) if has_k else np.arange(len(rs))
@@ -159,16 +174,19 @@ def plot_intervals(rows: list[Row], out: Path, thresholds: list[float]) -> list[
         if thr is not None:
             r = row.reach[thr]
             s = r.seconds
-            axes[0, 1].errorbar(s.value, y[i], xerr=_xerr(s), capsize=4, color=color, fmt="o",
-                                mfc="white" if r.censored else color)
+            axes[0, 1].errorbar(
+                s.value, y[i], xerr=_xerr(s), capsize=4, color=color, fmt="o", mfc="white" if r.censored else color
+            )
             axes[0, 1].annotate(f" {r.reached}/{r.runs}", (s.hi, y[i]), fontsize=7, va="center")
     for ax in axes[0]:
         ax.set_yticks(y, [r.config for r in rows], fontsize=7)
         ax.grid(alpha=0.3, axis="x")
     axes[0, 0].set(xlabel="final reward (last 10% of steps): IQM, 95% CI", title="final reward")
     if thr is not None:
-        axes[0, 1].set(xlabel=f"seconds to reward {thr:g}: IQM, 95% CI (open marker: a lower bound)",
-                       title=f"time to {thr:g} (k/S seeds reached it)")
+        axes[0, 1].set(
+            xlabel=f"seconds to reward {thr:g}: IQM, 95% CI (open marker: a lower bound)",
+            title=f"time to {thr:g} (k/S seeds reached it)",
+        )
     return save(fig, out, "iqm")
 
 
@@ -208,6 +226,9 @@ def plot_run(run: Run, out: Path, window: int) -> list[Path]:
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
-    fig.suptitle(f"{run.dir}: final reward {run.final_reward:.3f}, {run.samples_per_s:.0f} samples/s, "
-                 f"staleness mean {run.staleness_mean:.2f}", fontsize=10)
+    fig.suptitle(
+        f"{run.dir}: final reward {run.final_reward:.3f}, {run.samples_per_s:.0f} samples/s, "
+        f"staleness mean {run.staleness_mean:.2f}",
+        fontsize=10,
+    )
     return save(fig, out, "run")

@@ -55,12 +55,13 @@ def assign_ports(cfg: Config) -> tuple[Config, list[str]]:
     if not unset:
         return cfg, []
     kept = {getattr(cfg.net, k) for k in PORT_KEYS if k not in unset}
-    ports = [p for p in free_ports(len(unset) + len(kept), reserve=True) if p not in kept][:len(unset)]
+    ports = [p for p in free_ports(len(unset) + len(kept), reserve=True) if p not in kept][: len(unset)]
     net = cfg.net.model_copy(update=dict(zip(unset, ports, strict=True)))
     return cfg.model_copy(update={"net": net}), unset
 
 
 def describe(net: NetConfig, picked: list[str]) -> str:
     """The launcher's line about the ports, e.g. ``ports: group 41234 (free), batch 5556, ...``."""
-    return "ports: " + ", ".join(f"{k.removesuffix('_port')} {getattr(net, k)}{' (free)' if k in picked else ''}"
-                                 for k in PORT_KEYS)
+    return "ports: " + ", ".join(
+        f"{k.removesuffix('_port')} {getattr(net, k)}{' (free)' if k in picked else ''}" for k in PORT_KEYS
+    )

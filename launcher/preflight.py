@@ -23,8 +23,10 @@ class PreflightError(ValueError):
 
 def _model_files(path: Path) -> None:
     if not (path / "config.json").exists():
-        raise PreflightError(f"model.path={str(path)!r} has no config.json: point it at a local transformers model "
-                             "directory (save_pretrained), or leave it empty with model.init='tiny'")
+        raise PreflightError(
+            f"model.path={str(path)!r} has no config.json: point it at a local transformers model "
+            "directory (save_pretrained), or leave it empty with model.init='tiny'"
+        )
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise PreflightError(f"model.path={str(path)!r} has no weights (*.safetensors or *.bin)")
 
@@ -34,12 +36,16 @@ def _tokenizer(path: Path) -> Any:
 
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((path / n).exists() for n in names):
-        raise PreflightError(f"model.path={str(path)!r} has no tokenizer files ({', '.join(names)}): the tokenizer "
-                             "travels with the model; save it there with tokenizer.save_pretrained(model_dir)")
+        raise PreflightError(
+            f"model.path={str(path)!r} has no tokenizer files ({', '.join(names)}): the tokenizer "
+            "travels with the model; save it there with tokenizer.save_pretrained(model_dir)"
+        )
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise PreflightError(f"model.path={str(path)!r}: its tokenizer does not load ({type(e).__name__}: {e})") from None
+        raise PreflightError(
+            f"model.path={str(path)!r}: its tokenizer does not load ({type(e).__name__}: {e})"
+        ) from None
 
 
 def preflight(cfg: Config) -> str:
@@ -51,8 +57,10 @@ def preflight(cfg: Config) -> str:
     try:
         if cfg.model.init == "tiny" and not path.exists():
             if cfg.model.path:
-                raise PreflightError(f"model.path={cfg.model.path!r} does not exist; with model.init='tiny' leave "
-                                     "model.path empty to build the tiny model in <run.dir>/model")
+                raise PreflightError(
+                    f"model.path={cfg.model.path!r} does not exist; with model.init='tiny' leave "
+                    "model.path empty to build the tiny model in <run.dir>/model"
+                )
             from launcher.tiny import build_tiny_model
 
             alphabet = cfg.model.tiny.alphabet or alphabet_of(cfg.task)
@@ -64,8 +72,10 @@ def preflight(cfg: Config) -> str:
         tokenizer = _tokenizer(path)
         vocab = json.loads((path / "config.json").read_text()).get("vocab_size")
         if isinstance(vocab, int) and len(tokenizer) > vocab:
-            raise PreflightError(f"model.path={str(path)!r}: the tokenizer has {len(tokenizer)} tokens but the "
-                                 f"model's vocab_size is {vocab}; they must come from the same model")
+            raise PreflightError(
+                f"model.path={str(path)!r}: the tokenizer has {len(tokenizer)} tokens but the "
+                f"model's vocab_size is {vocab}; they must come from the same model"
+            )
         lines.append(f"model {path} (vocabulary {len(tokenizer)}, dtype {cfg.model.dtype})")
         lines.append(validate_task(cfg, tokenizer))
     except TaskError as e:
@@ -77,6 +87,8 @@ def preflight(cfg: Config) -> str:
     except AuthError as e:
         raise PreflightError(str(e)) from None
     if cfg.rollout.engine.type == "vllm" and cfg.rollout.servers and importlib.util.find_spec("vllm") is None:
-        raise PreflightError("rollout.engine.type='vllm' but vLLM is not installed here: install it in its own "
-                             "environment (docs/TASKS.md), or use rollout.engine.type='torch'")
+        raise PreflightError(
+            "rollout.engine.type='vllm' but vLLM is not installed here: install it in its own "
+            "environment (docs/TASKS.md), or use rollout.engine.type='torch'"
+        )
     return "\n".join(f"  {line}" for line in lines)

@@ -58,8 +58,12 @@ class Estimate:
         return f"{self.value:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
 
 
-def stratified_bootstrap(scores: Sequence[Sequence[float]] | Array, statistic: Callable[[Array], Array | float],
-                         reps: int = 2000, seed: int = 0) -> Array:
+def stratified_bootstrap(
+    scores: Sequence[Sequence[float]] | Array,
+    statistic: Callable[[Array], Array | float],
+    reps: int = 2000,
+    seed: int = 0,
+) -> Array:
     """``reps`` bootstrap replicates of ``statistic`` over a (runs, tasks) score matrix.
 
     Stratified as in rliable: the runs of each task (column) are resampled with replacement
@@ -82,8 +86,9 @@ def percentile_ci(replicates: Array, alpha: float = 0.05) -> tuple[float, float]
     return float(lo), float(hi)
 
 
-def iqm_ci(scores: Sequence[float] | Sequence[Sequence[float]] | Array, reps: int = 2000, alpha: float = 0.05,
-           seed: int = 0) -> Estimate:
+def iqm_ci(
+    scores: Sequence[float] | Sequence[Sequence[float]] | Array, reps: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> Estimate:
     """IQM of the scores (all runs of all tasks pooled) with a percentile stratified-bootstrap CI.
 
     With one run the interval is the point itself: one seed says nothing about the spread.
@@ -109,8 +114,9 @@ def probability_of_improvement(x: Sequence[float] | Array, y: Sequence[float] | 
     return float(_poi(np.asarray(x, dtype=float), np.asarray(y, dtype=float)))
 
 
-def probability_of_improvement_ci(x: Sequence[float] | Array, y: Sequence[float] | Array, reps: int = 2000,
-                                  alpha: float = 0.05, seed: int = 0) -> Estimate:
+def probability_of_improvement_ci(
+    x: Sequence[float] | Array, y: Sequence[float] | Array, reps: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> Estimate:
     """:func:`probability_of_improvement` with a bootstrap CI (the runs of X and of Y resampled
     independently: each configuration is its own stratum)."""
     xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
@@ -141,8 +147,13 @@ class Reach:
     seconds: float  # wall-clock seconds at that step; the run's length if never
 
 
-def time_to_threshold(steps: Sequence[int] | Array, seconds: Sequence[float] | Array,
-                      rewards: Sequence[float] | Array, threshold: float, window: int = 10) -> Reach:
+def time_to_threshold(
+    steps: Sequence[int] | Array,
+    seconds: Sequence[float] | Array,
+    rewards: Sequence[float] | Array,
+    threshold: float,
+    window: int = 10,
+) -> Reach:
     """First step (and wall-clock second) at which the mean reward of the last ``window`` steps is
     >= ``threshold``.
 
@@ -154,7 +165,7 @@ def time_to_threshold(steps: Sequence[int] | Array, seconds: Sequence[float] | A
     if len(r) == 0:
         return Reach(False, 0, 0.0)
     w = max(1, min(window, len(r)))
-    full = smooth(r, w)[w - 1:]
+    full = smooth(r, w)[w - 1 :]
     hits = np.nonzero(full >= threshold)[0]
     i = int(hits[0]) + w - 1 if len(hits) else len(r) - 1
     return Reach(bool(len(hits)), int(steps[i]), float(seconds[i]))
@@ -185,8 +196,9 @@ def summarize_reach(reaches: Sequence[Reach], reps: int = 2000, seed: int = 0) -
     secs = [r.seconds for r in reaches]
     stps = [float(r.step) for r in reaches]
     n_reached = sum(r.reached for r in reaches)
-    return ReachSummary(n_reached, len(reaches), iqm_ci(secs, reps, seed=seed), iqm_ci(stps, reps, seed=seed),
-                        n_reached < len(reaches))
+    return ReachSummary(
+        n_reached, len(reaches), iqm_ci(secs, reps, seed=seed), iqm_ci(stps, reps, seed=seed), n_reached < len(reaches)
+    )
 
 
 def mean_band(curves: Array, reps: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[Array, Array, Array]:

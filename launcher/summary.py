@@ -94,28 +94,46 @@ def load_run(run_dir: Path, config: str | None = None, seed: int | None = None) 
     wall = max(float(time_[-1] - t0), 1e-9)
     reward = _col(records, "reward/mean")
     k = max(1, len(reward) // 10)
-    top = max((int(key.rsplit("_", 1)[1]) for r in records for key in r if key.startswith("staleness/hist_")),
-              default=-1)
+    top = max(
+        (int(key.rsplit("_", 1)[1]) for r in records for key in r if key.startswith("staleness/hist_")), default=-1
+    )
     hist = np.array([_col(records, f"staleness/hist_{i}").sum() for i in range(top + 1)])
     rows = _col(records, "train/samples")
     stal = _col(records, "staleness/mean")
     received, dropped = _col(records, "groups/received").sum(), _col(records, "staleness/dropped").sum()
     acc = account(run_dir)
     shares = [r for name in acc.servers if (r := acc.share_ratio(name)) is not None]
-    loads = [x for p in sorted((run_dir / "metrics").glob("rollout-*.jsonl"))  # each server's first load
-             for x in [float(m["rollout/weights_load_s"]) for m in read_metrics(p)  # waits for the learner
-                       if m.get("rollout/weights_load_s") is not None][1:]]
+    loads = [
+        x
+        for p in sorted((run_dir / "metrics").glob("rollout-*.jsonl"))  # each server's first load
+        for x in [
+            float(m["rollout/weights_load_s"])
+            for m in read_metrics(p)  # waits for the learner
+            if m.get("rollout/weights_load_s") is not None
+        ][1:]
+    ]
     return Run(
-        dir=run_dir, config=config or run_dir.name, seed=int(values.get("run.seed", 0) if seed is None else seed),
-        values=values, complete=(run_dir / DONE).exists(), records=records, step=_col(records, "step"),
-        seconds=time_ - t0, reward=reward, final_reward=float(reward[-k:].mean()),
-        samples_per_s=float(rows.sum() / wall), idle_frac=float(_col(records, "time/wait_for_batch")[1:].sum() / wall),
+        dir=run_dir,
+        config=config or run_dir.name,
+        seed=int(values.get("run.seed", 0) if seed is None else seed),
+        values=values,
+        complete=(run_dir / DONE).exists(),
+        records=records,
+        step=_col(records, "step"),
+        seconds=time_ - t0,
+        reward=reward,
+        final_reward=float(reward[-k:].mean()),
+        samples_per_s=float(rows.sum() / wall),
+        idle_frac=float(_col(records, "time/wait_for_batch")[1:].sum() / wall),
         # row-weighted: a step's mean staleness counts with the rows it trained
         staleness_mean=float((stal * rows).sum() / rows.sum()) if rows.sum() else float(stal.mean()),
         staleness_max=float(_col(records, "staleness/max").max()),
         dropped_frac=float(dropped / received) if received else 0.0,
-        waste=acc.waste, slowest_share=min(shares, default=None),
-        weight_sync_s=float(np.mean(loads)) if loads else None, staleness_hist=hist)
+        waste=acc.waste,
+        slowest_share=min(shares, default=None),
+        weight_sync_s=float(np.mean(loads)) if loads else None,
+        staleness_hist=hist,
+    )
 
 
 def is_run_dir(path: Path) -> bool:
@@ -149,8 +167,10 @@ def find_runs(root: Path) -> dict[str, list[Run]]:
         if seeds:
             found[conf.name] = [load_run(p, conf.name, int(p.name[4:] or 0)) for p in seeds]
     if not found:
-        raise ValueError(f"{root} holds no runs: expected <config>/seed<k>/metrics/learner.jsonl (a podsrl sweep "
-                         "--out directory) or metrics/learner.jsonl (one run directory)")
+        raise ValueError(
+            f"{root} holds no runs: expected <config>/seed<k>/metrics/learner.jsonl (a podsrl sweep "
+            "--out directory) or metrics/learner.jsonl (one run directory)"
+        )
     order = manifest(root).get("configs", [])
     keys = varying_keys(found)
     rank = {name: i for i, name in enumerate(order)}
@@ -158,7 +178,9 @@ def find_runs(root: Path) -> dict[str, list[Run]]:
 
 
 def _sort_key(run: Run, keys: list[str]) -> tuple:
-    return tuple((0, v, "") if isinstance(v, int | float) else (1, 0, str(v)) for v in (run.values.get(k) for k in keys))
+    return tuple(
+        (0, v, "") if isinstance(v, int | float) else (1, 0, str(v)) for v in (run.values.get(k) for k in keys)
+    )
 
 
 def varying_keys(runs: dict[str, list[Run]]) -> list[str]:
@@ -186,8 +208,9 @@ def reaches(run: Run, threshold: float, window: int) -> Reach:
     return time_to_threshold(run.step, run.seconds, run.reward, threshold, window)
 
 
-def table(runs: dict[str, list[Run]], thresholds: list[float], window: int, reference: str | None = None,
-          reps: int = 2000) -> list[Row]:
+def table(
+    runs: dict[str, list[Run]], thresholds: list[float], window: int, reference: str | None = None, reps: int = 2000
+) -> list[Row]:
     keys = varying_keys(runs)
     ref = reference or next(iter(runs))
     if ref not in runs:
@@ -197,8 +220,16 @@ def table(runs: dict[str, list[Run]], thresholds: list[float], window: int, refe
     for name, rs in runs.items():
         scores = [r.final_reward for r in rs]
         poi = None if name == ref else probability_of_improvement_ci(scores, ref_scores, reps=reps)
-        rows.append(Row(name, {k: rs[0].values.get(k) for k in keys}, rs, iqm_ci(scores, reps=reps), poi,
-                        {t: summarize_reach([reaches(r, t, window) for r in rs], reps=reps) for t in thresholds}))
+        rows.append(
+            Row(
+                name,
+                {k: rs[0].values.get(k) for k in keys},
+                rs,
+                iqm_ci(scores, reps=reps),
+                poi,
+                {t: summarize_reach([reaches(r, t, window) for r in rs], reps=reps) for t in thresholds},
+            )
+        )
     return rows
 
 
@@ -214,8 +245,16 @@ def markdown(rows: list[Row], thresholds: list[float], window: int, reference: s
     head = ["config", "seeds", "final reward IQM [95% CI]", f"P(> {reference})"]
     for t in thresholds:
         head += [f"reached {t:g}", f"s to {t:g}", f"steps to {t:g}"]
-    head += ["samples/s", "learner idle", "staleness mean", "staleness max", "dropped stale", "waste",
-             "lowest share ratio", "weight sync ms"]
+    head += [
+        "samples/s",
+        "learner idle",
+        "staleness mean",
+        "staleness max",
+        "dropped stale",
+        "waste",
+        "lowest share ratio",
+        "weight sync ms",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         sync = row.mean("weight_sync_s")
@@ -223,9 +262,16 @@ def markdown(rows: list[Row], thresholds: list[float], window: int, reference: s
         for t in thresholds:
             r = row.reach[t]
             cells += [f"{r.reached}/{r.runs}", r.fmt("seconds", 1), r.fmt("steps", 0)]
-        cells += [_f(row.mean("samples_per_s"), 0), _f(row.mean("idle_frac"), 2), _f(row.mean("staleness_mean"), 2),
-                  _f(max(r.staleness_max for r in row.runs), 0), _f(row.mean("dropped_frac"), 3),
-                  _f(row.mean("waste"), 3), _f(row.mean("slowest_share"), 2), _f(None if sync is None else 1e3 * sync, 1)]
+        cells += [
+            _f(row.mean("samples_per_s"), 0),
+            _f(row.mean("idle_frac"), 2),
+            _f(row.mean("staleness_mean"), 2),
+            _f(max(r.staleness_max for r in row.runs), 0),
+            _f(row.mean("dropped_frac"), 3),
+            _f(row.mean("waste"), 3),
+            _f(row.mean("slowest_share"), 2),
+            _f(None if sync is None else 1e3 * sync, 1),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
         "",
@@ -249,34 +295,84 @@ def markdown(rows: list[Row], thresholds: list[float], window: int, reference: s
 
 def csv_text(rows: list[Row], thresholds: list[float]) -> str:
     keys = list(rows[0].values) if rows else []
-    head = ["config", *keys, "seeds", "final_reward_iqm", "final_reward_lo", "final_reward_hi",
-            "poi_vs_reference", "poi_lo", "poi_hi"]
+    head = [
+        "config",
+        *keys,
+        "seeds",
+        "final_reward_iqm",
+        "final_reward_lo",
+        "final_reward_hi",
+        "poi_vs_reference",
+        "poi_lo",
+        "poi_hi",
+    ]
     for t in thresholds:
-        head += [f"reached_{t:g}", f"runs_{t:g}", f"censored_{t:g}", f"seconds_to_{t:g}_iqm", f"seconds_to_{t:g}_lo",
-                 f"seconds_to_{t:g}_hi", f"steps_to_{t:g}_iqm", f"steps_to_{t:g}_lo", f"steps_to_{t:g}_hi"]
-    head += ["samples_per_s", "idle_frac", "staleness_mean", "staleness_max", "dropped_frac", "waste",
-             "lowest_share_ratio", "weight_sync_s"]
+        head += [
+            f"reached_{t:g}",
+            f"runs_{t:g}",
+            f"censored_{t:g}",
+            f"seconds_to_{t:g}_iqm",
+            f"seconds_to_{t:g}_lo",
+            f"seconds_to_{t:g}_hi",
+            f"steps_to_{t:g}_iqm",
+            f"steps_to_{t:g}_lo",
+            f"steps_to_{t:g}_hi",
+        ]
+    head += [
+        "samples_per_s",
+        "idle_frac",
+        "staleness_mean",
+        "staleness_max",
+        "dropped_frac",
+        "waste",
+        "lowest_share_ratio",
+        "weight_sync_s",
+    ]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(head)
     for row in rows:
         poi = [row.poi.value, row.poi.lo, row.poi.hi] if row.poi else ["", "", ""]
-        cells: list[Any] = [row.config, *(row.values[k] for k in keys), len(row.runs), row.final.value,
-                            row.final.lo, row.final.hi, *poi]
+        cells: list[Any] = [
+            row.config,
+            *(row.values[k] for k in keys),
+            len(row.runs),
+            row.final.value,
+            row.final.lo,
+            row.final.hi,
+            *poi,
+        ]
         for t in thresholds:
             r = row.reach[t]
-            cells += [r.reached, r.runs, r.censored, r.seconds.value, r.seconds.lo, r.seconds.hi, r.steps.value,
-                      r.steps.lo, r.steps.hi]
+            cells += [
+                r.reached,
+                r.runs,
+                r.censored,
+                r.seconds.value,
+                r.seconds.lo,
+                r.seconds.hi,
+                r.steps.value,
+                r.steps.lo,
+                r.steps.hi,
+            ]
         sync = row.mean("weight_sync_s")
-        cells += [row.mean("samples_per_s"), row.mean("idle_frac"), row.mean("staleness_mean"),
-                  max(r.staleness_max for r in row.runs), row.mean("dropped_frac"), row.mean("waste"),
-                  _blank(row.mean("slowest_share")), "" if sync is None else sync]
+        cells += [
+            row.mean("samples_per_s"),
+            row.mean("idle_frac"),
+            row.mean("staleness_mean"),
+            max(r.staleness_max for r in row.runs),
+            row.mean("dropped_frac"),
+            row.mean("waste"),
+            _blank(row.mean("slowest_share")),
+            "" if sync is None else sync,
+        ]
         w.writerow(cells)
     return buf.getvalue()
 
 
-def write_summary(root: Path, thresholds: list[float] | None = None, window: int | None = None,
-                  reference: str | None = None) -> str:
+def write_summary(
+    root: Path, thresholds: list[float] | None = None, window: int | None = None, reference: str | None = None
+) -> str:
     """Write ``<root>/summary.md`` and ``summary.csv``; thresholds and window default to the sweep's own."""
     m = manifest(root)
     thresholds = list(thresholds or m.get("thresholds") or [0.6, 0.8])
@@ -287,8 +383,10 @@ def write_summary(root: Path, thresholds: list[float] | None = None, window: int
     md = markdown(rows, thresholds, window, ref)
     left_out = unfinished(root)
     if left_out:
-        md += (f"Left out, started by the sweep but not finished (failed or interrupted): "
-               f"{', '.join(f'`{p}`' for p in left_out)}.\n")
+        md += (
+            f"Left out, started by the sweep but not finished (failed or interrupted): "
+            f"{', '.join(f'`{p}`' for p in left_out)}.\n"
+        )
     title = f"# Sweep summary: {root}\n\n" + (f"Made by `{m['command']}`.\n\n" if m.get("command") else "")
     (root / "summary.md").write_text(title + md)
     (root / "summary.csv").write_text(csv_text(rows, thresholds))

@@ -88,13 +88,17 @@ def check_key(key: str, where: str) -> None:
     if key not in keys:
         close = difflib.get_close_matches(key, keys, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise SweepError(f"{where} {key!r} is not a config key{hint}. Every key is listed in docs/CONFIG.md "
-                         "(or: podsrl config --reference).")
+        raise SweepError(
+            f"{where} {key!r} is not a config key{hint}. Every key is listed in docs/CONFIG.md "
+            "(or: podsrl config --reference)."
+        )
 
 
 def _seeds(value: Any) -> list[int]:
-    if isinstance(value, bool) or not (isinstance(value, int) or (
-            isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value))):
+    if isinstance(value, bool) or not (
+        isinstance(value, int)
+        or (isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value))
+    ):
         raise SweepError(f"seeds must be a count (seeds = 5) or a list of integers (seeds = [0, 3]), got {value!r}")
     seeds = list(range(value)) if isinstance(value, int) else list(value)
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
@@ -110,18 +114,26 @@ def load_grid(path: str | Path) -> Grid:
         raise SweepError(str(e)) from None
     unknown = sorted(set(data) - GRID_KEYS)
     if unknown:
-        raise SweepError(f"grid file {path}: unknown top-level key(s) {', '.join(unknown)}; a grid file has "
-                         f"{', '.join(sorted(GRID_KEYS))} (put config keys under [base] or [grid])")
-    grid = Grid(config=data.get("config"), out=str(data.get("out", "")),
-                base=flatten(data.get("base", {})), window=int(data.get("window", 10)))
+        raise SweepError(
+            f"grid file {path}: unknown top-level key(s) {', '.join(unknown)}; a grid file has "
+            f"{', '.join(sorted(GRID_KEYS))} (put config keys under [base] or [grid])"
+        )
+    grid = Grid(
+        config=data.get("config"),
+        out=str(data.get("out", "")),
+        base=flatten(data.get("base", {})),
+        window=int(data.get("window", 10)),
+    )
     if "seeds" in data:
         grid.seeds = _seeds(data["seeds"])
     if "thresholds" in data:
         grid.thresholds = [float(t) for t in data["thresholds"]]
     for key, values in flatten(data.get("grid", {})).items():
         if not isinstance(values, list) or not values:
-            raise SweepError(f"grid file {path}: [grid] {key} must be a non-empty list of values, "
-                             f"e.g. {key} = [0, 2], got {values!r}")
+            raise SweepError(
+                f"grid file {path}: [grid] {key} must be a non-empty list of values, "
+                f"e.g. {key} = [0, 2], got {values!r}"
+            )
         grid.axes[key] = values
     return grid
 
@@ -236,7 +248,8 @@ def outcome(a: Active, rc: int) -> str:
     if rc != 0:
         tail = (a.spec.dir / "sweep.log").read_text(errors="replace").splitlines()[-8:]
         return f"FAILED (status {rc}); last lines of {a.spec.dir / 'sweep.log'}:\n" + "\n".join(
-            f"    {line}" for line in tail)
+            f"    {line}" for line in tail
+        )
     try:
         return f"final reward {load_run(a.spec.dir).final_reward:.3f}"
     except ValueError as e:
@@ -254,8 +267,10 @@ def finished(grid: Grid, spec: RunSpec) -> bool:
     started = spec.dir / STARTED
     recorded = json.loads(started.read_text()).get("settings") if started.exists() else None
     if recorded is not None and recorded != settings(grid, spec):
-        raise SweepError(f"{spec.dir} finished with other settings ({' '.join(recorded)}); now: "
-                         f"{' '.join(settings(grid, spec))}. Choose another --out, or remove that directory.")
+        raise SweepError(
+            f"{spec.dir} finished with other settings ({' '.join(recorded)}); now: "
+            f"{' '.join(settings(grid, spec))}. Choose another --out, or remove that directory."
+        )
     return True
 
 
@@ -269,12 +284,15 @@ def start(grid: Grid, spec: RunSpec, port_base: int | None) -> Active:
     spec.dir.mkdir(parents=True, exist_ok=True)
     (spec.dir / "config.toml").write_text(to_toml(resolve(grid, spec)))
     cmd = [*RUNNER, *run_args(grid, spec, port_overrides(spec, port_base))]
-    (spec.dir / STARTED).write_text(json.dumps({"config": spec.name, "seed": spec.seed, "settings": settings(grid, spec),
-                                                "command": shlex.join(cmd)}) + "\n")
+    (spec.dir / STARTED).write_text(
+        json.dumps(
+            {"config": spec.name, "seed": spec.seed, "settings": settings(grid, spec), "command": shlex.join(cmd)}
+        )
+        + "\n"
+    )
     log = (spec.dir / "sweep.log").open("ab")
     # Its own session: a Ctrl-C reaches the sweep only, which stops each run through its launcher.
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     return Active(spec, proc, log, time.monotonic())
 
 
@@ -283,8 +301,11 @@ def execute(grid: Grid, specs: list[RunSpec], parallel: int, port_base: int | No
     todo = deque(s for s in specs if not finished(grid, s))
     total, skipped = len(specs), len(specs) - len(todo)
     n_seeds = len(grid.seeds)
-    print(f"podsrl sweep: {total} runs ({total // n_seeds} configurations x {n_seeds} seed{'s' * (n_seeds != 1)}); "
-          f"{skipped} finished earlier (skipped); {len(todo)} to run, {parallel} at a time", flush=True)
+    print(
+        f"podsrl sweep: {total} runs ({total // n_seeds} configurations x {n_seeds} seed{'s' * (n_seeds != 1)}); "
+        f"{skipped} finished earlier (skipped); {len(todo)} to run, {parallel} at a time",
+        flush=True,
+    )
     active: list[Active] = []
     durations: list[float] = []
     ok = failed = 0
@@ -301,8 +322,11 @@ def execute(grid: Grid, specs: list[RunSpec], parallel: int, port_base: int | No
             while todo and len(active) < parallel:
                 a = start(grid, todo.popleft(), port_base)
                 active.append(a)
-                print(f"[{a.spec.index:>{len(str(total))}}/{total}] start {a.spec.name} seed{a.spec.seed} -> "
-                      f"{a.spec.dir}", flush=True)
+                print(
+                    f"[{a.spec.index:>{len(str(total))}}/{total}] start {a.spec.name} seed{a.spec.seed} -> "
+                    f"{a.spec.dir}",
+                    flush=True,
+                )
             time.sleep(0.2)
             for a in [a for a in active if a.proc.poll() is not None]:
                 active.remove(a)
@@ -317,11 +341,19 @@ def execute(grid: Grid, specs: list[RunSpec], parallel: int, port_base: int | No
                 what = outcome(a, rc)
                 mean = sum(durations) / len(durations) if durations else None
                 left = len(todo) + len(active)
-                eta = "unknown" if mean is None else fmt_s(
-                    (mean * len(todo) + sum(max(0.0, mean - (time.monotonic() - x.t0)) for x in active)) / parallel)
-                print(f"[{a.spec.index:>{len(str(total))}}/{total}] done  {a.spec.name} seed{a.spec.seed} in "
-                      f"{fmt_s(took)}: {what}  | {ok + skipped}/{total} finished, {failed} failed, {left} left, "
-                      f"elapsed {fmt_s(time.monotonic() - t_start)}, ETA {eta}", flush=True)
+                eta = (
+                    "unknown"
+                    if mean is None
+                    else fmt_s(
+                        (mean * len(todo) + sum(max(0.0, mean - (time.monotonic() - x.t0)) for x in active)) / parallel
+                    )
+                )
+                print(
+                    f"[{a.spec.index:>{len(str(total))}}/{total}] done  {a.spec.name} seed{a.spec.seed} in "
+                    f"{fmt_s(took)}: {what}  | {ok + skipped}/{total} finished, {failed} failed, {left} left, "
+                    f"elapsed {fmt_s(time.monotonic() - t_start)}, ETA {eta}",
+                    flush=True,
+                )
     finally:
         for a in active:  # interrupted (or an error): each `podsrl run` stops its own processes on SIGTERM
             with contextlib.suppress(ProcessLookupError):
@@ -343,14 +375,32 @@ def write_manifest(grid: Grid, specs: list[RunSpec], out: Path, argv: list[str])
     """``<out>/sweep.json``: the grid, the configurations in order, thresholds and window, for --summarize."""
     names = list(dict.fromkeys(s.name for s in specs))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({
-        "command": shlex.join(["podsrl", "sweep", *argv]), "config": grid.config, "base": grid.base,
-        "axes": grid.axes, "seeds": grid.seeds, "configs": names, "thresholds": grid.thresholds,
-        "window": grid.window}, indent=1) + "\n")
+    (out / "sweep.json").write_text(
+        json.dumps(
+            {
+                "command": shlex.join(["podsrl", "sweep", *argv]),
+                "config": grid.config,
+                "base": grid.base,
+                "axes": grid.axes,
+                "seeds": grid.seeds,
+                "configs": names,
+                "thresholds": grid.thresholds,
+                "window": grid.window,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
 
 
-def build_grid(grid_file: str | None, config: str | None, axes: list[str], seeds: str | None,
-               thresholds: str | None, window: int | None) -> Grid:
+def build_grid(
+    grid_file: str | None,
+    config: str | None,
+    axes: list[str],
+    seeds: str | None,
+    thresholds: str | None,
+    window: int | None,
+) -> Grid:
     grid = load_grid(grid_file) if grid_file else Grid()
     if config:
         grid.config = config
@@ -368,8 +418,16 @@ def build_grid(grid_file: str | None, config: str | None, axes: list[str], seeds
     return grid
 
 
-def sweep(argv: list[str], grid: Grid, out: Path, overrides: list[str], parallel: int, port_base: int | None,
-          print_only: bool, reference: str | None = None) -> int:
+def sweep(
+    argv: list[str],
+    grid: Grid,
+    out: Path,
+    overrides: list[str],
+    parallel: int,
+    port_base: int | None,
+    print_only: bool,
+    reference: str | None = None,
+) -> int:
     """Plan, check, then print or run; summarise what finished. Exit status: 0 all runs succeeded,
     1 some failed, 130 interrupted."""
     if parallel < 1:
@@ -389,11 +447,15 @@ def sweep(argv: list[str], grid: Grid, out: Path, overrides: list[str], parallel
     if any((s.dir / DONE).exists() for s in specs):
         print(write_summary(out, grid.thresholds, grid.window, reference=reference), flush=True)
     if interrupted:
-        print("podsrl sweep: interrupted; runs in progress were stopped and will start afresh next time",
-              file=sys.stderr)
+        print(
+            "podsrl sweep: interrupted; runs in progress were stopped and will start afresh next time", file=sys.stderr
+        )
         return 130
     if failed:
-        print(f"podsrl sweep: {failed} run(s) failed (their sweep.log and logs/ say why); start the same sweep "
-              "again to retry only the unfinished ones", file=sys.stderr)
+        print(
+            f"podsrl sweep: {failed} run(s) failed (their sweep.log and logs/ say why); start the same sweep "
+            "again to retry only the unfinished ones",
+            file=sys.stderr,
+        )
         return 1
     return 0

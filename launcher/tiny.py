@@ -17,8 +17,10 @@ from protocol.config import Config
 log = logging.getLogger("podsrl.launcher")
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant: {% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 
 
 def build_char_tokenizer(alphabet: str, path: Path) -> None:
@@ -31,8 +33,9 @@ def build_char_tokenizer(alphabet: str, path: Path) -> None:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token per character
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
 
@@ -49,10 +52,18 @@ def build_tiny_model(cfg: Config, path: Path, alphabet: str) -> int:
     tok = AutoTokenizer.from_pretrained(tmp)
     t = cfg.model.tiny
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_heads,
-        max_position_embeddings=t.max_positions, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        vocab_size=len(tok),
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_heads,
+        max_position_embeddings=t.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(cfg.run.seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(tmp)

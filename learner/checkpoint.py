@@ -74,9 +74,16 @@ def resume_lineage(checkpoint: Lineage, published: tuple[int, int] | None) -> Li
     return Lineage(checkpoint.version, checkpoint.step, max(floor, checkpoint.floor))
 
 
-def save_checkpoint(cfg: Config, net: torch.nn.Module, opt: torch.optim.Optimizer, version: int, rank: int,
-                    model_state: dict[str, torch.Tensor] | None = None, step: int | None = None,
-                    floor: int = 0) -> None:
+def save_checkpoint(
+    cfg: Config,
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    version: int,
+    rank: int,
+    model_state: dict[str, torch.Tensor] | None = None,
+    step: int | None = None,
+    floor: int = 0,
+) -> None:
     """Write version ``version``. Every rank calls it (gathering the state is a collective);
     ``model_state``: this step's ``full_model_state(net)`` if the caller already has it."""
     state = full_model_state(net) if model_state is None else model_state
@@ -91,8 +98,10 @@ def save_checkpoint(cfg: Config, net: torch.nn.Module, opt: torch.optim.Optimize
         # Tied weights (lm_head = embed_tokens) gather as two tensors; save each parameter once, as
         # save_pretrained does for the live model, and from_pretrained re-ties them.
         model.save_pretrained(tmp / "model", state_dict={k: v for k, v in state.items() if k in params})
-        torch.save({"optimizer": opt_state, "version": version, "step": version if step is None else step,
-                    "floor": floor}, tmp / "trainer.pt")
+        torch.save(
+            {"optimizer": opt_state, "version": version, "step": version if step is None else step, "floor": floor},
+            tmp / "trainer.pt",
+        )
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         pointer = root / "latest.tmp"
@@ -136,7 +145,11 @@ def load_latest(cfg: Config, net: torch.nn.Module, opt: torch.optim.Optimizer, r
     lineage = out[0]
     assert lineage is not None
     if rank == 0 and lineage.version != checkpoint.version:
-        log.warning("versions %d..%d were published by a learner that died before checkpointing them: this "
-                    "learner continues at version %d, and rows of any version below it are discarded",
-                    checkpoint.version + 1, lineage.version - 1, lineage.version)
+        log.warning(
+            "versions %d..%d were published by a learner that died before checkpointing them: this "
+            "learner continues at version %d, and rows of any version below it are discarded",
+            checkpoint.version + 1,
+            lineage.version - 1,
+            lineage.version,
+        )
     return lineage

@@ -66,7 +66,14 @@ from torch import Tensor
 from protocol.config import LossSettings
 
 __all__ = [
-    "AGGREGATIONS", "LOSSES", "LossFn", "LossInputs", "aggregate", "build_loss", "compute_loss", "diagnostics",
+    "AGGREGATIONS",
+    "LOSSES",
+    "LossFn",
+    "LossInputs",
+    "aggregate",
+    "build_loss",
+    "compute_loss",
+    "diagnostics",
 ]
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "constant")  # aggregate()'s modes; learner.loss.aggregation
@@ -320,8 +327,6 @@ def compute_loss(
     normaliser of ``constant`` aggregation (Dr. GRPO), is a derived size (``Config.max_new_tokens``).
     """
     tok, metrics = build_loss(cfg.type)(inp, cfg)
-    loss = aggregate(
-        tok, inp.mask, cfg.aggregation, total_tokens=total_tokens, total_seqs=total_seqs, max_len=max_len
-    )
+    loss = aggregate(tok, inp.mask, cfg.aggregation, total_tokens=total_tokens, total_seqs=total_seqs, max_len=max_len)
     out = {**_diagnostic_tensors(inp), **metrics, "loss/pg_loss": loss.detach()}
     return loss, _to_floats(out)

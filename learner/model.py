@@ -24,16 +24,23 @@ def load_model(path: Path, device: torch.device) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no model at {path}: set model.path to a local transformers model directory, "
-                                "or model.init='tiny' and start through `podsrl run`/`podsrl learner`, which build one")
+        raise FileNotFoundError(
+            f"no model at {path}: set model.path to a local transformers model directory, "
+            "or model.init='tiny' and start through `podsrl run`/`podsrl learner`, which build one"
+        )
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     torch.nn.Module.to(model, device)  # in place (transformers' typed ``to`` confuses type checkers)
     return model
 
 
-def completion_logprobs(model: torch.nn.Module, prompt_ids: list[torch.Tensor], completion_ids: list[torch.Tensor],
-                        temperature: float, device: torch.device,
-                        entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def completion_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: list[torch.Tensor],
+    completion_ids: list[torch.Tensor],
+    temperature: float,
+    device: torch.device,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each completion given its prompt, at the sampling temperature.
 
     Returns ``(logp, mask, entropy)``, each ``(B, Lmax)``: row i holds completion i's tokens
@@ -47,7 +54,7 @@ def completion_logprobs(model: torch.nn.Module, prompt_ids: list[torch.Tensor], 
     ids = torch.zeros((len(rows), width), dtype=torch.long)  # padding: masked out, any id will do
     attn = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, :len(r)], attn[i, :len(r)] = r, 1
+        ids[i, : len(r)], attn[i, : len(r)] = r, 1
     ids, attn = ids.to(device), attn.to(device)
     # use_cache=False: training never decodes, and gradient checkpointing requires it. Log-probs are taken
     # in fp32 whatever the compute dtype (bf16 logits would round the importance ratios).

@@ -43,8 +43,10 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (no _no_split_modules): "
-                         "use learner.strategy='ddp'")
+        raise ValueError(
+            f"cannot find the decoder layers of {type(model).__name__} (no _no_split_modules): "
+            "use learner.strategy='ddp'"
+        )
     return layers
 
 
@@ -68,8 +70,11 @@ def wrap(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # FSDP2: torch >= 2.6
 
         bf16 = cfg.model.dtype == "bfloat16"
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if bf16
             else MixedPrecisionPolicy()
+        )
         for layer in decoder_layers(model):
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
@@ -116,8 +121,9 @@ def full_optimizer_state(net: torch.nn.Module, opt: torch.optim.Optimizer) -> di
     return dict(get_optimizer_state_dict(net, opt, options=FULL))
 
 
-def load_full_state(net: torch.nn.Module, opt: torch.optim.Optimizer, model_state: dict[str, torch.Tensor],
-                    opt_state: dict[str, Any]) -> None:
+def load_full_state(
+    net: torch.nn.Module, opt: torch.optim.Optimizer, model_state: dict[str, torch.Tensor], opt_state: dict[str, Any]
+) -> None:
     """Load rank 0's full state dicts into every rank's (sharded or replicated) model and optimizer."""
     set_model_state_dict(net, dict(model_state), options=FROM_RANK0)
     set_optimizer_state_dict(net, opt, opt_state, options=FROM_RANK0)
@@ -127,4 +133,3 @@ def cast(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
     """Floating-point tensors in the published ``model.dtype`` (the rollout engine loads that dtype)."""
     dt = DTYPES[dtype]
     return {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
-

@@ -94,8 +94,15 @@ def share_on_device(weights: Weights, device: Any) -> tuple[str, Any]:
 
 
 class WeightPublisher:
-    def __init__(self, ctx: zmq.Context, net: NetConfig, files: dict[str, bytes] | None = None,
-                 vocab_size: int = 0, weights: WeightsConfig | None = None, run_dir: str = "") -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        net: NetConfig,
+        files: dict[str, bytes] | None = None,
+        vocab_size: int = 0,
+        weights: WeightsConfig | None = None,
+        run_dir: str = "",
+    ) -> None:
         auth = load_auth(net, "learner")  # first: a missing key must fail before any socket exists
         self.cfg = weights or WeightsConfig()
         self._ctx = ctx
@@ -121,11 +128,17 @@ class WeightPublisher:
             try:
                 self.shm = SegmentStore(self.cfg.shm_dir, run_key(run_dir), self.session)
                 if self.shm.stale_removed:
-                    log.info("removed %d shared-memory segments left by a learner of this run that was killed",
-                             self.shm.stale_removed)
+                    log.info(
+                        "removed %d shared-memory segments left by a learner of this run that was killed",
+                        self.shm.stale_removed,
+                    )
             except OSError as e:
-                log.warning("no shared memory for weights (%s: %s): rollout servers on this machine fetch over the "
-                            "network; set weights.shm_dir to a writable tmpfs", self.cfg.shm_dir, e)
+                log.warning(
+                    "no shared memory for weights (%s: %s): rollout servers on this machine fetch over the "
+                    "network; set weights.shm_dir to a writable tmpfs",
+                    self.cfg.shm_dir,
+                    e,
+                )
         self._wake_addr = f"inproc://publisher-{id(self)}"
         self._wake = ctx.socket(zmq.PAIR)
         self._wake.bind(self._wake_addr)
@@ -150,14 +163,18 @@ class WeightPublisher:
             try:
                 return self.shm.alloc(nbytes)
             except OSError as e:
-                log.warning("shared memory full or unusable (%s); rollout servers on this machine fetch over the "
-                            "network from now on (raise the tmpfs size, e.g. docker shm_size)", e)
+                log.warning(
+                    "shared memory full or unusable (%s); rollout servers on this machine fetch over the "
+                    "network from now on (raise the tmpfs size, e.g. docker shm_size)",
+                    e,
+                )
                 self.shm.close()
                 self.shm = None
         return np.empty(nbytes, np.uint8)
 
-    def publish(self, weights: Weights, floor: int = 0, final: bool = False,
-                cuda: tuple[str, Any] | None = None) -> None:
+    def publish(
+        self, weights: Weights, floor: int = 0, final: bool = False, cuda: tuple[str, Any] | None = None
+    ) -> None:
         """Make ``weights`` the version served and announce it (``floor``: see the module doc).
         ``weights.data`` must come from :meth:`alloc` when shared memory is offered. ``cuda``: the
         handle text of a device copy and the buffer itself, kept alive while the version is kept."""
@@ -183,18 +200,30 @@ class WeightPublisher:
         probe = weights.version % 16 == 0  # deltas that did not pay may pay now (a lower lr, bf16)
         with self._lock:
             busy = any(not f.done() for f in self._deltas.values())  # never queue eagerly behind a backlog
-        if (self.cfg.delta and (self._deltas_pay or probe) and not busy and previous is not None
-                and previous.version < weights.version and same_layout(previous.tensors, weights.tensors)):
+        if (
+            self.cfg.delta
+            and (self._deltas_pay or probe)
+            and not busy
+            and previous is not None
+            and previous.version < weights.version
+            and same_layout(previous.tensors, weights.tensors)
+        ):
             self._delta(previous, weights)  # the one most servers will ask for: start encoding it now
         self._wake.send(b"new")
 
     def metrics(self) -> dict[str, float]:
         """Cumulative serving counters (``weights/*`` in the learner's metrics)."""
-        return {"weights/bytes_served_mib": self.bytes_served / 2**20, "weights/deltas_served": self.deltas_served,
-                "weights/full_served": self.full_served, "weights/chunks_served": self.served,
-                "weights/requests_rejected": self.rejected, "weights/shm": float(self.shm is not None),
-                "weights/pinned_served": self.pinned_served, "weights/pins_dropped": self.pins_dropped,
-                "weights/pins_expired": self.pins_expired}
+        return {
+            "weights/bytes_served_mib": self.bytes_served / 2**20,
+            "weights/deltas_served": self.deltas_served,
+            "weights/full_served": self.full_served,
+            "weights/chunks_served": self.served,
+            "weights/requests_rejected": self.rejected,
+            "weights/shm": float(self.shm is not None),
+            "weights/pinned_served": self.pinned_served,
+            "weights/pins_dropped": self.pins_dropped,
+            "weights/pins_expired": self.pins_expired,
+        }
 
     def close(self) -> None:
         self._wake.send(b"stop")
@@ -212,9 +241,20 @@ class WeightPublisher:
             shm = self._shm_names.get(w.version, "") if w is not None else ""
             cuda = self._cuda.get(w.version, ("", None))[0] if w is not None else ""
         if w is not None:
-            send(self._pub, WeightsAnnouncement(version=w.version, nbytes=int(w.data.nbytes), final=final,
-                                                floor=floor, vocab_size=self.vocab_size, session=self.session,
-                                                shm=shm, host=host_id() if shm or cuda else "", cuda=cuda))
+            send(
+                self._pub,
+                WeightsAnnouncement(
+                    version=w.version,
+                    nbytes=int(w.data.nbytes),
+                    final=final,
+                    floor=floor,
+                    vocab_size=self.vocab_size,
+                    session=self.session,
+                    shm=shm,
+                    host=host_id() if shm or cuda else "",
+                    cuda=cuda,
+                ),
+            )
 
     def _payload(self, req: WeightsRequest) -> tuple[Weights, int, np.ndarray] | Future | None:
         """(target, base, payload) for a request; the encoding in progress when its delta is not ready
@@ -224,8 +264,12 @@ class WeightPublisher:
             base = self._kept.get(req.have) if req.have >= self._floor else None
         if target is None:
             return None
-        use_delta = (self.cfg.delta and base is not None and base.version < target.version
-                     and same_layout(base.tensors, target.tensors))
+        use_delta = (
+            self.cfg.delta
+            and base is not None
+            and base.version < target.version
+            and same_layout(base.tensors, target.tensors)
+        )
         if use_delta and base is not None and req.chunk == 0 and not self._deltas_pay:
             with self._lock:  # deltas do not pay lately: serve the full version unless this one is encoded
                 cached = self._deltas.get((base.version, target.version))
@@ -258,8 +302,11 @@ class WeightPublisher:
         blob = np.frombuffer(encode_delta(base, target, self.cfg.zstd_level), np.uint8)
         pays = self._pays(blob, target)
         if pays != self._deltas_pay:
-            log.info("deltas are %s of the version: %s", f"{blob.shape[0] / max(1, target.data.shape[0]):.0%}",
-                     "sending deltas" if pays else "sending full versions (weights.delta_max_ratio)")
+            log.info(
+                "deltas are %s of the version: %s",
+                f"{blob.shape[0] / max(1, target.data.shape[0]):.0%}",
+                "sending deltas" if pays else "sending full versions (weights.delta_max_ratio)",
+            )
         self._deltas_pay = pays
         return blob
 
@@ -279,15 +326,26 @@ class WeightPublisher:
         first = req.chunk == 0
         chunks = max(1, -(-int(payload.shape[0]) // self._chunk))
         if first and chunks > 1 and self.cfg.pin_s > 0:
-            self._pins[key] = Pin(target.version, base, int(target.data.shape[0]), payload, set(range(1, chunks)),
-                                  time.monotonic())
+            self._pins[key] = Pin(
+                target.version, base, int(target.data.shape[0]), payload, set(range(1, chunks)), time.monotonic()
+            )
             while len(self._pins) > MAX_PINS:
                 self._pins.popitem(last=False)
-        return self._send_part(route, req, target.version, base, int(target.data.shape[0]), payload,
-                               target=target if first else None)
+        return self._send_part(
+            route, req, target.version, base, int(target.data.shape[0]), payload, target=target if first else None
+        )
 
-    def _send_part(self, route: list[bytes], req: WeightsRequest, version: int, base: int, raw_bytes: int,
-                   payload: np.ndarray, target: Weights | None = None, pin: Pin | None = None) -> bool:
+    def _send_part(
+        self,
+        route: list[bytes],
+        req: WeightsRequest,
+        version: int,
+        base: int,
+        raw_bytes: int,
+        payload: np.ndarray,
+        target: Weights | None = None,
+        pin: Pin | None = None,
+    ) -> bool:
         """Send chunk ``req.chunk`` of ``payload`` (chunk 0 carries ``target``'s manifest and config)."""
         size = int(payload.shape[0])
         chunks = max(1, -(-size // self._chunk))
@@ -297,7 +355,7 @@ class WeightPublisher:
             send(self._router, WeightsChunk(fetch=req.fetch, version=version, status="gone"), *route)
             return True
         files = target is not None and req.with_files
-        part = payload[req.chunk * self._chunk:(req.chunk + 1) * self._chunk]
+        part = payload[req.chunk * self._chunk : (req.chunk + 1) * self._chunk]
         self.served += 1
         self.bytes_served += int(part.shape[0])
         if target is not None:
@@ -313,12 +371,27 @@ class WeightPublisher:
             self.pinned_served += evicted
             if not pin.left:
                 self._pins.pop((bytes(route[0]), req.fetch), None)
-        send(self._router, WeightsChunk(
-            fetch=req.fetch, version=version, status="ok", base=base,
-            encoding="raw" if base < 0 else "diff+zstd", chunk=req.chunk, chunks=chunks, chunk_bytes=self._chunk,
-            size=size, raw_bytes=raw_bytes, model_config=target.model_config if target is not None else "",
-            tensors=target.tensors if target is not None else [], files=self._file_list if files else [],
-            data=part, file_data=self._files_blob if files else np.empty(0, np.uint8)), *route)
+        send(
+            self._router,
+            WeightsChunk(
+                fetch=req.fetch,
+                version=version,
+                status="ok",
+                base=base,
+                encoding="raw" if base < 0 else "diff+zstd",
+                chunk=req.chunk,
+                chunks=chunks,
+                chunk_bytes=self._chunk,
+                size=size,
+                raw_bytes=raw_bytes,
+                model_config=target.model_config if target is not None else "",
+                tensors=target.tensors if target is not None else [],
+                files=self._file_list if files else [],
+                data=part,
+                file_data=self._files_blob if files else np.empty(0, np.uint8),
+            ),
+            *route,
+        )
         return True
 
     def _expire_pins(self) -> None:
@@ -329,9 +402,14 @@ class WeightPublisher:
             self.pins_expired += 1
         with self._lock:
             kept = set(self._kept)
-        held = sorted({(p.version, p.base) for p in self._pins.values()
-                       if p.version not in kept or (p.base >= 0 and p.base not in kept)})
-        for pair in held[:max(0, len(held) - self.cfg.max_pinned)]:
+        held = sorted(
+            {
+                (p.version, p.base)
+                for p in self._pins.values()
+                if p.version not in kept or (p.base >= 0 and p.base not in kept)
+            }
+        )
+        for pair in held[: max(0, len(held) - self.cfg.max_pinned)]:
             for key in [k for k, p in self._pins.items() if (p.version, p.base) == pair]:
                 del self._pins[key]
                 self.pins_dropped += 1

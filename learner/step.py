@@ -67,7 +67,7 @@ def even_out(plan: list[list[int]], count: int) -> list[tuple[list[int], float]]
     while len(parts) < count and max(len(p) for p in parts) > 1:
         big = max(range(len(parts)), key=lambda j: len(parts[j]))
         half = len(parts[big]) // 2
-        parts[big:big + 1] = [parts[big][:half], parts[big][half:]]
+        parts[big : big + 1] = [parts[big][:half], parts[big][half:]]
     return [(p, 1.0) for p in parts] + [(parts[0], 0.0)] * (count - len(parts))
 
 
@@ -90,39 +90,54 @@ def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, floa
 
 
 def _take(data: Shard, rows: list[int]) -> Shard:
-    return {"prompts": [data["prompts"][i] for i in rows], "completions": [data["completions"][i] for i in rows],
-            "behav": [data["behav"][i] for i in rows], "advantages": data["advantages"][rows]}
+    return {
+        "prompts": [data["prompts"][i] for i in rows],
+        "completions": [data["completions"][i] for i in rows],
+        "behav": [data["behav"][i] for i in rows],
+        "advantages": data["advantages"][rows],
+    }
 
 
 def pad(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     out = torch.zeros((len(rows), width), dtype=rows[0].dtype)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = r
+        out[i, : len(r)] = r
     return out
 
 
-def micro_batch_loss(net: torch.nn.Module, data: Shard, cfg: Config, totals: tuple[float, float],
-                     device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+def micro_batch_loss(
+    net: torch.nn.Module, data: Shard, cfg: Config, totals: tuple[float, float], device: torch.device
+) -> tuple[torch.Tensor, dict[str, float]]:
     """This micro-batch's share of the global loss (``totals``: global tokens, sequences), and its metrics."""
     with autocast(net, cfg.model.dtype, device):
         bonus = cfg.learner.loss.entropy_coef
-        logp, mask, entropy = completion_logprobs(net, data["prompts"], data["completions"],
-                                                  cfg.rollout.temperature, device, entropy_grad=bonus > 0)
+        logp, mask, entropy = completion_logprobs(
+            net, data["prompts"], data["completions"], cfg.rollout.temperature, device, entropy_grad=bonus > 0
+        )
     behav = pad(data["behav"], mask.shape[1]).to(device)
     # One optimizer step per batch: the proximal policy of decoupled PPO is the current one at step
     # start, i.e. exactly logp without gradient; no second forward pass is needed.
-    inputs = LossInputs(logp=logp, behav_logp=behav, advantages=data["advantages"].to(device), mask=mask,
-                        prox_logp=logp.detach())
-    loss, metrics = compute_loss(inputs, cfg.learner.loss, max_len=cfg.max_new_tokens, total_tokens=totals[0],
-                                 total_seqs=totals[1])
+    inputs = LossInputs(
+        logp=logp, behav_logp=behav, advantages=data["advantages"].to(device), mask=mask, prox_logp=logp.detach()
+    )
+    loss, metrics = compute_loss(
+        inputs, cfg.learner.loss, max_len=cfg.max_new_tokens, total_tokens=totals[0], total_seqs=totals[1]
+    )
     if bonus > 0:  # this micro-batch's share of the batch's token-mean entropy, as the loss is
         loss = loss - bonus * entropy.sum() / max(totals[0], 1.0)
     metrics["loss/entropy"] = float(entropy.detach().sum() / mask.sum().clamp(min=1))
     return loss, metrics
 
 
-def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, data: Shard, cfg: Config, world: int,
-               device: torch.device, step: int) -> dict[str, float]:
+def train_step(
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    data: Shard,
+    cfg: Config,
+    world: int,
+    device: torch.device,
+    step: int,
+) -> dict[str, float]:
     """Accumulate this rank's shard in micro-batches and take optimizer step ``step`` (= the version)."""
     lengths = [len(p) + len(c) for p, c in zip(data["prompts"], data["completions"], strict=True)]
     plan = plan_micro_batches(lengths, cfg.learner.micro_batch_tokens)
@@ -138,8 +153,7 @@ def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, data: Shard, cf
     parts, micro = [], even_out(plan, int(count))
     for j, (rows, weight) in enumerate(micro):
         with sync_gradients(net, sync=j == len(micro) - 1):
-            loss, metrics = micro_batch_loss(net, _take(data, rows), cfg, (float(totals[0]), float(totals[1])),
-                                             device)
+            loss, metrics = micro_batch_loss(net, _take(data, rows), cfg, (float(totals[0]), float(totals[1])), device)
             # DDP and FSDP average gradients over ranks; the loss is already a share of the global mean.
             (loss * (world * weight)).backward()
         if weight:
@@ -157,5 +171,9 @@ def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, data: Shard, cf
         log.warning("step %d skipped: its loss or gradient is not finite (grad norm %s)", step, grad_norm)
     else:
         opt.step()
-    return {**{k: v if math.isfinite(v) else 0.0 for k, v in out.items()}, "train/lr": lr,
-            "train/micro_batches": len(micro), "train/skipped_nonfinite": float(skipped)}
+    return {
+        **{k: v if math.isfinite(v) else 0.0 for k, v in out.items()},
+        "train/lr": lr,
+        "train/micro_batches": len(micro),
+        "train/skipped_nonfinite": float(skipped),
+    }

@@ -82,8 +82,13 @@ class BatchSource:
                     return fresh, time.monotonic() - t0
             if time.monotonic() > next_log:
                 next_log = time.monotonic() + self.cfg.learner.batch_timeout_s
-                log.info("no batch for version %d after %.0fs; still asking the selector at %s:%d",
-                         version, time.monotonic() - t0, self.cfg.net.selector_host, self.cfg.net.batch_port)
+                log.info(
+                    "no batch for version %d after %.0fs; still asking the selector at %s:%d",
+                    version,
+                    time.monotonic() - t0,
+                    self.cfg.net.selector_host,
+                    self.cfg.net.batch_port,
+                )
 
     def _fresh(self, batch: TrainBatch, version: int) -> TrainBatch | None:
         """Check the bounds here too: a late reply to an old request may hold stale rows, and the learner
@@ -91,14 +96,20 @@ class BatchSource:
         stale = self.cfg.too_stale(version, batch.versions)
         if stale.any():
             self.stale_rows += int(stale.sum())
-            log.warning("dropping a batch with %d rows staler than K=%d (late reply)", stale.sum(),
-                        self.cfg.max_staleness)
+            log.warning(
+                "dropping a batch with %d rows staler than K=%d (late reply)", stale.sum(), self.cfg.max_staleness
+            )
             return None
         ids = (batch.prompt_ids, batch.completion_ids)
-        problem = ("rows from a future version" if batch.size and int(batch.versions.max()) > version
-                   else "token ids outside the vocabulary" if any(a.size and (int(a.min()) < 0 or int(a.max())
-                                                                             >= self.vocab_size) for a in ids)
-                   else "fewer rows than ranks" if batch.size < self.cfg.learner.nproc else "")
+        problem = (
+            "rows from a future version"
+            if batch.size and int(batch.versions.max()) > version
+            else "token ids outside the vocabulary"
+            if any(a.size and (int(a.min()) < 0 or int(a.max()) >= self.vocab_size) for a in ids)
+            else "fewer rows than ranks"
+            if batch.size < self.cfg.learner.nproc
+            else ""
+        )
         if problem:
             self.rejected += 1
             log.warning("rejected a batch for version %d: %s", version, problem)
@@ -110,8 +121,15 @@ def trained_groups(batch: TrainBatch) -> list[list]:
     """``[server, session, seq, version]`` of each group of ``batch``: the audit trail of what was trained
     (``metrics/trained_groups.jsonl``; no identity may appear twice in a run, docs/RELIABILITY.md)."""
     first = np.unique(batch.group_index, return_index=True)[1]  # one row of each group, in group order
-    return [[batch.servers[int(batch.server_index[r])], int(batch.group_sessions[g]), int(batch.group_seqs[g]),
-             int(batch.versions[r])] for g, r in enumerate(first.tolist())]
+    return [
+        [
+            batch.servers[int(batch.server_index[r])],
+            int(batch.group_sessions[g]),
+            int(batch.group_seqs[g]),
+            int(batch.versions[r]),
+        ]
+        for g, r in enumerate(first.tolist())
+    ]
 
 
 def die_with_agent() -> None:
@@ -149,9 +167,9 @@ def shard(batch: TrainBatch, rank: int, world: int) -> dict[str, Any]:
     ps, cs = pe - batch.prompt_lens, ce - batch.completion_lens
     t = torch.from_numpy
     return {
-        "prompts": [t(batch.prompt_ids[ps[i]:pe[i]].astype(np.int64)) for i in rows],
-        "completions": [t(batch.completion_ids[cs[i]:ce[i]].astype(np.int64)) for i in rows],
-        "behav": [t(batch.logprobs[cs[i]:ce[i]].copy()) for i in rows],
+        "prompts": [t(batch.prompt_ids[ps[i] : pe[i]].astype(np.int64)) for i in rows],
+        "completions": [t(batch.completion_ids[cs[i] : ce[i]].astype(np.int64)) for i in rows],
+        "behav": [t(batch.logprobs[cs[i] : ce[i]].copy()) for i in rows],
         "advantages": t(batch.advantages[rows].copy()),
     }
 
@@ -188,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             assert publisher is not None
             bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
             if bad:
-                raise RuntimeError(f"version {version} has non-finite weights ({bad[:3]}): not published. Resume "
-                                   "from the last checkpoint with a lower learner.lr or learner.grad_clip")
+                raise RuntimeError(
+                    f"version {version} has non-finite weights ({bad[:3]}): not published. Resume "
+                    "from the last checkpoint with a lower learner.lr or learner.grad_clip"
+                )
             record_published(cfg, version, floor)
             w = pack_weights(cast(state, cfg.model.dtype), version, model_config, alloc=publisher.alloc)
             publisher.publish(w, floor, final, cuda=device_copy(w))
@@ -204,21 +224,35 @@ def main(argv: list[str] | None = None) -> int:
                 return share_on_device(w, device)
             except (RuntimeError, ValueError) as e:  # never stop training for an optional fast path
                 sharing["cuda"] = False
-                log.warning("CUDA IPC unavailable (%s): rollout servers copy from the host segment; set "
-                            "weights.cuda_ipc=false to silence this", e)
+                log.warning(
+                    "CUDA IPC unavailable (%s): rollout servers copy from the host segment; set "
+                    "weights.cuda_ipc=false to silence this",
+                    e,
+                )
                 return None
 
         if rank == 0:
             assert ctx is not None
-            publisher = WeightPublisher(ctx, cfg.net, files=read_tokenizer_files(cfg.model_dir),
-                                        vocab_size=int(model.config.vocab_size), weights=cfg.weights,
-                                        run_dir=cfg.run.dir)
+            publisher = WeightPublisher(
+                ctx,
+                cfg.net,
+                files=read_tokenizer_files(cfg.model_dir),
+                vocab_size=int(model.config.vocab_size),
+                weights=cfg.weights,
+                run_dir=cfg.run.dir,
+            )
             publish()
             source = BatchSource(ctx, cfg, int(model.config.vocab_size))
             monitor = Monitor(cfg.run.dir, "learner")
             audit = (Path(cfg.run.dir) / "metrics" / "trained_groups.jsonl").open("a")
-            log.info("learner up: %d rank(s) on %s, %s, version %d; %s", world, device, cfg.learner.strategy,
-                     version, cfg.summary())
+            log.info(
+                "learner up: %d rank(s) on %s, %s, version %d; %s",
+                world,
+                device,
+                cfg.learner.strategy,
+                version,
+                cfg.summary(),
+            )
         started, saved, nonfinite = time.monotonic(), None, 0
         while step < cfg.run.steps:
             t0 = time.monotonic()
@@ -247,15 +281,25 @@ def main(argv: list[str] | None = None) -> int:
                 metrics.update({"time/publish": time.monotonic() - t_pub, **publisher.metrics()})
                 stale = (version - 1) - batch.versions  # what this update trained on (a late reply may be
                 # a batch cut for an older request version: the learner's own version is the truth)
-                metrics.update({
-                    **batch.stats, "version": version, "train/step": step, "time/wait_for_batch": wait_s,
-                    "time/train": time.monotonic() - t1, "time/step": time.monotonic() - t0,
-                    "train/samples": batch.size, "train/samples_per_s": batch.size / (time.monotonic() - t0),
-                    "staleness/mean": float(stale.mean()), "staleness/max": int(stale.max()),
-                    **{f"staleness/hist_{k}": int((stale == k).sum()) for k in range(cfg.max_staleness + 1)},
-                    "learner/batches_rejected": source.rejected, "learner/stale_rows_dropped": source.stale_rows,
-                    "learner/nonfinite_steps_skipped": nonfinite,
-                    "reward/kept_mean": float(batch.rewards.mean())})
+                metrics.update(
+                    {
+                        **batch.stats,
+                        "version": version,
+                        "train/step": step,
+                        "time/wait_for_batch": wait_s,
+                        "time/train": time.monotonic() - t1,
+                        "time/step": time.monotonic() - t0,
+                        "train/samples": batch.size,
+                        "train/samples_per_s": batch.size / (time.monotonic() - t0),
+                        "staleness/mean": float(stale.mean()),
+                        "staleness/max": int(stale.max()),
+                        **{f"staleness/hist_{k}": int((stale == k).sum()) for k in range(cfg.max_staleness + 1)},
+                        "learner/batches_rejected": source.rejected,
+                        "learner/stale_rows_dropped": source.stale_rows,
+                        "learner/nonfinite_steps_skipped": nonfinite,
+                        "reward/kept_mean": float(batch.rewards.mean()),
+                    }
+                )
                 monitor.log(version, metrics)
                 audit.write(json.dumps({"version": version, "groups": trained_groups(batch)}) + "\n")
                 audit.flush()

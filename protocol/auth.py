@@ -61,8 +61,10 @@ LINKS: dict[str, tuple[Role, tuple[Role, ...]]] = {
 }
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RESCAN_S = 1.0  # an unknown key re-reads the allowlist's files at most this often
-FIX = ("create keys with `podsrl keys DIR --rollout N` (or --rollout NAME ...), then set net.keys_dir=DIR "
-       "(docs/RELIABILITY.md); or set net.auth=off to run without authentication")
+FIX = (
+    "create keys with `podsrl keys DIR --rollout N` (or --rollout NAME ...), then set net.keys_dir=DIR "
+    "(docs/RELIABILITY.md); or set net.auth=off to run without authentication"
+)
 
 
 class AuthError(ValueError):
@@ -96,11 +98,13 @@ def auth_enabled(net: NetConfig) -> bool:
 def check(net: NetConfig) -> None:
     """Raise :class:`AuthError` (naming the fix) when authentication is on but no keys are configured."""
     if auth_enabled(net) and not net.keys_dir:
-        why = ("net.auth=on" if net.auth == "on" else
-               f"net.bind_host={net.bind_host!r}, net.selector_host={net.selector_host!r}, "
-               f"net.learner_host={net.learner_host!r} are not all loopback")
-        raise AuthError(f"{why}, so every link must be authenticated (CurveZMQ), but net.keys_dir is not "
-                        f"set: {FIX}")
+        why = (
+            "net.auth=on"
+            if net.auth == "on"
+            else f"net.bind_host={net.bind_host!r}, net.selector_host={net.selector_host!r}, "
+            f"net.learner_host={net.learner_host!r} are not all loopback"
+        )
+        raise AuthError(f"{why}, so every link must be authenticated (CurveZMQ), but net.keys_dir is not set: {FIX}")
 
 
 class Allowlist:
@@ -151,8 +155,13 @@ class Allowlist:
             if first:
                 self._logged.add(text)
         if first or self.denied % 1000 == 0:  # quiet under a flood of unknown keys
-            log.warning("refused a client on the %s link: public key %s... is not in %s (%d refused so far)",
-                        self.link, text[:12], ", ".join(str(s) for s in self.sources), self.denied)
+            log.warning(
+                "refused a client on the %s link: public key %s... is not in %s (%d refused so far)",
+                self.link,
+                text[:12],
+                ", ".join(str(s) for s in self.sources),
+                self.denied,
+            )
         return False
 
 
@@ -164,8 +173,10 @@ def check_peer(frame: zmq.Frame, allow: Allowlist) -> None:
     except zmq.ZMQError:
         user = None
     if not user or user not in allow:
-        raise ProtocolError("unauthenticated", f"a message on the {allow.link} link from a peer whose key is "
-                            f"not allowlisted (User-Id {str(user)[:12]!r})")
+        raise ProtocolError(
+            "unauthenticated",
+            f"a message on the {allow.link} link from a peer whose key is not allowlisted (User-Id {str(user)[:12]!r})",
+        )
 
 
 def _read_pair(path: Path, what: str) -> tuple[bytes, bytes]:
@@ -206,8 +217,9 @@ class Auth:
             raise ValueError(f"the {self.role} does not bind the {link} link (the {server} does)")
         if link not in self._allow:
             d = self.keys_dir
-            self._allow[link] = Allowlist(link, tuple(d / "rollout" if r == "rollout" else d / f"{r}.key"
-                                                      for r in clients))
+            self._allow[link] = Allowlist(
+                link, tuple(d / "rollout" if r == "rollout" else d / f"{r}.key" for r in clients)
+            )
         return self._allow[link]
 
 
@@ -225,30 +237,44 @@ def load_auth(net: NetConfig, role: Role, name: str = "") -> Auth | None:
     Raises :class:`AuthError` naming the fix when a key is missing."""
     if not auth_enabled(net):
         if net.auth == "off" and not is_loopback(net.bind_host):
-            log.warning("net.auth=off with net.bind_host=%s: ANY host that reaches these ports can push "
-                        "groups, fetch weights and request batches; %s", net.bind_host, FIX)
+            log.warning(
+                "net.auth=off with net.bind_host=%s: ANY host that reaches these ports can push "
+                "groups, fetch weights and request batches; %s",
+                net.bind_host,
+                FIX,
+            )
         else:
-            log.warning("authentication is off (net.auth=%s, every address is loopback): any local process "
-                        "can join this run; set net.auth=on net.keys_dir=DIR to turn it on", net.auth)
+            log.warning(
+                "authentication is off (net.auth=%s, every address is loopback): any local process "
+                "can join this run; set net.auth=on net.keys_dir=DIR to turn it on",
+                net.auth,
+            )
         return None
     check(net)
     keys_dir = Path(net.keys_dir).expanduser()
     who = f"{role} {name}".strip()
     if role == "rollout" and not NAME.fullmatch(name):
-        raise AuthError(f"rollout server id {name!r} cannot name a key file: use --server-id with letters, "
-                        "digits, '.', '_', '-' (at most 64)")
+        raise AuthError(
+            f"rollout server id {name!r} cannot name a key file: use --server-id with letters, "
+            "digits, '.', '_', '-' (at most 64)"
+        )
     path = key_path(keys_dir, role, name)
     if role == "rollout" and not path.exists():
-        raise AuthError(f"{who}: no key {path}; create it with `podsrl keys {keys_dir} --rollout {name}` "
-                        f"where the keys were made and copy rollout/{name}.key_secret, selector.key and "
-                        "learner.key here (docs/RELIABILITY.md)")
+        raise AuthError(
+            f"{who}: no key {path}; create it with `podsrl keys {keys_dir} --rollout {name}` "
+            f"where the keys were made and copy rollout/{name}.key_secret, selector.key and "
+            "learner.key here (docs/RELIABILITY.md)"
+        )
     public, secret = _read_pair(path, who)
     auth = Auth(keys_dir, role, name, public, secret)
     for link, (server, _) in LINKS.items():  # fail at start-up, not at the first message
         if server == role:
             if not auth.allowlist(link):
-                log.warning("the %s link accepts no client yet: %s hold no public key", link,
-                            ", ".join(str(s) for s in auth.allowlist(link).sources))
+                log.warning(
+                    "the %s link accepts no client yet: %s hold no public key",
+                    link,
+                    ", ".join(str(s) for s in auth.allowlist(link).sources),
+                )
         else:
             auth.server_key(link)
     log.info("authentication on (CurveZMQ): %s, keys in %s", who, keys_dir)
@@ -256,6 +282,7 @@ def load_auth(net: NetConfig, role: Role, name: str = "") -> Auth | None:
 
 
 # --- one ZAP handler per context, stopped when the last server socket it guards is closed -----------------
+
 
 @dataclass
 class _Guard:

@@ -29,16 +29,23 @@ def die_with_parent(sig: int) -> bool:
 
 def common_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--config", "-c", default=None, help="TOML run file (default: built-in defaults = configs/tiny.toml)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. learner.lr=1e-3 max_staleness=0 (see docs/CONFIG.md)")
+    p.add_argument(
+        "--config", "-c", default=None, help="TOML run file (default: built-in defaults = configs/tiny.toml)"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. learner.lr=1e-3 max_staleness=0 (see docs/CONFIG.md)",
+    )
     return p
 
 
 def process_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     """The parser of one process's own entry point: its module docstring is its ``--help``."""
-    return argparse.ArgumentParser(prog=prog, parents=[common_parser()], description=doc,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(
+        prog=prog, parents=[common_parser()], description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def configure(args: argparse.Namespace, role: str, quiet: bool = False) -> Config:
@@ -52,6 +59,9 @@ def configure(args: argparse.Namespace, role: str, quiet: bool = False) -> Confi
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format=f"%(asctime)s {role} %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format=f"%(asctime)s {role} %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     return cfg

@@ -102,11 +102,22 @@ class _Plan(NamedTuple):
 def _plan(cls: type[Message]) -> _Plan:
     spec = _scalars(cls)  # type: ignore[arg-type]  # python/mypy#20409
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]  # every concrete Message is a dataclass
-    direct = (not hasattr(cls, "__post_init__") and all(f.init for f in fields)
-              and {f.name for f in fields} == set(spec) | set(cls.ARRAYS) and "__slots__" not in cls.__dict__)
-    return _Plan(cls, tuple(spec.items()), frozenset(spec),
-                 tuple((name, dtype, dtype.str, ndim, dtype.itemsize, dtype.kind == "f")
-                       for name, (dtype, ndim) in cls.ARRAYS.items()), direct)
+    direct = (
+        not hasattr(cls, "__post_init__")
+        and all(f.init for f in fields)
+        and {f.name for f in fields} == set(spec) | set(cls.ARRAYS)
+        and "__slots__" not in cls.__dict__
+    )
+    return _Plan(
+        cls,
+        tuple(spec.items()),
+        frozenset(spec),
+        tuple(
+            (name, dtype, dtype.str, ndim, dtype.itemsize, dtype.kind == "f")
+            for name, (dtype, ndim) in cls.ARRAYS.items()
+        ),
+        direct,
+    )
 
 
 def _check_scalars(plan: _Plan, fields: Any) -> dict[str, Any]:
@@ -158,8 +169,9 @@ def _check_arrays(plan: _Plan, specs: Any, frames: Sequence[Buffer], out: dict[s
             size *= d
         frame = frames[i + 1]
         if len(frame) != size * itemsize:
-            raise ProtocolError("shape", f"{plan.cls.TYPE}.{name}: shape {shape} needs {size * itemsize} bytes, "
-                                         f"frame has {len(frame)}")
+            raise ProtocolError(
+                "shape", f"{plan.cls.TYPE}.{name}: shape {shape} needs {size * itemsize} bytes, frame has {len(frame)}"
+            )
         arr = np.frombuffer(frame, dtype=dtype)
         if ndim != 1:
             arr = arr.reshape(shape)

@@ -23,13 +23,18 @@ class RunConfig(Section):
     dir: str = Field("runs/tiny", description="run directory: metrics, checkpoints, model, logs")
     seed: int = Field(0, description="base seed; each process derives its own from it")
     steps: int = Field(600, ge=1, description="optimizer steps (= policy versions) to train")
-    max_seconds: float = Field(0.0, ge=0, description="also stop training after this many seconds (0 = no limit); "
-                               "for equal wall-clock comparisons")
+    max_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="also stop training after this many seconds (0 = no limit); for equal wall-clock comparisons",
+    )
     resume: bool = Field(True, description="continue from the run directory's latest checkpoint if there is one")
     staleness_mode: Literal["bounded", "exact"] = Field(
-        "bounded", description="'bounded': train rows of staleness 0..max_staleness (production); 'exact': every "
+        "bounded",
+        description="'bounded': train rows of staleness 0..max_staleness (production); 'exact': every "
         "update trains rows generated exactly max_staleness versions earlier (the first max_staleness updates "
-        "train version-0 rows), to measure the effect of staleness itself (docs/STALENESS.md)")
+        "train version-0 rows), to measure the effect of staleness itself (docs/STALENESS.md)",
+    )
 
 
 class TinyModelConfig(Section):
@@ -37,20 +42,28 @@ class TinyModelConfig(Section):
     num_layers: int = Field(2, ge=1, description="decoder layers")
     num_heads: int = Field(4, ge=1, description="attention heads")
     intermediate_size: int = Field(128, ge=8, description="MLP width")
-    alphabet: str = Field("", description="characters of the tiny model's character-level tokenizer; '' = every "
-                          "character that occurs in the task's rows")
+    alphabet: str = Field(
+        "",
+        description="characters of the tiny model's character-level tokenizer; '' = every "
+        "character that occurs in the task's rows",
+    )
     max_positions: int = Field(512, ge=16, description="longest prompt + completion the tiny model takes")
 
 
 class ModelConfig(Section):
-    path: str = Field("", description="local transformers model directory (config, safetensors, tokenizer); "
-                      "'' means <run.dir>/model")
+    path: str = Field(
+        "", description="local transformers model directory (config, safetensors, tokenizer); '' means <run.dir>/model"
+    )
     init: Literal["tiny", "pretrained"] = Field(
-        "tiny", description="'tiny': build a small Llama and a character tokenizer if the directory does not "
-        "exist; 'pretrained': path must exist")
+        "tiny",
+        description="'tiny': build a small Llama and a character tokenizer if the directory does not "
+        "exist; 'pretrained': path must exist",
+    )
     dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="compute dtype of the engine and the learner, and of published weights "
-        "(the learner keeps fp32 master weights and optimizer state)")
+        "float32",
+        description="compute dtype of the engine and the learner, and of published weights "
+        "(the learner keeps fp32 master weights and optimizer state)",
+    )
     tiny: TinyModelConfig = TinyModelConfig()
 
 
@@ -59,31 +72,48 @@ BUILTIN_TASKS = ("copy", "reverse")
 
 class TaskConfig(Section):
     type: Literal["copy", "reverse", "dataset"] = Field(
-        "copy", description="'copy'/'reverse': built-in generated tasks; 'dataset': rows of task.dataset "
-        "(the default whenever task.dataset is set)")
+        "copy",
+        description="'copy'/'reverse': built-in generated tasks; 'dataset': rows of task.dataset "
+        "(the default whenever task.dataset is set)",
+    )
     length: int = Field(3, ge=1, le=32, description="copy/reverse: symbols per prompt; the most, with min_length")
-    min_length: int = Field(0, ge=0, le=32, description="copy/reverse: 0 = every prompt has exactly `length` "
-                            "symbols; else each prompt's length is drawn uniformly from min_length..length "
-                            "(inclusive), so answer lengths vary (to measure length bias)")
+    min_length: int = Field(
+        0,
+        ge=0,
+        le=32,
+        description="copy/reverse: 0 = every prompt has exactly `length` "
+        "symbols; else each prompt's length is drawn uniformly from min_length..length "
+        "(inclusive), so answer lengths vary (to measure length bias)",
+    )
     symbols: int = Field(12, ge=2, le=26, description="copy/reverse: alphabet size (letters a..)")
     dataset: str = Field("", description="local JSONL or Parquet file, or a `datasets` save_to_disk directory")
-    prompt_field: str = Field("prompt", description="column holding the prompt: a string, or a list of chat "
-                              "messages ({role, content})")
-    template: str = Field("", description="how a row becomes prompt text: a Python format string over its "
-                          "columns, e.g. 'Q: {question}\\nA:'; '' = the prompt column as it is")
+    prompt_field: str = Field(
+        "prompt", description="column holding the prompt: a string, or a list of chat messages ({role, content})"
+    )
+    template: str = Field(
+        "",
+        description="how a row becomes prompt text: a Python format string over its "
+        "columns, e.g. 'Q: {question}\\nA:'; '' = the prompt column as it is",
+    )
     chat_template: bool = Field(False, description="render prompts with the tokenizer's chat template")
     system_prompt: str = Field("", description="chat_template only: a system message put before each prompt")
     reward: str | list[str] = Field(
-        "", description="reward function(s): a built-in name (docs/TASKS.md, 'Built-in rewards'), "
-        "'package.module:function' or 'path/file.py:function'; '' = the built-in task's own")
+        "",
+        description="reward function(s): a built-in name (docs/TASKS.md, 'Built-in rewards'), "
+        "'package.module:function' or 'path/file.py:function'; '' = the built-in task's own",
+    )
     reward_weights: list[float] = Field([], description="one weight per reward function; [] = all 1.0")
-    reward_timeout_s: float = Field(10.0, gt=0, description="a reward call running longer is killed; its rows "
-                                    "score 0 (counted as reward/errors/timeout)")
+    reward_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a reward call running longer is killed; its rows score 0 (counted as reward/errors/timeout)",
+    )
     stop: list[str] = Field([], description="stop strings: a completion ends after the token that completes one")
     max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts are skipped and counted")
     eval_dataset: str = Field("", description="held-out rows for eval (same formats as task.dataset)")
-    eval_fraction: float = Field(0.0, ge=0, lt=1, description="or hold out this fraction of task.dataset "
-                                 "(the same rows on every rollout server)")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="or hold out this fraction of task.dataset (the same rows on every rollout server)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -97,24 +127,33 @@ class TaskConfig(Section):
         if self.type == "dataset" and not self.dataset:
             raise ValueError("task.type='dataset' needs task.dataset=<local .jsonl/.parquet file or datasets dir>")
         if self.type in BUILTIN_TASKS and self.dataset:
-            raise ValueError(f"task.dataset is set but task.type={self.type!r}: set task.type='dataset' "
-                             "(or leave task.type out)")
+            raise ValueError(
+                f"task.dataset is set but task.type={self.type!r}: set task.type='dataset' (or leave task.type out)"
+            )
         if self.type == "dataset" and not self.reward:
-            raise ValueError("a dataset task needs task.reward: a built-in name such as 'math_answer' or "
-                             "'package.module:function' (docs/TASKS.md)")
+            raise ValueError(
+                "a dataset task needs task.reward: a built-in name such as 'math_answer' or "
+                "'package.module:function' (docs/TASKS.md)"
+            )
         n = len(self.rewards)
         if self.reward_weights and len(self.reward_weights) != n:
-            raise ValueError(f"task.reward_weights has {len(self.reward_weights)} weights for {n} reward "
-                             "function(s): give one weight per function, or none")
+            raise ValueError(
+                f"task.reward_weights has {len(self.reward_weights)} weights for {n} reward "
+                "function(s): give one weight per function, or none"
+            )
         if self.eval_dataset and self.eval_fraction:
             raise ValueError("set task.eval_dataset or task.eval_fraction, not both")
         if self.min_length > self.length:
-            raise ValueError(f"task.min_length={self.min_length} is above task.length={self.length}: set "
-                             "task.min_length <= task.length (task.length is the longest prompt; "
-                             "task.min_length=0 for a fixed length)")
+            raise ValueError(
+                f"task.min_length={self.min_length} is above task.length={self.length}: set "
+                "task.min_length <= task.length (task.length is the longest prompt; "
+                "task.min_length=0 for a fixed length)"
+            )
         if self.eval_fraction and self.type != "dataset":
-            raise ValueError("task.eval_fraction holds out rows of task.dataset; built-in tasks draw eval prompts "
-                             "from their own generator")
+            raise ValueError(
+                "task.eval_fraction holds out rows of task.dataset; built-in tasks draw eval prompts "
+                "from their own generator"
+            )
         return self
 
     @property
@@ -160,14 +199,18 @@ class RolloutConfig(Section):
     threads: int = Field(1, ge=1, description="torch threads per rollout server")
     heartbeat_s: float = Field(2.0, gt=0, description="heartbeat period to the selector")
     pacing: Literal["credits", "free"] = Field(
-        "credits", description="'credits': before each engine call a server asks the selector for work, and the "
+        "credits",
+        description="'credits': before each engine call a server asks the selector for work, and the "
         "selector grants only what can be trained within max_staleness, sized to the server's measured speed "
         "(docs/ARCHITECTURE.md, 'Pacing'); 'free': generate without asking, stale groups are dropped on arrival "
-        "(the behaviour before pacing, kept for comparison)")
+        "(the behaviour before pacing, kept for comparison)",
+    )
     surplus: Literal["idle", "grow_n"] = Field(
-        "idle", description="pacing: what servers do when they can generate more than the learner trains: "
+        "idle",
+        description="pacing: what servers do when they can generate more than the learner trains: "
         "'idle' waits for work; 'grow_n' samples more completions per prompt (up to max_group_size), so the "
-        "selector keeps its m from more candidates (PODS)")
+        "selector keeps its m from more candidates (PODS)",
+    )
     max_group_size: int = Field(0, ge=0, description="surplus='grow_n': the largest n granted; 0 = 4 x group_size")
     engine: EngineConfig = EngineConfig()
 
@@ -177,47 +220,77 @@ class RolloutConfig(Section):
 # A test beside each registry checks they are equal.
 class SelectorConfig(Section):
     rule: Literal["max_variance", "max_reward", "random", "all"] = Field(
-        "max_variance", description="down-sampling rule (PODS max_variance; 'all' = plain GRPO)")
+        "max_variance", description="down-sampling rule (PODS max_variance; 'all' = plain GRPO)"
+    )
     keep: int = Field(4, ge=1, description="m: completions kept per group (ignored by rule='all')")
     zero_variance: Literal["drop", "keep"] = Field(
-        "keep", description="groups whose kept rewards are all equal: 'keep' (zero advantage) or 'drop' (DAPO); "
-        "'drop' starves the learner once the task is solved")
+        "keep",
+        description="groups whose kept rewards are all equal: 'keep' (zero advantage) or 'drop' (DAPO); "
+        "'drop' starves the learner once the task is solved",
+    )
     adv_norm: Literal["std", "mean"] = Field("std", description="(r-mean)/(std+eps), or mean-centred only")
     buffer_groups: int = Field(256, ge=1, description="processed groups held; full buffer = back-pressure")
     peer_timeout_s: float = Field(10.0, gt=0, description="a rollout server silent this long is reported dead")
-    max_peers: int = Field(256, ge=1, description="rollout server identities tracked at once; a new one beyond "
-                           "this is refused (dead peers are forgotten after 10 x peer_timeout_s)")
-    min_logprob: float = Field(-100.0, lt=0, description="a group with a behaviour log-prob below this is rejected "
-                               "(no sampler draws a token of probability e^-100; such a value would blow up "
-                               "the importance ratio)")
+    max_peers: int = Field(
+        256,
+        ge=1,
+        description="rollout server identities tracked at once; a new one beyond "
+        "this is refused (dead peers are forgotten after 10 x peer_timeout_s)",
+    )
+    min_logprob: float = Field(
+        -100.0,
+        lt=0,
+        description="a group with a behaviour log-prob below this is rejected "
+        "(no sampler draws a token of probability e^-100; such a value would blow up "
+        "the importance ratio)",
+    )
     max_abs_reward: float = Field(1e4, gt=0, description="a group with a reward outside +-this is rejected")
-    lease_s: float = Field(5.0, gt=0, le=3600, description="pacing: a grant not delivered within max(lease_s, 4 x "
-                           "the server's expected call time) expires, and its capacity goes to other servers")
-    max_hold_steps: float = Field(4.0, ge=0, description="pacing: a batch waits at most this x the learner's step "
-                                  "time for granted groups whose last chance it is (a slow server's late groups are "
-                                  "trained instead of dropped); 0 = never wait")
+    lease_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="pacing: a grant not delivered within max(lease_s, 4 x "
+        "the server's expected call time) expires, and its capacity goes to other servers",
+    )
+    max_hold_steps: float = Field(
+        4.0,
+        ge=0,
+        description="pacing: a batch waits at most this x the learner's step "
+        "time for granted groups whose last chance it is (a slow server's late groups are "
+        "trained instead of dropped); 0 = never wait",
+    )
 
 
 class LossSettings(Section):
     type: Literal["grpo_is", "decoupled_ppo", "tis", "m2po", "rec_oneside"] = Field(
-        "grpo_is", description="policy loss (docs/LOSSES.md)")
+        "grpo_is", description="policy loss (docs/LOSSES.md)"
+    )
     clip_low: float = Field(0.2, ge=0, lt=1, description="epsilon_low of the clipped ratio")
     clip_high: float = Field(0.28, ge=0, description="epsilon_high (DAPO clip-higher)")
     tis_cap: float = Field(2.0, gt=0, description="C: truncation of the importance weight (tis)")
     behav_cap: float = Field(2.0, gt=0, description="cap on pi_prox/pi_behav (decoupled_ppo)")
     m2_tau: float = Field(0.04, gt=0, description="M2PO second-moment threshold")
     aggregation: Literal["token_mean", "seq_mean_token_mean", "constant"] = Field(
-        "token_mean", description="how token losses become one number")
-    entropy_coef: float = Field(0.0, ge=0, description="subtract this x the mean entropy of the sampling "
-                                "distribution over completion tokens from the loss (an entropy bonus against "
-                                "entropy collapse; docs/LOSSES.md); 0 = off")
+        "token_mean", description="how token losses become one number"
+    )
+    entropy_coef: float = Field(
+        0.0,
+        ge=0,
+        description="subtract this x the mean entropy of the sampling "
+        "distribution over completion tokens from the loss (an entropy bonus against "
+        "entropy collapse; docs/LOSSES.md); 0 = off",
+    )
 
 
 class LearnerConfig(Section):
     nproc: int = Field(1, ge=1, description="torchrun ranks (processes) on this machine")
     groups_per_step: int = Field(8, ge=1, description="groups per optimizer step")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (at 3e-3 half the seeds of the default run "
-                      "collapse their entropy before reward 0.8: docs/STALENESS.md, 'Runs that fail')")
+    lr: float = Field(
+        1e-3,
+        gt=0,
+        description="AdamW learning rate (at 3e-3 half the seeds of the default run "
+        "collapse their entropy before reward 0.8: docs/STALENESS.md, 'Runs that fail')",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables")
     checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints; 0 = only at the end")
@@ -225,16 +298,23 @@ class LearnerConfig(Section):
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda'")
     batch_timeout_s: float = Field(30.0, gt=0, description="re-send a batch request after this long without one")
     strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="'ddp': full replica per rank; 'fsdp': FSDP2, parameters, gradients and optimizer "
-        "state sharded per decoder layer")
+        "ddp",
+        description="'ddp': full replica per rank; 'fsdp': FSDP2, parameters, gradients and optimizer "
+        "state sharded per decoder layer",
+    )
     micro_batch_tokens: int = Field(
-        8192, ge=0, description="per-rank forward/backward passes hold at most this many padded tokens "
-        "(rows x longest prompt+completion), gradients accumulated into one step; 0 = the whole shard at once")
-    grad_checkpointing: bool = Field(False, description="recompute activations in backward (less memory, "
-                                     "~1.3x compute)")
+        8192,
+        ge=0,
+        description="per-rank forward/backward passes hold at most this many padded tokens "
+        "(rows x longest prompt+completion), gradients accumulated into one step; 0 = the whole shard at once",
+    )
+    grad_checkpointing: bool = Field(
+        False, description="recompute activations in backward (less memory, ~1.3x compute)"
+    )
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up over this many steps")
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="after warm-up: constant lr, or cosine decay to lr*min_lr_ratio at run.steps")
+        "constant", description="after warm-up: constant lr, or cosine decay to lr*min_lr_ratio at run.steps"
+    )
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine schedule: final lr as a fraction of lr")
     loss: LossSettings = LossSettings()
 
@@ -249,53 +329,116 @@ class NetConfig(Section):
     `podsrl rollout --config <run.dir>/config.toml --server-id NAME` (a run started from that file
     keeps its ports). Otherwise, and for a process started alone, the ports are as configured."""
 
-    bind_host: str = Field("127.0.0.1", description="address the selector and learner bind ('0.0.0.0' for remote servers)")
+    bind_host: str = Field(
+        "127.0.0.1", description="address the selector and learner bind ('0.0.0.0' for remote servers)"
+    )
     selector_host: str = Field("127.0.0.1", description="where rollout servers and the learner find the selector")
     learner_host: str = Field("127.0.0.1", description="where rollout servers and the selector find the learner")
-    group_port: int = Field(5555, ge=1, le=65535, description="groups link (selector ROUTER); `podsrl run` picks a free one unless set (above)")
-    batch_port: int = Field(5556, ge=1, le=65535, description="batches link (selector ROUTER); `podsrl run` picks a free one unless set (above)")
-    announce_port: int = Field(5557, ge=1, le=65535, description="announce link (learner PUB); `podsrl run` picks a free one unless set (above)")
-    weights_port: int = Field(5558, ge=1, le=65535, description="weights link (learner ROUTER); `podsrl run` picks a free one unless set (above)")
+    group_port: int = Field(
+        5555,
+        ge=1,
+        le=65535,
+        description="groups link (selector ROUTER); `podsrl run` picks a free one unless set (above)",
+    )
+    batch_port: int = Field(
+        5556,
+        ge=1,
+        le=65535,
+        description="batches link (selector ROUTER); `podsrl run` picks a free one unless set (above)",
+    )
+    announce_port: int = Field(
+        5557,
+        ge=1,
+        le=65535,
+        description="announce link (learner PUB); `podsrl run` picks a free one unless set (above)",
+    )
+    weights_port: int = Field(
+        5558,
+        ge=1,
+        le=65535,
+        description="weights link (learner ROUTER); `podsrl run` picks a free one unless set (above)",
+    )
     group_hwm: int = Field(64, ge=1, description="selector receive queue, in messages")
     max_group_mib: int = Field(16, ge=1, description="a larger group message is rejected and counted")
     max_batch_mib: int = Field(1024, ge=1, description="largest train batch the learner accepts")
     send_timeout_s: float = Field(1.0, gt=0, description="rollout: wait this long for the selector, then retry")
     weights_timeout_s: float = Field(60.0, gt=0, description="rollout: give up a weight fetch after this long")
     auth: Literal["auto", "on", "off"] = Field(
-        "auto", description="CurveZMQ on every link: 'auto' = on as soon as bind_host, selector_host or "
-        "learner_host is not loopback; 'off' logs a warning (docs/RELIABILITY.md)")
-    keys_dir: str = Field("", description="directory made by `podsrl keys DIR`: this process's key pair, the "
-                          "servers' public keys and the allowlists (rollout/*.key); required when auth is on")
+        "auto",
+        description="CurveZMQ on every link: 'auto' = on as soon as bind_host, selector_host or "
+        "learner_host is not loopback; 'off' logs a warning (docs/RELIABILITY.md)",
+    )
+    keys_dir: str = Field(
+        "",
+        description="directory made by `podsrl keys DIR`: this process's key pair, the "
+        "servers' public keys and the allowlists (rollout/*.key); required when auth is on",
+    )
 
 
 class WeightsConfig(Section):
     transport: Literal["auto", "net", "shm"] = Field(
-        "auto", description="how rollout servers get versions: 'auto' = shared memory when on the learner's machine "
+        "auto",
+        description="how rollout servers get versions: 'auto' = shared memory when on the learner's machine "
         "(same boot id), else the network; 'net' = always the network; 'shm' = like auto, but warn whenever the "
-        "segment cannot be used (docs/ARCHITECTURE.md)")
-    shm_dir: str = Field("/dev/shm", description="learner: where shared-memory segments live (a tmpfs; docker: "
-                         "raise shm_size); unusable = network only, with a warning")
-    keep_versions: int = Field(4, ge=1, description="versions the learner keeps as delta bases (and segments); "
-                               "each costs one copy of the weights in memory")
-    delta: bool = Field(True, description="send a server the zstd-compressed difference from the version it holds when "
-                        "the learner still keeps that version, else the full version")
-    delta_max_ratio: float = Field(0.5, gt=0, le=1, description="a delta larger than this fraction of the version "
-                                   "is not worth its encoding: the learner then sends full versions, and tries a "
-                                   "delta again every 16 versions (fp32 weights at a high lr barely compress)")
+        "segment cannot be used (docs/ARCHITECTURE.md)",
+    )
+    shm_dir: str = Field(
+        "/dev/shm",
+        description="learner: where shared-memory segments live (a tmpfs; docker: "
+        "raise shm_size); unusable = network only, with a warning",
+    )
+    keep_versions: int = Field(
+        4,
+        ge=1,
+        description="versions the learner keeps as delta bases (and segments); "
+        "each costs one copy of the weights in memory",
+    )
+    delta: bool = Field(
+        True,
+        description="send a server the zstd-compressed difference from the version it holds when "
+        "the learner still keeps that version, else the full version",
+    )
+    delta_max_ratio: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="a delta larger than this fraction of the version "
+        "is not worth its encoding: the learner then sends full versions, and tries a "
+        "delta again every 16 versions (fp32 weights at a high lr barely compress)",
+    )
     zstd_level: int = Field(1, ge=1, le=22, description="zstd level of deltas (1 is fastest)")
     chunk_mib: float = Field(4.0, gt=0, le=512, description="a transfer travels in chunks of this size")
-    window: int = Field(4, ge=1, le=64, description="rollout: chunk requests in flight per transfer (flow control: "
-                        "a slow link holds at most window x chunk_mib at the learner)")
-    background: bool = Field(True, description="rollout: fetch and verify the next version while generating and "
-                             "swap it in between engine calls; false = stop, fetch, then generate")
-    cuda_ipc: bool = Field(True, description="a learner on CUDA that offers shared memory also shares a device copy of "
-                           "each version by CUDA IPC, and torch engines on CUDA on its machine load from it "
-                           "(device-to-device); untested without a GPU (protocol/cuda_ipc.py)")
-    pin_s: float = Field(30.0, ge=0, description="learner: a transfer in progress keeps its version (or delta) alive "
-                         "after it is no longer kept, until this many seconds pass without a request from it; "
-                         "0 = no pins (a server slower than keep_versions x step time is told 'gone')")
-    max_pinned: int = Field(2, ge=0, description="learner: versions no longer kept that transfers in progress may "
-                            "hold at once, each one more copy of the weights in memory; the oldest pin goes first")
+    window: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="rollout: chunk requests in flight per transfer (flow control: "
+        "a slow link holds at most window x chunk_mib at the learner)",
+    )
+    background: bool = Field(
+        True,
+        description="rollout: fetch and verify the next version while generating and "
+        "swap it in between engine calls; false = stop, fetch, then generate",
+    )
+    cuda_ipc: bool = Field(
+        True,
+        description="a learner on CUDA that offers shared memory also shares a device copy of "
+        "each version by CUDA IPC, and torch engines on CUDA on its machine load from it "
+        "(device-to-device); untested without a GPU (protocol/cuda_ipc.py)",
+    )
+    pin_s: float = Field(
+        30.0,
+        ge=0,
+        description="learner: a transfer in progress keeps its version (or delta) alive "
+        "after it is no longer kept, until this many seconds pass without a request from it; "
+        "0 = no pins (a server slower than keep_versions x step time is told 'gone')",
+    )
+    max_pinned: int = Field(
+        2,
+        ge=0,
+        description="learner: versions no longer kept that transfers in progress may "
+        "hold at once, each one more copy of the weights in memory; the oldest pin goes first",
+    )
 
 
 class Config(Section):
@@ -313,20 +456,28 @@ class Config(Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         if self.selector.rule != "all" and self.selector.keep > self.rollout.group_size:
-            raise ValueError(f"selector.keep={self.selector.keep} > rollout.group_size={self.rollout.group_size}: "
-                             "cannot keep more completions than are sampled")
+            raise ValueError(
+                f"selector.keep={self.selector.keep} > rollout.group_size={self.rollout.group_size}: "
+                "cannot keep more completions than are sampled"
+            )
         if self.samples_per_step < self.learner.nproc:
-            raise ValueError(f"{self.samples_per_step} samples per step cannot feed learner.nproc={self.learner.nproc} "
-                             "ranks: raise learner.groups_per_step")
+            raise ValueError(
+                f"{self.samples_per_step} samples per step cannot feed learner.nproc={self.learner.nproc} "
+                "ranks: raise learner.groups_per_step"
+            )
         if self.rollout.max_group_size and self.rollout.max_group_size < self.rollout.group_size:
-            raise ValueError(f"rollout.max_group_size={self.rollout.max_group_size} < rollout.group_size="
-                             f"{self.rollout.group_size}: the group size only grows (or set it to 0 for 4 x group_size)")
+            raise ValueError(
+                f"rollout.max_group_size={self.rollout.max_group_size} < rollout.group_size="
+                f"{self.rollout.group_size}: the group size only grows (or set it to 0 for 4 x group_size)"
+            )
         if self.model.init == "pretrained" and not self.model.path:
             raise ValueError("model.init='pretrained' needs model.path=<local directory>")
         need = (2 * self.max_staleness + 1) * self.learner.groups_per_step
         if self.run.staleness_mode == "exact" and self.selector.buffer_groups < need:
-            raise ValueError(f"run.staleness_mode='exact' holds up to (2K+1) x groups_per_step = {need} groups: raise "
-                             f"selector.buffer_groups (now {self.selector.buffer_groups}) to at least {need}")
+            raise ValueError(
+                f"run.staleness_mode='exact' holds up to (2K+1) x groups_per_step = {need} groups: raise "
+                f"selector.buffer_groups (now {self.selector.buffer_groups}) to at least {need}"
+            )
         return self
 
     def too_stale(self, learner_version: int, sample_version: Any) -> Any:
@@ -363,9 +514,11 @@ class Config(Section):
         return Path(self.model.path) if self.model.path else Path(self.run.dir) / "model"
 
     def summary(self) -> str:
-        return (f"K={self.max_staleness} n={self.rollout.group_size} m={self.kept_per_group} "
-                f"rule={self.selector.rule} groups/step={self.learner.groups_per_step} "
-                f"samples/step={self.samples_per_step} loss={self.learner.loss.type} steps={self.run.steps}")
+        return (
+            f"K={self.max_staleness} n={self.rollout.group_size} m={self.kept_per_group} "
+            f"rule={self.selector.rule} groups/step={self.learner.groups_per_step} "
+            f"samples/step={self.samples_per_step} loss={self.learner.loss.type} steps={self.run.steps}"
+        )
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -404,10 +557,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        problems = "\n".join(f"  {'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']} (got {err['input']!r})"
-                             for err in e.errors())
-        raise ValueError(f"invalid config{f' {path}' if path else ''}:\n{problems}\n"
-                         "Every key is listed in docs/CONFIG.md (or: podsrl config --reference).") from None
+        problems = "\n".join(
+            f"  {'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']} (got {err['input']!r})" for err in e.errors()
+        )
+        raise ValueError(
+            f"invalid config{f' {path}' if path else ''}:\n{problems}\n"
+            "Every key is listed in docs/CONFIG.md (or: podsrl config --reference)."
+        ) from None
 
 
 def to_toml(cfg: Config) -> str:
@@ -441,11 +597,15 @@ def _toml_value(v: Any) -> str:
 
 def config_reference() -> str:
     """docs/CONFIG.md's tables, generated from the field descriptions (a test keeps them in sync)."""
-    out = ["# Configuration reference", "",
-           "Generated by `podsrl config --reference` from `protocol/config.py`; do not edit by hand.",
-           "A run is one TOML file (`configs/tiny.toml` is the default); any key can be overridden on the",
-           "command line as `section.key=value`, e.g. `podsrl run max_staleness=0 learner.loss.type=tis`.",
-           "Unknown keys and out-of-range values are errors that name the key.", ""]
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated by `podsrl config --reference` from `protocol/config.py`; do not edit by hand.",
+        "A run is one TOML file (`configs/tiny.toml` is the default); any key can be overridden on the",
+        "command line as `section.key=value`, e.g. `podsrl run max_staleness=0 learner.loss.type=tis`.",
+        "Unknown keys and out-of-range values are errors that name the key.",
+        "",
+    ]
 
     def table(title: str, model: type[BaseModel]) -> None:
         rows, subs = [], []
@@ -454,9 +614,12 @@ def config_reference() -> str:
                 subs.append((f"{title}.{name}" if title else name, type(f.default)))
                 continue
             ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-            bounds = ", ".join(f"{sym} {getattr(m, op)}" for m in f.metadata for op, sym in ops.items()
-                               if hasattr(m, op))
-            rows.append(f"| `{name}` | `{_toml_value(f.default)}` | {f.description}{f' ({bounds})' if bounds else ''} |")
+            bounds = ", ".join(
+                f"{sym} {getattr(m, op)}" for m in f.metadata for op, sym in ops.items() if hasattr(m, op)
+            )
+            rows.append(
+                f"| `{name}` | `{_toml_value(f.default)}` | {f.description}{f' ({bounds})' if bounds else ''} |"
+            )
         if rows:
             out.extend([f"## `[{title}]`" if title else "## top level", ""])
             if model.__doc__:  # a section's own notes (a class without a docstring of its own has None)

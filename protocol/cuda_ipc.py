@@ -54,8 +54,16 @@ class CudaIpcHandle:
 
     def to_wire(self) -> str:
         """A compact text for ``WeightsAnnouncement.cuda``."""
-        fields = [str(self.device), self.handle.hex(), str(self.storage_bytes), str(self.offset_bytes),
-                  self.ref_counter.hex(), str(self.ref_offset), self.event.hex(), str(int(self.event_sync))]
+        fields = [
+            str(self.device),
+            self.handle.hex(),
+            str(self.storage_bytes),
+            str(self.offset_bytes),
+            self.ref_counter.hex(),
+            str(self.ref_offset),
+            self.event.hex(),
+            str(int(self.event_sync)),
+        ]
         return ";".join([WIRE_PREFIX, *fields])
 
     @classmethod
@@ -66,12 +74,23 @@ class CudaIpcHandle:
             raise ProtocolError("cuda", f"not a {WIRE_PREFIX} CUDA IPC handle ({len(text)} characters)")
         _, device, handle, size, offset, ref, ref_offset, event, sync = parts
         ints, blobs = (device, size, offset, ref_offset), (handle, ref, event)
-        if not all(_INT.fullmatch(x) for x in ints) or not all(_HEX.fullmatch(x) and len(x) % 2 == 0 for x in blobs) \
-                or sync not in ("0", "1") or not handle:
+        if (
+            not all(_INT.fullmatch(x) for x in ints)
+            or not all(_HEX.fullmatch(x) and len(x) % 2 == 0 for x in blobs)
+            or sync not in ("0", "1")
+            or not handle
+        ):
             raise ProtocolError("cuda", "a CUDA IPC handle with malformed fields")
-        return cls(device=int(device), handle=bytes.fromhex(handle), storage_bytes=int(size),
-                   offset_bytes=int(offset), ref_counter=bytes.fromhex(ref), ref_offset=int(ref_offset),
-                   event=bytes.fromhex(event), event_sync=sync == "1")
+        return cls(
+            device=int(device),
+            handle=bytes.fromhex(handle),
+            storage_bytes=int(size),
+            offset_bytes=int(offset),
+            ref_counter=bytes.fromhex(ref),
+            ref_offset=int(ref_offset),
+            event=bytes.fromhex(event),
+            event_sync=sync == "1",
+        )
 
 
 def share(buf: torch.Tensor) -> CudaIpcHandle:
@@ -80,12 +99,21 @@ def share(buf: torch.Tensor) -> CudaIpcHandle:
     import torch
 
     if buf.device.type != "cuda" or buf.dtype != torch.uint8 or buf.dim() != 1 or buf.storage_offset() != 0:
-        raise ValueError(f"CUDA IPC shares a 1-D uint8 CUDA tensor at offset 0, got {buf.dtype} {tuple(buf.shape)} "
-                         f"on {buf.device}: weights.cuda_ipc needs the learner on CUDA (learner.device)")
+        raise ValueError(
+            f"CUDA IPC shares a 1-D uint8 CUDA tensor at offset 0, got {buf.dtype} {tuple(buf.shape)} "
+            f"on {buf.device}: weights.cuda_ipc needs the learner on CUDA (learner.device)"
+        )
     device, handle, size, offset, ref, ref_offset, event, sync = buf.untyped_storage()._share_cuda_()
-    return CudaIpcHandle(device=int(device), handle=bytes(handle), storage_bytes=int(size), offset_bytes=int(offset),
-                         ref_counter=bytes(ref), ref_offset=int(ref_offset), event=bytes(event or b""),
-                         event_sync=bool(sync))
+    return CudaIpcHandle(
+        device=int(device),
+        handle=bytes(handle),
+        storage_bytes=int(size),
+        offset_bytes=int(offset),
+        ref_counter=bytes(ref),
+        ref_offset=int(ref_offset),
+        event=bytes(event or b""),
+        event_sync=bool(sync),
+    )
 
 
 def open_handle(h: CudaIpcHandle, nbytes: int) -> torch.Tensor:
@@ -98,8 +126,16 @@ def open_handle(h: CudaIpcHandle, nbytes: int) -> torch.Tensor:
         raise ValueError(f"the CUDA IPC buffer has {h.storage_bytes} bytes, the version {nbytes}")
     try:
         torch.cuda._lazy_init()  # (AssertionError in a build without CUDA)
-        storage = torch.UntypedStorage._new_shared_cuda(h.device, h.handle, h.storage_bytes, h.offset_bytes,
-                                                         h.ref_counter, h.ref_offset, h.event or None, h.event_sync)
+        storage = torch.UntypedStorage._new_shared_cuda(
+            h.device,
+            h.handle,
+            h.storage_bytes,
+            h.offset_bytes,
+            h.ref_counter,
+            h.ref_offset,
+            h.event or None,
+            h.event_sync,
+        )
     except (AssertionError, RuntimeError) as e:
         raise RuntimeError(f"cannot open the learner's CUDA IPC buffer on cuda:{h.device}: {e}") from e
     out = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", h.device))

@@ -67,8 +67,10 @@ def _invariant(detail: str) -> ProtocolError:
 
 def _check_server_id(server_id: str) -> None:
     if not SERVER_ID.fullmatch(server_id):
-        raise _invariant(f"server_id {server_id[:40]!r}{'...' if len(server_id) > 40 else ''} "
-                            "must be 1-64 characters of [A-Za-z0-9_.:@/-]")
+        raise _invariant(
+            f"server_id {server_id[:40]!r}{'...' if len(server_id) > 40 else ''} "
+            "must be 1-64 characters of [A-Za-z0-9_.:@/-]"
+        )
 
 
 def _check_label(what: str, value: str) -> None:
@@ -345,9 +347,16 @@ def _check_manifest(tensors: list, nbytes: int) -> None:
         if not (isinstance(entry, list) and len(entry) == 6):
             raise _invariant(f"bad tensor entry {str(entry)[:80]}")
         name, dtype, shape, offset, size, digest = entry
-        if not (isinstance(name, str) and isinstance(dtype, str) and isinstance(shape, list)
-                and all(_int(d) and d >= 0 for d in shape) and _int(offset) and _int(size)
-                and _int(digest) and 0 <= digest < 2**64):
+        if not (
+            isinstance(name, str)
+            and isinstance(dtype, str)
+            and isinstance(shape, list)
+            and all(_int(d) and d >= 0 for d in shape)
+            and _int(offset)
+            and _int(size)
+            and _int(digest)
+            and 0 <= digest < 2**64
+        ):
             raise _invariant(f"bad tensor entry {str(entry)[:80]}")
         if not (offset >= end and offset % WEIGHTS_ALIGN == 0 and size >= 0):
             raise _invariant(f"tensor {name}: offset {offset} overlaps the previous tensor or is not aligned")
@@ -359,8 +368,14 @@ def _check_manifest(tensors: list, nbytes: int) -> None:
 def _check_files(files: list, nbytes: int) -> None:
     total = 0
     for entry in files:
-        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
-                and _SAFE_FILE.fullmatch(entry[0]) and _int(entry[1]) and entry[1] >= 0):
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and isinstance(entry[0], str)
+            and _SAFE_FILE.fullmatch(entry[0])
+            and _int(entry[1])
+            and entry[1] >= 0
+        ):
             raise _invariant(f"bad file entry {str(entry)[:80]}: [plain file name, nbytes] expected")
         total += entry[1]
     if total != nbytes:
@@ -439,8 +454,13 @@ class WeightsChunk(Message):
             return
         if not (self.base < self.version and (self.base == -1) == (self.encoding == "raw")):
             raise _invariant("a full version has base -1 and encoding raw; a delta's base is below its version")
-        if not (0 <= self.chunk < self.chunks <= MAX_CHUNKS and self.size >= 0 and self.raw_bytes >= 0
-                and self.chunk_bytes > 0 and self.size <= self.chunk_bytes * self.chunks):
+        if not (
+            0 <= self.chunk < self.chunks <= MAX_CHUNKS
+            and self.size >= 0
+            and self.raw_bytes >= 0
+            and self.chunk_bytes > 0
+            and self.size <= self.chunk_bytes * self.chunks
+        ):
             raise _invariant("chunk < chunks, sizes >= 0 and chunks x chunk_bytes covering size required")
         if self.data.shape[0] != min(self.chunk_bytes, self.size - self.chunk * self.chunk_bytes):
             raise _invariant(f"chunk {self.chunk} has {self.data.shape[0]} bytes, the layout says otherwise")
@@ -486,16 +506,33 @@ class WorkGrant(Message):
     lease_s: float
 
     def check(self) -> None:
-        if not (0 <= self.request_id <= MAX_SESSION and 0 < self.prompts <= MAX_PROMPTS
-                and 0 < self.group_size <= MAX_GROUP_SIZE and 0 < self.lease_s <= MAX_LEASE_S):
-            raise _invariant(f"a grant needs prompts in 1..{MAX_PROMPTS}, group_size in 1..{MAX_GROUP_SIZE} and "
-                             f"lease_s in (0, {MAX_LEASE_S:g}]")
+        if not (
+            0 <= self.request_id <= MAX_SESSION
+            and 0 < self.prompts <= MAX_PROMPTS
+            and 0 < self.group_size <= MAX_GROUP_SIZE
+            and 0 < self.lease_s <= MAX_LEASE_S
+        ):
+            raise _invariant(
+                f"a grant needs prompts in 1..{MAX_PROMPTS}, group_size in 1..{MAX_GROUP_SIZE} and "
+                f"lease_s in (0, {MAX_LEASE_S:g}]"
+            )
 
 
 MESSAGES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Hello, Heartbeat, ScoredGroup, WorkRequest, WorkGrant, BatchRequest, TrainBatch, WeightsAnnouncement,
-                WeightsRequest, Weights, WeightsChunk)
+    for cls in (
+        Hello,
+        Heartbeat,
+        ScoredGroup,
+        WorkRequest,
+        WorkGrant,
+        BatchRequest,
+        TrainBatch,
+        WeightsAnnouncement,
+        WeightsRequest,
+        Weights,
+        WeightsChunk,
+    )
 }
 
 

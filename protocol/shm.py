@@ -124,8 +124,16 @@ class SegmentStore:
         assert self._pending is not None, "seal() follows alloc()"
         tmp, nbytes = self._pending
         self._pending = None
-        header = msgpack.packb({"version": w.version, "session": self.session, "model_config": w.model_config,
-                                "tensors": w.tensors, "nbytes": nbytes}, use_bin_type=True)
+        header = msgpack.packb(
+            {
+                "version": w.version,
+                "session": self.session,
+                "model_config": w.model_config,
+                "tensors": w.tensors,
+                "nbytes": nbytes,
+            },
+            use_bin_type=True,
+        )
         start = -(-nbytes // PAGE) * PAGE
         with open(tmp, "r+b") as f:
             f.truncate(start)
@@ -160,18 +168,23 @@ def read_segment(path: str | Path, version: int, session: int) -> Weights:
         if size < _TRAILER.size:
             raise ProtocolError("shm", f"{path}: {size} bytes is no segment")
         # MAP_POPULATE maps every page now, in one call, instead of one page fault per 4 KiB later
-        mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                       prot=mmap.PROT_READ)
+        mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
     head_len, magic = _TRAILER.unpack_from(mm, size - _TRAILER.size)
     if magic != MAGIC or head_len > min(MAX_HEADER, size - _TRAILER.size):
         raise ProtocolError("shm", f"{path}: not a podsrl segment (bad trailer)")
     try:
-        head: Any = msgpack.unpackb(mm[size - _TRAILER.size - head_len:size - _TRAILER.size], raw=False)
+        head: Any = msgpack.unpackb(mm[size - _TRAILER.size - head_len : size - _TRAILER.size], raw=False)
     except Exception as e:
         raise ProtocolError("shm", f"{path}: header is not msgpack ({type(e).__name__})") from None
-    if not (isinstance(head, dict) and head.get("version") == version and head.get("session") == session
-            and isinstance(head.get("model_config"), str) and isinstance(head.get("tensors"), list)
-            and type(head.get("nbytes")) is int and 0 <= head["nbytes"] <= size - _TRAILER.size - head_len):
+    if not (
+        isinstance(head, dict)
+        and head.get("version") == version
+        and head.get("session") == session
+        and isinstance(head.get("model_config"), str)
+        and isinstance(head.get("tensors"), list)
+        and type(head.get("nbytes")) is int
+        and 0 <= head["nbytes"] <= size - _TRAILER.size - head_len
+    ):
         raise ProtocolError("shm", f"{path}: the header is not that of v{version} from learner session {session}")
     data = np.frombuffer(mm, np.uint8, count=head["nbytes"])
     data.setflags(write=False)

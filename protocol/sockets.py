@@ -54,8 +54,10 @@ def _secure(sock: zmq.Socket, net: NetConfig, link: str, auth: Auth | None, serv
         if _auth.auth_enabled(net):
             sock.close(0)
             _auth.check(net)  # names the fix when no keys are configured at all
-            raise _auth.AuthError(f"the {link} link requires authentication (net.auth={net.auth!r}): pass "
-                                  "auth=protocol.auth.load_auth(net, role) to its socket builder")
+            raise _auth.AuthError(
+                f"the {link} link requires authentication (net.auth={net.auth!r}): pass "
+                "auth=protocol.auth.load_auth(net, role) to its socket builder"
+            )
         return sock
     try:
         if server:
@@ -73,8 +75,10 @@ def _bind(sock: zmq.Socket, host: str, port: int, key: str) -> zmq.Socket:
         sock.bind(f"tcp://{host}:{port}")
     except zmq.ZMQError as e:
         close(sock)
-        raise OSError(f"cannot bind tcp://{host}:{port} ({e}); is another podsrl run using it? "
-                      f"Choose another port with net.{key}=...") from None
+        raise OSError(
+            f"cannot bind tcp://{host}:{port} ({e}); is another podsrl run using it? "
+            f"Choose another port with net.{key}=..."
+        ) from None
     return sock
 
 
@@ -90,8 +94,13 @@ def group_receiver(ctx: zmq.Context, net: NetConfig, auth: Auth | None = None) -
     the route a WorkRequest came from (ROUTER_MANDATORY: a vanished server raises). Frames over 4x
     ``max_group_mib`` disconnect the sender (hard guard); messages over ``max_group_mib`` are rejected
     and counted by :func:`recv`."""
-    sock = _secure(_socket(ctx, zmq.ROUTER, rcvhwm=net.group_hwm, maxmsgsize=4 * net.max_group_mib * MIB),
-                   net, "groups", auth, server=True)
+    sock = _secure(
+        _socket(ctx, zmq.ROUTER, rcvhwm=net.group_hwm, maxmsgsize=4 * net.max_group_mib * MIB),
+        net,
+        "groups",
+        auth,
+        server=True,
+    )
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     return _bind(sock, net.bind_host, net.group_port, "group_port")
 
@@ -153,15 +162,26 @@ def send(sock: zmq.Socket, msg: Message, *route: bytes, flags: int = 0) -> None:
     sock.send_multipart([*route, *encode(msg)], flags=flags, copy=False)
 
 
-def recv(sock: zmq.Socket, expect: type[M] | tuple[type[Message], ...], *, routed: bool = False,
-         max_bytes: int | None = None, flags: int = 0) -> tuple[list[bytes], M]:
+def recv(
+    sock: zmq.Socket,
+    expect: type[M] | tuple[type[Message], ...],
+    *,
+    routed: bool = False,
+    max_bytes: int | None = None,
+    flags: int = 0,
+) -> tuple[list[bytes], M]:
     """Receive one message; returns (route frames, message). Raises ProtocolError on any bad payload,
     after the whole multipart message has been consumed, so the socket stays usable."""
     return _decode(sock, sock.recv_multipart(flags=flags, copy=False), expect, routed, max_bytes)
 
 
-async def arecv(sock: zmq.asyncio.Socket, expect: type[M] | tuple[type[Message], ...], *, routed: bool = False,
-                max_bytes: int | None = None) -> tuple[list[bytes], M]:
+async def arecv(
+    sock: zmq.asyncio.Socket,
+    expect: type[M] | tuple[type[Message], ...],
+    *,
+    routed: bool = False,
+    max_bytes: int | None = None,
+) -> tuple[list[bytes], M]:
     """:func:`recv` on an asyncio socket (the rollout server's control plane)."""
     return _decode(sock, await sock.recv_multipart(copy=False), expect, routed, max_bytes)
 
@@ -171,13 +191,18 @@ async def asend(sock: zmq.asyncio.Socket, msg: Message, *route: bytes) -> None:
     await sock.send_multipart([*route, *encode(msg)], copy=False)
 
 
-def _decode(sock: zmq.Socket, frames: list[zmq.Frame], expect: type[M] | tuple[type[Message], ...], routed: bool,
-            max_bytes: int | None) -> tuple[list[bytes], M]:
+def _decode(
+    sock: zmq.Socket,
+    frames: list[zmq.Frame],
+    expect: type[M] | tuple[type[Message], ...],
+    routed: bool,
+    max_bytes: int | None,
+) -> tuple[list[bytes], M]:
     allow = _ALLOW.get(sock)
     if allow is not None:  # an authenticated link: the last frame surely came from the peer
         _auth.check_peer(frames[-1], allow)
     route = [f.bytes for f in frames[:1]] if routed else []
-    body = [f.buffer for f in frames[len(route):]]
+    body = [f.buffer for f in frames[len(route) :]]
     size = sum(len(b) for b in body)
     if max_bytes is not None and size > max_bytes:
         raise ProtocolError("too_large", f"message of {size} bytes > limit {max_bytes}")

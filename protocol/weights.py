@@ -52,7 +52,9 @@ def layout(state: dict[str, torch.Tensor]) -> tuple[list[list], int]:
     return tensors, end
 
 
-def pack_weights(state: dict[str, torch.Tensor], version: int, model_config: str, alloc: Alloc | None = None) -> Weights:
+def pack_weights(
+    state: dict[str, torch.Tensor], version: int, model_config: str, alloc: Alloc | None = None
+) -> Weights:
     """Snapshot ``state`` into one buffer (exactly one copy of every byte, so training may go on) and
     digest each tensor. ``alloc`` provides the buffer (e.g. a shared-memory segment, ``protocol/shm.py``)."""
     import torch
@@ -63,8 +65,8 @@ def pack_weights(state: dict[str, torch.Tensor], version: int, model_config: str
     for entry, t in zip(tensors, state.values(), strict=True):
         offset, nbytes = entry[3], entry[4]
         if nbytes:
-            buf[offset:offset + nbytes].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
-        entry[5] = digest(data[offset:offset + nbytes])
+            buf[offset : offset + nbytes].copy_(t.detach().contiguous().view(-1).view(torch.uint8))
+        entry[5] = digest(data[offset : offset + nbytes])
     return Weights(version=version, model_config=model_config, tensors=tensors, files=[], data=data)
 
 
@@ -72,10 +74,11 @@ def verify(w: Weights) -> None:
     """Raise ProtocolError("checksum") naming the first tensor whose bytes do not match its digest."""
     data = w.data
     for name, _, _, offset, nbytes, want in w.tensors:
-        got = digest(data[offset:offset + nbytes])
+        got = digest(data[offset : offset + nbytes])
         if got != want:
-            raise ProtocolError("checksum", f"weights v{w.version}: tensor {name} has xxh3 {got:#018x}, "
-                                f"the manifest says {want:#018x}")
+            raise ProtocolError(
+                "checksum", f"weights v{w.version}: tensor {name} has xxh3 {got:#018x}, the manifest says {want:#018x}"
+            )
 
 
 def with_files(weights: Weights, files: dict[str, bytes]) -> Weights:
@@ -88,7 +91,7 @@ def unpack_files(weights: Weights) -> dict[str, bytes]:
     """The files a ``with_files`` version carries, name -> bytes (names were checked by the codec)."""
     out, offset, blob = {}, 0, weights.file_data.tobytes()
     for name, nbytes in weights.files:
-        out[name] = blob[offset:offset + nbytes]
+        out[name] = blob[offset : offset + nbytes]
         offset += nbytes
     return out
 
@@ -118,22 +121,24 @@ def unpack_weights(msg: Weights, verified: bool = False, buf: torch.Tensor | Non
         verify(msg)
     if buf is not None:
         if buf.dtype != torch.uint8 or tuple(buf.shape) != tuple(msg.data.shape):
-            raise ValueError(f"a device copy of v{msg.version} must be {msg.data.shape[0]} uint8 bytes, "
-                             f"got {buf.dtype} {tuple(buf.shape)}")
+            raise ValueError(
+                f"a device copy of v{msg.version} must be {msg.data.shape[0]} uint8 bytes, "
+                f"got {buf.dtype} {tuple(buf.shape)}"
+            )
     else:
         with warnings.catch_warnings():  # decoded arrays are read-only; load_state_dict only reads them
             warnings.simplefilter("ignore", UserWarning)
-            buf = (torch.frombuffer(msg.data, dtype=torch.uint8) if msg.data.size
-                   else torch.empty(0, dtype=torch.uint8))
+            buf = torch.frombuffer(msg.data, dtype=torch.uint8) if msg.data.size else torch.empty(0, dtype=torch.uint8)
     out = {}
     for name, dtype, shape, offset, nbytes, _ in msg.tensors:
         dt = getattr(torch, dtype, None)
         if not isinstance(dt, torch.dtype):
             raise ProtocolError("dtype", f"weights: tensor {name} has unknown dtype {dtype!r}")
         if nbytes != math.prod(shape) * dt.itemsize:
-            raise ProtocolError("shape", f"weights: tensor {name} of shape {shape} and dtype {dtype} "
-                                f"cannot have {nbytes} bytes")
-        out[name] = buf[offset:offset + nbytes].view(dt).view(shape)
+            raise ProtocolError(
+                "shape", f"weights: tensor {name} of shape {shape} and dtype {dtype} cannot have {nbytes} bytes"
+            )
+        out[name] = buf[offset : offset + nbytes].view(dt).view(shape)
     return out
 
 
@@ -148,8 +153,19 @@ def unpack_weights(msg: Weights, verified: bool = False, buf: torch.Tensor | Non
 # bf16 and fp32 weights (docs/BENCHMARKS.md).
 
 DELTA_BLOCK = 1 << 20  # bytes per block (a multiple of 8): encoded and decoded a block at a time, in cache
-_ITEMSIZE = {"float64": 8, "int64": 8, "uint64": 8, "complex64": 8, "float32": 4, "int32": 4, "uint32": 4,
-             "bfloat16": 2, "float16": 2, "int16": 2, "uint16": 2}
+_ITEMSIZE = {
+    "float64": 8,
+    "int64": 8,
+    "uint64": 8,
+    "complex64": 8,
+    "float32": 4,
+    "int32": 4,
+    "uint32": 4,
+    "bfloat16": 2,
+    "float16": 2,
+    "int16": 2,
+    "uint16": 2,
+}
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
@@ -176,6 +192,7 @@ def _blocks(tensors: list, raw: int) -> list[tuple[int, int, int]]:
 
 
 # (Planes are split and joined with shifts, not with a transposed copy: 6x faster in numpy.)
+
 
 def _encode_block(base: np.ndarray, target: np.ndarray, k: int) -> np.ndarray:
     d = (target.view(_UINT[k]) - base.view(_UINT[k])).view(_INT[k])  # wraps: exact mod 2**bits
@@ -205,14 +222,17 @@ def encode_delta(base: Weights, target: Weights, level: int = 1) -> bytes:
         raise ValueError(f"v{base.version} and v{target.version} have different layouts: send the full version")
     raw = target.data.shape[0]
     cobj = zstandard.ZstdCompressor(level=level, write_content_size=True).compressobj(size=raw)
-    parts = [cobj.compress(_encode_block(base.data[s:e], target.data[s:e], k).data)
-             for s, e, k in _blocks(target.tensors, raw)]
+    parts = [
+        cobj.compress(_encode_block(base.data[s:e], target.data[s:e], k).data)
+        for s, e, k in _blocks(target.tensors, raw)
+    ]
     parts.append(cobj.flush())
     return b"".join(parts)
 
 
-def apply_delta(base: Weights, blob: np.ndarray, version: int, model_config: str,
-                tensors: list, out: np.ndarray | None = None) -> Weights:
+def apply_delta(
+    base: Weights, blob: np.ndarray, version: int, model_config: str, tensors: list, out: np.ndarray | None = None
+) -> Weights:
     """Version ``version`` from ``base`` and a delta, written into ``out`` (a recycled buffer of the
     version's size, else a new one); verified. Raises ProtocolError when the delta is corrupt or does
     not rebuild the target exactly (the caller then fetches the full version); ``base`` is never written.
@@ -232,12 +252,13 @@ def apply_delta(base: Weights, blob: np.ndarray, version: int, model_config: str
             for s, e, k in _blocks(tensors, raw):
                 got = 0
                 while got < e - s:
-                    n = reader.readinto(scratch[got:e - s])
+                    n = reader.readinto(scratch[got : e - s])
                     if n == 0:
-                        raise ProtocolError("delta", f"the delta v{base.version}->v{version} ends at byte {s + got}, "
-                                            f"not {raw}")
+                        raise ProtocolError(
+                            "delta", f"the delta v{base.version}->v{version} ends at byte {s + got}, not {raw}"
+                        )
                     got += n
-                _decode_block(base.data[s:e], scratch[:e - s], k, data[s:e])
+                _decode_block(base.data[s:e], scratch[: e - s], k, data[s:e])
             if reader.read(1):
                 raise ProtocolError("delta", f"the delta v{base.version}->v{version} has more than {raw} bytes")
     except zstandard.ZstdError as e:

@@ -35,9 +35,12 @@ class StopStrings:
 
     def hits(self, tokens: torch.Tensor, live: torch.Tensor, t: int) -> torch.Tensor:
         """Of the batch rows ``live`` (output rows), which completed a stop string at step ``t``."""
-        tails = tokens[live, max(0, t + 1 - self.window):t + 1].tolist()
-        return torch.tensor([any(s in self.decode(tail) for s in self.strings) for tail in tails],
-                            dtype=torch.bool, device=tokens.device)
+        tails = tokens[live, max(0, t + 1 - self.window) : t + 1].tolist()
+        return torch.tensor(
+            [any(s in self.decode(tail) for s in self.strings) for tail in tails],
+            dtype=torch.bool,
+            device=tokens.device,
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,13 +96,14 @@ class TorchEngine:
         ids = np.full((len(prompts), width), spec.pad_id, np.int64)
         mask = np.zeros((len(prompts), width + max_new_tokens), np.int64)  # every step's mask, sliced
         for i, p in enumerate(prompts):  # left padding keeps every row's next token at the end
-            ids[i, width - len(p):] = p
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = p
+            mask[i, width - len(p) :] = 1
         ids_t, mask_t = torch.from_numpy(ids).to(dev), torch.from_numpy(mask).to(dev)
         positions = (mask_t[:, :width].cumsum(1) - 1).clamp(min=0)
         extra = {"logits_to_keep": 1} if self._last_logits_only else {}
-        out = self.model(input_ids=ids_t, attention_mask=mask_t[:, :width], position_ids=positions, use_cache=True,
-                         **extra)
+        out = self.model(
+            input_ids=ids_t, attention_mask=mask_t[:, :width], position_ids=positions, use_cache=True, **extra
+        )
         cache = out.past_key_values
         expand = torch.arange(len(prompts), device=dev).repeat_interleave(n)  # prompt-major rows
         cache.reorder_cache(expand)
@@ -135,8 +139,13 @@ class TorchEngine:
                 keep = (~done).nonzero()[:, 0]
                 cache.reorder_cache(keep)
                 live, mask_t, next_pos, tok, done = live[keep], mask_t[keep], next_pos[keep], tok[keep], done[keep]
-            out = self.model(input_ids=tok, attention_mask=mask_t[:, :width + t + 1] if padded else None,
-                             position_ids=next_pos, use_cache=True, **{self._cache_kw: cache})
+            out = self.model(
+                input_ids=tok,
+                attention_mask=mask_t[:, : width + t + 1] if padded else None,
+                position_ids=next_pos,
+                use_cache=True,
+                **{self._cache_kw: cache},
+            )
             logits, next_pos = out.logits[:, -1], next_pos + 1
         ends = lengths.tolist()
         toks, lps = tokens.cpu().numpy().astype(np.int32), logps.cpu().numpy()

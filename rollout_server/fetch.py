@@ -56,8 +56,12 @@ def shared_segment(cfg: WeightsConfig, ann: WeightsAnnouncement | None) -> Path 
         return None
     if ann.host != host_id():
         if cfg.transport == "shm":
-            log.warning("weights.transport='shm' but the learner runs on another machine (%s, here %s): "
-                        "fetching over the network", ann.host, host_id())
+            log.warning(
+                "weights.transport='shm' but the learner runs on another machine (%s, here %s): "
+                "fetching over the network",
+                ann.host,
+                host_id(),
+            )
         return None
     return Path(cfg.shm_dir) / ann.shm
 
@@ -123,23 +127,29 @@ class Fetcher:
         if first.base >= 0 and (held is None or first.base != held.version):
             raise ProtocolError("delta", f"a delta from v{first.base}, but this server holds v{have}")
         payload = self._take(first.size) if first.base < 0 else np.empty(first.size, np.uint8)
-        payload[:first.data.shape[0]] = first.data
+        payload[: first.data.shape[0]] = first.data
         todo = list(range(first.chunks - 1, 0, -1))  # chunk numbers still to ask for, next last
         inflight = 0
         while todo or inflight:
             while todo and inflight < self.cfg.window:
-                await asend(self.sock, WeightsRequest(version=first.version, have=first.base, chunk=todo.pop(),
-                                                      fetch=fetch_id))
+                await asend(
+                    self.sock, WeightsRequest(version=first.version, have=first.base, chunk=todo.pop(), fetch=fetch_id)
+                )
                 inflight += 1
             part = await self._recv(fetch_id)
             inflight -= 1
             if part.status == "gone":
                 raise Gone
             if (part.version, part.base, part.chunks, part.size, part.chunk_bytes) != (
-                    first.version, first.base, first.chunks, first.size, first.chunk_bytes):
+                first.version,
+                first.base,
+                first.chunks,
+                first.size,
+                first.chunk_bytes,
+            ):
                 raise ProtocolError("chunk", f"chunk {part.chunk} does not belong to the transfer of v{first.version}")
             start = part.chunk * part.chunk_bytes
-            payload[start:start + part.data.shape[0]] = part.data
+            payload[start : start + part.data.shape[0]] = part.data
         out = self._take(held.data.shape[0]) if first.base >= 0 and held is not None else None  # (base's size)
         w = await asyncio.to_thread(_rebuild, first, payload, held, out)
         self.last = {"bytes": float(first.size), "seconds": time.monotonic() - t0, "delta": float(first.base >= 0)}
@@ -168,14 +178,21 @@ class Fetcher:
 def _rebuild(first: WeightsChunk, payload: np.ndarray, held: Weights | None, out: np.ndarray | None) -> Weights:
     """The version a transfer carried: the raw buffer, or the base with the delta applied; verified."""
     if first.base < 0:
-        w = Weights(version=first.version, model_config=first.model_config, tensors=first.tensors, files=[],
-                    data=payload)
+        w = Weights(
+            version=first.version, model_config=first.model_config, tensors=first.tensors, files=[], data=payload
+        )
         w.check()
         verify(w)
     else:
         assert held is not None
         w = apply_delta(held, payload, first.version, first.model_config, first.tensors, out=out)
     if first.files:
-        w = Weights(version=w.version, model_config=w.model_config, tensors=w.tensors, files=first.files,
-                    data=w.data, file_data=first.file_data)
+        w = Weights(
+            version=w.version,
+            model_config=w.model_config,
+            tensors=w.tensors,
+            files=first.files,
+            data=w.data,
+            file_data=first.file_data,
+        )
     return w

@@ -14,7 +14,8 @@ only between engine calls, and a long load or generation never silences the hear
 With ``rollout.pacing = "credits"`` (the default) it asks the selector for work before each engine
 call (a ``WorkRequest`` with the version its engine runs, on the groups link) and generates only what
 it is granted, waiting otherwise (``rollout/idle_s``); ``"free"`` generates without asking
-(docs/ARCHITECTURE.md, "Pacing"). It never starts a group while its weights lag the newest announced version by more than
+(docs/ARCHITECTURE.md, "Pacing"). It never starts a group while its weights lag the newest announced version by
+more than
 ``max_staleness`` (DESIGN.md): such a group could only be dropped. Then, and before the first
 version, it waits for the fetch. ``weights.background = false`` is the older stop-and-fetch mode:
 fetch and load between engine calls, generating nothing meanwhile. It exits on the learner's final
@@ -159,8 +160,12 @@ class RolloutServer:
 
     def _cuda_ipc_failed(self, e: Exception) -> None:
         self.counters["cuda_ipc_fallbacks"] += 1
-        self._warn("cuda_ipc", "CUDA IPC copy of the weights unusable (%s): loading from the host segment "
-                   "(same GPU visible to both processes? docker: ipc: host)", e)
+        self._warn(
+            "cuda_ipc",
+            "CUDA IPC copy of the weights unusable (%s): loading from the host segment "
+            "(same GPU visible to both processes? docker: ipc: host)",
+            e,
+        )
 
     def _build_task(self, w: Weights) -> Any:
         """The task, with the tokenizer the learner sent (written to a scratch directory and loaded)."""
@@ -181,9 +186,14 @@ class RolloutServer:
 
     def sampling(self, temperature: float) -> SamplingSpec:
         t = self.task
-        return SamplingSpec(max_new_tokens=self.cfg.max_new_tokens, temperature=temperature, stop_ids=t.stop_ids,
-                            pad_id=t.pad_id, stop_strings=tuple(self.cfg.task.stop),
-                            decode=t.tokenizer.decode if self.cfg.task.stop else None)
+        return SamplingSpec(
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=temperature,
+            stop_ids=t.stop_ids,
+            pad_id=t.pad_id,
+            stop_strings=tuple(self.cfg.task.stop),
+            decode=t.tokenizer.decode if self.cfg.task.stop else None,
+        )
 
     def produce(self, num_prompts: int, n: int) -> Produced:
         """(worker) One engine call: sample ``num_prompts`` groups of ``n``, score them, make the messages."""
@@ -191,30 +201,47 @@ class RolloutServer:
         assert version is not None
         prompts = self.task.next_prompts(num_prompts)
         t0 = time.monotonic()
-        samples = self.engine.generate([p.ids for p in prompts], n, self.sampling(self.cfg.rollout.temperature),
-                                       seed=int(self.rng.integers(2**62)))
+        samples = self.engine.generate(
+            [p.ids for p in prompts], n, self.sampling(self.cfg.rollout.temperature), seed=int(self.rng.integers(2**62))
+        )
         gen_s = time.monotonic() - t0
         scores, _ = self.task.score(prompts, samples.ids, n)
         reward_s = time.monotonic() - t0 - gen_s
         self.reward_errors.update(scores.errors)
         groups = []
         for i, prompt in enumerate(prompts):
-            ids, lps = samples.ids[i * n:(i + 1) * n], samples.logprobs[i * n:(i + 1) * n]
-            groups.append(ScoredGroup(
-                server_id=self.server_id, session=self.session, group_id=self.groups_sent + i, version=version,
-                task=self.task.name,
-                gen_seconds=gen_s / len(prompts), prompt_ids=prompt.ids,
-                completion_ids=np.concatenate(ids), completion_lens=np.array([len(c) for c in ids], np.int32),
-                logprobs=np.concatenate(lps), rewards=scores.rewards[i * n:(i + 1) * n]))
+            ids, lps = samples.ids[i * n : (i + 1) * n], samples.logprobs[i * n : (i + 1) * n]
+            groups.append(
+                ScoredGroup(
+                    server_id=self.server_id,
+                    session=self.session,
+                    group_id=self.groups_sent + i,
+                    version=version,
+                    task=self.task.name,
+                    gen_seconds=gen_s / len(prompts),
+                    prompt_ids=prompt.ids,
+                    completion_ids=np.concatenate(ids),
+                    completion_lens=np.array([len(c) for c in ids], np.int32),
+                    logprobs=np.concatenate(lps),
+                    rewards=scores.rewards[i * n : (i + 1) * n],
+                )
+            )
         tokens = sum(len(c) for c in samples.ids)
-        return Produced(groups, {
-            "rollout/tokens_per_s": tokens / gen_s,
-            "rollout/reward_mean": float(scores.rewards.mean()), "time/generate": gen_s, "time/reward": reward_s,
-            "rollout/completion_len_mean": tokens / len(samples.ids),
-            "rollout/prompts_too_long": self.task.too_long, "rollout/reward_restarts": self.task.rewards.restarts,
-            **{f"reward/fn/{k}": v for k, v in scores.per_function.items()},
-            **{f"reward/errors/{k}": v for k, v in self.reward_errors.items()},
-            **self.task.source.position()})
+        return Produced(
+            groups,
+            {
+                "rollout/tokens_per_s": tokens / gen_s,
+                "rollout/reward_mean": float(scores.rewards.mean()),
+                "time/generate": gen_s,
+                "time/reward": reward_s,
+                "rollout/completion_len_mean": tokens / len(samples.ids),
+                "rollout/prompts_too_long": self.task.too_long,
+                "rollout/reward_restarts": self.task.rewards.restarts,
+                **{f"reward/fn/{k}": v for k, v in scores.per_function.items()},
+                **{f"reward/errors/{k}": v for k, v in self.reward_errors.items()},
+                **self.task.source.position(),
+            },
+        )
 
     def evaluate(self) -> dict[str, Any] | None:
         """(worker) On ``eval.server``: greedy (or ``eval.temperature``) completions of the held-out prompts,
@@ -223,22 +250,32 @@ class RolloutServer:
         if not self.evaluates or version is None or version < self.next_eval:
             return None
         self.next_eval = (version // self.cfg.eval.every + 1) * self.cfg.eval.every
-        prompts = self.task.eval_prompts()[:self.cfg.eval.prompts]
+        prompts = self.task.eval_prompts()[: self.cfg.eval.prompts]
         if not prompts:
             log.warning("eval.every is set but there are no eval rows: set task.eval_dataset or task.eval_fraction")
             self.evaluates = False
             return None
         t0 = time.monotonic()
-        samples = self.engine.generate([p.ids for p in prompts], 1, self.sampling(self.cfg.eval.temperature),
-                                       seed=self.cfg.run.seed)
+        samples = self.engine.generate(
+            [p.ids for p in prompts], 1, self.sampling(self.cfg.eval.temperature), seed=self.cfg.run.seed
+        )
         scores, _ = self.task.score(prompts, samples.ids, 1)
         r = scores.rewards
-        metrics = {"eval/reward_mean": float(r.mean()), "eval/pass@1": float((r >= self.cfg.eval.pass_threshold).mean()),
-                   "eval/completion_len_mean": float(np.mean([len(c) for c in samples.ids])),
-                   "eval/prompts": len(prompts), "time/eval": time.monotonic() - t0,
-                   **{f"eval/fn/{k}": v for k, v in scores.per_function.items()}}
-        log.info("eval at version %d: reward %.3f, pass@1 %.3f over %d prompts", version, metrics["eval/reward_mean"],
-                 metrics["eval/pass@1"], len(prompts))
+        metrics = {
+            "eval/reward_mean": float(r.mean()),
+            "eval/pass@1": float((r >= self.cfg.eval.pass_threshold).mean()),
+            "eval/completion_len_mean": float(np.mean([len(c) for c in samples.ids])),
+            "eval/prompts": len(prompts),
+            "time/eval": time.monotonic() - t0,
+            **{f"eval/fn/{k}": v for k, v in scores.per_function.items()},
+        }
+        log.info(
+            "eval at version %d: reward %.3f, pass@1 %.3f over %d prompts",
+            version,
+            metrics["eval/reward_mean"],
+            metrics["eval/pass@1"],
+            len(prompts),
+        )
         return metrics
 
     # -- the control plane ---------------------------------------------------------------------
@@ -269,8 +306,15 @@ class RolloutServer:
     async def _heartbeats(self) -> None:
         while True:
             version = -1 if self.engine.version is None else self.engine.version
-            await self._send(Heartbeat(server_id=self.server_id, version=version, groups_sent=self.groups_sent,
-                                       state=self.state, session=self.session))
+            await self._send(
+                Heartbeat(
+                    server_id=self.server_id,
+                    version=version,
+                    groups_sent=self.groups_sent,
+                    state=self.state,
+                    session=self.session,
+                )
+            )
             await asyncio.sleep(self.cfg.rollout.heartbeat_s)
 
     async def _send(self, msg: Hello | Heartbeat | ScoredGroup | WorkRequest) -> None:
@@ -290,8 +334,12 @@ class RolloutServer:
                 waited += timeout
                 self.counters["send_waits"] += 1
                 if waited % 30 < timeout:
-                    log.info("selector at %s:%d not accepting for %.0fs (full buffer or not started)",
-                             self.cfg.net.selector_host, self.cfg.net.group_port, waited)
+                    log.info(
+                        "selector at %s:%d not accepting for %.0fs (full buffer or not started)",
+                        self.cfg.net.selector_host,
+                        self.cfg.net.group_port,
+                        waited,
+                    )
 
     def _have(self) -> int:
         """The newest version this server has: running, or fetched and ready to swap in."""
@@ -299,8 +347,7 @@ class RolloutServer:
         return max(versions, default=-1)
 
     def _usable(self, version: int | None) -> bool:
-        return (version is not None and version >= self.floor
-                and not self.cfg.too_stale(self.latest, version))
+        return version is not None and version >= self.floor and not self.cfg.too_stale(self.latest, version)
 
     def _learner_gone(self) -> bool:
         return self.learner_session is not None and time.monotonic() - self.heard_learner > LEARNER_SILENT_S
@@ -326,8 +373,11 @@ class RolloutServer:
                 if self.cfg.weights.transport == "shm":
                     self._warn("shm", "shared-memory segment %s unusable (%s): fetching over the network", path, e)
         # the delta base: the newest verified version in memory (running, being installed, or ready)
-        base = max((w for w in (self.held, self.installing, self.ready) if w is not None),
-                   key=lambda w: w.version, default=None)
+        base = max(
+            (w for w in (self.held, self.installing, self.ready) if w is not None),
+            key=lambda w: w.version,
+            default=None,
+        )
         self._fetching = asyncio.ensure_future(self.fetcher.fetch(base, with_files=self.task is None))
         try:
             await asyncio.wait({self._fetching})
@@ -335,16 +385,26 @@ class RolloutServer:
                 return None
             w = self._fetching.result()
         except TimeoutError:
-            log.info("no weights from the learner at %s:%d within %.0fs; asking again",
-                     self.cfg.net.learner_host, self.cfg.net.weights_port, self.cfg.net.weights_timeout_s)
+            log.info(
+                "no weights from the learner at %s:%d within %.0fs; asking again",
+                self.cfg.net.learner_host,
+                self.cfg.net.weights_port,
+                self.cfg.net.weights_timeout_s,
+            )
             return None
         finally:
             self._fetching = None
         last = self.fetcher.last
         self._fetch_s = last["seconds"]
-        self.monitor.log(w.version, {"rollout/weights_fetch_s": last["seconds"], "rollout/weights_shm": 0,
-                                     "rollout/weights_wire_mib": last["bytes"] / 2**20,
-                                     "rollout/weights_delta": last["delta"]})
+        self.monitor.log(
+            w.version,
+            {
+                "rollout/weights_fetch_s": last["seconds"],
+                "rollout/weights_shm": 0,
+                "rollout/weights_wire_mib": last["bytes"] / 2**20,
+                "rollout/weights_delta": last["delta"],
+            },
+        )
         return w
 
     async def _background_fetches(self) -> None:
@@ -379,8 +439,10 @@ class RolloutServer:
         while True:
             if self._learner_gone():  # nothing can be trained until it is back; it may discard our versions
                 self.state = "waiting_for_weights"
-                log.info("no announcement from the learner for %.0fs: generation paused until it is back",
-                         time.monotonic() - self.heard_learner)
+                log.info(
+                    "no announcement from the learner for %.0fs: generation paused until it is back",
+                    time.monotonic() - self.heard_learner,
+                )
                 while self._learner_gone():
                     await self._wait(0.2)
                 log.info("the learner is back (version %d, floor %d)", self.latest, self.floor)
@@ -408,8 +470,14 @@ class RolloutServer:
                 return
             self.state = "waiting_for_weights"
             if time.monotonic() - waited_since > self.cfg.net.weights_timeout_s:
-                log.info("waiting for weights from the learner at %s:%d (have v%d, newest v%d, floor %d)",
-                         self.cfg.net.learner_host, self.cfg.net.weights_port, self._have(), self.latest, self.floor)
+                log.info(
+                    "waiting for weights from the learner at %s:%d (have v%d, newest v%d, floor %d)",
+                    self.cfg.net.learner_host,
+                    self.cfg.net.weights_port,
+                    self._have(),
+                    self.latest,
+                    self.floor,
+                )
                 waited_since = time.monotonic()
             if not self.cfg.weights.background:
                 await self._wait(0.2)
@@ -443,9 +511,12 @@ class RolloutServer:
         would make groups the selector rejects (or an engine call of absurd size)."""
         cfg = self.cfg.rollout
         if grant.prompts > cfg.prompts_per_call or not cfg.group_size <= grant.group_size <= self.cfg.max_group_size:
-            raise ProtocolError("grant", f"grant of {grant.prompts} prompts x {grant.group_size}: this server asks "
-                                f"for at most {cfg.prompts_per_call} x {self.cfg.max_group_size} (rollout.group_size="
-                                f"{cfg.group_size}, rollout.surplus={cfg.surplus!r})")
+            raise ProtocolError(
+                "grant",
+                f"grant of {grant.prompts} prompts x {grant.group_size}: this server asks "
+                f"for at most {cfg.prompts_per_call} x {self.cfg.max_group_size} (rollout.group_size="
+                f"{cfg.group_size}, rollout.surplus={cfg.surplus!r})",
+            )
 
     async def _work(self) -> tuple[int, int]:
         """The (prompts, group size) of the next engine call: ``prompts_per_call`` x ``group_size`` when
@@ -474,8 +545,15 @@ class RolloutServer:
             rid = asked[0] if asked is not None and same else self._requests
             self._requests += not same
             self._asked = (rid, version, now)
-            await self._send(WorkRequest(server_id=self.server_id, session=self.session, request_id=rid,
-                                         version=version, prompts=cfg.prompts_per_call))
+            await self._send(
+                WorkRequest(
+                    server_id=self.server_id,
+                    session=self.session,
+                    request_id=rid,
+                    version=version,
+                    prompts=cfg.prompts_per_call,
+                )
+            )
         self.state = "waiting_for_work"
         t0 = time.monotonic()
         await self._wait(0.5, self._granted, self._fetched)
@@ -497,9 +575,15 @@ class RolloutServer:
         for group in produced.groups:
             await self._send(group)
             self.groups_sent += 1
-        self.monitor.log(produced.groups[0].version if produced.groups else 0, {
-            **produced.metrics, "rollout/groups_sent": self.groups_sent, "rollout/idle_s": self.idle_s,
-            **{f"rollout/{k}": v for k, v in (self.counters + self.fetcher.counters).items()}})
+        self.monitor.log(
+            produced.groups[0].version if produced.groups else 0,
+            {
+                **produced.metrics,
+                "rollout/groups_sent": self.groups_sent,
+                "rollout/idle_s": self.idle_s,
+                **{f"rollout/{k}": v for k, v in (self.counters + self.fetcher.counters).items()},
+            },
+        )
 
     def _request_stop(self) -> None:
         if self._stop is not None:
@@ -515,8 +599,15 @@ class RolloutServer:
             helpers.append(asyncio.ensure_future(self._background_fetches()))
 
         async def work() -> None:
-            await self._send(Hello(server_id=self.server_id, host=socket.gethostname()[:255], pid=os.getpid(),
-                                   engine=self.cfg.rollout.engine.type, session=self.session))
+            await self._send(
+                Hello(
+                    server_id=self.server_id,
+                    host=socket.gethostname()[:255],
+                    pid=os.getpid(),
+                    engine=self.cfg.rollout.engine.type,
+                    session=self.session,
+                )
+            )
             helpers.append(asyncio.ensure_future(self._heartbeats()))  # after the Hello, as the selector expects
             if self.cfg.rollout.pacing == "credits":
                 helpers.append(asyncio.ensure_future(self._grant_reader()))
@@ -545,12 +636,19 @@ class RolloutServer:
 
         try:
             uvloop.run(self._main())
-            log.info("%s stopping after %d groups (%.1fs waiting for work)", self.server_id, self.groups_sent,
-                     self.idle_s)
+            log.info(
+                "%s stopping after %d groups (%.1fs waiting for work)", self.server_id, self.groups_sent, self.idle_s
+            )
         finally:
             # the server's own counts, for the run's accounting (launcher/accounting.py)
-            self.monitor.log(self.engine.version or 0, {"total/groups_sent": self.groups_sent,
-                                                        "total/idle_s": self.idle_s, "total/grants": self.counters["grants"]})
+            self.monitor.log(
+                self.engine.version or 0,
+                {
+                    "total/groups_sent": self.groups_sent,
+                    "total/idle_s": self.idle_s,
+                    "total/grants": self.counters["grants"],
+                },
+            )
             self._worker.shutdown(wait=True)  # an engine call in flight finishes first
             if self.task is not None:
                 self.task.close()

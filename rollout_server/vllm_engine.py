@@ -62,8 +62,10 @@ class VLLMEngine:
         try:
             import vllm  # noqa: F401
         except ImportError as e:
-            raise RuntimeError("rollout.engine.type='vllm' needs vLLM: on a CUDA machine pip install vllm; on an x86 "
-                               "CPU bash scripts/vllm-env.sh (docs/VLLM.md); else use rollout.engine.type='torch'") from e
+            raise RuntimeError(
+                "rollout.engine.type='vllm' needs vLLM: on a CUDA machine pip install vllm; on an x86 "
+                "CPU bash scripts/vllm-env.sh (docs/VLLM.md); else use rollout.engine.type='torch'"
+            ) from e
         self.cfg = cfg
         self.llm: Any = None  # started by the first load
         self.tokenizer = False
@@ -77,11 +79,19 @@ class VLLMEngine:
         self._dir = Path(tempfile.mkdtemp(prefix="podsrl-vllm-"))
         weakref.finalize(self, shutil.rmtree, self._dir, True)  # also when close() is never called
         self.tokenizer = model_directory(weights, self._dir)
-        self.llm = LLM(model=str(self._dir), load_format="dummy", skip_tokenizer_init=not self.tokenizer,
-                       dtype=self.cfg.model.dtype, seed=self.cfg.run.seed, logprobs_mode="processed_logprobs",
-                       enable_prefix_caching=True, generation_config="vllm",
-                       gpu_memory_utilization=self.cfg.rollout.engine.gpu_memory_utilization,
-                       enforce_eager=current_platform.is_cpu(), worker_extension_cls=WORKER_EXTENSION)
+        self.llm = LLM(
+            model=str(self._dir),
+            load_format="dummy",
+            skip_tokenizer_init=not self.tokenizer,
+            dtype=self.cfg.model.dtype,
+            seed=self.cfg.run.seed,
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True,
+            generation_config="vllm",
+            gpu_memory_utilization=self.cfg.rollout.engine.gpu_memory_utilization,
+            enforce_eager=current_platform.is_cpu(),
+            worker_extension_cls=WORKER_EXTENSION,
+        )
 
     def load(self, weights: Weights, verified: bool = False, device_data: torch.Tensor | None = None) -> None:
         """Install a complete, checksummed version in place; a rejected one leaves the previous loaded.
@@ -89,8 +99,7 @@ class VLLMEngine:
         unpack_weights(weights, verified=verified)  # digests and manifest, before vLLM is started or touched
         if self.llm is None:
             self._start(weights)
-        self.llm.collective_rpc("podsrl_load", args=(weights.version, weights.tensors,
-                                                     weights.data.tobytes()))
+        self.llm.collective_rpc("podsrl_load", args=(weights.version, weights.tensors, weights.data.tobytes()))
         self.llm.reset_prefix_cache()
         self.version = weights.version
 
@@ -108,19 +117,30 @@ class VLLMEngine:
         # string, stays in the output as in the torch engine. vLLM seeds the n children of a request
         # seed, seed+1, ...: each prompt gets its own base so no two rows of a call share a stream.
         bases = np.random.SeedSequence(seed).generate_state(len(prompts), np.uint32)
-        params = [SamplingParams(n=n, temperature=spec.temperature, max_tokens=spec.max_new_tokens, logprobs=0,
-                                 seed=int(base) * n, stop_token_ids=list(spec.stop_ids),
-                                 stop=list(spec.stop_strings) or None, include_stop_str_in_output=True,
-                                 ignore_eos=True, detokenize=bool(spec.stop_strings))
-                  for base in bases]
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=spec.temperature,
+                max_tokens=spec.max_new_tokens,
+                logprobs=0,
+                seed=int(base) * n,
+                stop_token_ids=list(spec.stop_ids),
+                stop=list(spec.stop_strings) or None,
+                include_stop_str_in_output=True,
+                ignore_eos=True,
+                detokenize=bool(spec.stop_strings),
+            )
+            for base in bases
+        ]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts], params, use_tqdm=False)
         ids, lps = [], []
         for out in outs:
             for c in sorted(out.outputs, key=lambda c: c.index):
                 toks = list(c.token_ids)
                 ids.append(np.asarray(toks, np.int32))
-                lps.append(np.asarray([step[tok].logprob for step, tok in zip(c.logprobs, toks, strict=True)],
-                                      np.float32))
+                lps.append(
+                    np.asarray([step[tok].logprob for step, tok in zip(c.logprobs, toks, strict=True)], np.float32)
+                )
         return Samples(ids, lps)
 
     def close(self) -> None:

@@ -26,8 +26,7 @@ class WeightReloader:
         post-load processing, which matters on CPU: vLLM repacks linear weights for its CPU kernels,
         so ``model.load_weights`` alone on a live CPU model fails. The caller resets the prefix cache.
         """
-        msg = Weights(version=version, model_config="", tensors=tensors, files=[],
-                      data=np.frombuffer(data, np.uint8))
+        msg = Weights(version=version, model_config="", tensors=tensors, files=[], data=np.frombuffer(data, np.uint8))
         named = unpack_weights(msg)
         worker: Any = self
         worker.reload_weights(weights_iterator=iter(named.items()), is_checkpoint_format=True)

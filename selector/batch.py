@@ -39,8 +39,9 @@ def keep_group(group: ScoredGroup, cfg: SelectorConfig, m: int, rng: np.random.G
     return _kept(group, decision, float(group.rewards.mean()))
 
 
-def keep_groups(groups: list[ScoredGroup], cfg: SelectorConfig, m: int,
-                rng: np.random.Generator) -> list[KeptGroup | None]:
+def keep_groups(
+    groups: list[ScoredGroup], cfg: SelectorConfig, m: int, rng: np.random.Generator
+) -> list[KeptGroup | None]:
     """``[keep_group(g, cfg, m, rng) for g in groups]``: the same results, in order, from the same draws.
 
     When every group has the same n, the rewards are down-sampled in one ``process_groups`` call
@@ -70,9 +71,21 @@ def _kept(group: ScoredGroup, decision: GroupDecision, reward_mean: float) -> Ke
         start = end - lens[i]
         completions.append(cids[start:end])
         lps.append(logprobs[start:end])
-    return KeptGroup(group.server_id, group.version, group.prompt_ids, completions, lps, group.rewards[kept],
-                     decision.advantages, reward_mean, decision.zero_variance, group.session, group.group_id,
-                     ends[-1] if ends else 0, len(lens))
+    return KeptGroup(
+        group.server_id,
+        group.version,
+        group.prompt_ids,
+        completions,
+        lps,
+        group.rewards[kept],
+        decision.advantages,
+        reward_mean,
+        decision.zero_variance,
+        group.session,
+        group.group_id,
+        ends[-1] if ends else 0,
+        len(lens),
+    )
 
 
 def build_batch(groups: list[KeptGroup], req: BatchRequest, stats: dict[str, float]) -> TrainBatch:
@@ -83,10 +96,16 @@ def build_batch(groups: list[KeptGroup], req: BatchRequest, stats: dict[str, flo
     sizes = {len(g.completions) for g in groups}
     # one row-wise std over [G, m] when the groups are of one size (numpy reduces each row as alone)
     kept_std = np.stack([g.rewards for g in groups]).std(1) if len(sizes) == 1 else [g.rewards.std() for g in groups]
-    stats = {**stats, "reward/mean": float(np.mean([g.group_reward_mean for g in groups])),
-             "reward/kept_std": float(np.mean(kept_std))}
+    stats = {
+        **stats,
+        "reward/mean": float(np.mean([g.group_reward_mean for g in groups])),
+        "reward/kept_std": float(np.mean(kept_std)),
+    }
     return TrainBatch(
-        request_id=req.request_id, version=req.version, servers=servers, stats=stats,
+        request_id=req.request_id,
+        version=req.version,
+        servers=servers,
+        stats=stats,
         prompt_ids=np.concatenate([g.prompt_ids for g in rows]).astype(np.int32),
         prompt_lens=np.array([len(g.prompt_ids) for g in rows], np.int32),
         completion_ids=np.concatenate([c for g in groups for c in g.completions]).astype(np.int32),
@@ -98,4 +117,5 @@ def build_batch(groups: list[KeptGroup], req: BatchRequest, stats: dict[str, flo
         group_index=np.array([gi for gi, g in enumerate(groups) for _ in g.completions], np.int32),
         server_index=np.array([index[g.server_id] for g in rows], np.int32),
         group_sessions=np.array([g.session for g in groups], np.int64),
-        group_seqs=np.array([g.seq for g in groups], np.int64))
+        group_seqs=np.array([g.seq for g in groups], np.int64),
+    )

@@ -43,42 +43,66 @@ class Bounds:
         """Raise unless ``version`` was published (or is at most ``ahead`` beyond the newest announcement this
         process has read) and not discarded."""
         if version > self.version + ahead:
-            raise ProtocolError("version_future", f"{what} of version {version} from {server_id}, but the "
-                                f"learner has announced only up to {self.version}")
+            raise ProtocolError(
+                "version_future",
+                f"{what} of version {version} from {server_id}, but the "
+                f"learner has announced only up to {self.version}",
+            )
         if version < self.floor:
-            raise ProtocolError("version_discarded", f"{what} of version {version} from {server_id}: the learner "
-                                f"restarted and discarded versions below {self.floor}")
+            raise ProtocolError(
+                "version_discarded",
+                f"{what} of version {version} from {server_id}: the learner "
+                f"restarted and discarded versions below {self.floor}",
+            )
 
     def check(self, g: ScoredGroup) -> None:
         """Raise ProtocolError(reason) if ``g`` breaks this run's bounds."""
         self.check_version(g.version, g.server_id)
         if g.task != self.cfg.task.name:
-            raise ProtocolError("task", f"group of task {g.task[:64]!r} from {g.server_id}, this run trains "
-                                f"{self.cfg.task.name!r}")
+            raise ProtocolError(
+                "task", f"group of task {g.task[:64]!r} from {g.server_id}, this run trains {self.cfg.task.name!r}"
+            )
         if not self.cfg.rollout.group_size <= g.n <= self.cfg.max_group_size:
-            raise ProtocolError("group_size", f"group of {g.n} completions from {g.server_id}, rollout.group_size is "
-                                f"{self.cfg.rollout.group_size} (at most {self.cfg.max_group_size} with "
-                                f"rollout.surplus='grow_n')")
+            raise ProtocolError(
+                "group_size",
+                f"group of {g.n} completions from {g.server_id}, rollout.group_size is "
+                f"{self.cfg.rollout.group_size} (at most {self.cfg.max_group_size} with "
+                f"rollout.surplus='grow_n')",
+            )
         if g.prompt_ids.shape[0] > self.cfg.task.max_prompt_tokens:
-            raise ProtocolError("length", f"prompt of {g.prompt_ids.shape[0]} tokens from {g.server_id} > "
-                                f"task.max_prompt_tokens={self.cfg.task.max_prompt_tokens}")
+            raise ProtocolError(
+                "length",
+                f"prompt of {g.prompt_ids.shape[0]} tokens from {g.server_id} > "
+                f"task.max_prompt_tokens={self.cfg.task.max_prompt_tokens}",
+            )
         longest = int(g.completion_lens.max())
         if longest > self.cfg.max_new_tokens:
-            raise ProtocolError("length", f"completion of {longest} tokens from {g.server_id} > max_new_tokens="
-                                f"{self.cfg.max_new_tokens}")
+            raise ProtocolError(
+                "length",
+                f"completion of {longest} tokens from {g.server_id} > max_new_tokens={self.cfg.max_new_tokens}",
+            )
         if self.vocab_size:
             low = min(int(g.prompt_ids.min()), int(g.completion_ids.min()) if g.completion_ids.size else 0)
             high = max(int(g.prompt_ids.max()), int(g.completion_ids.max()) if g.completion_ids.size else 0)
             if low < 0 or high >= self.vocab_size:
-                raise ProtocolError("token_id", f"token id {low if low < 0 else high} from {g.server_id} outside the "
-                                    f"vocabulary 0..{self.vocab_size - 1}")
+                raise ProtocolError(
+                    "token_id",
+                    f"token id {low if low < 0 else high} from {g.server_id} outside the "
+                    f"vocabulary 0..{self.vocab_size - 1}",
+                )
         if g.logprobs.size and float(g.logprobs.min()) < self.cfg.selector.min_logprob:
-            raise ProtocolError("logprob", f"behaviour log-prob {float(g.logprobs.min()):.4g} from {g.server_id} < "
-                                f"selector.min_logprob={self.cfg.selector.min_logprob}")
+            raise ProtocolError(
+                "logprob",
+                f"behaviour log-prob {float(g.logprobs.min()):.4g} from {g.server_id} < "
+                f"selector.min_logprob={self.cfg.selector.min_logprob}",
+            )
         cap = self.cfg.selector.max_abs_reward
         if float(np.abs(g.rewards).max()) > cap:
-            raise ProtocolError("reward", f"reward {float(np.abs(g.rewards).max()):.4g} from {g.server_id} outside "
-                                f"+-selector.max_abs_reward={cap:g}")
+            raise ProtocolError(
+                "reward",
+                f"reward {float(np.abs(g.rewards).max()):.4g} from {g.server_id} outside "
+                f"+-selector.max_abs_reward={cap:g}",
+            )
 
 
 @dataclass
@@ -103,8 +127,11 @@ class Identities:
         if known is None or (known.session != session and now - known.last_seen >= self.takeover_s):
             known = self.sessions[server_id] = Session(session, last_seen=now)
         elif known.session != session:
-            raise ProtocolError("server_id_in_use", f"a second process uses server id {server_id!r} while the first "
-                                f"is alive: give each rollout server its own --server-id")
+            raise ProtocolError(
+                "server_id_in_use",
+                f"a second process uses server id {server_id!r} while the first "
+                f"is alive: give each rollout server its own --server-id",
+            )
         known.last_seen = now
         return known
 
@@ -112,8 +139,9 @@ class Identities:
         """Raise ``duplicate`` for a group already seen; count a gap in the sequence."""
         s = self.admit(g.server_id, g.session, now)
         if s.last_seq is not None and g.group_id <= s.last_seq:
-            raise ProtocolError("duplicate", f"group {g.group_id} of {g.server_id} (session {g.session:x}) was "
-                                f"received before")
+            raise ProtocolError(
+                "duplicate", f"group {g.group_id} of {g.server_id} (session {g.session:x}) was received before"
+            )
         if s.last_seq is not None and g.group_id > s.last_seq + 1:  # a restarted selector starts counting anew
             self.gaps += g.group_id - s.last_seq - 1
         s.last_seq = g.group_id

@@ -145,7 +145,7 @@ class Buffer:
         servers move on to V+1 as soon as it exists, so no version may be left short."""
         k = self.cfg.max_staleness
         want = max(0, req.version - k)
-        rows = [i for i, g in enumerate(self.groups) if g.version == want][:req.num_groups]
+        rows = [i for i, g in enumerate(self.groups) if g.version == want][: req.num_groups]
         need = req.num_groups * (k + 1 if req.version == 0 else 1)
         if len(rows) < req.num_groups or (k and self.count_version(req.version) < need):
             return None

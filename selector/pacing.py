@@ -11,7 +11,8 @@ runs, the prompts it wants) before each engine call and generates only what the 
   A request for version ``v`` is granted only while ``buffered + outstanding + n`` stays within that
   for ``v`` and for the oldest version still outstanding, which later grants may overtake
   (``capacity``); when nothing is outstanding and a whole call does not fit, a smaller one is granted,
-  so the learner never waits for good. In exact mode each version has a quota instead (``exact_quota``: the groups updates
+  so the learner never waits for good. In exact mode each version has a quota instead (``exact_quota``: the
+  groups updates
   will train of it), less what is buffered, outstanding or already trained of it.
 - **Sizing.** Each server's seconds per prompt are measured from its leases (grant to last group,
   an exponential average), the learner's seconds per update from the batches served. A call of ``n``
@@ -172,8 +173,12 @@ class Pacer:
     # -- decisions ---------------------------------------------------------------------------------
     def outstanding(self, version: int | None = None) -> int:
         """Groups granted and not yet delivered (of ``version`` only, when given)."""
-        return sum(lease.left for p in self.servers.values() for lease in p.leases
-                   if version is None or lease.version == version)
+        return sum(
+            lease.left
+            for p in self.servers.values()
+            for lease in p.leases
+            if version is None or lease.version == version
+        )
 
     def capacity(self, version: int, request_version: int, buffer: Buffer) -> int:
         """How many more groups of ``version`` can be granted now and still be trained within the bound."""
@@ -235,8 +240,12 @@ class Pacer:
         limit = self.cfg.selector.max_hold_steps
         if not (self.enabled and limit) or self.cfg.run.staleness_mode == "exact":
             return 0.0
-        due = [lease.expires_at for p in self.servers.values() for lease in p.leases
-               if lease.version + self.cfg.max_staleness == request_version and lease.expires_at > now]
+        due = [
+            lease.expires_at
+            for p in self.servers.values()
+            for lease in p.leases
+            if lease.version + self.cfg.max_staleness == request_version and lease.expires_at > now
+        ]
         if not due:
             return 0.0
         if self.hold_since is None or self.hold_since[0] != request_version:
@@ -284,4 +293,3 @@ class Pacer:
             self.tally.add(f"pacing/granted/{sid}", n)
             out.append((w.route, WorkGrant(request_id=w.req.request_id, prompts=n, group_size=size, lease_s=lease_s)))
         return out
-

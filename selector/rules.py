@@ -141,8 +141,6 @@ class GroupDecision:
     dropped: bool  # the group is not trained on (zero variance under the "drop" rule)
 
 
-
-
 def process_group(
     rewards: np.ndarray,
     m: int,
@@ -161,9 +159,15 @@ def process_group(
     if zero_variance not in ZERO_VARIANCE_RULES or adv_norm not in ADV_NORMS:
         _check_options(zero_variance, adv_norm)
     select = SELECTORS.get(rule) or build_selector(rule)
-    if (select is max_variance and type(rewards) is np.ndarray and rewards.ndim == 1
-            and 0 < rewards.shape[0] <= FAST_MAX_N and rewards.dtype.char in _FLOAT_CHARS and type(eps) is float
-            and type(rng) is _Generator):
+    if (
+        select is max_variance
+        and type(rewards) is np.ndarray
+        and rewards.ndim == 1
+        and 0 < rewards.shape[0] <= FAST_MAX_N
+        and rewards.dtype.char in _FLOAT_CHARS
+        and type(eps) is float
+        and type(rng) is _Generator
+    ):
         decision = _fast_max_variance(rewards.tolist(), m, zero_variance, adv_norm, rng, eps)
         if decision is not None:
             return decision
@@ -197,8 +201,13 @@ def process_groups(
     if r.ndim != 2:
         raise ValueError(f"rewards must be 2-D [groups, n], got shape {r.shape}")
     g, n = r.shape
-    if (select is max_variance and n > 0 and isinstance(eps, float) and type(rng) is _Generator
-            and (g >= BATCH_MIN_GROUPS or (g > 1 and n > FAST_MAX_N))):
+    if (
+        select is max_variance
+        and n > 0
+        and isinstance(eps, float)
+        and type(rng) is _Generator
+        and (g >= BATCH_MIN_GROUPS or (g > 1 and n > FAST_MAX_N))
+    ):
         decisions = _batched_max_variance(r, m, zero_variance == "drop", adv_norm == "std", rng, eps)
         if decisions is not None:
             return decisions
@@ -207,9 +216,7 @@ def process_groups(
 
 def _check_options(zero_variance: str, adv_norm: str) -> None:
     if zero_variance not in ZERO_VARIANCE_RULES:
-        raise ValueError(
-            f"unknown zero_variance rule {zero_variance!r}; valid choices: {list(ZERO_VARIANCE_RULES)}"
-        )
+        raise ValueError(f"unknown zero_variance rule {zero_variance!r}; valid choices: {list(ZERO_VARIANCE_RULES)}")
     _check_norm(adv_norm)
 
 
@@ -219,7 +226,12 @@ def _check_norm(adv_norm: str) -> None:
 
 
 def _process_group_numpy(
-    rewards: np.ndarray, m: int, select: Rule, zero_variance: str, adv_norm: str, rng: np.random.Generator,
+    rewards: np.ndarray,
+    m: int,
+    select: Rule,
+    zero_variance: str,
+    adv_norm: str,
+    rng: np.random.Generator,
     eps: float,
 ) -> GroupDecision:
     """The reference path: any rule, any size, through the numpy functions above."""
@@ -269,9 +281,9 @@ def _np_sum(a: list[float]) -> float:
     else:
         acc = list(map(add, a[:8], a[8:16]))
         for i in range(16, n - 7, 8):
-            acc = list(map(add, acc, a[i:i + 8]))
+            acc = list(map(add, acc, a[i : i + 8]))
         r0, r1, r2, r3, r4, r5, r6, r7 = acc
-    return 0.0 + reduce(add, a[n - n % 8:], ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)))
+    return 0.0 + reduce(add, a[n - n % 8 :], ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)))
 
 
 def _fast_max_variance(
@@ -315,7 +327,7 @@ def _fast_max_variance(
     best = 0
     while var[best] < threshold:  # smallest k among (near-)ties
         best += 1
-    kept = order[:m - best] + order[n - best:]
+    kept = order[: m - best] + order[n - best :]
     kept.sort()
     kr = [r[j] for j in kept]
     if max(kr) == min(kr):
@@ -357,8 +369,8 @@ def _batched_max_variance(
     np.cumsum(s, 1, out=p1[:, 1:])
     np.cumsum(np.multiply(s, s, out=s), 1, out=p2[:, 1:])
     # columns k = 0..m: p[m - k] is p[:, m::-1], p[n - k] is p[:, n - m:] reversed
-    s1 = p1[:, m::-1] + (p1[:, n:] - p1[:, n - m:][:, ::-1])
-    s2 = p2[:, m::-1] + (p2[:, n:] - p2[:, n - m:][:, ::-1])
+    s1 = p1[:, m::-1] + (p1[:, n:] - p1[:, n - m :][:, ::-1])
+    s2 = p2[:, m::-1] + (p2[:, n:] - p2[:, n - m :][:, ::-1])
     s1 /= m
     s2 /= m
     var = s2 - s1 * s1

@@ -58,7 +58,6 @@ GroupLinkMessage = Hello | Heartbeat | ScoredGroup | WorkRequest
 GROUP_LINK = (Hello, Heartbeat, ScoredGroup, WorkRequest)
 
 
-
 @dataclass
 class Peer:
     """What the selector knows of one rollout server."""
@@ -154,8 +153,15 @@ class Selector:
             if self.cfg.rollout.pacing == "credits":
                 self.pacer.request(route, msg, now)
             else:  # a server configured for credits in a run that paces nothing: let it generate
-                self.reply_work(route, WorkGrant(request_id=msg.request_id, prompts=msg.prompts,
-                                                 group_size=self.cfg.rollout.group_size, lease_s=3600.0))
+                self.reply_work(
+                    route,
+                    WorkGrant(
+                        request_id=msg.request_id,
+                        prompts=msg.prompts,
+                        group_size=self.cfg.rollout.group_size,
+                        lease_s=3600.0,
+                    ),
+                )
         return msg
 
     def admit(self, msg: GroupLinkMessage) -> None:
@@ -165,8 +171,11 @@ class Selector:
         if msg.server_id not in self.peers and len(self.peers) >= self.cfg.selector.max_peers:
             self.forget_dead(now, grace_s=0.0)
             if len(self.peers) >= self.cfg.selector.max_peers:
-                raise ProtocolError("too_many_peers", f"{msg.server_id!r} would be peer {len(self.peers) + 1} > "
-                                    f"selector.max_peers={self.cfg.selector.max_peers}")
+                raise ProtocolError(
+                    "too_many_peers",
+                    f"{msg.server_id!r} would be peer {len(self.peers) + 1} > "
+                    f"selector.max_peers={self.cfg.selector.max_peers}",
+                )
         if not isinstance(msg, ScoredGroup):
             self.identities.admit(msg.server_id, msg.session, now)
             if isinstance(msg, WorkRequest):
@@ -214,9 +223,13 @@ class Selector:
     def _warn_starving(self) -> None:
         dropped, received = self.totals["selector/zero_variance_dropped"], self.totals["groups/received"]
         if dropped in (1000, 10000, 100000) and dropped > 0.9 * received:
-            log.warning("%d of %d groups had zero reward variance and were dropped: the task is solved or too "
-                        "hard for this policy, and the learner is starved. Set selector.zero_variance=keep, or "
-                        "change the task", dropped, received)
+            log.warning(
+                "%d of %d groups had zero reward variance and were dropped: the task is solved or too "
+                "hard for this policy, and the learner is starved. Set selector.zero_variance=keep, or "
+                "change the task",
+                dropped,
+                received,
+            )
 
     def on_request(self) -> None:
         try:
@@ -243,8 +256,12 @@ class Selector:
             self.reject("announce", e)
             return
         if not self.heard_learner:
-            log.info("learner at version %d (floor %d, vocabulary %d): reading groups", msg.version, msg.floor,
-                     msg.vocab_size)
+            log.info(
+                "learner at version %d (floor %d, vocabulary %d): reading groups",
+                msg.version,
+                msg.floor,
+                msg.vocab_size,
+            )
         self.heard_learner = True
         self.heard_at = time.monotonic()
         b = self.bounds
@@ -252,8 +269,9 @@ class Selector:
         if msg.floor > b.floor:  # a restarted learner discarded the versions in [old floor, msg.floor)
             b.floor = msg.floor
             dropped = self.pool.discard_below(b.floor)
-            log.warning("the learner restarted: versions below %d are discarded; %d buffered groups dropped",
-                        b.floor, dropped)
+            log.warning(
+                "the learner restarted: versions below %d are discarded; %d buffered groups dropped", b.floor, dropped
+            )
         if msg.final:
             self.stopping = True
 
@@ -283,10 +301,14 @@ class Selector:
         take = self.pool.take(req)
         if take is None:
             return
-        stats: dict[str, float] = {**self.counts, "selector/buffer_groups": len(self.buffer),
-                                   "selector/peers_alive": sum(not p.dead for p in self.peers.values()),
-                                   "pacing/outstanding": self.pacer.outstanding(),
-                                   "pacing/hold_s": self.pacer.held_s, "pacing/group_size": self.pacer.group_size()}
+        stats: dict[str, float] = {
+            **self.counts,
+            "selector/buffer_groups": len(self.buffer),
+            "selector/peers_alive": sum(not p.dead for p in self.peers.values()),
+            "pacing/outstanding": self.pacer.outstanding(),
+            "pacing/hold_s": self.pacer.held_s,
+            "pacing/group_size": self.pacer.group_size(),
+        }
         batch = build_batch(take, req, stats)
         try:
             send(self.batches, batch, *route)
@@ -306,8 +328,13 @@ class Selector:
 
     def _metrics(self, batch: TrainBatch) -> dict[str, float]:
         stale = batch.version - batch.versions
-        return {**batch.stats, "selector/batch_rows": batch.size, "staleness/mean": float(stale.mean()),
-                "staleness/max": int(stale.max()), "reward/kept_mean": float(batch.rewards.mean())}
+        return {
+            **batch.stats,
+            "selector/batch_rows": batch.size,
+            "staleness/mean": float(stale.mean()),
+            "staleness/max": int(stale.max()),
+            "reward/kept_mean": float(batch.rewards.mean()),
+        }
 
     def check_peers(self) -> None:
         """Report silent rollout servers. Only meaningful while we read the groups link: under
@@ -318,15 +345,23 @@ class Selector:
                 peer.dead = True
                 self.count("peers/dead")
                 self.count(f"peers/dead/{sid}")
-                log.warning("rollout server %s silent for %.0fs: marked dead (its groups so far are kept, its "
-                            "work grants withdrawn)", sid, now - peer.last_seen)
+                log.warning(
+                    "rollout server %s silent for %.0fs: marked dead (its groups so far are kept, its "
+                    "work grants withdrawn)",
+                    sid,
+                    now - peer.last_seen,
+                )
                 self.pacer.forget(sid)
         self.forget_dead(now, grace_s=9 * self.cfg.selector.peer_timeout_s)
 
     # -- loop ----------------------------------------------------------------------------------
     def run(self) -> None:
-        log.info("selector up: groups on :%d, batches on :%d; %s", self.cfg.net.group_port,
-                 self.cfg.net.batch_port, self.cfg.summary())
+        log.info(
+            "selector up: groups on :%d, batches on :%d; %s",
+            self.cfg.net.group_port,
+            self.cfg.net.batch_port,
+            self.cfg.summary(),
+        )
         poller = zmq.Poller()
         poller.register(self.batches, zmq.POLLIN)
         poller.register(self.sub, zmq.POLLIN)
@@ -344,7 +379,9 @@ class Selector:
                     if reading:
                         for peer in self.peers.values():
                             peer.last_seen = max(peer.last_seen, time.monotonic())
-                wait_ms = 200 if not self.hold_until else max(1, min(200, int(1e3 * (self.hold_until - time.monotonic()))))
+                wait_ms = (
+                    200 if not self.hold_until else max(1, min(200, int(1e3 * (self.hold_until - time.monotonic()))))
+                )
                 events = dict(poller.poll(wait_ms))
                 if self.sub in events:  # first: a group or request may carry the version just announced
                     self.drain_announcements()

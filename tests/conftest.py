@@ -33,8 +33,14 @@ def spawn() -> Iterator:
 
     def start(module: str, *args: str, log: Path | None = None) -> subprocess.Popen:
         out = log.open("wb") if log else subprocess.DEVNULL
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], env=child_env(), cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            env=child_env(),
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         procs.append(proc)
         return proc
 

@@ -30,10 +30,19 @@ def random_group(rewards, gid: int, server: str = "s-0", version: int = 0):  # -
     n = len(rewards)
     lens = gen.integers(0, 6, n).astype(np.int32)
     total = int(lens.sum())
-    return ScoredGroup(server_id=server, session=1, group_id=gid, version=version, task="copy", gen_seconds=0.0,
-                       prompt_ids=np.arange(1, 2 + gid % 5, dtype=np.int32),
-                       completion_ids=gen.integers(4, 99, total, dtype=np.int32), completion_lens=lens,
-                       logprobs=-gen.random(total, dtype=np.float32), rewards=np.asarray(rewards, np.float32))
+    return ScoredGroup(
+        server_id=server,
+        session=1,
+        group_id=gid,
+        version=version,
+        task="copy",
+        gen_seconds=0.0,
+        prompt_ids=np.arange(1, 2 + gid % 5, dtype=np.int32),
+        completion_ids=gen.integers(4, 99, total, dtype=np.int32),
+        completion_lens=lens,
+        logprobs=-gen.random(total, dtype=np.float32),
+        rewards=np.asarray(rewards, np.float32),
+    )
 
 
 def assert_same_kept(a, b) -> None:  # KeptGroup | None each
@@ -42,7 +51,14 @@ def assert_same_kept(a, b) -> None:  # KeptGroup | None each
         assert a is b
         return
     assert (a.server_id, a.version, a.zero_variance, a.session, a.seq, a.tokens, a.n) == (
-        b.server_id, b.version, b.zero_variance, b.session, b.seq, b.tokens, b.n)
+        b.server_id,
+        b.version,
+        b.zero_variance,
+        b.session,
+        b.seq,
+        b.tokens,
+        b.n,
+    )
     assert a.prompt_ids is b.prompt_ids
     assert type(a.group_reward_mean) is float and a.group_reward_mean == b.group_reward_mean
     assert a.rewards.dtype == b.rewards.dtype and a.rewards.tobytes() == b.rewards.tobytes()

@@ -11,14 +11,23 @@ from helpers import ROOT, child_env
 
 @pytest.mark.slow
 def test_microbenchmarks_run_in_quick_mode():
-    res = subprocess.run([sys.executable, "-m", "bench", "--quick", "codec", "selector", "rollout", "weights"],
-                         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "codec", "selector", "rollout", "weights"],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for name in ("[codec]", "[selector]", "[rollout]", "[weights]"):
         assert name in res.stdout
     # the rollout bench measures every side of each comparison, and its paths really push and score groups
-    rows = {r["case"].split(",")[0]: r for r in json.loads((ROOT / "bench" / "results-quick.json").read_text())
-            ["results"] if r["bench"] == "rollout"}
+    rows = {
+        r["case"].split(",")[0]: r
+        for r in json.loads((ROOT / "bench" / "results-quick.json").read_text())["results"]
+        if r["bench"] == "rollout"
+    }
     for case in ("(a) server path", "(a2) text path vs token path", "(b) torch engine"):
         assert case in rows, sorted(rows)
         assert math.isfinite(rows[case]["value"]) and rows[case]["value"] > 0

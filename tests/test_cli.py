@@ -8,8 +8,14 @@ from helpers import ROOT, child_env
 
 
 def podsrl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=ROOT, env=child_env(),
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("cmd", ["run", "selector", "rollout", "learner", "config"])
@@ -19,8 +25,10 @@ def test_help_of_every_command(cmd):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from launcher.cli import main\ntry:\n main(['--help'])\nexcept SystemExit: pass\n" \
-           "assert 'torch' not in sys.modules, 'torch imported for --help'"
+    code = (
+        "import sys; from launcher.cli import main\ntry:\n main(['--help'])\nexcept SystemExit: pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported for --help'"
+    )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
 

@@ -11,8 +11,9 @@ from rollout_server.tasks.verifiers import BUILTIN_REWARDS
 
 
 def test_config_reference_is_current():
-    assert (ROOT / "docs" / "CONFIG.md").read_text().strip() == config_reference().strip(), \
+    assert (ROOT / "docs" / "CONFIG.md").read_text().strip() == config_reference().strip(), (
         "docs/CONFIG.md is stale: run `podsrl config --reference > docs/CONFIG.md`"
+    )
 
 
 def test_losses_doc_repeats_the_losses_docstring():
@@ -20,15 +21,17 @@ def test_losses_doc_repeats_the_losses_docstring():
     paragraph, word for word (line breaks aside)."""
     body = inspect.cleandoc(learner.losses.__doc__ or "").split("\n\n", 1)[1]
     doc = (ROOT / "docs" / "LOSSES.md").read_text()
-    assert " ".join(body.split()) in " ".join(doc.split()), \
+    assert " ".join(body.split()) in " ".join(doc.split()), (
         "docs/LOSSES.md's losses section differs from learner/losses.py's docstring: edit one, copy it to the other"
+    )
 
 
 def test_tasks_doc_lists_the_builtin_rewards():
     doc = (ROOT / "docs" / "TASKS.md").read_text()
     table = doc.split("### Built-in rewards", 1)[1].split("\n#", 1)[0]
-    names = {n for row in table.splitlines()[2:] if row.startswith("|")
-             for n in re.findall(r"`(\w+)`", row.split("|")[1])}
+    names = {
+        n for row in table.splitlines()[2:] if row.startswith("|") for n in re.findall(r"`(\w+)`", row.split("|")[1])
+    }
     assert names == set(BUILTIN_REWARDS), "docs/TASKS.md's 'Built-in rewards' table must list verifiers.BUILTIN_REWARDS"
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 
 def rows(limit: int = 10) -> list[dict[str, str]]:
-    return [{"prompt": f"{a}+{b}=", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
-            for a in range(limit) for b in range(limit)]
+    return [
+        {"prompt": f"{a}+{b}=", "answer": f"{a}+{b}={a + b}\n#### {a + b}"} for a in range(limit) for b in range(limit)
+    ]
 
 
 def main(argv: list[str]) -> int:

@@ -19,7 +19,7 @@ def answer_shape(prompts: list[Any], completions: list[str], answer: list[str], 
     for text, solution in zip(completions, answer, strict=True):
         target = int(solution.rpartition("####")[2])
         marker = sum(want == got for want, got in zip(MARKER, text, strict=False)) / len(MARKER)
-        digits = text[len(MARKER):len(MARKER) + 3].strip()
+        digits = text[len(MARKER) : len(MARKER) + 3].strip()
         close = max(0.0, 1 - abs(int(digits) - target) / 5) if digits.isdigit() else 0.0
         scores.append(0.5 * marker + 0.5 * close)
     return scores

@@ -63,8 +63,10 @@ class Task:
                 out.append(p)
                 if len(out) == k:
                     return out
-        raise TaskError(f"{self.too_long} prompts were longer than task.max_prompt_tokens="
-                        f"{self.cfg.max_prompt_tokens}: raise it, or shorten the prompts")
+        raise TaskError(
+            f"{self.too_long} prompts were longer than task.max_prompt_tokens="
+            f"{self.cfg.max_prompt_tokens}: raise it, or shorten the prompts"
+        )
 
     def eval_prompts(self) -> list[Prompt]:
         if self._eval is None:
@@ -75,15 +77,17 @@ class Task:
     def decode(self, completions: list[np.ndarray]) -> list[str]:
         return self.tokenizer.batch_decode([c.tolist() for c in completions], skip_special_tokens=True)
 
-    def score(self, prompts: list[Prompt], completions: list[np.ndarray], n: int,
-              on_wait: Callable[[], None] | None = None) -> tuple[RewardScores, list[str]]:
+    def score(
+        self, prompts: list[Prompt], completions: list[np.ndarray], n: int, on_wait: Callable[[], None] | None = None
+    ) -> tuple[RewardScores, list[str]]:
         """Rewards of ``n`` completions per prompt (prompt-major), and their decoded texts."""
         texts = self.decode(completions)
         rows = [p.row for p in prompts for _ in range(n)]
         keys = sorted({k for p in prompts for k in p.row} - {self.cfg.prompt_field})
         columns = {k: [r.get(k) for r in rows] for k in keys}
-        scores = self.rewards.score([r[self.cfg.prompt_field] for r in rows], texts,
-                                    [c.tolist() for c in completions], columns, on_wait)
+        scores = self.rewards.score(
+            [r[self.cfg.prompt_field] for r in rows], texts, [c.tolist() for c in completions], columns, on_wait
+        )
         return scores, texts
 
     def close(self) -> None:
@@ -102,15 +106,19 @@ def validate_task(cfg: Config, tokenizer: Any | None = None) -> str:
             try:
                 tc.template.format_map(row)
             except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
-                raise TaskError(f"task.template={tc.template!r} cannot be filled from row {i} "
-                                f"({type(e).__name__}: {e}); its columns are {sorted(row)[:10]}") from None
+                raise TaskError(
+                    f"task.template={tc.template!r} cannot be filled from row {i} "
+                    f"({type(e).__name__}: {e}); its columns are {sorted(row)[:10]}"
+                ) from None
     for spec in tc.rewards:
         check_signature(spec, load_reward(spec), columns)
     if tokenizer is not None:
         render(rows[0], tc, tokenizer)
-    what = (f"{tc.type} (length {tc.length}, {tc.symbols} symbols)" if tc.type in BUILTIN_TASKS
-            else f"{tc.dataset}: {len(source.rows)} training rows, {len(source.eval_rows)} eval rows, "
-                 f"columns {sorted(columns)}")
+    what = (
+        f"{tc.type} (length {tc.length}, {tc.symbols} symbols)"
+        if tc.type in BUILTIN_TASKS
+        else f"{tc.dataset}: {len(source.rows)} training rows, {len(source.eval_rows)} eval rows, "
+        f"columns {sorted(columns)}"
+    )
     rewards = ", ".join(f"{s} x{w:g}" for s, w in zip(tc.rewards, tc.weights, strict=True))
     return f"task {what}; rewards {rewards}"
-

@@ -28,8 +28,10 @@ def load_rows(path: str, prompt_field: str, key: str = "task.dataset") -> list[d
     """Every row of a JSONL / Parquet file or a ``datasets`` directory, each checked for its prompt."""
     p = Path(path)
     if not p.exists():
-        raise TaskError(f"{key}={path!r} does not exist (relative paths are from {Path.cwd()}); give a local "
-                        ".jsonl or .parquet file or a datasets save_to_disk directory")
+        raise TaskError(
+            f"{key}={path!r} does not exist (relative paths are from {Path.cwd()}); give a local "
+            ".jsonl or .parquet file or a datasets save_to_disk directory"
+        )
     if p.is_dir():
         rows = _load_datasets_dir(p, key)
     elif p.suffix in (".jsonl", ".json"):
@@ -75,8 +77,10 @@ def _load_datasets_dir(p: Path, key: str) -> list[dict[str, Any]]:
     try:
         from datasets import load_from_disk
     except ImportError:
-        raise TaskError(f"{key}={str(p)!r} is a directory: reading a datasets save_to_disk directory needs "
-                        "`pip install datasets` (or export the rows to .jsonl)") from None
+        raise TaskError(
+            f"{key}={str(p)!r} is a directory: reading a datasets save_to_disk directory needs "
+            "`pip install datasets` (or export the rows to .jsonl)"
+        ) from None
     ds = load_from_disk(str(p))
     if hasattr(ds, "keys"):  # a DatasetDict: take its train split (or its only one)
         splits = list(ds.keys())
@@ -88,20 +92,30 @@ def _load_datasets_dir(p: Path, key: str) -> list[dict[str, Any]]:
 
 def check_prompt(row: dict[str, Any], prompt_field: str, where: str) -> None:
     if prompt_field not in row:
-        raise TaskError(f"{where} has no {prompt_field!r} column (columns: {sorted(row)[:10]}); set "
-                        "task.prompt_field to the prompt's column")
+        raise TaskError(
+            f"{where} has no {prompt_field!r} column (columns: {sorted(row)[:10]}); set "
+            "task.prompt_field to the prompt's column"
+        )
     value = row[prompt_field]
     if isinstance(value, str | int | float) and not isinstance(value, bool):  # scalars fill task.template
         return
-    if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                 and isinstance(m.get("content"), str) for m in value):
+    if (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
+    ):
         return
-    raise TaskError(f"{where}: {prompt_field!r} must be a string (or a number for task.template) or a list of "
-                    f"chat messages {{'role': ..., 'content': ...}}, got {type(value).__name__}")
+    raise TaskError(
+        f"{where}: {prompt_field!r} must be a string (or a number for task.template) or a list of "
+        f"chat messages {{'role': ..., 'content': ...}}, got {type(value).__name__}"
+    )
 
 
-def generated_row(kind: str, length: int, symbols: int, rng: np.random.Generator,
-                  min_length: int = 0) -> dict[str, Any]:
+def generated_row(
+    kind: str, length: int, symbols: int, rng: np.random.Generator, min_length: int = 0
+) -> dict[str, Any]:
     """One copy/reverse row: ``{"prompt": "cfa=", "answer": "cfa"}`` (reverse: ``"afc"``).
 
     ``length`` symbols, or with ``0 < min_length < length`` a length drawn uniformly from
@@ -115,7 +129,7 @@ def generated_row(kind: str, length: int, symbols: int, rng: np.random.Generator
 
 
 def builtin_alphabet(cfg: TaskConfig) -> str:
-    return string.ascii_lowercase[:cfg.symbols] + "="
+    return string.ascii_lowercase[: cfg.symbols] + "="
 
 
 class RowSource:
@@ -134,8 +148,9 @@ class RowSource:
         if cfg.type in BUILTIN_TASKS:
             self.rows: list[dict[str, Any]] = []
             eval_rng = np.random.default_rng([run_seed, 0xE7A1])
-            self.eval_rows = [generated_row(cfg.type, cfg.length, cfg.symbols, eval_rng, cfg.min_length)
-                              for _ in range(eval_rows)]
+            self.eval_rows = [
+                generated_row(cfg.type, cfg.length, cfg.symbols, eval_rng, cfg.min_length) for _ in range(eval_rows)
+            ]
             return
         rows = load_rows(cfg.dataset, cfg.prompt_field)
         if cfg.eval_dataset:
@@ -165,8 +180,11 @@ class RowSource:
     def position(self) -> dict[str, float]:
         if not self.rows:
             return {}
-        return {"data/epoch": self.epoch, "data/index": self.index,
-                "data/progress": self.epoch + self.index / len(self.rows)}
+        return {
+            "data/epoch": self.epoch,
+            "data/index": self.index,
+            "data/progress": self.epoch + self.index / len(self.rows),
+        }
 
 
 def alphabet_of(cfg: TaskConfig) -> str:

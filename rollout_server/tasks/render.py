@@ -27,17 +27,21 @@ def render(row: dict[str, Any], cfg: TaskConfig, tokenizer: Any) -> tuple[str, b
         try:
             text = cfg.template.format_map(row) if cfg.template else str(value)
         except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
-            raise TaskError(f"task.template={cfg.template!r} cannot be filled from a row with columns "
-                            f"{sorted(row)[:10]} ({type(e).__name__}: {e})") from None
+            raise TaskError(
+                f"task.template={cfg.template!r} cannot be filled from a row with columns "
+                f"{sorted(row)[:10]} ({type(e).__name__}: {e})"
+            ) from None
         if not cfg.chat_template:
             return text, False
         messages = [{"role": "user", "content": text}]
     if cfg.system_prompt and messages[0].get("role") != "system":
         messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
     if getattr(tokenizer, "chat_template", None) is None:
-        raise TaskError("prompts are chat messages (task.chat_template=true or a list-valued prompt column) but the "
-                        "model's tokenizer has no chat template: use a tokenizer that has one, or string prompts "
-                        "with task.chat_template=false")
+        raise TaskError(
+            "prompts are chat messages (task.chat_template=true or a list-valued prompt column) but the "
+            "model's tokenizer has no chat template: use a tokenizer that has one, or string prompts "
+            "with task.chat_template=false"
+        )
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
 
 
@@ -54,6 +58,7 @@ def stop_ids(tokenizer: Any, model_config: dict[str, Any]) -> tuple[int, ...]:
     extra = model_config.get("eos_token_id")
     ids |= set(extra) if isinstance(extra, list) else {extra} if isinstance(extra, int) else set()
     if not ids:
-        raise TaskError("the model has no EOS token: set eos_token in its tokenizer_config.json or eos_token_id "
-                        "in its config.json")
+        raise TaskError(
+            "the model has no EOS token: set eos_token in its tokenizer_config.json or eos_token_id in its config.json"
+        )
     return tuple(sorted(ids))

@@ -49,8 +49,10 @@ def load_reward(spec: str) -> RewardFn:
         return BUILTIN_REWARDS[spec]
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise TaskError(f"task.reward={spec!r} is neither a built-in ({', '.join(sorted(BUILTIN_REWARDS))}) nor "
-                        "'package.module:function' / 'path/to/file.py:function'")
+        raise TaskError(
+            f"task.reward={spec!r} is neither a built-in ({', '.join(sorted(BUILTIN_REWARDS))}) nor "
+            "'package.module:function' / 'path/to/file.py:function'"
+        )
     try:
         if target.endswith(".py"):
             path = Path(target)
@@ -67,8 +69,10 @@ def load_reward(spec: str) -> RewardFn:
     except TaskError:
         raise
     except Exception as e:
-        raise TaskError(f"task.reward={spec!r}: importing {target} failed ({type(e).__name__}: {e}); check the "
-                        "module is on PYTHONPATH (or give a path/to/file.py) and imports cleanly") from None
+        raise TaskError(
+            f"task.reward={spec!r}: importing {target} failed ({type(e).__name__}: {e}); check the "
+            "module is on PYTHONPATH (or give a path/to/file.py) and imports cleanly"
+        ) from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise TaskError(f"task.reward={spec!r}: {target} has no function {name!r}")
@@ -84,13 +88,18 @@ def check_signature(spec: str, fn: RewardFn, columns: set[str]) -> None:
     names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
     offered = {"prompts", "completions", "completion_ids", *columns}
-    missing = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-               and p.default is p.empty and p.name not in offered]
+    missing = [
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty and p.name not in offered
+    ]
     if not {"prompts", "completions"} <= names and not var_kw:
         missing = missing or ["prompts", "completions"]
     if missing:
-        raise TaskError(f"task.reward={spec!r}: the function needs {missing}, which are not dataset columns; the "
-                        "convention is f(prompts, completions, **columns) -> list[float | None] (docs/TASKS.md)")
+        raise TaskError(
+            f"task.reward={spec!r}: the function needs {missing}, which are not dataset columns; the "
+            "convention is f(prompts, completions, **columns) -> list[float | None] (docs/TASKS.md)"
+        )
 
 
 def _arguments(fn: RewardFn, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -138,8 +147,9 @@ def _worker(conn: Any, specs: list[str]) -> None:
         conn.send(("ok", _score_all(fns, kwargs, lambda note: conn.send(("note", note)))))
 
 
-def _score_all(fns: list[RewardFn], kwargs: dict[str, Any],
-               note: Callable[[str], None]) -> list[list[float | None | str]]:
+def _score_all(
+    fns: list[RewardFn], kwargs: dict[str, Any], note: Callable[[str], None]
+) -> list[list[float | None | str]]:
     """Every function on one batch: validated values, or an error reason per row (``note`` hears why)."""
     rows = len(kwargs["completions"])
     results = []
@@ -194,12 +204,22 @@ class RewardWorker:
         self.starting = True
         self._start()
 
-    def score(self, prompts: list[Any], completions: list[str], completion_ids: list[list[int]],
-              columns: dict[str, list[Any]], on_wait: Callable[[], None] | None = None) -> RewardScores:
+    def score(
+        self,
+        prompts: list[Any],
+        completions: list[str],
+        completion_ids: list[list[int]],
+        columns: dict[str, list[Any]],
+        on_wait: Callable[[], None] | None = None,
+    ) -> RewardScores:
         rows = len(completions)
         errors: Counter[str] = Counter()
-        results = self._call({"prompts": prompts, "completions": completions, "completion_ids": completion_ids,
-                              **columns}, rows, errors, on_wait)
+        results = self._call(
+            {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns},
+            rows,
+            errors,
+            on_wait,
+        )
         total = np.zeros(rows, np.float64)
         unscored = np.ones(rows, bool)  # no function scored the row, and none failed on it
         per_function = {}
@@ -218,8 +238,9 @@ class RewardWorker:
             errors["none"] += int(unscored.sum())
         return RewardScores(total.astype(np.float32), per_function, errors)
 
-    def _call(self, kwargs: dict[str, Any], rows: int, errors: Counter[str],
-              on_wait: Callable[[], None] | None) -> list[list[float | None | str]]:
+    def _call(
+        self, kwargs: dict[str, Any], rows: int, errors: Counter[str], on_wait: Callable[[], None] | None
+    ) -> list[list[float | None | str]]:
         if self.in_process is not None:
             return _score_all(self.in_process, kwargs, lambda note: log.warning("a reward function raised: %s", note))
         failed: list[list[float | None | str]] = [["worker_died"] * rows for _ in self.specs]
@@ -232,8 +253,11 @@ class RewardWorker:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                log.warning("reward call over task.reward_timeout_s=%ss: worker killed and restarted; its %d rows "
-                            "score 0", self.timeout_s, rows)
+                log.warning(
+                    "reward call over task.reward_timeout_s=%ss: worker killed and restarted; its %d rows score 0",
+                    self.timeout_s,
+                    rows,
+                )
                 self._restart()
                 return [["timeout"] * rows for _ in self.specs]
             try:

@@ -180,7 +180,10 @@ def math_answer_score(completion: str, answer: object) -> float:
 _TOKEN = re.compile(r"[0-9]+|\S")
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 _APPLY: dict[str, Callable[[Fraction, Fraction], Fraction]] = {
-    "+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+    "/": operator.truediv,
 }
 
 
@@ -306,15 +309,19 @@ def regex_match_score(completion: str, pattern: str) -> float:
 
 def char_match(prompts: Column, completions: list[str], answer: Column, **_: Any) -> list[float]:
     """copy / reverse: the fraction of the answer's characters the completion has in place."""
-    return [sum(a == b for a, b in zip(ans, c, strict=False)) / len(ans) if ans else 0.0
-            for c, ans in zip(completions, answer, strict=True)]
+    return [
+        sum(a == b for a, b in zip(ans, c, strict=False)) / len(ans) if ans else 0.0
+        for c, ans in zip(completions, answer, strict=True)
+    ]
 
 
 def char_match_strict(prompts: Column, completions: list[str], answer: Column, **_: Any) -> list[float]:
     """copy / reverse with a length to learn: the characters in place over the longer of the answer and the
     completion, so characters after the answer cost (the variable-length task's model learns to stop)."""
-    return [sum(a == b for a, b in zip(ans, c, strict=False)) / max(len(ans), len(c)) if ans else 0.0
-            for c, ans in zip(completions, answer, strict=True)]
+    return [
+        sum(a == b for a, b in zip(ans, c, strict=False)) / max(len(ans), len(c)) if ans else 0.0
+        for c, ans in zip(completions, answer, strict=True)
+    ]
 
 
 def math_answer(prompts: Column, completions: list[str], answer: Column, **_: Any) -> list[float]:
@@ -322,9 +329,7 @@ def math_answer(prompts: Column, completions: list[str], answer: Column, **_: An
     return [math_answer_score(c, a) for c, a in zip(completions, answer, strict=True)]
 
 
-def countdown(
-    prompts: Column, completions: list[str], numbers: Column, target: Column, **_: Any
-) -> list[float]:
+def countdown(prompts: Column, completions: list[str], numbers: Column, target: Column, **_: Any) -> list[float]:
     """The countdown game (TinyZero): see countdown_score."""
     return [countdown_score(c, n, t) for c, n, t in zip(completions, numbers, target, strict=True)]
 

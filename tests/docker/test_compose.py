@@ -51,13 +51,15 @@ def test_gpu_is_the_default_profile_and_cpu_replaces_it():
 
 
 def test_env_example_lists_every_knob_with_the_compose_default():
-    text = "\n".join(line.split(" #")[0] for line in COMPOSE_FILE.read_text().splitlines()
-                     if not line.lstrip().startswith("#"))
+    text = "\n".join(
+        line.split(" #")[0] for line in COMPOSE_FILE.read_text().splitlines() if not line.lstrip().startswith("#")
+    )
     pairs = set(re.findall(r"\$\{(\w+):-([^}]*)\}", text))
     used = dict(pairs)
     assert len(used) == len(pairs), f"a knob with two defaults: {sorted(pairs)}"
-    example = dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
-                   if line.strip() and not line.startswith("#"))
+    example = dict(
+        line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line.strip() and not line.startswith("#")
+    )
     assert {k: v for k, v in example.items() if k != "COMPOSE_PROFILES"} == used
     assert not re.search(r"\$\{\w+\}", text), "a knob without a default"
 
@@ -71,77 +73,210 @@ def test_checker_command_line_passes_on_the_shipped_files(capsys):
 def _volumes_without(target: str) -> Callable[[dict[str, Any]], None]:
     def mutate(service: dict[str, Any]) -> None:
         service["volumes"] = [v for v in service["volumes"] if v["target"] != target]
+
     return mutate
 
 
 def _append(args: str) -> Callable[[dict[str, Any]], None]:
     def mutate(service: dict[str, Any]) -> None:
         service["command"] += f" {args}"
+
     return mutate
 
 
 def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
     def mutate(service: dict[str, Any]) -> None:
         service[key] = value
+
     return mutate
 
 
 # (profile, service to edit, edit, knobs, the error expected)
 BROKEN = {
-    "wrong flag": ("gpu", "selector", _set("entrypoint", ["podsrl", "selector", "--verbose"]), {},
-                   r"service selector: `podsrl selector --verbose .*` does not parse: .*unrecognized arguments: --verbose"),
-    "unknown subcommand": ("cpu", "learner-cpu", _set("entrypoint", ["podsrl", "lerner"]), {},
-                           r"service learner-cpu: `podsrl lerner` is not a process a service runs"),
-    "not a process": ("cpu", "learner-cpu", _set("entrypoint", ["podsrl", "run"]), {},
-                      r"service learner-cpu: `podsrl run` is not a process"),
-    "not podsrl": ("cpu", "selector-cpu", _set("entrypoint", ["python", "-m", "selector.server"]), {},
-                   r"service selector-cpu: runs \['python'\], not podsrl"),
-    "unknown key in one service": ("cpu", "rollout-cpu", _append("selector.kep=3"), {},
-                                   r"service rollout-cpu: invalid config:\n  selector.kep: Extra inputs"),
-    "unknown key from a knob": ("gpu", None, None, {"EXTRA_OVERRIDES": "learner.lrr=1"},
-                                r"service learner: invalid config .*\n  learner.lrr: Extra inputs"),
-    "out-of-range knob": ("gpu", None, None, {"MAX_STALENESS": "-1"}, r"service learner: invalid config .*\n  max_staleness: Input should be greater"),
-    "port the selector does not bind": ("gpu", "learner", _append("net.batch_port=6000"), {},
-                                        r"service learner: net.batch_port=6000 but service selector \(the selector\) "
-                                        r"binds 5556"),
-    "published port that is not bound": ("gpu", "selector", _set("ports", ["127.0.0.1:5555:5999"]), {},
-                                         r"service selector: publishes container port 5999, but the selector binds"),
-    "published as another host port": ("gpu", "selector", _set("ports", ["127.0.0.1:6555:5555"]), {},
-                                       r"service selector: publishes container port 5555 as host port 6555"),
-    "a rollout port left unpublished": ("gpu", "learner", _set("ports", ["127.0.0.1:5557:5557"]), {},
-                                        r"service learner: does not publish net.weights_port=5558"),
-    "wrong hostname": ("cpu", "rollout-cpu", _append("net.selector_host=selektor"), {},
-                       r"service rollout-cpu: net.selector_host='selektor' is not the selector's service name"),
-    "loopback bind": ("cpu", "learner-cpu", _append("net.bind_host=127.0.0.1"), {},
-                      r"service learner-cpu: net.bind_host='127.0.0.1' binds loopback"),
-    "processes disagree": ("cpu", "rollout-cpu", _append("max_staleness=3"), {},
-                           r"service rollout-cpu: max_staleness=3 but service learner-cpu has 2"),
-    "run dir on no volume": ("cpu", "learner-cpu", _set("volumes", []), {},
-                             r"service learner-cpu: run.dir=runs/tiny-compose \(/podsrl/runs/tiny-compose\) is on no "
-                             r"writable volume"),
-    "run file not mounted": ("gpu", "selector", _volumes_without("/podsrl/run.toml"), {},
-                             r"service selector: --config run.toml \(/podsrl/run.toml in the container\) is on no bind"),
-    "dataset not mounted": ("gpu", "learner", _volumes_without("/podsrl/data"), {},
-                            r"service learner: task.dataset=data/gsm8k/train.jsonl .* is on no volume"),
-    "model not mounted": ("gpu", "learner", _volumes_without("/podsrl/models"), {},
-                          r"service learner: model.path=models/qwen2.5-0.5b-instruct .* is on no volume"),
-    "keys not mounted": ("gpu", "rollout", _volumes_without("/podsrl/keys"), {},
-                         r"service rollout: authentication is on .* net.keys_dir='keys' is on no volume"),
-    "slots and replicas differ": ("cpu", "rollout-cpu", _set("environment", {"PODSRL_SLOTS": "3",
-                                                                          "PODSRL_SLOT_DIR": "/podsrl/runs/s"}), {},
-                                  r"service rollout-cpu: PODSRL_SLOTS=3 but deploy.replicas=2"),
-    "learner ranks and GPUs differ": ("gpu", None, None, {"LEARNER_GPUS": "0,4"},
-                                      r"service learner: learner.nproc=1 but it reserves 2 GPU\(s\)"),
-    "a GPU reserved twice": ("gpu", None, None, {"ROLLOUT_GPUS": "0,1,2"},
-                             r"service rollout: GPU 0 is also reserved by service learner"),
-    "more rollout replicas than GPUs": ("gpu", None, None, {"ROLLOUT_SERVERS": "4"},
-                                        r"service rollout: 4 replicas but 3 GPU\(s\)"),
-    "vllm without a GPU": ("gpu", "rollout", _set("deploy", {"replicas": "${ROLLOUT_SERVERS:-3}"}), {},
-                           r"service rollout: rollout.engine.type='vllm' needs a GPU"),
-    "restart forever": ("gpu", None, None, {"RESTART_POLICY": "unless-stopped"},
-                        r"service learner: restart: unless-stopped starts a finished process again"),
-    "compose itself rejects it": ("gpu", "selector", _set("comand", ["selector"]), {},
-                                  r"docker compose config rejects .*comand"),
+    "wrong flag": (
+        "gpu",
+        "selector",
+        _set("entrypoint", ["podsrl", "selector", "--verbose"]),
+        {},
+        r"service selector: `podsrl selector --verbose .*` does not parse: .*unrecognized arguments: --verbose",
+    ),
+    "unknown subcommand": (
+        "cpu",
+        "learner-cpu",
+        _set("entrypoint", ["podsrl", "lerner"]),
+        {},
+        r"service learner-cpu: `podsrl lerner` is not a process a service runs",
+    ),
+    "not a process": (
+        "cpu",
+        "learner-cpu",
+        _set("entrypoint", ["podsrl", "run"]),
+        {},
+        r"service learner-cpu: `podsrl run` is not a process",
+    ),
+    "not podsrl": (
+        "cpu",
+        "selector-cpu",
+        _set("entrypoint", ["python", "-m", "selector.server"]),
+        {},
+        r"service selector-cpu: runs \['python'\], not podsrl",
+    ),
+    "unknown key in one service": (
+        "cpu",
+        "rollout-cpu",
+        _append("selector.kep=3"),
+        {},
+        r"service rollout-cpu: invalid config:\n  selector.kep: Extra inputs",
+    ),
+    "unknown key from a knob": (
+        "gpu",
+        None,
+        None,
+        {"EXTRA_OVERRIDES": "learner.lrr=1"},
+        r"service learner: invalid config .*\n  learner.lrr: Extra inputs",
+    ),
+    "out-of-range knob": (
+        "gpu",
+        None,
+        None,
+        {"MAX_STALENESS": "-1"},
+        r"service learner: invalid config .*\n  max_staleness: Input should be greater",
+    ),
+    "port the selector does not bind": (
+        "gpu",
+        "learner",
+        _append("net.batch_port=6000"),
+        {},
+        r"service learner: net.batch_port=6000 but service selector \(the selector\) "
+        r"binds 5556",
+    ),
+    "published port that is not bound": (
+        "gpu",
+        "selector",
+        _set("ports", ["127.0.0.1:5555:5999"]),
+        {},
+        r"service selector: publishes container port 5999, but the selector binds",
+    ),
+    "published as another host port": (
+        "gpu",
+        "selector",
+        _set("ports", ["127.0.0.1:6555:5555"]),
+        {},
+        r"service selector: publishes container port 5555 as host port 6555",
+    ),
+    "a rollout port left unpublished": (
+        "gpu",
+        "learner",
+        _set("ports", ["127.0.0.1:5557:5557"]),
+        {},
+        r"service learner: does not publish net.weights_port=5558",
+    ),
+    "wrong hostname": (
+        "cpu",
+        "rollout-cpu",
+        _append("net.selector_host=selektor"),
+        {},
+        r"service rollout-cpu: net.selector_host='selektor' is not the selector's service name",
+    ),
+    "loopback bind": (
+        "cpu",
+        "learner-cpu",
+        _append("net.bind_host=127.0.0.1"),
+        {},
+        r"service learner-cpu: net.bind_host='127.0.0.1' binds loopback",
+    ),
+    "processes disagree": (
+        "cpu",
+        "rollout-cpu",
+        _append("max_staleness=3"),
+        {},
+        r"service rollout-cpu: max_staleness=3 but service learner-cpu has 2",
+    ),
+    "run dir on no volume": (
+        "cpu",
+        "learner-cpu",
+        _set("volumes", []),
+        {},
+        r"service learner-cpu: run.dir=runs/tiny-compose \(/podsrl/runs/tiny-compose\) is on no "
+        r"writable volume",
+    ),
+    "run file not mounted": (
+        "gpu",
+        "selector",
+        _volumes_without("/podsrl/run.toml"),
+        {},
+        r"service selector: --config run.toml \(/podsrl/run.toml in the container\) is on no bind",
+    ),
+    "dataset not mounted": (
+        "gpu",
+        "learner",
+        _volumes_without("/podsrl/data"),
+        {},
+        r"service learner: task.dataset=data/gsm8k/train.jsonl .* is on no volume",
+    ),
+    "model not mounted": (
+        "gpu",
+        "learner",
+        _volumes_without("/podsrl/models"),
+        {},
+        r"service learner: model.path=models/qwen2.5-0.5b-instruct .* is on no volume",
+    ),
+    "keys not mounted": (
+        "gpu",
+        "rollout",
+        _volumes_without("/podsrl/keys"),
+        {},
+        r"service rollout: authentication is on .* net.keys_dir='keys' is on no volume",
+    ),
+    "slots and replicas differ": (
+        "cpu",
+        "rollout-cpu",
+        _set("environment", {"PODSRL_SLOTS": "3", "PODSRL_SLOT_DIR": "/podsrl/runs/s"}),
+        {},
+        r"service rollout-cpu: PODSRL_SLOTS=3 but deploy.replicas=2",
+    ),
+    "learner ranks and GPUs differ": (
+        "gpu",
+        None,
+        None,
+        {"LEARNER_GPUS": "0,4"},
+        r"service learner: learner.nproc=1 but it reserves 2 GPU\(s\)",
+    ),
+    "a GPU reserved twice": (
+        "gpu",
+        None,
+        None,
+        {"ROLLOUT_GPUS": "0,1,2"},
+        r"service rollout: GPU 0 is also reserved by service learner",
+    ),
+    "more rollout replicas than GPUs": (
+        "gpu",
+        None,
+        None,
+        {"ROLLOUT_SERVERS": "4"},
+        r"service rollout: 4 replicas but 3 GPU\(s\)",
+    ),
+    "vllm without a GPU": (
+        "gpu",
+        "rollout",
+        _set("deploy", {"replicas": "${ROLLOUT_SERVERS:-3}"}),
+        {},
+        r"service rollout: rollout.engine.type='vllm' needs a GPU",
+    ),
+    "restart forever": (
+        "gpu",
+        None,
+        None,
+        {"RESTART_POLICY": "unless-stopped"},
+        r"service learner: restart: unless-stopped starts a finished process again",
+    ),
+    "compose itself rejects it": (
+        "gpu",
+        "selector",
+        _set("comand", ["selector"]),
+        {},
+        r"docker compose config rejects .*comand",
+    ),
 }
 
 

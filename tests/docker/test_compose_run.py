@@ -41,14 +41,23 @@ def localize(p: Process, hostnames: set[str]) -> Config:
     def path(v: str) -> str:
         return str(p.host_path(v)) if v else v
 
-    return cfg.model_copy(update={
-        "net": cfg.net.model_copy(update={"bind_host": "127.0.0.1", "selector_host": host(cfg.net.selector_host),
-                                          "learner_host": host(cfg.net.learner_host),
-                                          "keys_dir": path(cfg.net.keys_dir)}),
-        "run": cfg.run.model_copy(update={"dir": path(cfg.run.dir)}),
-        "model": cfg.model.model_copy(update={"path": path(cfg.model.path)}),
-        "task": cfg.task.model_copy(update={"dataset": path(cfg.task.dataset),
-                                            "eval_dataset": path(cfg.task.eval_dataset)})})
+    return cfg.model_copy(
+        update={
+            "net": cfg.net.model_copy(
+                update={
+                    "bind_host": "127.0.0.1",
+                    "selector_host": host(cfg.net.selector_host),
+                    "learner_host": host(cfg.net.learner_host),
+                    "keys_dir": path(cfg.net.keys_dir),
+                }
+            ),
+            "run": cfg.run.model_copy(update={"dir": path(cfg.run.dir)}),
+            "model": cfg.model.model_copy(update={"path": path(cfg.model.path)}),
+            "task": cfg.task.model_copy(
+                update={"dataset": path(cfg.task.dataset), "eval_dataset": path(cfg.task.eval_dataset)}
+            ),
+        }
+    )
 
 
 def local_command(p: Process, config_file: Path) -> list[str]:
@@ -97,8 +106,11 @@ def test_cpu_profile_as_local_processes_trains_and_every_process_exits(tmp_path:
     runs, logs, work = tmp_path / "runs", tmp_path / "logs", tmp_path / "work"
     for d in (runs, logs, work):
         d.mkdir()
-    knobs = {"RUNS_DIR": str(runs), "CPU_STEPS": str(STEPS),
-             **{k: str(free_port()) for k in ("GROUP_PORT", "BATCH_PORT", "ANNOUNCE_PORT", "WEIGHTS_PORT")}}
+    knobs = {
+        "RUNS_DIR": str(runs),
+        "CPU_STEPS": str(STEPS),
+        **{k: str(free_port()) for k in ("GROUP_PORT", "BATCH_PORT", "ANNOUNCE_PORT", "WEIGHTS_PORT")},
+    }
     project = resolve("cpu", env=knobs)
     procs = check(project)
     services = project["services"]
@@ -109,13 +121,21 @@ def test_cpu_profile_as_local_processes_trains_and_every_process_exits(tmp_path:
             p = next(p for p in procs if p.service == service)
             config_file = tmp_path / f"{service}.toml"
             config_file.write_text(to_toml(localize(p, set(services))))
-            env = {k: str(p.host_path(v) if v.startswith("/") else v) for k, v in (p.spec.get("environment") or {}).items()}
+            env = {
+                k: str(p.host_path(v) if v.startswith("/") else v) for k, v in (p.spec.get("environment") or {}).items()
+            }
             env = {**child_env(), **env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
             for i in range(sum(q.service == service for q in procs)):
                 name = f"{service}-{i}"
                 with (logs / f"{name}.log").open("wb") as log:
-                    started[name] = subprocess.Popen(local_command(p, config_file), env=env, cwd=work, stdout=log,
-                                                     stderr=subprocess.STDOUT, start_new_session=True)
+                    started[name] = subprocess.Popen(
+                        local_command(p, config_file),
+                        env=env,
+                        cwd=work,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
 
         def tails() -> str:
             return "\n".join(f"--- {f.name}\n{f.read_text()[-1500:]}" for f in sorted(logs.iterdir()))
@@ -149,7 +169,9 @@ def test_cpu_profile_as_local_processes_trains_and_every_process_exits(tmp_path:
         assert all(m["reward/mean"] is not None for m in steps)
         # Each replica took its own slot, so both server names (and metrics files) exist.
         assert {f.name for f in (run_dir / "metrics").glob("rollout-*.jsonl")} == {
-            "rollout-rollout-0.jsonl", "rollout-rollout-1.jsonl"}
+            "rollout-rollout-0.jsonl",
+            "rollout-rollout-1.jsonl",
+        }
         assert (run_dir / "checkpoints" / "latest").read_text() == f"v{STEPS:06d}"
     finally:
         for proc in started.values():

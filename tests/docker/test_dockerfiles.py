@@ -40,8 +40,13 @@ def test_own_checks_pass(path: Path):
 
 
 def test_cpu_image_torch_is_one_podsrl_supports():
-    pinned = next(w.split("==")[1] for i, a in read_dockerfile(DOCKERFILES[1]).instructions if i == "RUN"
-                  for w in a.split() if w.startswith("torch=="))
+    pinned = next(
+        w.split("==")[1]
+        for i, a in read_dockerfile(DOCKERFILES[1]).instructions
+        if i == "RUN"
+        for w in a.split()
+        if w.startswith("torch==")
+    )
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     torch_spec = SpecifierSet(next(d for d in deps if d.startswith("torch")).removeprefix("torch"))
     assert pinned in torch_spec
@@ -50,8 +55,11 @@ def test_cpu_image_torch_is_one_podsrl_supports():
 BROKEN = {
     "latest base": ("FROM vllm/vllm-openai:v0.32.0", "FROM vllm/vllm-openai:latest", "pin the base image"),
     "untagged base": ("FROM python:3.11.13-slim-bookworm", "FROM python", "pin the base image"),
-    "latest through an ARG": ("FROM python:3.11.13-slim-bookworm", "ARG BASE=python:latest\nFROM ${BASE}",
-                              "pin the base image"),
+    "latest through an ARG": (
+        "FROM python:3.11.13-slim-bookworm",
+        "ARG BASE=python:latest\nFROM ${BASE}",
+        "pin the base image",
+    ),
     "root user": ("USER ${PODSRL_UID}", "USER root", "runs as root"),
     "no user": ("USER ${PODSRL_UID}", "", "runs as root"),
     "entrypoint": ('ENTRYPOINT ["podsrl"]', 'ENTRYPOINT ["python", "-m", "launcher.cli"]', "ENTRYPOINT is"),
@@ -81,27 +89,65 @@ def test_the_copied_sources_build_podsrl_with_its_console_script(path: Path, tmp
     for sources, dest in read_dockerfile(path).copies():
         if dest.startswith("/tmp/podsrl"):
             for s in sources:
-                target = src / dest.removeprefix("/tmp/podsrl").strip("/") / (Path(s).name if dest.endswith("/") else "")
+                target = (
+                    src / dest.removeprefix("/tmp/podsrl").strip("/") / (Path(s).name if dest.endswith("/") else "")
+                )
                 target.parent.mkdir(parents=True, exist_ok=True)
                 (shutil.copytree if (ROOT / s).is_dir() else shutil.copy)(ROOT / s, target)
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
-                          "-w", str(tmp_path / "wheel")], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(src),
+            "-w",
+            str(tmp_path / "wheel"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     with zipfile.ZipFile(next((tmp_path / "wheel").glob("podsrl-*.whl"))) as wheel:
         names = wheel.namelist()
         entry_points = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "podsrl = launcher.cli:main" in entry_points
-    assert {"launcher/cli.py", "selector/server.py", "rollout_server/server.py", "learner/train.py",
-            "protocol/config.py", "rollout_server/tasks/__init__.py"} <= set(names)
+    assert {
+        "launcher/cli.py",
+        "selector/server.py",
+        "rollout_server/server.py",
+        "learner/train.py",
+        "protocol/config.py",
+        "rollout_server/tasks/__init__.py",
+    } <= set(names)
 
 
 def test_dockerignore_sends_the_packages_and_nothing_heavy(tmp_path: Path):
-    for rel in ("protocol/config.py", "launcher/cli.py", "rollout_server/tasks/__init__.py", "configs/tiny.toml",
-                "examples/arith/rewards.py", "docker/podsrl-rollout.sh", "pyproject.toml", "README.md"):
+    for rel in (
+        "protocol/config.py",
+        "launcher/cli.py",
+        "rollout_server/tasks/__init__.py",
+        "configs/tiny.toml",
+        "examples/arith/rewards.py",
+        "docker/podsrl-rollout.sh",
+        "pyproject.toml",
+        "README.md",
+    ):
         assert not dockerignore_excludes(rel), rel
-    for rel in (".venv/bin/python", ".git/HEAD", "runs/tiny/model/config.json", "models/qwen/model.safetensors",
-                "data/gsm8k/train.jsonl", "keys/learner.key_secret", "protocol/__pycache__/config.cpython-311.pyc",
-                "docker/.env", "tests/helpers.py"):
+    for rel in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "runs/tiny/model/config.json",
+        "models/qwen/model.safetensors",
+        "data/gsm8k/train.jsonl",
+        "keys/learner.key_secret",
+        "protocol/__pycache__/config.cpython-311.pyc",
+        "docker/.env",
+        "tests/helpers.py",
+    ):
         assert dockerignore_excludes(rel), rel
     ignore = tmp_path / ".dockerignore"
     ignore.write_text((ROOT / ".dockerignore").read_text().replace("!launcher/\n", ""))
@@ -115,8 +161,13 @@ def test_rollout_replicas_take_distinct_slots_and_a_freed_one_is_taken_again(tmp
     out.mkdir()
     (bin_dir / "podsrl").write_text('#!/bin/sh\necho "$CUDA_VISIBLE_DEVICES $*" > "$OUT/$$"\nexec sleep 60\n')
     (bin_dir / "podsrl").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "PODSRL_SLOTS": "3",
-           "PODSRL_SLOT_DIR": str(slots)}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "OUT": str(out),
+        "PODSRL_SLOTS": "3",
+        "PODSRL_SLOT_DIR": str(slots),
+    }
     script = ["sh", str(ROOT / "docker" / "podsrl-rollout.sh"), "--config", "run.toml", "max_staleness=1"]
     procs: list[subprocess.Popen] = []
 
@@ -134,8 +185,9 @@ def test_rollout_replicas_take_distinct_slots_and_a_freed_one_is_taken_again(tmp
     try:
         first = [start() for _ in range(3)]
         lines = recorded(3)
-        assert sorted(lines.values()) == [f"{i} rollout --server-id rollout-{i} --config run.toml max_staleness=1"
-                                          for i in range(3)]
+        assert sorted(lines.values()) == [
+            f"{i} rollout --server-id rollout-{i} --config run.toml max_staleness=1" for i in range(3)
+        ]
         extra = start()
         assert extra.wait(timeout=20) == 1
         assert "all 3 slots" in extra.communicate()[1]

@@ -69,8 +69,10 @@ def test_selector_is_alive_while_both_its_ports_accept(fake, tmp_path, capsys):
     write_run(tmp_path, group_port=group, batch_port=batch)
     pid = fake("selector", "--config", "run.toml")  # relative to the process's own directory
     with listen(group), listen(batch):
-        assert health(capsys, "--pid", str(pid)) == (0, f"selector pid {pid}: alive, accepting on 127.0.0.1:{group}, "
-                                                        f"127.0.0.1:{batch}")
+        assert health(capsys, "--pid", str(pid)) == (
+            0,
+            f"selector pid {pid}: alive, accepting on 127.0.0.1:{group}, 127.0.0.1:{batch}",
+        )
     with listen(group):
         rc, out = health(capsys, "--pid", str(pid))
     assert rc == 1 and f"selector pid {pid}: nothing accepts connections on 127.0.0.1:{batch} (net.batch_port)" in out
@@ -123,7 +125,9 @@ def test_a_config_that_does_not_load_is_unhealthy(fake, tmp_path, capsys):
 def test_other_and_dead_processes_are_not_podsrl(fake, capsys):
     pid = fake(argv=[sys.executable, "-c", SLEEP, "selector"])  # `selector` not after podsrl: not a podsrl process
     assert health(capsys, "--pid", str(pid)) == (
-        1, f"podsrl health: process {pid} is not a running podsrl selector, learner or rollout server")
+        1,
+        f"podsrl health: process {pid} is not a running podsrl selector, learner or rollout server",
+    )
     dead = subprocess.Popen(["true"])
     dead.wait()
     assert health(capsys, "--pid", str(dead.pid))[0] == 1

@@ -47,7 +47,7 @@ def complete_records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     text = path.read_text()
-    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
 class Run:
@@ -123,8 +123,9 @@ class Run:
             if time.monotonic() - last_track > 0.5:
                 self.track()
                 last_track = time.monotonic()
-            assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}:\n" + \
-                "\n".join(f"--- {n}\n{self.log(n)[-1500:]}" for n in self.live)
+            assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}:\n" + "\n".join(
+                f"--- {n}\n{self.log(n)[-1500:]}" for n in self.live
+            )
             time.sleep(0.05)
 
     def learner_records(self) -> list[dict[str, Any]]:
@@ -159,9 +160,18 @@ def first_after(records: list[dict[str, Any]], wall: float) -> dict[str, Any] | 
 
 
 def test_chaos_rollout_selector_learner_killed_run_completes_nothing_trained_twice(run_dir, net_overrides):
-    run = Run(run_dir, [f"max_staleness={K}", "rollout.servers=2", f"run.steps={STEPS}",
-                        f"learner.checkpoint_every={EVERY}", "rollout.heartbeat_s=0.3", "selector.peer_timeout_s=3",
-                        *net_overrides])
+    run = Run(
+        run_dir,
+        [
+            f"max_staleness={K}",
+            "rollout.servers=2",
+            f"run.steps={STEPS}",
+            f"learner.checkpoint_every={EVERY}",
+            "rollout.heartbeat_s=0.3",
+            "selector.peer_timeout_s=3",
+            *net_overrides,
+        ],
+    )
     metrics = run_dir / "metrics"
     timings: dict[str, float] = {}
     try:
@@ -176,10 +186,14 @@ def test_chaos_rollout_selector_learner_killed_run_completes_nothing_trained_twi
         print(f"{run.elapsed()} SIGKILLed rollout-1 at step {step}")
         step = run.at_step(step + 15, timeout=60)
         times = [r["time"] for r in run.learner_records() if r["time"] > killed_at - 1]
-        timings["rollout kill: longest pause between steps"] = max(b - a for a, b in zip(times, times[1:], strict=False))
+        timings["rollout kill: longest pause between steps"] = max(
+            b - a for a, b in zip(times, times[1:], strict=False)
+        )
         assert timings["rollout kill: longest pause between steps"] < RESUME_S
-        print(f"{run.elapsed()} step {step}; longest pause between steps around the kill "
-              f"{timings['rollout kill: longest pause between steps']:.2f}s")
+        print(
+            f"{run.elapsed()} step {step}; longest pause between steps around the kill "
+            f"{timings['rollout kill: longest pause between steps']:.2f}s"
+        )
 
         # 2. SIGKILL the selector, start a new one on the same ports.
         selector_lines = len(complete_records(metrics / "selector.jsonl"))
@@ -195,8 +209,10 @@ def test_chaos_rollout_selector_learner_killed_run_completes_nothing_trained_twi
         rec = run.wait_for("a step trained on the new selector's batch", first_step_from_new_selector, timeout=60)
         timings["selector restart: started -> first step"] = rec["time"] - started
         assert timings["selector restart: started -> first step"] < RECOVERY_S
-        print(f"{run.elapsed()} first step on the new selector's batch: step {rec['train/step']}, "
-              f"{timings['selector restart: started -> first step']:.2f}s after it was started")
+        print(
+            f"{run.elapsed()} first step on the new selector's batch: step {rec['train/step']}, "
+            f"{timings['selector restart: started -> first step']:.2f}s after it was started"
+        )
 
         # 3. SIGKILL the learner between two checkpoints, start it again: it resumes.
         step = run.train_step()
@@ -210,11 +226,15 @@ def test_chaos_rollout_selector_learner_killed_run_completes_nothing_trained_twi
         highest = int(published["version"])
         checkpoint = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("v"))
         audit_lines = len(complete_records(metrics / "trained_groups.jsonl"))
-        assert checkpoint < highest, (f"the kill landed on a checkpoint (v{checkpoint}, published v{highest}): "
-                                      "the resume over discarded versions was not exercised")
+        assert checkpoint < highest, (
+            f"the kill landed on a checkpoint (v{checkpoint}, published v{highest}): "
+            "the resume over discarded versions was not exercised"
+        )
         learner_started = run.start("learner")
-        print(f"{run.elapsed()} SIGKILLed the learner at step {killed_step} (published up to v{highest}, "
-              f"checkpoint v{checkpoint}); its {len(workers)} worker(s) died with it; started a new learner")
+        print(
+            f"{run.elapsed()} SIGKILLed the learner at step {killed_step} (published up to v{highest}, "
+            f"checkpoint v{checkpoint}); its {len(workers)} worker(s) died with it; started a new learner"
+        )
         up: list[float] = []  # when the restarted learner published its first version (highest + 1)
 
         def first_step_of_new_learner() -> dict[str, Any] | None:
@@ -233,22 +253,26 @@ def test_chaos_rollout_selector_learner_killed_run_completes_nothing_trained_twi
         timings["learner restart: started -> up"] = up[0] - learner_started
         timings["learner restart: up -> first step"] = rec["time"] - up[0]
         timings["learner restart: started -> first step"] = rec["time"] - learner_started
-        print(f"{run.elapsed()} restarted learner's first step: train/step {rec['train/step']} version "
-              f"{rec['step']}, {timings['learner restart: started -> first step']:.2f}s after it was started "
-              f"({timings['learner restart: started -> up']:.2f}s start-up, then "
-              f"{timings['learner restart: up -> first step']:.2f}s)")
+        print(
+            f"{run.elapsed()} restarted learner's first step: train/step {rec['train/step']} version "
+            f"{rec['step']}, {timings['learner restart: started -> first step']:.2f}s after it was started "
+            f"({timings['learner restart: started -> up']:.2f}s start-up, then "
+            f"{timings['learner restart: up -> first step']:.2f}s)"
+        )
         assert timings["learner restart: started -> first step"] < RECOVERY_S
         assert timings["learner restart: up -> first step"] < RESUME_S
 
         # 4. The run ends by itself: the learner reaches run.steps, the others leave on its final announcement.
         run.wait_for("the learner to finish", lambda: run.live["learner"].proc.poll() is not None, timeout=120)
         finished = time.monotonic()
-        run.wait_for("every process to exit", lambda: all(k.proc.poll() is not None for k in run.live.values()),
-                     timeout=30)
+        run.wait_for(
+            "every process to exit", lambda: all(k.proc.poll() is not None for k in run.live.values()), timeout=30
+        )
         print(f"{run.elapsed()} learner done; every process exited {time.monotonic() - finished:.2f}s later")
         for name, kid in run.live.items():
-            assert kid.proc is not None and kid.proc.returncode == 0, \
+            assert kid.proc is not None and kid.proc.returncode == 0, (
                 f"{name} exited with {kid.proc.returncode if kid.proc else None}:\n{run.log(name)[-3000:]}"
+            )
     finally:
         run.cleanup()
         with contextlib.suppress(Exception):
@@ -259,8 +283,9 @@ def test_chaos_rollout_selector_learner_killed_run_completes_nothing_trained_twi
     assert records[-1]["train/step"] == STEPS
     after = [r for r in records if r["time"] > learner_started]
     # the checkpoint's step is its version: the learner had not restarted before
-    assert [r["train/step"] for r in after] == list(range(checkpoint + 1, STEPS + 1)), \
+    assert [r["train/step"] for r in after] == list(range(checkpoint + 1, STEPS + 1)), (
         "the restarted learner did not continue from its checkpoint's step"
+    )
     log = run.log("learner")
     assert "resumed from" in log and f"continues at version {highest + 1}" in log
     restarted_selector = run.log("selector").rsplit("selector up:", 1)[1]
@@ -281,12 +306,15 @@ def test_chaos_rollout_selector_learner_killed_run_completes_nothing_trained_twi
     resumed = audit[audit_lines:]
     assert resumed and resumed[0]["version"] == highest + 2, "the restarted learner reused a version number"
     low = sorted({v for line in resumed for *_, v in line["groups"] if v <= highest})
-    assert not low, f"rows of versions {low} (at or below v{highest}, discarded with the dead learner) trained after " \
-                    "the restart"
+    assert not low, (
+        f"rows of versions {low} (at or below v{highest}, discarded with the dead learner) trained after the restart"
+    )
     servers = Counter(server for line in audit for server, *_ in line["groups"])
     assert set(servers) == {"rollout-0", "rollout-1"}
-    print(f"audit: {len(audit)} steps, {sum(keys.values())} groups, each once; staleness "
-          f"{dict(sorted(staleness.items()))}; per server {dict(servers)}")
+    print(
+        f"audit: {len(audit)} steps, {sum(keys.values())} groups, each once; staleness "
+        f"{dict(sorted(staleness.items()))}; per server {dict(servers)}"
+    )
 
     # No process outlives the run: every process group the test saw (leaders, torchrun's workers,
     # reward workers) is gone.

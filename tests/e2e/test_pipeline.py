@@ -23,13 +23,23 @@ pytestmark = pytest.mark.slow
 
 def podsrl_command(run_dir: Path, overrides: list[str]) -> list[str]:
     """``podsrl run`` of the default config in ``run_dir``, without checkpoints, plus ``overrides``."""
-    return [sys.executable, "-m", "launcher.cli", "run", "--config", str(ROOT / "configs/tiny.toml"),
-            f"run.dir={run_dir}", "learner.checkpoint_every=0", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "run",
+        "--config",
+        str(ROOT / "configs/tiny.toml"),
+        f"run.dir={run_dir}",
+        "learner.checkpoint_every=0",
+        *overrides,
+    ]
 
 
 def podsrl_run(run_dir: Path, overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(podsrl_command(run_dir, overrides), env=child_env(), cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        podsrl_command(run_dir, overrides), env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_all_exited(run_dir: Path) -> None:
@@ -38,8 +48,11 @@ def assert_all_exited(run_dir: Path) -> None:
             os.killpg(pgid, 0)  # no process of that child's group remains
     # torchrun starts its workers in sessions of their own: find them (and anything else) by the run's config
     config = str(run_dir / "config.toml")
-    alive = [p.pid for p in psutil.process_iter(["cmdline", "status"])
-             if config in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
+    alive = [
+        p.pid
+        for p in psutil.process_iter(["cmdline", "status"])
+        if config in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE
+    ]
     assert not alive, f"processes of the run still alive: {alive}"
 
 
@@ -61,13 +74,15 @@ def test_async_two_ranks_learns_within_staleness_bound(run_dir, net_overrides):
     assert last > first + 0.15, f"reward did not rise: {first:.3f} -> {last:.3f}"
     assert "mean reward first 10%" in res.stdout
     # Both rollout servers contributed and the final checkpoint holds the version.
-    assert {"rollout-0", "rollout-1"} <= {p for p in (run_dir / "metrics").glob("rollout-*.jsonl")
-                                          for p in [p.stem.removeprefix("rollout-")]}
+    assert {"rollout-0", "rollout-1"} <= {
+        p for p in (run_dir / "metrics").glob("rollout-*.jsonl") for p in [p.stem.removeprefix("rollout-")]
+    }
     assert (run_dir / "checkpoints" / "latest").read_text() == "v000200"
     # Weights: the first version over the network (it carries the tokenizer), later ones from shared
     # memory on this machine; no segment outlives the run.
-    loads = [m for p in (run_dir / "metrics").glob("rollout-*.jsonl") for m in read_metrics(p)
-             if "rollout/weights_shm" in m]
+    loads = [
+        m for p in (run_dir / "metrics").glob("rollout-*.jsonl") for m in read_metrics(p) if "rollout/weights_shm" in m
+    ]
     assert loads[0]["rollout/weights_shm"] == 0 and sum(m["rollout/weights_shm"] for m in loads) > 100
     assert not list(Path("/dev/shm").glob(f"podsrl-{run_key(run_dir)}-*")), "a shared-memory segment was left"
     assert steps[-1]["weights/shm"] == 1 and steps[-1]["weights/full_served"] >= 2
@@ -77,15 +92,21 @@ def test_synchronous_baseline_k0_same_code_path(run_dir, net_overrides):
     # 250 steps: at the default lr 1e-3 every K=0 run of the staleness grid (docs/STALENESS.md, 10 of 10)
     # was above 0.3 by step 250, from 0.06; the test asks for a rise of 0.1. Weights over the network
     # (as for servers on other machines): deltas from the version each holds.
-    res = podsrl_run(run_dir, ["max_staleness=0", "run.steps=250", "weights.transport=net",
-                               "weights.delta_max_ratio=1", *net_overrides])  # fp32 deltas are ~80%: send them anyway
+    res = podsrl_run(
+        run_dir,
+        ["max_staleness=0", "run.steps=250", "weights.transport=net", "weights.delta_max_ratio=1", *net_overrides],
+    )  # fp32 deltas are ~80%: send them anyway
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert_all_exited(run_dir)
     steps = read_metrics(run_dir / "metrics" / "learner.jsonl")
     assert len(steps) == 250 and all(m["staleness/max"] == 0 for m in steps)
     assert steps[-1]["weights/shm"] == 0 and steps[-1]["weights/deltas_served"] > 180
-    fetched = [m for p in (run_dir / "metrics").glob("rollout-*.jsonl") for m in read_metrics(p)
-               if "rollout/weights_delta" in m]
+    fetched = [
+        m
+        for p in (run_dir / "metrics").glob("rollout-*.jsonl")
+        for m in read_metrics(p)
+        if "rollout/weights_delta" in m
+    ]
     deltas = [m["rollout/weights_wire_mib"] for m in fetched if m["rollout/weights_delta"]]
     full = [m["rollout/weights_wire_mib"] for m in fetched if not m["rollout/weights_delta"]]
     assert deltas and full and max(deltas) < min(full), "a delta was not smaller than the full version"
@@ -104,10 +125,22 @@ def test_restarted_learner_resumes_its_version(run_dir, net_overrides):
 
 
 def test_dead_rollout_server_is_reported_and_training_continues(run_dir, net_overrides):
-    cmd = [sys.executable, "-m", "launcher.cli", "run", "--config", str(ROOT / "configs/tiny.toml"),
-           f"run.dir={run_dir}", "run.steps=600", "selector.peer_timeout_s=3", "rollout.heartbeat_s=0.3", *net_overrides]
-    launcher = subprocess.Popen(cmd, env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "run",
+        "--config",
+        str(ROOT / "configs/tiny.toml"),
+        f"run.dir={run_dir}",
+        "run.steps=600",
+        "selector.peer_timeout_s=3",
+        "rollout.heartbeat_s=0.3",
+        *net_overrides,
+    ]
+    launcher = subprocess.Popen(
+        cmd, env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         metrics = run_dir / "metrics" / "learner.jsonl"
         deadline = time.monotonic() + 120
@@ -145,8 +178,17 @@ def test_exact_staleness_mode_trains_every_row_exactly_k_versions_old(run_dir, n
 def test_two_runs_at_once_on_the_default_ports_pick_their_own(tmp_path):
     """No net.*_port given: each launcher picks free ones, records them in its config.toml, and both train."""
     dirs = [tmp_path / "a", tmp_path / "b"]
-    runs = [subprocess.Popen(podsrl_command(d, ["run.steps=5", "rollout.servers=1"]), env=child_env(), cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for d in dirs]
+    runs = [
+        subprocess.Popen(
+            podsrl_command(d, ["run.steps=5", "rollout.servers=1"]),
+            env=child_env(),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for d in dirs
+    ]
     try:
         outs = [r.communicate(timeout=240)[0] for r in runs]
     finally:

@@ -42,23 +42,47 @@ def make_user_files(root: Path, rows: int = 200) -> dict[str, Path]:
 
 
 def podsrl_run_text(run_dir: Path, files: dict[str, Path], overrides: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launcher.cli", "run", f"run.dir={run_dir}", "learner.checkpoint_every=0",
-           f"model.path={files['model']}", "model.init=pretrained", f"task.dataset={files['data']}",
-           "task.prompt_field=question", "task.reward=mymod:myreward", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "run",
+        f"run.dir={run_dir}",
+        "learner.checkpoint_every=0",
+        f"model.path={files['model']}",
+        "model.init=pretrained",
+        f"task.dataset={files['data']}",
+        "task.prompt_field=question",
+        "task.reward=mymod:myreward",
+        *overrides,
+    ]
     env = {**child_env(), "PYTHONPATH": os.pathsep.join([str(ROOT), str(files["plugins"])])}
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
 
 
-@pytest.mark.parametrize("layout", [
-    pytest.param(["learner.nproc=1"], id="ddp-1"),
-    pytest.param(["learner.nproc=2", "learner.strategy=fsdp"], id="fsdp-2"),
-])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param(["learner.nproc=1"], id="ddp-1"),
+        pytest.param(["learner.nproc=2", "learner.strategy=fsdp"], id="fsdp-2"),
+    ],
+)
 def test_user_model_dataset_and_reward_learn_by_config_alone(tmp_path, run_dir, net_overrides, layout):
     files = make_user_files(tmp_path)
     steps = 200
-    res = podsrl_run_text(run_dir, files, [f"run.steps={steps}", "rollout.max_new_tokens=6",
-                                           "task.eval_fraction=0.1", "eval.every=100", "eval.prompts=16",
-                                           *layout, *net_overrides])
+    res = podsrl_run_text(
+        run_dir,
+        files,
+        [
+            f"run.steps={steps}",
+            "rollout.max_new_tokens=6",
+            "task.eval_fraction=0.1",
+            "eval.every=100",
+            "eval.prompts=16",
+            *layout,
+            *net_overrides,
+        ],
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert_all_exited(run_dir)
     learner = read_metrics(run_dir / "metrics" / "learner.jsonl")

@@ -33,8 +33,15 @@ def test_every_variant_runs_end_to_end(tmp_path: Path) -> None:
         run_dir = tmp_path / variant[0].split("=")[1]
         net = [f"net.{link}_port={next(ports)}" for link in ("group", "batch", "announce", "weights")]
         cmd = podsrl_command(run_dir, ["run.steps=12", "rollout.servers=1", "max_staleness=1", *variant, *net])
-        runs.append((variant, run_dir, subprocess.Popen(cmd, env=child_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                                                        stderr=subprocess.PIPE, text=True)))
+        runs.append(
+            (
+                variant,
+                run_dir,
+                subprocess.Popen(
+                    cmd, env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                ),
+            )
+        )
     try:
         outputs = [proc.communicate(timeout=300) for _, _, proc in runs]
     finally:
@@ -48,7 +55,13 @@ def test_every_variant_runs_end_to_end(tmp_path: Path) -> None:
         assert len(steps) == 12, variant
         kept = 8 if "selector.rule=all" in variant else 4
         assert all(m["train/samples"] == 8 * kept for m in steps), variant
-        for key in ("loss/pg_loss", "loss/ratio_mean", "loss/ess", "loss/kl_behav", "loss/entropy",
-                    "loss/clipfrac_high"):
+        for key in (
+            "loss/pg_loss",
+            "loss/ratio_mean",
+            "loss/ess",
+            "loss/kl_behav",
+            "loss/entropy",
+            "loss/clipfrac_high",
+        ):
             assert all(m[key] is not None and math.isfinite(m[key]) for m in steps), (variant, key)
         assert all(m["staleness/max"] <= 1 for m in steps), variant

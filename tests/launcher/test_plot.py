@@ -16,8 +16,11 @@ def test_sweep_figures(tmp_path, capsys, fake_runner):  # noqa: F811
     capsys.readouterr()
     assert podsrl("plot", out) == 0
     printed = capsys.readouterr().out.split()
-    expected = [out / "plots" / f"{name}.{ext}" for name in ("reward", "staleness", "throughput", "iqm")
-                for ext in ("png", "svg")]
+    expected = [
+        out / "plots" / f"{name}.{ext}"
+        for name in ("reward", "staleness", "throughput", "iqm")
+        for ext in ("png", "svg")
+    ]
     assert sorted(map(Path, printed)) == sorted(expected)
     assert all(p.stat().st_size > 5000 for p in expected)
 

@@ -26,8 +26,9 @@ def test_ports_set_in_the_file_or_by_an_override_are_kept(tmp_path):
     assert (cfg.net.group_port, cfg.net.weights_port) == (5555, 6001)
     assert picked == ["batch_port", "announce_port"]
     assert len(set(ports(cfg))) == 4 and {cfg.net.batch_port, cfg.net.announce_port}.isdisjoint({5555, 6001})
-    assert describe(cfg.net, picked) == (f"ports: group 5555, batch {cfg.net.batch_port} (free), announce "
-                                         f"{cfg.net.announce_port} (free), weights 6001")
+    assert describe(cfg.net, picked) == (
+        f"ports: group 5555, batch {cfg.net.batch_port} (free), announce {cfg.net.announce_port} (free), weights 6001"
+    )
 
 
 def test_the_configured_ports_stand_when_processes_start_elsewhere():

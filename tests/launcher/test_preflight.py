@@ -31,8 +31,17 @@ def data(tmp_path: Path) -> Path:
 
 
 def check(model: Path, data: Path, *overrides: str) -> str:
-    return preflight(load_config(overrides=[f"model.path={model}", "model.init=pretrained", f"task.dataset={data}",
-                                            "task.reward=exact_match", *overrides]))
+    return preflight(
+        load_config(
+            overrides=[
+                f"model.path={model}",
+                "model.init=pretrained",
+                f"task.dataset={data}",
+                "task.reward=exact_match",
+                *overrides,
+            ]
+        )
+    )
 
 
 def test_a_good_run_reports_model_and_task(model_dir: Path, data: Path) -> None:
@@ -41,8 +50,9 @@ def test_a_good_run_reports_model_and_task(model_dir: Path, data: Path) -> None:
 
 
 def test_tiny_model_is_built_from_the_dataset_characters(tmp_path: Path, data: Path) -> None:
-    report = preflight(load_config(overrides=[f"run.dir={tmp_path / 'run'}", f"task.dataset={data}",
-                                              "task.reward=exact_match"]))
+    report = preflight(
+        load_config(overrides=[f"run.dir={tmp_path / 'run'}", f"task.dataset={data}", "task.reward=exact_match"])
+    )
     assert "built the tiny model" in report
     from transformers import AutoTokenizer
 
@@ -126,9 +136,22 @@ def test_tokenizer_larger_than_the_model_vocabulary(model_dir: Path, data: Path,
 
 def test_podsrl_run_stops_before_starting_any_process(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-m", "launcher.cli", "run", f"run.dir={run_dir}",
-                          f"task.dataset={tmp_path / 'missing.jsonl'}", "task.reward=exact_match"],
-                         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            "run",
+            f"run.dir={run_dir}",
+            f"task.dataset={tmp_path / 'missing.jsonl'}",
+            "task.reward=exact_match",
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2, res.stdout + res.stderr
     assert "task.dataset=" in res.stderr and "does not exist" in res.stderr
     assert not (run_dir / "pids.json").exists() and not (run_dir / "logs").exists()

@@ -11,8 +11,20 @@ from protocol.config import load_config
 def write(path, steps) -> None:
     with path.open("a") as f:
         for s in steps:
-            f.write(json.dumps({"step": s, "train/step": s, "time": 100.0 + 2 * s, "reward/mean": s / 10, "staleness/mean": 1.0,
-                                "staleness/max": 2, "train/samples_per_s": 100.0}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": s,
+                        "train/step": s,
+                        "time": 100.0 + 2 * s,
+                        "reward/mean": s / 10,
+                        "staleness/mean": 1.0,
+                        "staleness/max": 2,
+                        "train/samples_per_s": 100.0,
+                    }
+                )
+                + "\n"
+            )
 
 
 def make(tmp_path, live: bool, every_s: float = 3600.0) -> tuple[Progress, object]:
@@ -58,7 +70,7 @@ def screen(out: str) -> list[str]:
             lines.append("")
             col = 0
         else:
-            lines[-1] = lines[-1][:col] + ch + lines[-1][col + 1:]
+            lines[-1] = lines[-1][:col] + ch + lines[-1][col + 1 :]
             col += 1
     return lines
 

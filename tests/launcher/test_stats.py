@@ -93,7 +93,7 @@ def test_stratified_bootstrap_over_tasks_pools_the_runs_of_every_task():
     est = iqm_ci(scores, reps=300)
     assert est.value == pytest.approx(iqm(scores.ravel()))
     assert est.lo <= est.value <= est.hi
-    assert iqm_ci([0.5], reps=50) .fmt() == "0.500 [0.500, 0.500]"
+    assert iqm_ci([0.5], reps=50).fmt() == "0.500 [0.500, 0.500]"
 
 
 def test_smooth_is_a_trailing_mean():

@@ -28,7 +28,7 @@ from protocol.config import load_config
 # A stand-in for `python -m launcher.cli`: `run [--config F] overrides...` writes a run directory with
 # synthetic metrics. K=0 learns 0.02 reward per step at 0.1 s per step; K=k learns 0.02/(1+k/2) per
 # step but steps take 0.1/(1+k) s. learner.lr >= 0.5 fails (exit 3) after writing a few steps.
-FAKE_RUN = textwrap.dedent('''
+FAKE_RUN = textwrap.dedent("""
     import json, random, sys
     from pathlib import Path
     from protocol.config import load_config, to_toml
@@ -63,7 +63,7 @@ FAKE_RUN = textwrap.dedent('''
         for s in range(1, steps + 1):
             f.write(json.dumps({"step": s, "time": 1005.0 + s * step_s, "rollout/weights_load_s": 0.005}) + "\\n")
     sys.exit(3 if cfg.learner.lr >= 0.5 else 0)
-''')
+""")
 
 
 @pytest.fixture
@@ -85,7 +85,9 @@ def grid_file(tmp_path: Path, text: str) -> Path:
 
 
 def test_grid_file_tables_and_quoted_keys_make_the_cartesian_product(tmp_path):
-    path = grid_file(tmp_path, """
+    path = grid_file(
+        tmp_path,
+        """
         config = "configs/tiny.toml"
         seeds = [0, 3]
         thresholds = [0.5]
@@ -95,7 +97,8 @@ def test_grid_file_tables_and_quoted_keys_make_the_cartesian_product(tmp_path):
         max_staleness = [0, 2]
         [grid.learner.loss]
         type = ["grpo_is", "m2po"]
-    """)
+    """,
+    )
     grid = load_grid(path)
     assert grid.axes == {"max_staleness": [0, 2], "learner.loss.type": ["grpo_is", "m2po"]}
     assert (grid.seeds, grid.thresholds, grid.config) == ([0, 3], [0.5], "configs/tiny.toml")
@@ -103,18 +106,24 @@ def test_grid_file_tables_and_quoted_keys_make_the_cartesian_product(tmp_path):
     assert len(specs) == 8 and [s.index for s in specs] == list(range(1, 9))
     # seed-major: every configuration's first seed before any second seed (load drift hits all alike)
     assert [(s.name, s.seed) for s in specs[:5]] == [
-        ("max_staleness=0,loss.type=grpo_is", 0), ("max_staleness=0,loss.type=m2po", 0),
-        ("max_staleness=2,loss.type=grpo_is", 0), ("max_staleness=2,loss.type=m2po", 0),
-        ("max_staleness=0,loss.type=grpo_is", 3)]
+        ("max_staleness=0,loss.type=grpo_is", 0),
+        ("max_staleness=0,loss.type=m2po", 0),
+        ("max_staleness=2,loss.type=grpo_is", 0),
+        ("max_staleness=2,loss.type=m2po", 0),
+        ("max_staleness=0,loss.type=grpo_is", 3),
+    ]
     assert specs[-1].dir == tmp_path / "out" / "max_staleness=2,loss.type=m2po" / "seed3"
     assert specs[-1].overrides == ("run.steps=50", "learner.lr=1e-3", "max_staleness=2", "learner.loss.type=m2po")
 
 
-@pytest.mark.parametrize(("axis", "message"), [
-    ("learner.lrr=1,2", "'learner.lrr' is not a config key (did you mean learner.lr"),
-    ("run.seed=1,2", "use --seeds instead"),
-    ("run.dir=a,b", "use --out instead"),
-])
+@pytest.mark.parametrize(
+    ("axis", "message"),
+    [
+        ("learner.lrr=1,2", "'learner.lrr' is not a config key (did you mean learner.lr"),
+        ("run.seed=1,2", "use --seeds instead"),
+        ("run.dir=a,b", "use --out instead"),
+    ],
+)
 def test_bad_grid_keys_are_named_with_the_fix(tmp_path, capsys, axis, message):
     assert podsrl("sweep", "--axis", axis, "--out", tmp_path / "s") == 2
     err = capsys.readouterr().err
@@ -141,9 +150,27 @@ def test_an_invalid_value_stops_the_sweep_before_any_run(tmp_path, capsys, fake_
 
 def test_printed_commands_parse_back_to_the_planned_configs(tmp_path, capsys):
     out = tmp_path / "sw"
-    assert podsrl("sweep", "--config", "configs/tiny.toml", "--axis", "max_staleness=0,4",
-                  "--axis", "learner.loss.type=grpo_is,decoupled_ppo", "--seeds", "2", "--out", out,
-                  "--print-commands", "--port-base", "21000", "run.steps=20", 'task.stop=["x y"]') == 0
+    assert (
+        podsrl(
+            "sweep",
+            "--config",
+            "configs/tiny.toml",
+            "--axis",
+            "max_staleness=0,4",
+            "--axis",
+            "learner.loss.type=grpo_is,decoupled_ppo",
+            "--seeds",
+            "2",
+            "--out",
+            out,
+            "--print-commands",
+            "--port-base",
+            "21000",
+            "run.steps=20",
+            'task.stop=["x y"]',
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 8 and not out.exists(), "printing commands must not run or create anything"
     seen = set()
@@ -153,15 +180,30 @@ def test_printed_commands_parse_back_to_the_planned_configs(tmp_path, capsys):
         cfg = load_config(ROOT / argv[3], argv[4:])
         seen.add((cfg.max_staleness, cfg.learner.loss.type, cfg.run.seed))
         assert cfg.run.steps == 20 and cfg.task.stop == ["x y"]
-        assert Path(cfg.run.dir) == out / f"max_staleness={cfg.max_staleness},loss.type={cfg.learner.loss.type}" \
-            / f"seed{cfg.run.seed}"
+        assert (
+            Path(cfg.run.dir)
+            == out / f"max_staleness={cfg.max_staleness},loss.type={cfg.learner.loss.type}" / f"seed{cfg.run.seed}"
+        )
         assert cfg.net.group_port == 21000 + 4 * i and cfg.net.weights_port == 21000 + 4 * i + 3
     assert len(seen) == 8
 
 
 def run_fake_sweep(out: Path, *extra: str, axis: str = "max_staleness=0,2", seeds: str = "2") -> int:
-    return podsrl("sweep", "--axis", axis, "--seeds", seeds, "--out", out, "--thresholds", "0.6,0.8",
-                  "--window", "5", "run.steps=40", *extra)
+    return podsrl(
+        "sweep",
+        "--axis",
+        axis,
+        "--seeds",
+        seeds,
+        "--out",
+        out,
+        "--thresholds",
+        "0.6,0.8",
+        "--window",
+        "5",
+        "run.steps=40",
+        *extra,
+    )
 
 
 def test_fake_sweep_runs_every_run_writes_the_table_and_skips_finished_runs(tmp_path, capsys, fake_runner):
@@ -233,8 +275,20 @@ def test_summarize_rebuilds_the_table_and_counts_runs_made_elsewhere(tmp_path, c
     assert (out / "summary.csv").read_text() == before
     # A run made from a printed command on another machine has no sweep markers: it counts.
     elsewhere = out / "max_staleness=2" / "seed7"
-    subprocess.run([sys.executable, str(fake_runner), "run", "max_staleness=2", "run.seed=7", "run.steps=40",
-                    f"run.dir={elsewhere}"], check=True, env=child_env(), capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(fake_runner),
+            "run",
+            "max_staleness=2",
+            "run.seed=7",
+            "run.steps=40",
+            f"run.dir={elsewhere}",
+        ],
+        check=True,
+        env=child_env(),
+        capture_output=True,
+    )
     assert podsrl("sweep", "--summarize", out, "--reference", "max_staleness=2") == 0
     rows = {r["config"]: r for r in csv.DictReader((out / "summary.csv").open())}
     assert rows["max_staleness=2"]["seeds"] == "2" and rows["max_staleness=0"]["poi_vs_reference"] == "1.0"
@@ -258,9 +312,11 @@ def test_shipped_sweep_grids_are_valid(tmp_path):
 
 
 def test_sweep_and_plot_help_are_instant():
-    code = ("import sys; from launcher.cli import main\nfor c in ('sweep', 'plot'):\n try:\n  main([c, '--help'])\n"
-            " except SystemExit: pass\nheavy = {'torch', 'numpy', 'matplotlib'} & set(sys.modules)\n"
-            "assert not heavy, heavy")
+    code = (
+        "import sys; from launcher.cli import main\nfor c in ('sweep', 'plot'):\n try:\n  main([c, '--help'])\n"
+        " except SystemExit: pass\nheavy = {'torch', 'numpy', 'matplotlib'} & set(sys.modules)\n"
+        "assert not heavy, heavy"
+    )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "--print-commands" in res.stdout and "--summarize" in res.stdout and "RUN_DIR" in res.stdout
@@ -269,10 +325,30 @@ def test_sweep_and_plot_help_are_instant():
 @pytest.mark.slow
 def test_tiny_real_sweep_runs_tables_plots_and_skips(tmp_path):
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "launcher.cli", "sweep", "--config", str(ROOT / "configs/tiny.toml"),
-           "--axis", "max_staleness=0,2", "--seeds", "2", "--parallel", "2", "--out", str(out), "--window", "3",
-           "--thresholds", "0.05,0.9", "run.steps=10", "rollout.servers=1", "learner.groups_per_step=4",
-           "learner.checkpoint_every=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "sweep",
+        "--config",
+        str(ROOT / "configs/tiny.toml"),
+        "--axis",
+        "max_staleness=0,2",
+        "--seeds",
+        "2",
+        "--parallel",
+        "2",
+        "--out",
+        str(out),
+        "--window",
+        "3",
+        "--thresholds",
+        "0.05,0.9",
+        "run.steps=10",
+        "rollout.servers=1",
+        "learner.groups_per_step=4",
+        "learner.checkpoint_every=0",
+    ]
     t0 = time.monotonic()
     res = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     took = time.monotonic() - t0
@@ -288,8 +364,14 @@ def test_tiny_real_sweep_runs_tables_plots_and_skips(tmp_path):
     md = (out / "summary.md").read_text()
     assert md.count("| `max_staleness=") == 2 and "reached 0.9" in md
 
-    res = subprocess.run([sys.executable, "-m", "launcher.cli", "plot", str(out)], cwd=ROOT, env=child_env(),
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "plot", str(out)],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     for name in ("reward", "staleness", "throughput", "iqm"):
         for ext in ("png", "svg"):
@@ -303,15 +385,25 @@ def test_tiny_real_sweep_runs_tables_plots_and_skips(tmp_path):
 def test_interrupted_sweep_stops_its_runs_and_leaves_them_unfinished(tmp_path):
     """Ctrl-C: every running `podsrl run` gets SIGTERM (it stops its own processes), none is marked done."""
     sleeper = tmp_path / "sleeper.py"
-    sleeper.write_text("import os, sys, time\nfrom pathlib import Path\n"
-                       "d = Path(next(a for a in sys.argv if a.startswith('run.dir=')).split('=', 1)[1])\n"
-                       "(d / 'pid').write_text(str(os.getpid()))\ntime.sleep(60)\n")
+    sleeper.write_text(
+        "import os, sys, time\nfrom pathlib import Path\n"
+        "d = Path(next(a for a in sys.argv if a.startswith('run.dir=')).split('=', 1)[1])\n"
+        "(d / 'pid').write_text(str(os.getpid()))\ntime.sleep(60)\n"
+    )
     out = tmp_path / "sw"
-    code = (f"import sys; from launcher import sweep; sweep.RUNNER = [sys.executable, {str(sleeper)!r}]\n"
-            f"from launcher.cli import main; sys.exit(main(['sweep', '--axis', 'max_staleness=0,2', '--seeds', '1', "
-            f"'--parallel', '2', '--out', {str(out)!r}]))")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    code = (
+        f"import sys; from launcher import sweep; sweep.RUNNER = [sys.executable, {str(sleeper)!r}]\n"
+        f"from launcher.cli import main; sys.exit(main(['sweep', '--axis', 'max_staleness=0,2', '--seeds', '1', "
+        f"'--parallel', '2', '--out', {str(out)!r}]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     pids = [out / name / "seed0" / "pid" for name in ("max_staleness=0", "max_staleness=2")]
     deadline = time.monotonic() + 30
     while not all(p.exists() and p.read_text() for p in pids):

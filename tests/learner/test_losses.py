@@ -411,8 +411,17 @@ def test_diagnostics_equal_ratios_and_on_policy() -> None:
 def test_compute_loss_returns_namespaced_floats() -> None:
     _, m = compute_loss(make_batch(per_token=False), LossSettings(type="decoupled_ppo"))
     expected = {
-        "loss/clipfrac_low", "loss/clipfrac_high", "loss/masked_frac", "loss/pg_loss", "loss/ratio_mean",
-        "loss/ratio_max", "loss/ess", "loss/m2", "loss/kl_behav", "loss/entropy_proxy", "loss/tokens",
+        "loss/clipfrac_low",
+        "loss/clipfrac_high",
+        "loss/masked_frac",
+        "loss/pg_loss",
+        "loss/ratio_mean",
+        "loss/ratio_max",
+        "loss/ess",
+        "loss/m2",
+        "loss/kl_behav",
+        "loss/entropy_proxy",
+        "loss/tokens",
     }
     assert expected <= set(m)
     assert all(k.startswith("loss/") and isinstance(v, float) for k, v in m.items())
@@ -421,7 +430,9 @@ def test_compute_loss_returns_namespaced_floats() -> None:
 def test_low_precision_inputs_are_upcast() -> None:
     base = make_batch(per_token=False)
     inp = LossInputs(
-        base.logp.detach().bfloat16().requires_grad_(), base.behav_logp.float(), base.advantages.float(),
+        base.logp.detach().bfloat16().requires_grad_(),
+        base.behav_logp.float(),
+        base.advantages.float(),
         base.mask.float(),
     )
     loss, _ = compute_loss(inp, CFG)

@@ -60,11 +60,15 @@ def test_engine_logprobs_equal_learner_recomputation(tiny, temperature):
         assert tok.eos_token_id not in ids[:-1], "generation continued past EOS"
     rows = [p for p in prompts for _ in range(5)]
     with torch.no_grad():
-        logp, mask, entropy = completion_logprobs(model, [torch.from_numpy(p.astype(np.int64)) for p in rows],
-                                                  [torch.from_numpy(c.astype(np.int64)) for c in samples.ids],
-                                                  temperature, torch.device("cpu"))
+        logp, mask, entropy = completion_logprobs(
+            model,
+            [torch.from_numpy(p.astype(np.int64)) for p in rows],
+            [torch.from_numpy(c.astype(np.int64)) for c in samples.ids],
+            temperature,
+            torch.device("cpu"),
+        )
     for i, lps in enumerate(samples.logprobs):
-        np.testing.assert_allclose(logp[i, :len(lps)].numpy(), lps, atol=2e-5)
+        np.testing.assert_allclose(logp[i, : len(lps)].numpy(), lps, atol=2e-5)
         assert mask[i].sum() == len(lps)
     assert ((entropy >= 0) & (entropy <= np.log(vocab(cfg)) + 1e-5)).all()
     assert (entropy[mask == 0] == 0).all() and (entropy[mask > 0] > 0).all()

@@ -33,8 +33,12 @@ WORLD, ROWS, STEPS = 2, 7, 3
 
 def _shard(data: dict, rank: int) -> dict:
     rows = list(range(rank, ROWS, WORLD))  # as learner.train.shard: rows rank::world
-    return {"prompts": [data["prompts"][i] for i in rows], "completions": [data["completions"][i] for i in rows],
-            "behav": [data["behav"][i] for i in rows], "advantages": data["advantages"][rows]}
+    return {
+        "prompts": [data["prompts"][i] for i in rows],
+        "completions": [data["completions"][i] for i in rows],
+        "behav": [data["behav"][i] for i in rows],
+        "advantages": data["advantages"][rows],
+    }
 
 
 def _worker(rank: int, port: int, model_dir: Path, tmp: Path) -> None:
@@ -45,8 +49,16 @@ def _worker(rank: int, port: int, model_dir: Path, tmp: Path) -> None:
     out: dict = {}
 
     def build(name: str, *overrides: str):
-        cfg = load_config(None, [f"model.path={model_dir}", "model.init=pretrained", f"run.dir={tmp / name}",
-                                 f"run.steps={STEPS}", *overrides])
+        cfg = load_config(
+            None,
+            [
+                f"model.path={model_dir}",
+                "model.init=pretrained",
+                f"run.dir={tmp / name}",
+                f"run.steps={STEPS}",
+                *overrides,
+            ],
+        )
         torch.manual_seed(0)
         net = wrap(load_model(model_dir, CPU), cfg, CPU)
         return cfg, net, torch.optim.AdamW(net.parameters(), lr=cfg.learner.lr)
@@ -66,13 +78,15 @@ def _worker(rank: int, port: int, model_dir: Path, tmp: Path) -> None:
 
     _, ddp_net, _ = train("ddp")
     train("ddp_micro", "learner.micro_batch_tokens=24")
-    cfg, fsdp, opt = train("fsdp", "learner.strategy=fsdp", "learner.micro_batch_tokens=24",
-                           "learner.grad_checkpointing=true")
+    cfg, fsdp, opt = train(
+        "fsdp", "learner.strategy=fsdp", "learner.micro_batch_tokens=24", "learner.grad_checkpointing=true"
+    )
     train("ddp_bf16", "model.dtype=bfloat16", steps=1)
     train("fsdp_bf16", "learner.strategy=fsdp", "model.dtype=bfloat16", steps=1)
-    out["plans"] = [len(plan_micro_batches([len(p) + len(c) for p, c in zip(s["prompts"], s["completions"],
-                                                                             strict=True)], 24))
-                    for s in (_shard(batches[0], r) for r in range(WORLD))]
+    out["plans"] = [
+        len(plan_micro_batches([len(p) + len(c) for p, c in zip(s["prompts"], s["completions"], strict=True)], 24))
+        for s in (_shard(batches[0], r) for r in range(WORLD))
+    ]
 
     state = full_model_state(fsdp)  # what rank 0 publishes
     out["published"] = {k: v.clone() for k, v in state.items()}
@@ -84,14 +98,19 @@ def _worker(rank: int, port: int, model_dir: Path, tmp: Path) -> None:
     out["resumed"] = {k: v.clone() for k, v in full_model_state(resumed).items()}
     resumed_opt_state = full_optimizer_state(resumed, resumed_opt)
     if rank == 0:
-        out["opt_equal"] = all(torch.equal(saved_opt["state"][k][s], resumed_opt_state["state"][k][s])
-                               for k in saved_opt["state"] for s in saved_opt["state"][k])
+        out["opt_equal"] = all(
+            torch.equal(saved_opt["state"][k][s], resumed_opt_state["state"][k][s])
+            for k in saved_opt["state"]
+            for s in saved_opt["state"][k]
+        )
     ddp_cfg, ddp, ddp_opt = build("fsdp")  # the same checkpoint loaded by DDP ranks
     out["ddp_version"] = load_latest(ddp_cfg, ddp, ddp_opt, rank).version
     out["ddp_resumed"] = {k: v.clone() for k, v in full_model_state(ddp).items()}  # DDP on CPU: aliases
     # The loss after one more step depends on the restored AdamW moments, not only on the weights.
-    out["next"] = [[step(*run, v)["loss"] for v in (STEPS, STEPS + 1)][-1]
-                   for run in ((cfg, fsdp, opt), (resumed_cfg, resumed, resumed_opt), (ddp_cfg, ddp, ddp_opt))]
+    out["next"] = [
+        [step(*run, v)["loss"] for v in (STEPS, STEPS + 1)][-1]
+        for run in ((cfg, fsdp, opt), (resumed_cfg, resumed, resumed_opt), (ddp_cfg, ddp, ddp_opt))
+    ]
     if rank == 0:
         torch.save(out, tmp / "out.pt")
     dist.destroy_process_group()
@@ -103,9 +122,11 @@ def seen(tmp_path_factory) -> dict:
     build_tiny_model(load_config(None, []), tmp / "model", alphabet="abcdefghijkl:")
     # forkserver: the heavy imports (~7 s of CPU) happen once, in a fresh process both ranks fork from.
     multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["torch", "transformers.models.llama.modeling_llama", "test_parallel"])
-    ctx = mp.start_processes(_worker, args=(free_port(), tmp / "model", tmp), nprocs=WORLD, join=False,
-                             start_method="forkserver")
+        ["torch", "transformers.models.llama.modeling_llama", "test_parallel"]
+    )
+    ctx = mp.start_processes(
+        _worker, args=(free_port(), tmp / "model", tmp), nprocs=WORLD, join=False, start_method="forkserver"
+    )
     deadline = time.monotonic() + 180
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
@@ -114,8 +135,10 @@ def seen(tmp_path_factory) -> dict:
             pytest.fail("the two ranks did not finish in 180 s (a collective out of step?)")
     seen = torch.load(tmp / "out.pt", weights_only=False)
     # The same three steps on one process, no process group, the whole batch at once: the reference.
-    cfg = load_config(None, [f"model.path={tmp / 'model'}", "model.init=pretrained", f"run.steps={STEPS}",
-                             "learner.micro_batch_tokens=0"])
+    cfg = load_config(
+        None,
+        [f"model.path={tmp / 'model'}", "model.init=pretrained", f"run.steps={STEPS}", "learner.micro_batch_tokens=0"],
+    )
     torch.manual_seed(0)
     model = load_model(tmp / "model", CPU)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr)

@@ -28,8 +28,7 @@ from protocol.weights import digest
 
 TIMEOUT_MS = 5000
 QUIET_MS = 500  # "nothing arrives" is a poll this long, after the refusal itself was awaited
-REFUSED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-           | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+REFUSED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 HELLO = Hello(server_id="rollout-0", host="localhost", pid=1, engine="torch")
 Builder = Callable[[zmq.Context, NetConfig, Auth | None], zmq.Socket]
 
@@ -43,8 +42,9 @@ def keys(tmp_path: Path) -> Path:
 @pytest.fixture
 def net(keys: Path) -> NetConfig:
     group, batch, announce, weights = free_ports(4)
-    return NetConfig(auth="on", keys_dir=str(keys), group_port=group, batch_port=batch,
-                     announce_port=announce, weights_port=weights)
+    return NetConfig(
+        auth="on", keys_dir=str(keys), group_port=group, batch_port=batch, announce_port=announce, weights_port=weights
+    )
 
 
 class Zmq:
@@ -137,8 +137,9 @@ def ready(sock: zmq.Socket) -> None:
 
 def weights(version: int) -> Weights:
     data = np.arange(64, dtype=np.uint8)
-    return Weights(version=version, model_config="{}", files=[],
-                   tensors=[["w", "uint8", [64], 0, 64, digest(data)]], data=data)
+    return Weights(
+        version=version, model_config="{}", files=[], tensors=[["w", "uint8", [64], 0, 64, digest(data)]], data=data
+    )
 
 
 # --- the four links ---
@@ -147,8 +148,11 @@ def weights(version: int) -> Weights:
 def test_groups_link_accepts_only_allowlisted_rollout_servers(z: Zmq, net: NetConfig, keys: Path) -> None:
     selector, learner, rollout = roles(net)
     rx = z.track(sockets.group_receiver(z.server, net, selector))
-    intruders = [z.plain(zmq.DEALER, net.group_port), intruder(z, sockets.group_sender, net, rogue(keys)),
-                 intruder(z, sockets.group_sender, net, learner)]  # a valid key of the wrong role
+    intruders = [
+        z.plain(zmq.DEALER, net.group_port),
+        intruder(z, sockets.group_sender, net, rogue(keys)),
+        intruder(z, sockets.group_sender, net, learner),
+    ]  # a valid key of the wrong role
     for sock in intruders:
         sockets.send(sock, HELLO)
     good = client(z, sockets.group_sender, net, rollout)
@@ -164,8 +168,11 @@ def test_groups_link_accepts_only_allowlisted_rollout_servers(z: Zmq, net: NetCo
 def test_batches_link_accepts_only_the_learner(z: Zmq, net: NetConfig, keys: Path) -> None:
     selector, learner, rollout = roles(net)
     server = z.track(sockets.batch_server(z.server, net, selector))
-    intruders = [z.plain(zmq.DEALER, net.batch_port), intruder(z, sockets.batch_client, net, rogue(keys)),
-                 intruder(z, sockets.batch_client, net, rollout)]
+    intruders = [
+        z.plain(zmq.DEALER, net.batch_port),
+        intruder(z, sockets.batch_client, net, rogue(keys)),
+        intruder(z, sockets.batch_client, net, rollout),
+    ]
     request = BatchRequest(request_id=1, version=10**6, num_groups=1)
     for sock in intruders:
         sockets.send(sock, request)
@@ -184,8 +191,7 @@ def test_batches_link_accepts_only_the_learner(z: Zmq, net: NetConfig, keys: Pat
 def test_announce_link_reaches_only_allowlisted_subscribers(z: Zmq, net: NetConfig, keys: Path) -> None:
     selector, learner, rollout = roles(net)
     pub = z.track(sockets.announce_publisher(z.server, net, learner))
-    intruders = [z.plain(zmq.SUB, net.announce_port),
-                 intruder(z, sockets.announce_subscriber, net, rogue(keys))]
+    intruders = [z.plain(zmq.SUB, net.announce_port), intruder(z, sockets.announce_subscriber, net, rogue(keys))]
     intruders[0].setsockopt(zmq.SUBSCRIBE, b"")
     subs = [client(z, sockets.announce_subscriber, net, who) for who in (rollout, selector)]
     for sock in intruders:
@@ -204,8 +210,11 @@ def test_announce_link_reaches_only_allowlisted_subscribers(z: Zmq, net: NetConf
 def test_weights_link_serves_only_rollout_servers(z: Zmq, net: NetConfig, keys: Path) -> None:
     selector, learner, rollout = roles(net)
     server = z.track(sockets.weight_server(z.server, net, learner))
-    intruders = [z.plain(zmq.DEALER, net.weights_port), intruder(z, sockets.weight_client, net, rogue(keys)),
-                 intruder(z, sockets.weight_client, net, selector)]
+    intruders = [
+        z.plain(zmq.DEALER, net.weights_port),
+        intruder(z, sockets.weight_client, net, rogue(keys)),
+        intruder(z, sockets.weight_client, net, selector),
+    ]
     for sock in intruders:
         sockets.send(sock, WeightsRequest(version=-1, with_files=True))
     good = client(z, sockets.weight_client, net, rollout)
@@ -254,8 +263,7 @@ def test_user_id_check_rejects_any_key_not_allowlisted(net: NetConfig, keys: Pat
         check_peer(zmq.Frame(b"not received from a peer"), allow)
 
 
-def test_without_its_zap_handler_a_link_still_rejects_every_unknown_message(z: Zmq, net: NetConfig,
-                                                                            keys: Path) -> None:
+def test_without_its_zap_handler_a_link_still_rejects_every_unknown_message(z: Zmq, net: NetConfig, keys: Path) -> None:
     """libzmq's trap: with no ZAP handler answering, a CURVE server admits any client key. The
     receiver's User-Id check still rejects (and its callers count) every message of such a client."""
     selector = load_auth(net, "selector")
@@ -269,8 +277,9 @@ def test_without_its_zap_handler_a_link_still_rejects_every_unknown_message(z: Z
     assert info.value.reason == "unauthenticated"
 
 
-def test_a_rollout_server_added_later_joins_without_a_restart(z: Zmq, net: NetConfig, keys: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_rollout_server_added_later_joins_without_a_restart(
+    z: Zmq, net: NetConfig, keys: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(auth, "RESCAN_S", 0.0)
     selector = load_auth(net, "selector")
     assert selector is not None
@@ -287,9 +296,21 @@ def test_a_rollout_server_added_later_joins_without_a_restart(z: Zmq, net: NetCo
 # --- when auth is on, and what it needs ---
 
 
-@pytest.mark.parametrize(("host", "loopback"), [
-    ("127.0.0.1", True), ("localhost", True), ("::1", True), ("[::1]", True), ("127.0.1.1", True),
-    ("0.0.0.0", False), ("10.0.0.5", False), ("::", False), ("box-a", False), ("eth0", False)])
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("127.0.1.1", True),
+        ("0.0.0.0", False),
+        ("10.0.0.5", False),
+        ("::", False),
+        ("box-a", False),
+        ("eth0", False),
+    ],
+)
 def test_loopback_detection(host: str, loopback: bool) -> None:
     assert auth.is_loopback(host) is loopback
 
@@ -327,14 +348,22 @@ def test_a_rollout_server_without_its_key_is_told_how_to_make_one(net: NetConfig
         load_auth(net, "rollout", "../selector")
 
 
-def test_podsrl_keys_creates_loadable_pairs_and_never_overwrites(tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_podsrl_keys_creates_loadable_pairs_and_never_overwrites(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     d = tmp_path / "keys"
     assert podsrl(["keys", str(d), "--rollout", "2"]) == 0
     files = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
-    assert files == ["learner.key", "learner.key_secret", "rollout/rollout-0.key",
-                     "rollout/rollout-0.key_secret", "rollout/rollout-1.key", "rollout/rollout-1.key_secret",
-                     "selector.key", "selector.key_secret"]
+    assert files == [
+        "learner.key",
+        "learner.key_secret",
+        "rollout/rollout-0.key",
+        "rollout/rollout-0.key_secret",
+        "rollout/rollout-1.key",
+        "rollout/rollout-1.key_secret",
+        "selector.key",
+        "selector.key_secret",
+    ]
     assert all((d / f).stat().st_mode & 0o077 == 0 for f in files if f.endswith("_secret"))
     before = {f: (d / f).read_bytes() for f in files}
     assert podsrl(["keys", str(d), "--rollout", "box-7", "rollout-0"]) == 0

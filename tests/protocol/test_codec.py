@@ -58,9 +58,17 @@ def make_scored_group() -> ScoredGroup:
     ids = np.array([5, 9, 7, 3, 5, 9, 8, 3, 4, 3, 5, 9, 3], np.int32)
     logprobs = -np.linspace(0.01, 2.5, ids.shape[0], dtype=np.float32)
     return ScoredGroup(
-        server_id="box-7/0", session=77, group_id=9001, version=12, task="copy", gen_seconds=0.0375,
-        prompt_ids=np.array([1, 5, 9, 7, 2], np.int32), completion_ids=ids, completion_lens=lens,
-        logprobs=logprobs, rewards=np.array([1.0, 2 / 3, 0.0, 1.0], np.float32),
+        server_id="box-7/0",
+        session=77,
+        group_id=9001,
+        version=12,
+        task="copy",
+        gen_seconds=0.0375,
+        prompt_ids=np.array([1, 5, 9, 7, 2], np.int32),
+        completion_ids=ids,
+        completion_lens=lens,
+        logprobs=logprobs,
+        rewards=np.array([1.0, 2 / 3, 0.0, 1.0], np.float32),
     )
 
 
@@ -81,14 +89,22 @@ def make_train_batch() -> TrainBatch:
     prompt_lens = np.array([5, 5, 4], np.int32)
     completion_lens = np.array([4, 2, 3], np.int32)
     return TrainBatch(
-        request_id=17, version=12, servers=["box-7/0", "box-7/1"],
+        request_id=17,
+        version=12,
+        servers=["box-7/0", "box-7/1"],
         stats={"groups_received": 40, "dropped_stale": 2, "mean_reward": 0.61},
-        prompt_ids=np.array([1, 5, 9, 7, 2, 1, 5, 9, 7, 2, 1, 4, 4, 2], np.int32), prompt_lens=prompt_lens,
-        completion_ids=np.array([5, 9, 7, 3, 4, 3, 4, 4, 3], np.int32), completion_lens=completion_lens,
-        logprobs=-np.arange(1, 10, dtype=np.float32) / 10, advantages=np.array([0.9, -0.9, 0.0], np.float32),
-        rewards=np.array([1.0, 0.0, 0.5], np.float32), versions=np.array([11, 11, 12], np.int64),
-        group_index=np.array([0, 0, 1], np.int32), server_index=np.array([0, 0, 1], np.int32),
-        group_sessions=np.array([77, 78], np.int64), group_seqs=np.array([4, 0], np.int64),
+        prompt_ids=np.array([1, 5, 9, 7, 2, 1, 5, 9, 7, 2, 1, 4, 4, 2], np.int32),
+        prompt_lens=prompt_lens,
+        completion_ids=np.array([5, 9, 7, 3, 4, 3, 4, 4, 3], np.int32),
+        completion_lens=completion_lens,
+        logprobs=-np.arange(1, 10, dtype=np.float32) / 10,
+        advantages=np.array([0.9, -0.9, 0.0], np.float32),
+        rewards=np.array([1.0, 0.0, 0.5], np.float32),
+        versions=np.array([11, 11, 12], np.int64),
+        group_index=np.array([0, 0, 1], np.int32),
+        server_index=np.array([0, 0, 1], np.int32),
+        group_sessions=np.array([77, 78], np.int64),
+        group_seqs=np.array([4, 0], np.int64),
     )
 
 
@@ -102,20 +118,41 @@ def make_weights_request() -> WeightsRequest:
 
 def make_weights() -> Weights:
     data = np.random.default_rng(0).integers(0, 256, 128 + 8, dtype=np.uint8)  # offsets 64-byte aligned
-    tensors = [["lm.weight", "float32", [3, 4], 0, 48, 1], ["lm.bias", "float32", [3], 64, 12, 2],
-               ["step", "int64", [], 128, 8, 2**64 - 1]]
-    return Weights(version=12, model_config=json.dumps({"hidden_size": 4}),
-                   tensors=tensors, data=data, files=[["tokenizer.json", 5], ["chat_template.jinja", 2]],
-                   file_data=np.frombuffer(b"{...}ok", np.uint8))
+    tensors = [
+        ["lm.weight", "float32", [3, 4], 0, 48, 1],
+        ["lm.bias", "float32", [3], 64, 12, 2],
+        ["step", "int64", [], 128, 8, 2**64 - 1],
+    ]
+    return Weights(
+        version=12,
+        model_config=json.dumps({"hidden_size": 4}),
+        tensors=tensors,
+        data=data,
+        files=[["tokenizer.json", 5], ["chat_template.jinja", 2]],
+        file_data=np.frombuffer(b"{...}ok", np.uint8),
+    )
 
 
 def make_weights_chunk() -> WeightsChunk:
     """Chunk 0 of 2 of a delta v11 -> v12 (40 of 60 compressed bytes; the version is 136 raw bytes)."""
     w = make_weights()
-    return WeightsChunk(fetch=99, version=12, status="ok", base=11, encoding="diff+zstd", chunk=0, chunks=2,
-                        chunk_bytes=40, size=60, raw_bytes=136, model_config=w.model_config, tensors=w.tensors,
-                        files=[["tokenizer.json", 2]], data=np.arange(40, dtype=np.uint8),
-                        file_data=np.frombuffer(b"{}", np.uint8))
+    return WeightsChunk(
+        fetch=99,
+        version=12,
+        status="ok",
+        base=11,
+        encoding="diff+zstd",
+        chunk=0,
+        chunks=2,
+        chunk_bytes=40,
+        size=60,
+        raw_bytes=136,
+        model_config=w.model_config,
+        tensors=w.tensors,
+        files=[["tokenizer.json", 2]],
+        data=np.arange(40, dtype=np.uint8),
+        file_data=np.frombuffer(b"{}", np.uint8),
+    )
 
 
 FACTORIES: dict[type[Message], Callable[[], Message]] = {
@@ -228,8 +265,9 @@ def test_round_trip(cls: type[Message]) -> None:
         arr = getattr(got, name)
         assert arr.base is not None and not arr.flags.owndata, f"{name} was copied"
         assert not arr.flags.writeable, f"{name} is writable"
-        assert arr.size > 0 and np.shares_memory(arr, np.frombuffer(frames[k], np.uint8)), \
+        assert arr.size > 0 and np.shares_memory(arr, np.frombuffer(frames[k], np.uint8)), (
             f"{name} is not a view of its frame"
+        )
 
 
 @pytest.mark.parametrize("cls", TYPES, ids=lambda c: c.TYPE)
@@ -263,8 +301,12 @@ def test_encode_converts_wrong_dtype_and_strided_arrays() -> None:
     base = make_scored_group()
     strided = np.zeros(10, np.int32)
     strided[::2] = [1, 5, 9, 7, 2]
-    msg = dataclasses.replace(base, prompt_ids=strided[::2], rewards=base.rewards.astype(np.float64),
-                              completion_lens=base.completion_lens.astype(">i4"))
+    msg = dataclasses.replace(
+        base,
+        prompt_ids=strided[::2],
+        rewards=base.rewards.astype(np.float64),
+        completion_lens=base.completion_lens.astype(">i4"),
+    )
     got = decode(frames_of(msg))
     assert got.prompt_ids.dtype == np.dtype("<i4") and got.rewards.dtype == np.dtype("<f4")
     assert np.array_equal(got.prompt_ids, base.prompt_ids)
@@ -281,12 +323,24 @@ def test_empty_arrays_round_trip() -> None:
     """A batch of zero rows is a valid (if useless) message; an all-empty-completions group is valid too."""
     e32, ef32 = np.zeros(0, np.int32), np.zeros(0, np.float32)
     empty = dataclasses.replace(
-        make_train_batch(), prompt_ids=e32, prompt_lens=e32, completion_ids=e32, completion_lens=e32,
-        logprobs=ef32, advantages=ef32, rewards=ef32, versions=np.zeros(0, np.int64), group_index=e32,
-        server_index=e32, group_sessions=np.zeros(0, np.int64), group_seqs=np.zeros(0, np.int64))
+        make_train_batch(),
+        prompt_ids=e32,
+        prompt_lens=e32,
+        completion_ids=e32,
+        completion_lens=e32,
+        logprobs=ef32,
+        advantages=ef32,
+        rewards=ef32,
+        versions=np.zeros(0, np.int64),
+        group_index=e32,
+        server_index=e32,
+        group_sessions=np.zeros(0, np.int64),
+        group_seqs=np.zeros(0, np.int64),
+    )
     assert decode(frames_of(empty)).size == 0
-    group = dataclasses.replace(make_scored_group(), completion_ids=e32, logprobs=ef32,
-                                completion_lens=np.zeros(4, np.int32))
+    group = dataclasses.replace(
+        make_scored_group(), completion_ids=e32, logprobs=ef32, completion_lens=np.zeros(4, np.int32)
+    )
     assert decode(frames_of(group)).n == 4
 
 
@@ -308,29 +362,35 @@ def test_decoded_arrays_are_read_only_even_from_writable_frames() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("frames", [
-    pytest.param([], id="no-frames"),
-    pytest.param([b""], id="empty-header"),
-    pytest.param([b"\xc1"], id="reserved-byte"),
-    pytest.param([b"\x93\x01"], id="truncated-array"),
-    pytest.param([b"not msgpack at all \xff\xfe"], id="text"),
-    pytest.param([frames_of(make_hello())[0][:-1]], id="truncated-valid-header"),
-    pytest.param([frames_of(make_hello())[0] + b"\x00"], id="trailing-bytes"),
-])
+@pytest.mark.parametrize(
+    "frames",
+    [
+        pytest.param([], id="no-frames"),
+        pytest.param([b""], id="empty-header"),
+        pytest.param([b"\xc1"], id="reserved-byte"),
+        pytest.param([b"\x93\x01"], id="truncated-array"),
+        pytest.param([b"not msgpack at all \xff\xfe"], id="text"),
+        pytest.param([frames_of(make_hello())[0][:-1]], id="truncated-valid-header"),
+        pytest.param([frames_of(make_hello())[0] + b"\x00"], id="trailing-bytes"),
+    ],
+)
 def test_not_msgpack_is_malformed(frames: list[bytes]) -> None:
     rejected(frames, "malformed")
 
 
-@pytest.mark.parametrize("header", [
-    pytest.param([1, 2, 3], id="list"),
-    pytest.param("scored_group", id="str"),
-    pytest.param(7, id="int"),
-    pytest.param(None, id="nil"),
-    pytest.param({"t": "hello", "v": 1, "f": {}}, id="missing-a"),
-    pytest.param({"t": "hello", "v": 1, "f": {}, "a": [], "x": 0}, id="extra-key"),
-    pytest.param({b"t": "hello", b"v": 1, b"f": {}, b"a": []}, id="bytes-keys"),
-    pytest.param({}, id="empty-map"),
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param([1, 2, 3], id="list"),
+        pytest.param("scored_group", id="str"),
+        pytest.param(7, id="int"),
+        pytest.param(None, id="nil"),
+        pytest.param({"t": "hello", "v": 1, "f": {}}, id="missing-a"),
+        pytest.param({"t": "hello", "v": 1, "f": {}, "a": [], "x": 0}, id="extra-key"),
+        pytest.param({b"t": "hello", b"v": 1, b"f": {}, b"a": []}, id="bytes-keys"),
+        pytest.param({}, id="empty-map"),
+    ],
+)
 def test_header_not_a_proper_map_is_malformed(header: Any) -> None:
     rejected([msgpack.packb(header, use_bin_type=True)], "malformed")
 
@@ -353,25 +413,28 @@ def test_unexpected_type_on_a_socket() -> None:
     rejected(frames_of(make_weights()), "unknown_type", expect=(Hello, Heartbeat, ScoredGroup))
 
 
-@pytest.mark.parametrize(("make", "edit"), [
-    pytest.param(make_scored_group, lambda h: h["f"].pop("group_id"), id="missing-field"),
-    pytest.param(make_hello, lambda h: h["f"].__setitem__("extra", 1), id="extra-field"),
-    pytest.param(make_hello, lambda h: h.__setitem__("f", [1, 2]), id="fields-not-a-map"),
-    pytest.param(make_hello, lambda h: h.__setitem__("f", {}), id="fields-empty"),
-    pytest.param(make_hello, set_field("server_id", 5), id="int-for-str"),
-    pytest.param(make_hello, set_field("server_id", b"box-7/0"), id="bytes-for-str"),
-    pytest.param(make_scored_group, set_field("group_id", "7"), id="str-for-int"),
-    pytest.param(make_scored_group, set_field("group_id", 1.5), id="float-for-int"),
-    pytest.param(make_scored_group, set_field("group_id", 7.0), id="integral-float-for-int"),
-    pytest.param(make_scored_group, set_field("version", True), id="bool-for-int"),
-    pytest.param(make_batch_request, set_field("num_groups", False), id="false-for-int"),
-    pytest.param(make_scored_group, set_field("gen_seconds", "0.5"), id="str-for-float"),
-    pytest.param(make_scored_group, set_field("gen_seconds", None), id="nil-for-float"),
-    pytest.param(make_weights_announcement, set_field("final", 1), id="int-for-bool"),
-    pytest.param(make_train_batch, set_field("servers", {"a": 1}), id="map-for-list"),
-    pytest.param(make_train_batch, set_field("stats", []), id="list-for-map"),
-    pytest.param(make_weights, set_field("tensors", "manifest"), id="str-for-list"),
-])
+@pytest.mark.parametrize(
+    ("make", "edit"),
+    [
+        pytest.param(make_scored_group, lambda h: h["f"].pop("group_id"), id="missing-field"),
+        pytest.param(make_hello, lambda h: h["f"].__setitem__("extra", 1), id="extra-field"),
+        pytest.param(make_hello, lambda h: h.__setitem__("f", [1, 2]), id="fields-not-a-map"),
+        pytest.param(make_hello, lambda h: h.__setitem__("f", {}), id="fields-empty"),
+        pytest.param(make_hello, set_field("server_id", 5), id="int-for-str"),
+        pytest.param(make_hello, set_field("server_id", b"box-7/0"), id="bytes-for-str"),
+        pytest.param(make_scored_group, set_field("group_id", "7"), id="str-for-int"),
+        pytest.param(make_scored_group, set_field("group_id", 1.5), id="float-for-int"),
+        pytest.param(make_scored_group, set_field("group_id", 7.0), id="integral-float-for-int"),
+        pytest.param(make_scored_group, set_field("version", True), id="bool-for-int"),
+        pytest.param(make_batch_request, set_field("num_groups", False), id="false-for-int"),
+        pytest.param(make_scored_group, set_field("gen_seconds", "0.5"), id="str-for-float"),
+        pytest.param(make_scored_group, set_field("gen_seconds", None), id="nil-for-float"),
+        pytest.param(make_weights_announcement, set_field("final", 1), id="int-for-bool"),
+        pytest.param(make_train_batch, set_field("servers", {"a": 1}), id="map-for-list"),
+        pytest.param(make_train_batch, set_field("stats", []), id="list-for-map"),
+        pytest.param(make_weights, set_field("tensors", "manifest"), id="str-for-list"),
+    ],
+)
 def test_scalar_schema(make: Callable[[], Message], edit: Callable[[dict[str, Any]], Any]) -> None:
     rejected(with_header(make(), edit), "schema")
 
@@ -382,16 +445,19 @@ def test_non_finite_scalar_float(value: float) -> None:
     assert "gen_seconds" in err.detail
 
 
-@pytest.mark.parametrize(("make", "edit"), [
-    pytest.param(make_scored_group, lambda h: h["a"].pop(), id="spec-missing"),
-    pytest.param(make_scored_group, lambda h: h["a"].append(["extra", "<i4", [0]]), id="spec-extra"),
-    pytest.param(make_scored_group, lambda h: h.__setitem__("a", {"prompt_ids": 1}), id="specs-not-a-list"),
-    pytest.param(make_scored_group, lambda h: h["a"].reverse(), id="specs-out-of-order"),
-    pytest.param(make_scored_group, set_spec(0, 0, "prompt"), id="spec-wrong-name"),
-    pytest.param(make_scored_group, lambda h: h["a"][0].pop(), id="spec-too-short"),
-    pytest.param(make_scored_group, lambda h: h["a"].__setitem__(0, "prompt_ids"), id="spec-not-a-list"),
-    pytest.param(make_hello, lambda h: h["a"].append(["x", "<i4", [0]]), id="spec-on-scalar-message"),
-])
+@pytest.mark.parametrize(
+    ("make", "edit"),
+    [
+        pytest.param(make_scored_group, lambda h: h["a"].pop(), id="spec-missing"),
+        pytest.param(make_scored_group, lambda h: h["a"].append(["extra", "<i4", [0]]), id="spec-extra"),
+        pytest.param(make_scored_group, lambda h: h.__setitem__("a", {"prompt_ids": 1}), id="specs-not-a-list"),
+        pytest.param(make_scored_group, lambda h: h["a"].reverse(), id="specs-out-of-order"),
+        pytest.param(make_scored_group, set_spec(0, 0, "prompt"), id="spec-wrong-name"),
+        pytest.param(make_scored_group, lambda h: h["a"][0].pop(), id="spec-too-short"),
+        pytest.param(make_scored_group, lambda h: h["a"].__setitem__(0, "prompt_ids"), id="spec-not-a-list"),
+        pytest.param(make_hello, lambda h: h["a"].append(["x", "<i4", [0]]), id="spec-on-scalar-message"),
+    ],
+)
 def test_array_spec_schema(make: Callable[[], Message], edit: Callable[[dict[str, Any]], Any]) -> None:
     rejected(with_header(make(), edit), "schema")
 
@@ -416,18 +482,21 @@ def test_wrong_float_dtype() -> None:
     rejected(with_header(make_weights(), set_spec(0, 1, "<i1")), "dtype")
 
 
-@pytest.mark.parametrize("shape", [
-    pytest.param([5, 1], id="ndim-2"),
-    pytest.param([], id="ndim-0"),
-    pytest.param([-5], id="negative-dim"),
-    pytest.param([5.0], id="float-dim"),
-    pytest.param(["5"], id="str-dim"),
-    pytest.param(5, id="not-a-list"),
-    pytest.param([6], id="frame-too-short"),
-    pytest.param([4], id="frame-too-long"),
-    pytest.param([0], id="zero-for-nonempty-frame"),
-    pytest.param([2**62], id="huge"),
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param([5, 1], id="ndim-2"),
+        pytest.param([], id="ndim-0"),
+        pytest.param([-5], id="negative-dim"),
+        pytest.param([5.0], id="float-dim"),
+        pytest.param(["5"], id="str-dim"),
+        pytest.param(5, id="not-a-list"),
+        pytest.param([6], id="frame-too-short"),
+        pytest.param([4], id="frame-too-long"),
+        pytest.param([0], id="zero-for-nonempty-frame"),
+        pytest.param([2**62], id="huge"),
+    ],
+)
 def test_wrong_shape(shape: Any) -> None:
     rejected(with_header(make_scored_group(), set_spec(0, 2, shape)), "shape")  # prompt_ids has 5 items
 
@@ -442,10 +511,15 @@ def test_frame_length_mismatch() -> None:
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize(("make", "name"), [
-    (make_scored_group, "logprobs"), (make_scored_group, "rewards"),
-    (make_train_batch, "advantages"), (make_train_batch, "logprobs"),
-])
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (make_scored_group, "logprobs"),
+        (make_scored_group, "rewards"),
+        (make_train_batch, "advantages"),
+        (make_train_batch, "logprobs"),
+    ],
+)
 def test_non_finite_array(make: Callable[[], Message], name: str, value: float) -> None:
     def poison(a: np.ndarray) -> None:
         a[-1] = value
@@ -484,78 +558,124 @@ I32 = np.int32
 F32 = np.float32
 
 
-@pytest.mark.parametrize("frames", [
-    # ScoredGroup
-    pytest.param(_scored(completion_lens=np.array([4, 4, 2, 4], I32)), id="group-lens-sum-too-big"),
-    pytest.param(_scored(completion_lens=np.array([4, 4, 2, 2], I32)), id="group-lens-sum-too-small"),
-    pytest.param(_scored(completion_lens=np.array([5, 4, 5, -1], I32)), id="group-negative-len"),
-    pytest.param(_scored(logprobs=np.full(13, 0.5, F32)), id="group-positive-logprobs"),
-    pytest.param(_scored(logprobs=np.r_[np.full(12, -1, F32), F32(0.01)]), id="group-one-positive-logprob"),
-    pytest.param(_scored(prompt_ids=np.zeros(0, I32)), id="group-empty-prompt"),
-    pytest.param(_scored(completion_lens=np.zeros(0, I32), rewards=np.zeros(0, F32),
-                         completion_ids=np.zeros(0, I32), logprobs=np.zeros(0, F32)), id="group-no-completions"),
-    pytest.param(_scored(rewards=np.array([1, 0, 1], F32)), id="group-rewards-lens-differ"),
-    pytest.param(_scored(logprobs=np.full(12, -1, F32)), id="group-logprobs-ids-differ"),
-    pytest.param(_scored(version=-1), id="group-negative-version"),
-    # TrainBatch
-    pytest.param(_batch(advantages=np.zeros(4, F32)), id="batch-advantages-rows"),
-    pytest.param(_batch(rewards=np.zeros(2, F32)), id="batch-rewards-rows"),
-    pytest.param(_batch(versions=np.zeros(2, np.int64)), id="batch-versions-rows"),
-    pytest.param(_batch(group_index=np.zeros(4, I32)), id="batch-group-index-rows"),
-    pytest.param(_batch(server_index=np.zeros(2, I32)), id="batch-server-index-rows"),
-    pytest.param(_batch(completion_lens=np.array([4, 2, 3, 0], I32)), id="batch-completion-lens-rows"),
-    pytest.param(_batch(server_index=np.array([0, 0, 2], I32)), id="batch-server-index-out-of-range"),
-    pytest.param(_batch(group_seqs=np.zeros(3, np.int64)), id="batch-group-seqs-per-group"),
-    pytest.param(_batch(versions=np.array([0, 1, 99], np.int64)), id="batch-row-from-the-future"),
-    pytest.param(_batch(servers=[]), id="batch-no-servers"),
-    pytest.param(_batch(servers=["box-7/0", 1]), id="batch-non-str-server"),
-    pytest.param(_batch(stats={"groups_received": "40"}), id="batch-stats-str-value"),
-    pytest.param(_batch(stats={"groups_received": None}), id="batch-stats-nil-value"),
-    pytest.param(_batch(stats={"groups_received": [40]}), id="batch-stats-list-value"),
-    pytest.param(_batch(stats={b"groups_received": 40}), id="batch-stats-bytes-key"),
-    pytest.param(_batch(prompt_lens=np.array([5, 5, 5], I32)), id="batch-prompt-lens-sum"),
-    pytest.param(_batch(completion_lens=np.array([4, 2, 2], I32)), id="batch-completion-lens-sum"),
-    pytest.param(_batch(logprobs=np.full(8, -1, F32)), id="batch-logprobs-ids-differ"),
-    # Weights
-    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 48, 0], ["b", "float32", [3], 52, 12, 0],
-                                   ["c", "int64", [], 64, 4, 0]]), id="weights-gap-in-manifest"),
-    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 48, 0], ["b", "float32", [3], 40, 20, 0],
-                                   ["c", "int64", [], 60, 8, 0]]), id="weights-overlap-in-manifest"),
-    pytest.param(_weights(tensors=[["b", "float32", [3], 48, 12, 0], ["a", "float32", [3, 4], 0, 48, 0],
-                                   ["c", "int64", [], 60, 8, 0]]), id="weights-manifest-out-of-order"),
-    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 48, 0], ["b", "float32", [3], 48, 12, 0]]),
-                 id="weights-manifest-shorter-than-buffer"),
-    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 48, 0], ["b", "float32", [3], 48, 12, 0],
-                                   ["c", "int64", [2], 60, 16, 0]]), id="weights-manifest-longer-than-buffer"),
-    pytest.param(_weights(tensors=[]), id="weights-empty-manifest"),
-    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 68, 0, "extra"]]), id="weights-entry-too-long"),
-    pytest.param(_weights(tensors=[["a", "float32", [17], 0]]), id="weights-entry-too-short"),
-    pytest.param(_weights(tensors=[{"name": "a"}]), id="weights-entry-not-a-list"),
-    pytest.param(_weights(tensors=[[1, "float32", [17], 0, 68, 0]]), id="weights-name-not-str"),
-    pytest.param(_weights(tensors=[["a", 4, [17], 0, 68, 0]]), id="weights-dtype-not-str"),
-    pytest.param(_weights(tensors=[["a", "float32", 17, 0, 68, 0]]), id="weights-shape-not-list"),
-    pytest.param(_weights(tensors=[["a", "float32", [17], 0, 78, 0], ["b", "float32", [], 78, -10, 0]]),
-                 id="weights-negative-nbytes"),
-    pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 48, -1]]), id="weights-negative-digest"),
-    # WeightsChunk
-    pytest.param(invalid(make_weights_chunk, status="maybe"), id="chunk-unknown-status"),
-    pytest.param(invalid(make_weights_chunk, encoding="gzip"), id="chunk-unknown-encoding"),
-    pytest.param(invalid(make_weights_chunk, base=12), id="chunk-base-not-below-version"),
-    pytest.param(invalid(make_weights_chunk, base=-1), id="chunk-full-version-with-delta-encoding"),
-    pytest.param(invalid(make_weights_chunk, chunk=3), id="chunk-beyond-chunks"),
-    pytest.param(invalid(make_weights_chunk, size=10**9), id="chunk-size-beyond-chunks"),
-    pytest.param(invalid(make_weights_chunk, data=np.zeros(7, np.uint8)), id="chunk-data-not-as-laid-out"),
-    pytest.param(invalid(make_weights_chunk, raw_bytes=64), id="chunk-manifest-beyond-raw-bytes"),
-    pytest.param(invalid(make_weights_chunk, chunk_bytes=0), id="chunk-zero-chunk-bytes"),
-    pytest.param(invalid(make_weights_chunk, chunk=1, data=np.zeros(40, np.uint8)), id="chunk-later-with-manifest"),
-    pytest.param(invalid(make_weights_chunk, fetch=-5), id="chunk-negative-fetch"),
-    pytest.param(invalid(make_weights_request, chunk=-1), id="weights-request-negative-chunk"),
-    pytest.param(invalid(make_weights_request, have=-2), id="weights-request-have-below-minus-one"),
-    pytest.param(invalid(make_weights_announcement, shm="../../etc/passwd"), id="announcement-shm-a-path"),
-    # BatchRequest
-    pytest.param(invalid(make_batch_request, num_groups=0), id="request-zero-groups"),
-    pytest.param(invalid(make_batch_request, version=-1), id="request-negative-version"),
-])
+@pytest.mark.parametrize(
+    "frames",
+    [
+        # ScoredGroup
+        pytest.param(_scored(completion_lens=np.array([4, 4, 2, 4], I32)), id="group-lens-sum-too-big"),
+        pytest.param(_scored(completion_lens=np.array([4, 4, 2, 2], I32)), id="group-lens-sum-too-small"),
+        pytest.param(_scored(completion_lens=np.array([5, 4, 5, -1], I32)), id="group-negative-len"),
+        pytest.param(_scored(logprobs=np.full(13, 0.5, F32)), id="group-positive-logprobs"),
+        pytest.param(_scored(logprobs=np.r_[np.full(12, -1, F32), F32(0.01)]), id="group-one-positive-logprob"),
+        pytest.param(_scored(prompt_ids=np.zeros(0, I32)), id="group-empty-prompt"),
+        pytest.param(
+            _scored(
+                completion_lens=np.zeros(0, I32),
+                rewards=np.zeros(0, F32),
+                completion_ids=np.zeros(0, I32),
+                logprobs=np.zeros(0, F32),
+            ),
+            id="group-no-completions",
+        ),
+        pytest.param(_scored(rewards=np.array([1, 0, 1], F32)), id="group-rewards-lens-differ"),
+        pytest.param(_scored(logprobs=np.full(12, -1, F32)), id="group-logprobs-ids-differ"),
+        pytest.param(_scored(version=-1), id="group-negative-version"),
+        # TrainBatch
+        pytest.param(_batch(advantages=np.zeros(4, F32)), id="batch-advantages-rows"),
+        pytest.param(_batch(rewards=np.zeros(2, F32)), id="batch-rewards-rows"),
+        pytest.param(_batch(versions=np.zeros(2, np.int64)), id="batch-versions-rows"),
+        pytest.param(_batch(group_index=np.zeros(4, I32)), id="batch-group-index-rows"),
+        pytest.param(_batch(server_index=np.zeros(2, I32)), id="batch-server-index-rows"),
+        pytest.param(_batch(completion_lens=np.array([4, 2, 3, 0], I32)), id="batch-completion-lens-rows"),
+        pytest.param(_batch(server_index=np.array([0, 0, 2], I32)), id="batch-server-index-out-of-range"),
+        pytest.param(_batch(group_seqs=np.zeros(3, np.int64)), id="batch-group-seqs-per-group"),
+        pytest.param(_batch(versions=np.array([0, 1, 99], np.int64)), id="batch-row-from-the-future"),
+        pytest.param(_batch(servers=[]), id="batch-no-servers"),
+        pytest.param(_batch(servers=["box-7/0", 1]), id="batch-non-str-server"),
+        pytest.param(_batch(stats={"groups_received": "40"}), id="batch-stats-str-value"),
+        pytest.param(_batch(stats={"groups_received": None}), id="batch-stats-nil-value"),
+        pytest.param(_batch(stats={"groups_received": [40]}), id="batch-stats-list-value"),
+        pytest.param(_batch(stats={b"groups_received": 40}), id="batch-stats-bytes-key"),
+        pytest.param(_batch(prompt_lens=np.array([5, 5, 5], I32)), id="batch-prompt-lens-sum"),
+        pytest.param(_batch(completion_lens=np.array([4, 2, 2], I32)), id="batch-completion-lens-sum"),
+        pytest.param(_batch(logprobs=np.full(8, -1, F32)), id="batch-logprobs-ids-differ"),
+        # Weights
+        pytest.param(
+            _weights(
+                tensors=[
+                    ["a", "float32", [3, 4], 0, 48, 0],
+                    ["b", "float32", [3], 52, 12, 0],
+                    ["c", "int64", [], 64, 4, 0],
+                ]
+            ),
+            id="weights-gap-in-manifest",
+        ),
+        pytest.param(
+            _weights(
+                tensors=[
+                    ["a", "float32", [3, 4], 0, 48, 0],
+                    ["b", "float32", [3], 40, 20, 0],
+                    ["c", "int64", [], 60, 8, 0],
+                ]
+            ),
+            id="weights-overlap-in-manifest",
+        ),
+        pytest.param(
+            _weights(
+                tensors=[
+                    ["b", "float32", [3], 48, 12, 0],
+                    ["a", "float32", [3, 4], 0, 48, 0],
+                    ["c", "int64", [], 60, 8, 0],
+                ]
+            ),
+            id="weights-manifest-out-of-order",
+        ),
+        pytest.param(
+            _weights(tensors=[["a", "float32", [3, 4], 0, 48, 0], ["b", "float32", [3], 48, 12, 0]]),
+            id="weights-manifest-shorter-than-buffer",
+        ),
+        pytest.param(
+            _weights(
+                tensors=[
+                    ["a", "float32", [3, 4], 0, 48, 0],
+                    ["b", "float32", [3], 48, 12, 0],
+                    ["c", "int64", [2], 60, 16, 0],
+                ]
+            ),
+            id="weights-manifest-longer-than-buffer",
+        ),
+        pytest.param(_weights(tensors=[]), id="weights-empty-manifest"),
+        pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 68, 0, "extra"]]), id="weights-entry-too-long"),
+        pytest.param(_weights(tensors=[["a", "float32", [17], 0]]), id="weights-entry-too-short"),
+        pytest.param(_weights(tensors=[{"name": "a"}]), id="weights-entry-not-a-list"),
+        pytest.param(_weights(tensors=[[1, "float32", [17], 0, 68, 0]]), id="weights-name-not-str"),
+        pytest.param(_weights(tensors=[["a", 4, [17], 0, 68, 0]]), id="weights-dtype-not-str"),
+        pytest.param(_weights(tensors=[["a", "float32", 17, 0, 68, 0]]), id="weights-shape-not-list"),
+        pytest.param(
+            _weights(tensors=[["a", "float32", [17], 0, 78, 0], ["b", "float32", [], 78, -10, 0]]),
+            id="weights-negative-nbytes",
+        ),
+        pytest.param(_weights(tensors=[["a", "float32", [3, 4], 0, 48, -1]]), id="weights-negative-digest"),
+        # WeightsChunk
+        pytest.param(invalid(make_weights_chunk, status="maybe"), id="chunk-unknown-status"),
+        pytest.param(invalid(make_weights_chunk, encoding="gzip"), id="chunk-unknown-encoding"),
+        pytest.param(invalid(make_weights_chunk, base=12), id="chunk-base-not-below-version"),
+        pytest.param(invalid(make_weights_chunk, base=-1), id="chunk-full-version-with-delta-encoding"),
+        pytest.param(invalid(make_weights_chunk, chunk=3), id="chunk-beyond-chunks"),
+        pytest.param(invalid(make_weights_chunk, size=10**9), id="chunk-size-beyond-chunks"),
+        pytest.param(invalid(make_weights_chunk, data=np.zeros(7, np.uint8)), id="chunk-data-not-as-laid-out"),
+        pytest.param(invalid(make_weights_chunk, raw_bytes=64), id="chunk-manifest-beyond-raw-bytes"),
+        pytest.param(invalid(make_weights_chunk, chunk_bytes=0), id="chunk-zero-chunk-bytes"),
+        pytest.param(invalid(make_weights_chunk, chunk=1, data=np.zeros(40, np.uint8)), id="chunk-later-with-manifest"),
+        pytest.param(invalid(make_weights_chunk, fetch=-5), id="chunk-negative-fetch"),
+        pytest.param(invalid(make_weights_request, chunk=-1), id="weights-request-negative-chunk"),
+        pytest.param(invalid(make_weights_request, have=-2), id="weights-request-have-below-minus-one"),
+        pytest.param(invalid(make_weights_announcement, shm="../../etc/passwd"), id="announcement-shm-a-path"),
+        # BatchRequest
+        pytest.param(invalid(make_batch_request, num_groups=0), id="request-zero-groups"),
+        pytest.param(invalid(make_batch_request, version=-1), id="request-negative-version"),
+    ],
+)
 def test_invariant(frames: list[bytes]) -> None:
     rejected(frames, "invariant")
 
@@ -598,8 +718,17 @@ def _decode_or_protocol_error(frames: list[bytes]) -> Message | None:
     try:
         msg = decode(frames)
     except ProtocolError as e:
-        assert e.reason in {"malformed", "unknown_type", "version", "schema", "dtype", "shape",
-                            "non_finite", "too_large", "invariant"}
+        assert e.reason in {
+            "malformed",
+            "unknown_type",
+            "version",
+            "schema",
+            "dtype",
+            "shape",
+            "non_finite",
+            "too_large",
+            "invariant",
+        }
         return None
     assert isinstance(msg, Message)
     msg.check()
@@ -637,12 +766,12 @@ def mutated_scored_group(draw: st.DrawFn) -> list[bytes]:
         j = draw(st.integers(0, len(frames[i]) - 1))
         frames[i][j] = draw(st.integers(0, 255))
     if draw(st.booleans()) and draw(st.booleans()):
-        del frames[0][draw(st.integers(0, len(frames[0]) - 1)):]
+        del frames[0][draw(st.integers(0, len(frames[0]) - 1)) :]
     out = [bytes(f) for f in frames]
     action = draw(st.sampled_from(["none"] * 6 + ["drop", "dup"]))
     if action != "none":
         k = draw(st.integers(1, len(out) - 1))
-        out = out[:k] + out[k + 1:] if action == "drop" else out[:k] + [out[k]] + out[k:]
+        out = out[:k] + out[k + 1 :] if action == "drop" else out[:k] + [out[k]] + out[k:]
     return out
 
 
@@ -683,8 +812,11 @@ def _reference_decode(frames: list, expect: Any = None) -> Message:
     cls = MESSAGES.get(header["t"]) if isinstance(header["t"], str) else None
     if cls is None or (expect is not None and not issubclass(cls, expect)):
         raise ProtocolError("unknown_type", "type")
-    spec = {f.name: {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}[str(f.type)]
-            for f in dataclasses.fields(cls) if f.name not in cls.ARRAYS}
+    spec = {
+        f.name: {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}[str(f.type)]
+        for f in dataclasses.fields(cls)
+        if f.name not in cls.ARRAYS
+    }
     fields = header["f"]
     if not isinstance(fields, dict) or set(fields) != set(spec):
         raise ProtocolError("schema", "fields")
@@ -717,13 +849,22 @@ def _reference_decode(frames: list, expect: Any = None) -> Message:
         values[name] = arr
     msg = cls(**values)
     if isinstance(msg, ScoredGroup):
-        ok = (0 <= msg.version <= 2**53 and msg.prompt_ids.shape[0] > 0
-              and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.:@/-]{0,63}", msg.server_id) is not None
-              and len(msg.task) <= 255 and all(" " <= c <= "~" for c in msg.task)
-              and 0 <= msg.session < 2**63 and 0 <= msg.group_id < 2**63 and msg.gen_seconds >= 0 and msg.completion_lens.shape[0] == msg.n
-              and msg.n > 0 and bool((msg.completion_lens >= 0).all())
-              and int(msg.completion_lens.sum()) == msg.completion_ids.shape[0]
-              and msg.logprobs.shape == msg.completion_ids.shape and bool((msg.logprobs <= 1e-4).all()))
+        ok = (
+            0 <= msg.version <= 2**53
+            and msg.prompt_ids.shape[0] > 0
+            and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.:@/-]{0,63}", msg.server_id) is not None
+            and len(msg.task) <= 255
+            and all(" " <= c <= "~" for c in msg.task)
+            and 0 <= msg.session < 2**63
+            and 0 <= msg.group_id < 2**63
+            and msg.gen_seconds >= 0
+            and msg.completion_lens.shape[0] == msg.n
+            and msg.n > 0
+            and bool((msg.completion_lens >= 0).all())
+            and int(msg.completion_lens.sum()) == msg.completion_ids.shape[0]
+            and msg.logprobs.shape == msg.completion_ids.shape
+            and bool((msg.logprobs <= 1e-4).all())
+        )
         if not ok:
             raise ProtocolError("invariant", "check")
     else:
@@ -774,16 +915,20 @@ def test_fuzz_every_type_same_outcome_as_the_reference_decoder(cls: type[Message
 @pytest.mark.parametrize("value", [1e30, -3e38, 3.4e38, 1e-45])
 def test_huge_or_tiny_finite_floats_are_accepted_without_warnings(value: float) -> None:
     """Values whose squares overflow float32 take the exact scan; they are finite, so accepted."""
-    msg = dataclasses.replace(make_scored_group(), rewards=np.full(4, value, np.float32),
-                              logprobs=np.full(13, -abs(value), np.float32))
+    msg = dataclasses.replace(
+        make_scored_group(), rewards=np.full(4, value, np.float32), logprobs=np.full(13, -abs(value), np.float32)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = decode(frames_of(msg))
     assert_same_message(got, msg)
 
 
-@pytest.mark.parametrize("bits", [0x7FC00000, 0x7FA00000, 0xFFA00001, 0x7F800000, 0xFF800000],
-                         ids=["qnan", "snan", "neg-snan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    "bits",
+    [0x7FC00000, 0x7FA00000, 0xFFA00001, 0x7F800000, 0xFF800000],
+    ids=["qnan", "snan", "neg-snan", "inf", "-inf"],
+)
 @pytest.mark.parametrize("name", ["logprobs", "rewards"])
 def test_nan_and_inf_bit_patterns_are_non_finite_without_warnings(bits: int, name: str) -> None:
     def poison(a: np.ndarray) -> None:

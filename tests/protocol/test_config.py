@@ -22,6 +22,7 @@ def test_configs_dir_is_not_empty() -> None:
 def test_shipped_config_loads(path: Path) -> None:
     cfg = load_config(path)
     assert isinstance(cfg, Config)
+
     # Everything the file sets is what the config holds (no key silently ignored).
     def walk(prefix: list[str], table: dict) -> None:
         for key, value in table.items():
@@ -48,14 +49,36 @@ def test_tiny_toml_is_the_default_run() -> None:
     assert load_config(REPO / "configs" / "tiny.toml").model_dump() == load_config().model_dump()
 
 
-@pytest.mark.parametrize("overrides", [
-    pytest.param([], id="defaults"),
-    pytest.param(["learner.loss.type=tis", "max_staleness=0", "run.dir=runs/x y", "learner.lr=1e-3",
-                  "selector.rule=all", "net.bind_host=0.0.0.0", "rollout.engine.gpu_memory_utilization=0.9",
-                  "run.resume=false", "model.path=/tmp/m", "model.init=pretrained"], id="overridden"),
-    pytest.param(['run.dir="C:\\\\runs\\\\quote \\"q\\""', "rollout.heartbeat_s=1e-05",
-                  "learner.grad_clip=0", "selector.peer_timeout_s=1e300"], id="escapes-and-odd-floats"),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param([], id="defaults"),
+        pytest.param(
+            [
+                "learner.loss.type=tis",
+                "max_staleness=0",
+                "run.dir=runs/x y",
+                "learner.lr=1e-3",
+                "selector.rule=all",
+                "net.bind_host=0.0.0.0",
+                "rollout.engine.gpu_memory_utilization=0.9",
+                "run.resume=false",
+                "model.path=/tmp/m",
+                "model.init=pretrained",
+            ],
+            id="overridden",
+        ),
+        pytest.param(
+            [
+                'run.dir="C:\\\\runs\\\\quote \\"q\\""',
+                "rollout.heartbeat_s=1e-05",
+                "learner.grad_clip=0",
+                "selector.peer_timeout_s=1e300",
+            ],
+            id="escapes-and-odd-floats",
+        ),
+    ],
+)
 def test_to_toml_round_trips(tmp_path: Path, overrides: list[str]) -> None:
     cfg = load_config(overrides=overrides)
     text = to_toml(cfg)
@@ -70,8 +93,19 @@ def test_to_toml_round_trips(tmp_path: Path, overrides: list[str]) -> None:
 def test_to_toml_sections() -> None:
     text = to_toml(load_config())
     assert text.startswith("max_staleness = 2\n")
-    for section in ("run", "model", "model.tiny", "task", "eval", "rollout", "rollout.engine", "selector",
-                    "learner", "learner.loss", "net"):
+    for section in (
+        "run",
+        "model",
+        "model.tiny",
+        "task",
+        "eval",
+        "rollout",
+        "rollout.engine",
+        "selector",
+        "learner",
+        "learner.loss",
+        "net",
+    ):
         assert f"\n[{section}]\n" in text
 
 
@@ -132,12 +166,15 @@ def test_int_override_for_float_field_and_float_for_int_field() -> None:
 # --- errors ---
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("bogus=1", "bogus"),
-    ("learner.bogus=1", "learner.bogus"),
-    ("learner.loss.bogus_cap=1", "learner.loss.bogus_cap"),
-    ("nosection.key=1", "nosection"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("bogus=1", "bogus"),
+        ("learner.bogus=1", "learner.bogus"),
+        ("learner.loss.bogus_cap=1", "learner.loss.bogus_cap"),
+        ("nosection.key=1", "nosection"),
+    ],
+)
 def test_unknown_key(override: str, key: str) -> None:
     with pytest.raises(ValueError, match=re.escape(key)):
         load_config(overrides=[override])
@@ -151,14 +188,17 @@ def test_unknown_key_in_file(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("max_staleness=-1", "max_staleness"),
-    ("learner.lr=0", "lr"),
-    ("task.length=33", "length"),
-    ("net.group_port=70000", "group_port"),
-    ("learner.loss.clip_low=1.0", "clip_low"),
-    ("rollout.engine.gpu_memory_utilization=1.5", "gpu_memory_utilization"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("max_staleness=-1", "max_staleness"),
+        ("learner.lr=0", "lr"),
+        ("task.length=33", "length"),
+        ("net.group_port=70000", "group_port"),
+        ("learner.loss.clip_low=1.0", "clip_low"),
+        ("rollout.engine.gpu_memory_utilization=1.5", "gpu_memory_utilization"),
+    ],
+)
 def test_out_of_range(override: str, key: str) -> None:
     with pytest.raises(ValueError, match=key) as info:
         load_config(overrides=[override])
@@ -238,15 +278,22 @@ def test_errors_are_value_errors_without_pydantic_chaining() -> None:
 
 
 def test_derived_sizes_max_variance() -> None:
-    cfg = load_config(overrides=["selector.rule=max_variance", "selector.keep=4", "rollout.group_size=16",
-                                 "learner.groups_per_step=8"])
+    cfg = load_config(
+        overrides=[
+            "selector.rule=max_variance",
+            "selector.keep=4",
+            "rollout.group_size=16",
+            "learner.groups_per_step=8",
+        ]
+    )
     assert cfg.kept_per_group == 4
     assert cfg.samples_per_step == 32
 
 
 def test_derived_sizes_all() -> None:
-    cfg = load_config(overrides=["selector.rule=all", "selector.keep=4", "rollout.group_size=16",
-                                 "learner.groups_per_step=8"])
+    cfg = load_config(
+        overrides=["selector.rule=all", "selector.keep=4", "rollout.group_size=16", "learner.groups_per_step=8"]
+    )
     assert cfg.kept_per_group == 16
     assert cfg.samples_per_step == 128
 
@@ -276,23 +323,34 @@ def test_builtin_task_reward_defaults_to_its_verifier() -> None:
 
 
 def test_several_rewards_with_weights_round_trip(tmp_path: Path) -> None:
-    cfg = load_config(overrides=['task.reward=["math_answer", "m:fmt"]', "task.reward_weights=[1.0, 0.25]",
-                                 "task.dataset=d.jsonl", 'task.stop=["\\n\\n"]'])
+    cfg = load_config(
+        overrides=[
+            'task.reward=["math_answer", "m:fmt"]',
+            "task.reward_weights=[1.0, 0.25]",
+            "task.dataset=d.jsonl",
+            'task.stop=["\\n\\n"]',
+        ]
+    )
     assert cfg.task.rewards == ["math_answer", "m:fmt"] and cfg.task.weights == [1.0, 0.25]
     path = tmp_path / "c.toml"
     path.write_text(to_toml(cfg))
     assert load_config(path) == cfg
 
 
-@pytest.mark.parametrize(("overrides", "needle"), [
-    (["task.type=copy", "task.dataset=d.jsonl"], "task.type='dataset'"),
-    (["task.type=dataset"], "task.dataset="),
-    (["task.dataset=d.jsonl"], "task.reward"),
-    (['task.reward=["a:b", "c:d"]', "task.reward_weights=[1.0]", "task.dataset=d.jsonl"], "one weight per"),
-    (["task.eval_fraction=0.1"], "built-in tasks"),
-    (["task.dataset=d.jsonl", "task.reward=exact_match", "task.eval_fraction=0.1", "task.eval_dataset=e.jsonl"],
-     "not both"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["task.type=copy", "task.dataset=d.jsonl"], "task.type='dataset'"),
+        (["task.type=dataset"], "task.dataset="),
+        (["task.dataset=d.jsonl"], "task.reward"),
+        (['task.reward=["a:b", "c:d"]', "task.reward_weights=[1.0]", "task.dataset=d.jsonl"], "one weight per"),
+        (["task.eval_fraction=0.1"], "built-in tasks"),
+        (
+            ["task.dataset=d.jsonl", "task.reward=exact_match", "task.eval_fraction=0.1", "task.eval_dataset=e.jsonl"],
+            "not both",
+        ),
+    ],
+)
 def test_task_errors_name_the_key_and_fix(overrides: list[str], needle: str) -> None:
     with pytest.raises(ValueError, match="task") as e:
         load_config(overrides=overrides)

@@ -24,15 +24,31 @@ from protocol.sockets import announce_subscriber, recv
 from protocol.weights import pack_weights, unpack_weights
 from rollout_server.fetch import open_device_copy
 
-HANDLE = CudaIpcHandle(device=1, handle=bytes(range(64)), storage_bytes=4096, offset_bytes=512,
-                       ref_counter=b"/torch_1234_5678_0", ref_offset=3, event=b"\x07" * 64, event_sync=True)
+HANDLE = CudaIpcHandle(
+    device=1,
+    handle=bytes(range(64)),
+    storage_bytes=4096,
+    offset_bytes=512,
+    ref_counter=b"/torch_1234_5678_0",
+    ref_offset=3,
+    event=b"\x07" * 64,
+    event_sync=True,
+)
 
 
-@given(device=st.integers(0, 15), handle=st.binary(min_size=1, max_size=64), size=st.integers(0, 2**53),
-       offset=st.integers(0, 2**40), ref=st.binary(max_size=64), ref_offset=st.integers(0, 2**20),
-       event=st.binary(max_size=64), sync=st.booleans())
-def test_a_handle_survives_its_wire_form_and_an_announcement(device, handle, size, offset, ref, ref_offset,
-                                                             event, sync) -> None:
+@given(
+    device=st.integers(0, 15),
+    handle=st.binary(min_size=1, max_size=64),
+    size=st.integers(0, 2**53),
+    offset=st.integers(0, 2**40),
+    ref=st.binary(max_size=64),
+    ref_offset=st.integers(0, 2**20),
+    event=st.binary(max_size=64),
+    sync=st.booleans(),
+)
+def test_a_handle_survives_its_wire_form_and_an_announcement(
+    device, handle, size, offset, ref, ref_offset, event, sync
+) -> None:
     h = CudaIpcHandle(device, handle, size, offset, ref, ref_offset, event, sync)
     assert CudaIpcHandle.from_wire(h.to_wire()) == h
     ann = WeightsAnnouncement(version=3, final=False, cuda=h.to_wire(), host="boot:x")
@@ -40,13 +56,24 @@ def test_a_handle_survives_its_wire_form_and_an_announcement(device, handle, siz
     assert isinstance(back, WeightsAnnouncement) and CudaIpcHandle.from_wire(back.cuda) == h
 
 
-@pytest.mark.parametrize("text", [
-    "", "cuda1", "cuda2;1;00;1;0;;0;;0", HANDLE.to_wire() + ";0", HANDLE.to_wire()[:-1] + "2",
-    "cuda1;1;;4096;0;;0;;0",  # no handle
-    "cuda1;-1;00;4096;0;;0;;0", "cuda1;01;00;4096;0;;0;;0", "cuda1;1;0;4096;0;;0;;0",  # sign, leading 0, odd hex
-    "cuda1;1;0g;4096;0;;0;;0", "cuda1;1;00;99999999999999999999;0;;0;;0", "cuda1;1;00;4096;0;;0;;yes",
-    "cuda1;1;" + "00" * 600 + ";4096;0;;0;;0",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "cuda1",
+        "cuda2;1;00;1;0;;0;;0",
+        HANDLE.to_wire() + ";0",
+        HANDLE.to_wire()[:-1] + "2",
+        "cuda1;1;;4096;0;;0;;0",  # no handle
+        "cuda1;-1;00;4096;0;;0;;0",
+        "cuda1;01;00;4096;0;;0;;0",
+        "cuda1;1;0;4096;0;;0;;0",  # sign, leading 0, odd hex
+        "cuda1;1;0g;4096;0;;0;;0",
+        "cuda1;1;00;99999999999999999999;0;;0;;0",
+        "cuda1;1;00;4096;0;;0;;yes",
+        "cuda1;1;" + "00" * 600 + ";4096;0;;0;;0",
+    ],
+)
 def test_a_malformed_handle_is_refused(text: str) -> None:
     with pytest.raises(ProtocolError, match="CUDA IPC handle"):
         CudaIpcHandle.from_wire(text)
@@ -111,6 +138,7 @@ def test_the_publisher_announces_the_handle_and_frees_the_buffer_with_its_versio
     pub = WeightPublisher(ctx, net, weights=WeightsConfig(keep_versions=1))
     sub = announce_subscriber(ctx, net)
     try:
+
         class Buffer:  # stands in for the device tensor the handle names
             pass
 

@@ -34,8 +34,7 @@ GROUP_TYPES = (Hello, Heartbeat, ScoredGroup)
 @pytest.fixture
 def net() -> NetConfig:
     group, batch, announce, weights = free_ports(4)
-    return NetConfig(group_port=group, batch_port=batch, announce_port=announce, weights_port=weights,
-                     max_group_mib=1)
+    return NetConfig(group_port=group, batch_port=batch, announce_port=announce, weights_port=weights, max_group_mib=1)
 
 
 _OPENED: list[zmq.Socket] = []
@@ -66,10 +65,18 @@ def wait_readable(sock: zmq.Socket) -> None:
 def scored_group(group_id: int = 1, n: int = 4, length: int = 3) -> ScoredGroup:
     ids = np.arange(n * length, dtype=np.int32) % 12 + 4
     return ScoredGroup(
-        server_id="box-7/0", session=77, group_id=group_id, version=3, task="copy", gen_seconds=0.5,
-        prompt_ids=np.array([1, 5, 6, 7, 2], np.int32), completion_ids=ids,
-        completion_lens=np.full(n, length, np.int32), logprobs=-np.linspace(0.1, 1.0, n * length, dtype=np.float32),
-        rewards=np.linspace(0, 1, n, dtype=np.float32))
+        server_id="box-7/0",
+        session=77,
+        group_id=group_id,
+        version=3,
+        task="copy",
+        gen_seconds=0.5,
+        prompt_ids=np.array([1, 5, 6, 7, 2], np.int32),
+        completion_ids=ids,
+        completion_lens=np.full(n, length, np.int32),
+        logprobs=-np.linspace(0.1, 1.0, n * length, dtype=np.float32),
+        rewards=np.linspace(0, 1, n, dtype=np.float32),
+    )
 
 
 def assert_same_group(got: ScoredGroup, want: ScoredGroup) -> None:
@@ -171,13 +178,23 @@ def test_batch_request_and_reply(ctx: zmq.Context, net: NetConfig) -> None:
     assert len(route) == 1 and req == BatchRequest(request_id=9, version=4, num_groups=1)
 
     batch = TrainBatch(
-        request_id=9, version=4, servers=["box-7/0"], stats={"groups": 1},
-        prompt_ids=np.array([1, 5, 2], np.int32), prompt_lens=np.array([3], np.int32),
-        completion_ids=np.array([5, 3], np.int32), completion_lens=np.array([2], np.int32),
-        logprobs=np.array([-0.5, -0.1], np.float32), advantages=np.array([0.0], np.float32),
-        rewards=np.array([1.0], np.float32), versions=np.array([4], np.int64),
-        group_index=np.array([0], np.int32), server_index=np.array([0], np.int32),
-        group_sessions=np.array([1], np.int64), group_seqs=np.array([0], np.int64))
+        request_id=9,
+        version=4,
+        servers=["box-7/0"],
+        stats={"groups": 1},
+        prompt_ids=np.array([1, 5, 2], np.int32),
+        prompt_lens=np.array([3], np.int32),
+        completion_ids=np.array([5, 3], np.int32),
+        completion_lens=np.array([2], np.int32),
+        logprobs=np.array([-0.5, -0.1], np.float32),
+        advantages=np.array([0.0], np.float32),
+        rewards=np.array([1.0], np.float32),
+        versions=np.array([4], np.int64),
+        group_index=np.array([0], np.int32),
+        server_index=np.array([0], np.int32),
+        group_sessions=np.array([1], np.int64),
+        group_seqs=np.array([0], np.int64),
+    )
     sockets.send(server, batch, *route)
     wait_readable(client)
     _, got = sockets.recv(client, TrainBatch)
@@ -194,8 +211,13 @@ def test_weights_request_and_reply(ctx: zmq.Context, net: NetConfig) -> None:
     assert req.version == -1
 
     data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)  # larger than the server's 1 MiB
-    weights = Weights(version=2, model_config="{}", files=[],
-                      tensors=[["w", "uint8", [data.shape[0]], 0, data.shape[0], digest(data)]], data=data)
+    weights = Weights(
+        version=2,
+        model_config="{}",
+        files=[],
+        tensors=[["w", "uint8", [data.shape[0]], 0, data.shape[0], digest(data)]],
+        data=data,
+    )
     sockets.send(server, weights, *route)
     wait_readable(client)
     _, got = sockets.recv(client, Weights)
@@ -219,12 +241,15 @@ def test_announcements_reach_a_subscriber(ctx: zmq.Context, net: NetConfig) -> N
 # --- binding errors ---
 
 
-@pytest.mark.parametrize(("builder", "link"), [
-    (sockets.group_receiver, "group"),
-    (sockets.batch_server, "batch"),
-    (sockets.announce_publisher, "announce"),
-    (sockets.weight_server, "weights"),
-])
+@pytest.mark.parametrize(
+    ("builder", "link"),
+    [
+        (sockets.group_receiver, "group"),
+        (sockets.batch_server, "batch"),
+        (sockets.announce_publisher, "announce"),
+        (sockets.weight_server, "weights"),
+    ],
+)
 def test_port_in_use(ctx: zmq.Context, net: NetConfig, builder: Callable[..., zmq.Socket], link: str) -> None:
     port = getattr(net, f"{link}_port")
     first = track(ctx, builder(ctx, net))

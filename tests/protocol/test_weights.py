@@ -67,7 +67,7 @@ def test_round_trip_through_the_codec() -> None:
     state = model.state_dict()
     assert {t.dtype for t in state.values()} == {torch.float32, torch.bfloat16, torch.int64}
     msg = pack_weights(state, version=7, model_config=MODEL_CONFIG)
-    assert [t[5] for t in msg.tensors] == [digest(msg.data[t[3]:t[3] + t[4]]) for t in msg.tensors]
+    assert [t[5] for t in msg.tensors] == [digest(msg.data[t[3] : t[3] + t[4]]) for t in msg.tensors]
     assert msg.data.dtype == np.uint8 and msg.data.ndim == 1
     sizes = [t.numel() * t.element_size() for t in state.values()]
     assert [e[4] for e in msg.tensors] == sizes
@@ -199,8 +199,9 @@ def test_round_trip_with_unaligned_offsets(case: str) -> None:
 
 def test_manifest_shape_disagreeing_with_nbytes() -> None:
     data = np.zeros(8, np.uint8)
-    msg = Weights(version=1, model_config="{}", files=[], tensors=[["w", "float32", [3], 0, 8, digest(data)]],
-                  data=data)
+    msg = Weights(
+        version=1, model_config="{}", files=[], tensors=[["w", "float32", [3], 0, 8, digest(data)]], data=data
+    )
     with pytest.raises(ProtocolError):
         unpack_weights(decode(wire(encode(msg))))
 
@@ -262,8 +263,13 @@ def test_a_delta_chain_rebuilds_every_version_bit_exactly(dtype: torch.dtype) ->
         blob = np.frombuffer(encode_delta(held, target), np.uint8)
         held = apply_delta(held, blob, target.version, target.model_config, target.tensors)
         assert held.version == target.version and np.array_equal(held.data, target.data)
-    skip = apply_delta(versions[1], np.frombuffer(encode_delta(versions[1], versions[5]), np.uint8), 5,
-                       MODEL_CONFIG, versions[5].tensors)  # a server several versions behind
+    skip = apply_delta(
+        versions[1],
+        np.frombuffer(encode_delta(versions[1], versions[5]), np.uint8),
+        5,
+        MODEL_CONFIG,
+        versions[5].tensors,
+    )  # a server several versions behind
     assert np.array_equal(skip.data, versions[5].data)
 
 
@@ -356,7 +362,8 @@ def test_a_delta_is_exact_for_any_dtype_sign_and_size_of_change(data: st.DataObj
 
 def test_the_delta_is_smaller_than_zstd_of_the_xor_on_adamw_updates() -> None:
     """The point of word differences in byte planes: on bf16 and fp32 AdamW updates they compress
-    better than the XOR of the raw bytes did (24-38% smaller on these chains; 29% on the 100M bf16 benchmark, docs/BENCHMARKS.md)."""
+    better than the XOR of the raw bytes did (24-38% smaller on these chains; 29% on the 100M bf16 benchmark,
+    docs/BENCHMARKS.md)."""
     import zstandard
 
     from protocol.weights import encode_delta

@@ -105,17 +105,20 @@ def test_prompt_as_chat_messages_is_accepted(tmp_path):
     assert load_rows(str(p), "prompt")[0]["prompt"] == messages
 
 
-@pytest.mark.parametrize("prompt", [
-    [],  # no messages
-    [{"role": "user"}],  # no content
-    [{"content": "hi"}],  # no role
-    [{"role": "user", "content": 3}],  # content not a string
-    ["hi"],  # not a message
-    [{"role": "user", "content": "hi"}, "there"],  # one good, one bad
-    {"role": "user", "content": "hi"},  # a single message, not a list
-    None,
-    True,  # a bool is not a number a template could use
-])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        [],  # no messages
+        [{"role": "user"}],  # no content
+        [{"content": "hi"}],  # no role
+        [{"role": "user", "content": 3}],  # content not a string
+        ["hi"],  # not a message
+        [{"role": "user", "content": "hi"}, "there"],  # one good, one bad
+        {"role": "user", "content": "hi"},  # a single message, not a list
+        None,
+        True,  # a bool is not a number a template could use
+    ],
+)
 def test_malformed_prompts_are_rejected(tmp_path, prompt):
     p = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "fine"}, {"prompt": prompt}])
     with pytest.raises(TaskError, match=r"row 1: 'prompt' must be a string .* or a list of chat messages"):
@@ -131,8 +134,10 @@ def test_parquet_round_trip(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    rows = [{"prompt": "a", "answer": "1", "n": 3},
-            {"prompt": [{"role": "user", "content": "hi"}], "answer": "2", "n": 4}]
+    rows = [
+        {"prompt": "a", "answer": "1", "n": 3},
+        {"prompt": [{"role": "user", "content": "hi"}], "answer": "2", "n": 4},
+    ]
     # a column is one type in Parquet: keep the chat rows in a file of their own
     pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "s.parquet")
     pq.write_table(pa.Table.from_pylist(rows[1:]), tmp_path / "c.parquet")
@@ -158,8 +163,7 @@ def test_datasets_directory_loads_its_rows(tmp_path):
     rows = numbered_rows(3)
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
     assert load_rows(str(tmp_path / "one"), "prompt") == rows
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
-                               "test": datasets.Dataset.from_list(rows[:1])})
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:1])})
     dd.save_to_disk(str(tmp_path / "dict"))
     assert load_rows(str(tmp_path / "dict"), "prompt") == rows
     dd.pop("train")
@@ -283,8 +287,9 @@ FIXED_EVAL = ["cead=", "dbdd=", "cbad="]
 @pytest.mark.parametrize("kind", ["copy", "reverse"])
 @pytest.mark.parametrize("min_length", [0, 4])  # min_length == length is a fixed length too: no extra draw
 def test_fixed_length_rows_are_the_rows_drawn_before_min_length_existed(kind, min_length):
-    source = RowSource(TaskConfig(type=kind, length=4, symbols=5, min_length=min_length), seed=7, run_seed=3,
-                       eval_rows=3)
+    source = RowSource(
+        TaskConfig(type=kind, length=4, symbols=5, min_length=min_length), seed=7, run_seed=3, eval_rows=3
+    )
     train = [source.next_row() for _ in range(6)]
     assert [r["prompt"] for r in train] == FIXED_TRAIN
     assert [r["prompt"] for r in source.eval_rows] == FIXED_EVAL

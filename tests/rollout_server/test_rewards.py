@@ -80,8 +80,9 @@ def workers() -> Iterator[list[RewardWorker]]:
         w.close()
 
 
-def new_worker(made: list[RewardWorker], specs: list[str], weights: list[float] | None = None,
-               timeout_s: float = TIMEOUT_S) -> RewardWorker:
+def new_worker(
+    made: list[RewardWorker], specs: list[str], weights: list[float] | None = None, timeout_s: float = TIMEOUT_S
+) -> RewardWorker:
     w = RewardWorker(specs, weights or [1.0] * len(specs), timeout_s)
     made.append(w)
     return w
@@ -213,29 +214,35 @@ def test_signature_without_prompts_and_completions_is_rejected():
 # ---------------------------------------------------------------- char_match
 
 
-@pytest.mark.parametrize(("completion", "answer", "expected"), [
-    ("abc", "abc", 1.0),
-    ("abd", "abc", 2 / 3),  # one wrong character
-    ("xbc", "abc", 2 / 3),
-    ("ab", "abc", 2 / 3),  # shorter: the missing character is a miss
-    ("", "abc", 0.0),
-    ("abcabc", "abc", 1.0),  # longer: what follows the answer is not scored
-    ("bca", "abc", 0.0),  # shifted
-    ("cba", "abc", 1 / 3),
-    ("anything", "", 0.0),  # no answer scores 0, never divides by zero
-])
+@pytest.mark.parametrize(
+    ("completion", "answer", "expected"),
+    [
+        ("abc", "abc", 1.0),
+        ("abd", "abc", 2 / 3),  # one wrong character
+        ("xbc", "abc", 2 / 3),
+        ("ab", "abc", 2 / 3),  # shorter: the missing character is a miss
+        ("", "abc", 0.0),
+        ("abcabc", "abc", 1.0),  # longer: what follows the answer is not scored
+        ("bca", "abc", 0.0),  # shifted
+        ("cba", "abc", 1 / 3),
+        ("anything", "", 0.0),  # no answer scores 0, never divides by zero
+    ],
+)
 def test_char_match_values(completion, answer, expected):
     assert char_match(["p"], [completion], [answer]) == [pytest.approx(expected)]
 
 
-@pytest.mark.parametrize(("completion", "answer", "expected"), [
-    ("abc", "abc", 1.0),
-    ("ab", "abc", 2 / 3),  # shorter: as char_match
-    ("abcabc", "abc", 0.5),  # longer: the extra characters count against it
-    ("abcd", "abc", 0.75),
-    ("", "abc", 0.0),
-    ("anything", "", 0.0),
-])
+@pytest.mark.parametrize(
+    ("completion", "answer", "expected"),
+    [
+        ("abc", "abc", 1.0),
+        ("ab", "abc", 2 / 3),  # shorter: as char_match
+        ("abcabc", "abc", 0.5),  # longer: the extra characters count against it
+        ("abcd", "abc", 0.75),
+        ("", "abc", 0.0),
+        ("anything", "", 0.0),
+    ],
+)
 def test_char_match_strict_charges_characters_after_the_answer(completion, answer, expected):
     assert char_match_strict(["p"], [completion], [answer]) == [pytest.approx(expected)]
     assert load_reward("char_match_strict") is char_match_strict
@@ -323,12 +330,16 @@ def test_a_hung_function_times_out_and_a_dying_worker_restarts(plugin, workers):
 def test_worker_start_up_is_not_counted_against_the_call(tmp_path, workers):
     # importing a reward module (sympy, torch, ...) can take longer than task.reward_timeout_s: the call's clock
     # starts once the worker has loaded its functions, or every call would time out and restart it forever
-    slow = write_module(tmp_path, "slow_import", """
+    slow = write_module(
+        tmp_path,
+        "slow_import",
+        """
         import time
         time.sleep(1.0)
         def f(prompts, completions, **kw):
             return [1.0] * len(completions)
-        """)
+        """,
+    )
     w = new_worker(workers, [f"{slow}:f"], timeout_s=0.3)
     s = w.score(["p"], ["a"], [[1]], {})
     assert s.rewards.tolist() == [1.0] and not s.errors and w.restarts == 0
@@ -354,7 +365,9 @@ def test_builtins_score_in_process_exactly_as_the_worker_does(workers):
     completions = ["#### 42", "the answer is \\boxed{42}", "#### 41", "", "#### 4,2"]
     answer = ["42"] * len(completions)
     fast = new_worker(workers, ["math_answer", "exact_match"])
-    slow = new_worker(workers, ["rollout_server.tasks.verifiers:math_answer", "rollout_server.tasks.verifiers:exact_match"])
+    slow = new_worker(
+        workers, ["rollout_server.tasks.verifiers:math_answer", "rollout_server.tasks.verifiers:exact_match"]
+    )
     assert fast.in_process is not None and fast.proc is None
     assert slow.in_process is None and slow.proc is not None
     ids = [[ord(c) for c in x] for x in completions]

@@ -41,8 +41,14 @@ def start(tmp_path: Path) -> tuple[subprocess.Popen, WeightPublisher, zmq.Contex
     pub = WeightPublisher(ctx, cfg.net, files=read_tokenizer_files(cfg.model_dir), vocab_size=17)
     w = pack_weights(model.state_dict(), 0, model.config.to_json_string())
     pub.publish(w)
-    proc = subprocess.Popen([sys.executable, "-m", "rollout_server.server", "--config", str(path), "--server-id", "r0"],
-                            env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollout_server.server", "--config", str(path), "--server-id", "r0"],
+        env=child_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     return proc, pub, ctx, w
 
 

@@ -86,14 +86,17 @@ def test_template_formats_the_row_columns(tokenizer):
     assert render({"prompt": "abc="}, TaskConfig(), tokenizer) == ("abc=", False)  # the default is the prompt itself
 
 
-@pytest.mark.parametrize("template", [
-    "{prompt} {hint}",  # KeyError
-    "{prompt} {}",  # IndexError
-    "{prompt",  # ValueError
-    "{prompt:d}",  # ValueError
-    "{prompt[0]}{prompt.x}",  # AttributeError
-    "{prompt[x]}",  # TypeError
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{prompt} {hint}",  # KeyError
+        "{prompt} {}",  # IndexError
+        "{prompt",  # ValueError
+        "{prompt:d}",  # ValueError
+        "{prompt[0]}{prompt.x}",  # AttributeError
+        "{prompt[x]}",  # TypeError
+    ],
+)
 def test_template_a_row_cannot_fill_names_task_template(tokenizer, template):
     cfg = TaskConfig(dataset="x.jsonl", reward="exact_match", template=template)
     with pytest.raises(TaskError, match=r"^task\.template=") as e:
@@ -130,10 +133,14 @@ def test_chat_template_with_bos_gives_exactly_one_bos(tokenizer, monkeypatch):
 def test_system_prompt_is_prepended_to_chat_prompts(tokenizer):
     cfg = TaskConfig(dataset="x.jsonl", reward="exact_match", chat_template=True, system_prompt="Be brief.")
     assert render({"prompt": "hi"}, cfg, tokenizer)[0] == "system: Be brief.\nuser: hi\nassistant: "
-    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                {"role": "user", "content": "c"}]
-    assert render({"prompt": messages}, cfg, tokenizer)[0] == ("system: Be brief.\nuser: a\nassistant: b\n"
-                                                               "user: c\nassistant: ")
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
+    assert render({"prompt": messages}, cfg, tokenizer)[0] == (
+        "system: Be brief.\nuser: a\nassistant: b\nuser: c\nassistant: "
+    )
     own = [{"role": "system", "content": "Mine."}, {"role": "user", "content": "a"}]
     assert render({"prompt": own}, cfg, tokenizer)[0] == "system: Mine.\nuser: a\nassistant: "  # not doubled
     # without the chat template the system prompt does not apply (it is a chat_template setting)
@@ -199,9 +206,11 @@ def test_task_draws_tokenized_prompts_and_scores_completions(tmp_path, tokenizer
 
 def test_task_passes_every_column_to_the_reward(tmp_path, tokenizer, tasks):
     plugin = tmp_path / "cols.py"
-    plugin.write_text("def f(prompts, completions, answer, extra, **kw):\n"
-                      "    assert all(isinstance(i, int) for ids in kw['completion_ids'] for i in ids)\n"
-                      "    return [float(len(p)) + (0.5 if e is None else e) for p, e in zip(prompts, extra)]\n")
+    plugin.write_text(
+        "def f(prompts, completions, answer, extra, **kw):\n"
+        "    assert all(isinstance(i, int) for ids in kw['completion_ids'] for i in ids)\n"
+        "    return [float(len(p)) + (0.5 if e is None else e) for p, e in zip(prompts, extra)]\n"
+    )
     rows = [{"prompt": "abc", "answer": "x", "extra": 10}, {"prompt": "de", "answer": "y"}]
     cfg = dataset_config(write_jsonl(tmp_path / "d.jsonl", rows), f"task.reward={plugin}:f")
     task = Task(cfg, tokenizer, {}, seed=0)
@@ -223,8 +232,9 @@ def test_overlong_prompts_are_skipped_and_counted(tmp_path, tokenizer, tasks, no
 
 
 def test_only_overlong_prompts_raise_instead_of_spinning(tmp_path, tokenizer, tasks, no_reward_process):
-    cfg = dataset_config(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x" * 20, "answer": "0"}] * 3),
-                         "task.max_prompt_tokens=5")
+    cfg = dataset_config(
+        write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x" * 20, "answer": "0"}] * 3), "task.max_prompt_tokens=5"
+    )
     task = Task(cfg, tokenizer, {}, seed=0)
     tasks.append(task)
     with pytest.raises(TaskError, match=r"longer than task\.max_prompt_tokens=5"):
@@ -266,8 +276,9 @@ def test_builtin_task_prompts_and_partial_credit(tokenizer, tasks):
 
 
 def test_variable_length_copy_fits_max_new_tokens_and_scores_each_row_by_its_own_answer(tokenizer, tasks):
-    cfg = load_config(overrides=["task.type=copy", "task.min_length=1", "task.length=16", "task.symbols=5",
-                                 "eval.prompts=64"])
+    cfg = load_config(
+        overrides=["task.type=copy", "task.min_length=1", "task.length=16", "task.symbols=5", "eval.prompts=64"]
+    )
     assert cfg.task.min_length == 1 and cfg.max_new_tokens == 17  # rollout.max_new_tokens=0: longest answer + stop
     task = Task(cfg, tokenizer, {}, seed=0)
     tasks.append(task)
@@ -278,7 +289,7 @@ def test_variable_length_copy_fits_max_new_tokens_and_scores_each_row_by_its_own
     assert min(len(c) for c in right) == 2
     assert all(len(p.ids) == len(p.row["prompt"]) + 1 for p in prompts)  # BOS + one token per character
     # char_match scores each completion against its own row's answer, whatever its length
-    half = [c[:len(c) // 2] for c in right]  # the first half of each answer's tokens, no stop token
+    half = [c[: len(c) // 2] for c in right]  # the first half of each answer's tokens, no stop token
     scores, texts = task.score(prompts, [c for pair in zip(right, half, strict=True) for c in pair], 2)
     expected = [x for p in prompts for x in (1.0, (len(p.row["answer"]) + 1) // 2 / len(p.row["answer"]))]
     assert scores.rewards.tolist() == pytest.approx(expected) and not scores.errors
@@ -286,8 +297,9 @@ def test_variable_length_copy_fits_max_new_tokens_and_scores_each_row_by_its_own
     assert len({len(p.row["answer"]) for p in task.eval_prompts()}) > 8  # eval prompts vary in length too
     assert all(len(p.row["answer"]) + 1 <= cfg.max_new_tokens for p in task.eval_prompts())
     # an explicit rollout.max_new_tokens still wins; a min_length above length is refused with the fix
-    assert load_config(overrides=["task.min_length=1", "task.length=16",
-                                  "rollout.max_new_tokens=40"]).max_new_tokens == 40
+    assert (
+        load_config(overrides=["task.min_length=1", "task.length=16", "rollout.max_new_tokens=40"]).max_new_tokens == 40
+    )
     with pytest.raises(ValueError, match=r"task\.min_length=9 is above task\.length=8.*task\.min_length <= "):
         load_config(overrides=["task.min_length=9", "task.length=8"])
 
@@ -300,16 +312,20 @@ def test_validate_task_summarises_a_good_dataset(tmp_path, tokenizer):
     summary = validate_task(dataset_config(path, "task.eval_fraction=0.2"), tokenizer)
     assert summary == (f"task {path}: 8 training rows, 2 eval rows, columns ['answer']; rewards exact_match x1")
     assert validate_task(load_config()) == "task copy (length 3, 12 symbols); rewards copy x1"
-    two = validate_task(dataset_config(path, 'task.reward=["exact_match", "math_answer"]',
-                                       "task.reward_weights=[1.0, 0.5]"))
+    two = validate_task(
+        dataset_config(path, 'task.reward=["exact_match", "math_answer"]', "task.reward_weights=[1.0, 0.5]")
+    )
     assert two.endswith("rewards exact_match x1, math_answer x0.5")
 
 
 def test_validate_task_names_the_row_a_template_cannot_fill(tmp_path):
     rows = [{"prompt": "a", "answer": "1", "hint": "h"}, {"prompt": "b", "answer": "2"}]
     cfg = dataset_config(write_jsonl(tmp_path / "d.jsonl", rows), "task.template={prompt} ({hint})")
-    with pytest.raises(TaskError, match=r"task\.template='\{prompt\} \(\{hint\}\)' cannot be filled from row 1 "
-                                        r"\(KeyError: 'hint'\)"):
+    with pytest.raises(
+        TaskError,
+        match=r"task\.template='\{prompt\} \(\{hint\}\)' cannot be filled from row 1 "
+        r"\(KeyError: 'hint'\)",
+    ):
         validate_task(cfg)
 
 

@@ -172,8 +172,15 @@ def test_exact_and_regex_match():
 
 
 def test_batched_convention_and_registry():
-    assert set(BUILTIN_REWARDS) == {"math_answer", "countdown", "exact_match", "regex_match", "copy", "reverse",
-                                    "char_match_strict"}
+    assert set(BUILTIN_REWARDS) == {
+        "math_answer",
+        "countdown",
+        "exact_match",
+        "regex_match",
+        "copy",
+        "reverse",
+        "char_match_strict",
+    }
     columns = {
         "answer": ["4", "5"],
         "numbers": [[2, 2], [2, 3]],
@@ -183,9 +190,15 @@ def test_batched_convention_and_registry():
         "unused_column": ["x", "y"],
     }
     completions = ["#### 4\n<answer>2+2</answer>", "<answer>2*3</answer>"]
-    expected = {"math_answer": [1.0, 0.0], "countdown": [1.0, 0.1], "exact_match": [0.0, 0.0],
-                "regex_match": [0.0, 0.0], "copy": [0.0, 0.0], "reverse": [0.0, 0.0],
-                "char_match_strict": [0.0, 0.0]}
+    expected = {
+        "math_answer": [1.0, 0.0],
+        "countdown": [1.0, 0.1],
+        "exact_match": [0.0, 0.0],
+        "regex_match": [0.0, 0.0],
+        "copy": [0.0, 0.0],
+        "reverse": [0.0, 0.0],
+        "char_match_strict": [0.0, 0.0],
+    }
     for name, fn in BUILTIN_REWARDS.items():
         out = fn(prompts=["p1", "p2"], completions=completions, **columns)
         assert out == expected[name], name
@@ -256,8 +269,12 @@ def test_huge_references_never_match_or_hang():
 
 # ---------------------------------------------------------------- properties
 
-OPS = {"+": (1, lambda a, b: a + b), "-": (1, lambda a, b: a - b), "*": (2, lambda a, b: a * b),
-       "/": (2, lambda a, b: a / b)}
+OPS = {
+    "+": (1, lambda a, b: a + b),
+    "-": (1, lambda a, b: a - b),
+    "*": (2, lambda a, b: a * b),
+    "/": (2, lambda a, b: a / b),
+}
 
 
 def draw_tree(data, leaves):

@@ -63,6 +63,7 @@ SMALL_CHUNK = int(0.01 * (1 << 20))
 
 # -- versions -----------------------------------------------------------------------------------
 
+
 @functools.cache
 def chain(steps: int = 5) -> tuple[Weights, ...]:
     """Versions 0..steps of a small model under AdamW (lr 1e-3), packed as the learner packs them:
@@ -88,8 +89,13 @@ def chain(steps: int = 5) -> tuple[Weights, ...]:
 
 def same_bytes(got: Weights, want: Weights) -> bool:
     """Bit-identical versions: number, manifest (with digests), config and every byte of the buffer."""
-    return (got.version == want.version and got.tensors == want.tensors and got.model_config == want.model_config
-            and got.data.dtype == want.data.dtype and got.data.tobytes() == want.data.tobytes())
+    return (
+        got.version == want.version
+        and got.tensors == want.tensors
+        and got.model_config == want.model_config
+        and got.data.dtype == want.data.dtype
+        and got.data.tobytes() == want.data.tobytes()
+    )
 
 
 def big_versions() -> tuple[Weights, Weights]:
@@ -104,6 +110,7 @@ def big_versions() -> tuple[Weights, Weights]:
 
 
 # -- plumbing -----------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def net() -> NetConfig:
@@ -237,15 +244,27 @@ for line in sys.stdin:
 class Child:
     """The CHILD publisher process, with a reader thread on its stdout and its stderr in a log file."""
 
-    def __init__(self, tmp: Path, net: NetConfig, cfg: WeightsConfig, run_dir: str = "",
-                 files: dict[str, bytes] | None = None) -> None:
+    def __init__(
+        self, tmp: Path, net: NetConfig, cfg: WeightsConfig, run_dir: str = "", files: dict[str, bytes] | None = None
+    ) -> None:
         self.tmp, self.log = tmp, tmp / f"publisher-{time.monotonic_ns()}.log"
-        args = {"net": net.model_dump(), "weights": cfg.model_dump(), "run_dir": run_dir,
-                "files": {k: v.hex() for k, v in (files or {}).items()}}
+        args = {
+            "net": net.model_dump(),
+            "weights": cfg.model_dump(),
+            "run_dir": run_dir,
+            "files": {k: v.hex() for k, v in (files or {}).items()},
+        }
         with self.log.open("wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], cwd=ROOT, env=child_env(),
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", CHILD, json.dumps(args)],
+                cwd=ROOT,
+                env=child_env(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                start_new_session=True,
+            )
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.ready: dict[str, Any] = {}
@@ -262,11 +281,15 @@ class Child:
             try:
                 line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"no {op!r} from the publisher process within {REPLY_S} s; "
-                                     f"its stderr:\n{self.log.read_text()[-3000:]}") from None
+                raise AssertionError(
+                    f"no {op!r} from the publisher process within {REPLY_S} s; "
+                    f"its stderr:\n{self.log.read_text()[-3000:]}"
+                ) from None
             if line is None:
-                raise AssertionError(f"the publisher process exited (rc {self.proc.poll()}) before {op!r}; "
-                                     f"its stderr:\n{self.log.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"the publisher process exited (rc {self.proc.poll()}) before {op!r}; "
+                    f"its stderr:\n{self.log.read_text()[-3000:]}"
+                )
             with contextlib.suppress(ValueError):
                 msg = json.loads(line)
                 if isinstance(msg, dict) and msg.get("op") == op:
@@ -281,8 +304,17 @@ class Child:
     def publish(self, w: Weights) -> None:
         path = self.tmp / f"v{w.version}-{time.monotonic_ns()}.bin"
         w.data.tofile(path)
-        assert self.ask("publish", "published", version=w.version, model_config=w.model_config,
-                        tensors=w.tensors, data=str(path))["version"] == w.version
+        assert (
+            self.ask(
+                "publish",
+                "published",
+                version=w.version,
+                model_config=w.model_config,
+                tensors=w.tensors,
+                data=str(path),
+            )["version"]
+            == w.version
+        )
 
     def stats(self) -> dict[str, Any]:
         return self.ask("stats", "stats")
@@ -337,8 +369,10 @@ def ask_raw(sock: zmq.Socket, req: WeightsRequest) -> WeightsChunk:
 
 # -- 1. a delta chain across processes --------------------------------------------------------------
 
-def test_a_delta_chain_reassembles_bit_exactly_across_processes(net: NetConfig, aio: Aio,
-                                                                children: Callable[..., Child]) -> None:
+
+def test_a_delta_chain_reassembles_bit_exactly_across_processes(
+    net: NetConfig, aio: Aio, children: Callable[..., Child]
+) -> None:
     """A publisher process publishes v0..v5 (fp32 and bf16 tensors); a Fetcher in this process gets v0
     in full (with the tokenizer files), then each next version as a multi-chunk delta from the one it
     holds. Every result is bit-identical to what the learner packed, every delta is smaller than the
@@ -369,15 +403,23 @@ def test_a_delta_chain_reassembles_bit_exactly_across_processes(net: NetConfig, 
     for k in ("weights_rejected", "weights_gone", "stale_replies"):
         assert fetcher.counters[k] == 0, k
     # one chunk reply per chunk asked for, no more; each transfer counted once, as what it was
-    stats = eventually(child.stats, {"served": sum(-(-b // SMALL_CHUNK) for b in wire), "bytes_served": sum(wire),
-                                     "full_served": 1, "deltas_served": 5})
+    stats = eventually(
+        child.stats,
+        {
+            "served": sum(-(-b // SMALL_CHUNK) for b in wire),
+            "bytes_served": sum(wire),
+            "full_served": 1,
+            "deltas_served": 5,
+        },
+    )
     assert stats["rejected"] == 0
     child.close()
 
 
 @pytest.mark.parametrize("delta", [True, False])
-def test_a_recycled_buffer_receives_the_next_version(delta: bool, net: NetConfig, aio: Aio,
-                                                    publishers: Publishers) -> None:
+def test_a_recycled_buffer_receives_the_next_version(
+    delta: bool, net: NetConfig, aio: Aio, publishers: Publishers
+) -> None:
     """The server gives the buffer of the version it stopped running back to its Fetcher; the next
     transfer (a delta rebuilt into it, or a full version pulled into it) lands there, bit for bit. A
     read-only buffer (as a shared-memory mapping is) is never taken."""
@@ -403,6 +445,7 @@ def test_a_recycled_buffer_receives_the_next_version(delta: bool, net: NetConfig
 
 
 # -- 2. a faulty learner ---------------------------------------------------------------------------
+
 
 class FakeLearner(threading.Thread):
     """A raw weights ROUTER (no WeightPublisher) that answers every request with ``respond(req)`` and
@@ -434,16 +477,27 @@ class FakeLearner(threading.Thread):
         assert not self.is_alive() and self.error is None, self.error
 
 
-def chunk_of(req: WeightsRequest, target: Weights, base: int, payload: np.ndarray, chunk_bytes: int,
-             **changes: Any) -> WeightsChunk:
+def chunk_of(
+    req: WeightsRequest, target: Weights, base: int, payload: np.ndarray, chunk_bytes: int, **changes: Any
+) -> WeightsChunk:
     """Chunk ``req.chunk`` of ``payload`` (the full version when ``base`` is -1, else a delta), as the
     protocol lays it out (messages.WeightsChunk); ``changes`` overrides fields."""
     k, size = req.chunk, int(payload.shape[0])
     fields: dict[str, Any] = dict(
-        fetch=req.fetch, version=target.version, status="ok", base=base, encoding="raw" if base < 0 else "diff+zstd",
-        chunk=k, chunks=max(1, -(-size // chunk_bytes)), chunk_bytes=chunk_bytes, size=size,
-        raw_bytes=int(target.data.shape[0]), model_config=target.model_config if k == 0 else "",
-        tensors=target.tensors if k == 0 else [], data=payload[k * chunk_bytes:(k + 1) * chunk_bytes])
+        fetch=req.fetch,
+        version=target.version,
+        status="ok",
+        base=base,
+        encoding="raw" if base < 0 else "diff+zstd",
+        chunk=k,
+        chunks=max(1, -(-size // chunk_bytes)),
+        chunk_bytes=chunk_bytes,
+        size=size,
+        raw_bytes=int(target.data.shape[0]),
+        model_config=target.model_config if k == 0 else "",
+        tensors=target.tensors if k == 0 else [],
+        data=payload[k * chunk_bytes : (k + 1) * chunk_bytes],
+    )
     fields.update(changes)
     return WeightsChunk(**fields)
 
@@ -455,7 +509,7 @@ def claim_content_size(blob: bytes, size: int) -> bytes:
     fhd = blob[4]
     assert fhd & 0x23 == 0x20, "expected a single-segment frame without a dictionary id"
     fcs = {0: 1, 1: 2, 2: 4, 3: 8}[fhd >> 6]
-    return blob[:4] + bytes([(fhd & 0x3F) | 0xC0]) + struct.pack("<Q", size) + blob[5 + fcs:]
+    return blob[:4] + bytes([(fhd & 0x3F) | 0xC0]) + struct.pack("<Q", size) + blob[5 + fcs :]
 
 
 def flip(blob: bytes, at: int, mask: int = 0xFF) -> bytes:
@@ -482,8 +536,9 @@ def faulty_delta(case: str) -> tuple[int, Weights, bytes]:
 
 
 @pytest.mark.parametrize("case", ["zstd-byte", "delta-bit", "wrong-base", "huge-content-size"])
-def test_a_faulty_delta_is_rejected_and_the_full_version_is_fetched(case: str, net: NetConfig, zctx: zmq.Context,
-                                                                    aio: Aio) -> None:
+def test_a_faulty_delta_is_rejected_and_the_full_version_is_fetched(
+    case: str, net: NetConfig, zctx: zmq.Context, aio: Aio
+) -> None:
     """A learner answers a server holding v0 with a faulty delta (a corrupted byte of the zstd stream,
     a wrong bit inside a stream that decompresses, a correct delta from another base, or a frame
     header claiming an absurd size), and the full version correctly when asked with ``have = -1``.
@@ -507,10 +562,12 @@ def test_a_faulty_delta_is_rejected_and_the_full_version_is_fetched(case: str, n
         try:
             got = aio.fetch(fetcher, v0)
         except MemoryError:
-            pytest.fail(f"BUG ({case}): a delta whose zstd header claims 2**62 bytes made Fetcher.fetch raise "
-                        "MemoryError (protocol/weights.py apply_delta catches only zstandard.ZstdError, and "
-                        "max_output_size does not apply to a frame that declares its content size) instead "
-                        "of rejecting it and fetching the full version")
+            pytest.fail(
+                f"BUG ({case}): a delta whose zstd header claims 2**62 bytes made Fetcher.fetch raise "
+                "MemoryError (protocol/weights.py apply_delta catches only zstandard.ZstdError, and "
+                "max_output_size does not apply to a frame that declares its content size) instead "
+                "of rejecting it and fetching the full version"
+            )
     finally:
         learner.stop()
     assert same_bytes(got, target), "the full version arrived bit for bit"
@@ -561,8 +618,10 @@ def test_a_chunk_that_belongs_to_another_transfer_is_rejected(net: NetConfig, zc
 
 # -- 3. a late joiner --------------------------------------------------------------------------------
 
+
 def test_a_late_joiner_catches_up_and_an_evicted_base_gets_the_full_version(
-        net: NetConfig, aio: Aio, children: Callable[..., Child]) -> None:
+    net: NetConfig, aio: Aio, children: Callable[..., Child]
+) -> None:
     """keep_versions=3. A server that joins after v0..v4 were published gets v4 in full, then v5 as a
     delta from v4. A server still holding v0 when v5 is the latest (v0 no longer kept) gets v5 in
     full: no error, no gone."""
@@ -622,7 +681,7 @@ class ThrottledClient(threading.Thread):
             assert first.status == "ok" and first.base == -1
             self.version, self.chunks = first.version, first.chunks
             self.payload = np.empty(first.size, np.uint8)
-            self.payload[:first.data.shape[0]] = first.data
+            self.payload[: first.data.shape[0]] = first.data
             self.received = 1
             self.started.set()
             for k in range(1, first.chunks):
@@ -633,7 +692,7 @@ class ThrottledClient(threading.Thread):
                     self.outcome = "gone"
                     return
                 assert (part.version, part.chunk, part.chunks) == (first.version, k, first.chunks)
-                self.payload[k * part.chunk_bytes:k * part.chunk_bytes + part.data.shape[0]] = part.data
+                self.payload[k * part.chunk_bytes : k * part.chunk_bytes + part.data.shape[0]] = part.data
                 self.received += 1
             self.outcome = "complete"
         except BaseException as e:  # reported by the test
@@ -645,8 +704,9 @@ class ThrottledClient(threading.Thread):
 
 
 @pytest.mark.parametrize(("keep", "pin_s"), [(2, 30.0), (1, 30.0), (1, 0.0)])
-def test_a_throttled_client_does_not_slow_the_others(keep: int, pin_s: float, net: NetConfig, aio: Aio,
-                                                     publishers: Publishers) -> None:
+def test_a_throttled_client_does_not_slow_the_others(
+    keep: int, pin_s: float, net: NetConfig, aio: Aio, publishers: Publishers
+) -> None:
     """An 8 MiB version in 64 chunks. A throttled client starts pulling it one chunk at a time; while
     it has fewer than half of its chunks, a normal Fetcher (window 4) gets the same version, the
     learner publishes the next one and the Fetcher gets that too (a delta when the old version is
@@ -674,7 +734,8 @@ def test_a_throttled_client_does_not_slow_the_others(keep: int, pin_s: float, ne
     assert same_bytes(got0, v0) and same_bytes(got1, v1)
     assert fast.last["delta"] == float(keep > 1), "a delta when v0 is still kept, else the full version"
     assert received_when_done < slow.chunks // 2, (
-        f"the fast fetcher needed the throttled client to get {received_when_done} of {slow.chunks} chunks first")
+        f"the fast fetcher needed the throttled client to get {received_when_done} of {slow.chunks} chunks first"
+    )
     if pin_s > 0:
         assert slow.outcome == "complete" and slow.received == slow.chunks
         assert slow.payload.tobytes() == v0.data.tobytes(), "the throttled transfer is exact"
@@ -702,11 +763,11 @@ def test_pins_are_bounded_and_expire(net: NetConfig, zctx: zmq.Context, publishe
         part = ask_raw(a, WeightsRequest(version=0, chunk=1, fetch=1))
         assert part.status == "gone", "the oldest pin beyond max_pinned is dropped"
         payload = np.empty(first_b.size, np.uint8)
-        payload[:first_b.data.shape[0]] = first_b.data
+        payload[: first_b.data.shape[0]] = first_b.data
         for k in range(1, first_b.chunks):
             part = ask_raw(b, WeightsRequest(version=1, chunk=k, fetch=2))
             assert part.status == "ok" and part.version == 1
-            payload[k * part.chunk_bytes:k * part.chunk_bytes + part.data.shape[0]] = part.data
+            payload[k * part.chunk_bytes : k * part.chunk_bytes + part.data.shape[0]] = part.data
         assert payload.tobytes() == versions[1].data.tobytes()
         assert pub.pins_dropped == 1 and pub.pinned_served == first_b.chunks - 1
 
@@ -724,6 +785,7 @@ def test_pins_are_bounded_and_expire(net: NetConfig, zctx: zmq.Context, publishe
 
 
 # -- 5. shared memory ----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def shm_dir(tmp_path: Path) -> Path:
@@ -760,9 +822,9 @@ def announcement(sub: zmq.Socket, version: int) -> WeightsAnnouncement:
     raise AssertionError(f"no announcement of v{version}")
 
 
-def test_the_shared_memory_path_is_used_and_leaves_no_segment(net: NetConfig, zctx: zmq.Context, aio: Aio,
-                                                                publishers: Publishers, tmp_path: Path,
-                                                                shm_dir: Path) -> None:
+def test_the_shared_memory_path_is_used_and_leaves_no_segment(
+    net: NetConfig, zctx: zmq.Context, aio: Aio, publishers: Publishers, tmp_path: Path, shm_dir: Path
+) -> None:
     """A publisher with a run directory packs each version into a segment (``alloc``): the
     announcement names it and this machine, so a rollout server here maps it (``shared_segment``,
     ``read_shared``; not with transport 'net' or from another machine) and gets the same bytes as
@@ -807,9 +869,9 @@ def test_the_shared_memory_path_is_used_and_leaves_no_segment(net: NetConfig, zc
         close(sub)
 
 
-def test_a_killed_publishers_segments_are_removed_by_the_next_one(net: NetConfig, publishers: Publishers,
-                                                                    children: Callable[..., Child], tmp_path: Path,
-                                                                    shm_dir: Path) -> None:
+def test_a_killed_publishers_segments_are_removed_by_the_next_one(
+    net: NetConfig, publishers: Publishers, children: Callable[..., Child], tmp_path: Path, shm_dir: Path
+) -> None:
     """A publisher process publishes v0 into shared memory, allocates the next segment, and is
     SIGKILLed: both files remain. The next publisher of the same run directory removes them at start
     (``stale_removed``), leaves other runs' segments alone, and then only its own segments exist."""
@@ -822,8 +884,9 @@ def test_a_killed_publishers_segments_are_removed_by_the_next_one(net: NetConfig
         other.unlink(missing_ok=True)
 
 
-def _killed_then_restarted(net: NetConfig, publishers: Publishers, children: Callable[..., Child], run_dir: Path,
-                           shm_dir: Path, other: Path) -> None:
+def _killed_then_restarted(
+    net: NetConfig, publishers: Publishers, children: Callable[..., Child], run_dir: Path, shm_dir: Path, other: Path
+) -> None:
     key = run_key(run_dir)
     cfg = WeightsConfig(shm_dir=str(shm_dir))
     child = children(net, cfg, run_dir=str(run_dir))
@@ -835,8 +898,10 @@ def _killed_then_restarted(net: NetConfig, publishers: Publishers, children: Cal
     assert same_bytes(killed, v0)
     child.kill()
     assert child.proc.returncode == -signal.SIGKILL
-    assert segments(shm_dir, key) == [f".podsrl-{key}-{child.ready['pid']}-1.tmp",
-                                      segment_name(key, 0, child.ready["pid"])]
+    assert segments(shm_dir, key) == [
+        f".podsrl-{key}-{child.ready['pid']}-1.tmp",
+        segment_name(key, 0, child.ready["pid"]),
+    ]
 
     net2 = net.model_copy(update=dict(zip(("announce_port", "weights_port"), free_ports(2), strict=True)))
     pub = publishers.make(net2, cfg, run_dir=str(run_dir))
@@ -851,10 +916,13 @@ def _killed_then_restarted(net: NetConfig, publishers: Publishers, children: Cal
 
 # -- 6. hostile requests -------------------------------------------------------------------------
 
-def test_hostile_requests_do_not_break_the_publisher(net: NetConfig, zctx: zmq.Context, aio: Aio,
-                                                     publishers: Publishers) -> None:
+
+def test_hostile_requests_do_not_break_the_publisher(
+    net: NetConfig, zctx: zmq.Context, aio: Aio, publishers: Publishers
+) -> None:
     """Garbage frames, another message type, a request that breaks the invariants, a chunk beyond the
-    count (all counted in ``rejected``; the chunk beyond the count is also answered ``gone``), requests for a version never published or a delta
+    count (all counted in ``rejected``; the chunk beyond the count is also answered ``gone``), requests for a
+    version never published or a delta
     that cannot be made (answered ``gone``) and a frame over the link's size limit (the peer is
     dropped) leave the publisher serving: the next request on the same socket, and a normal fetch,
     get exact replies."""
@@ -893,14 +961,20 @@ def test_hostile_requests_do_not_break_the_publisher(net: NetConfig, zctx: zmq.C
     finally:
         close(raw)
     # the chunk beyond the count is answered "gone" too (its client starts again instead of timing out)
-    assert [(r.fetch, r.status, r.version) for r in replies] == [(1, "gone", 0), (2, "gone", 7), (3, "gone", 0),
-                                                                 (4, "ok", 0)]
+    assert [(r.fetch, r.status, r.version) for r in replies] == [
+        (1, "gone", 0),
+        (2, "gone", 7),
+        (3, "gone", 0),
+        (4, "ok", 0),
+    ]
     good = replies[-1]
     assert (good.chunk, good.chunks, good.base) == (0, -(-versions[0].data.nbytes // SMALL_CHUNK), -1)
     assert good.data.tobytes() == versions[0].data[:SMALL_CHUNK].tobytes()
     assert pub.rejected == len(hostile) + 1, "every malformed request, and the chunk beyond the count, is counted"
-    eventually(lambda: {"full_served": pub.full_served, "deltas_served": pub.deltas_served},
-               {"full_served": 1, "deltas_served": 0})
+    eventually(
+        lambda: {"full_served": pub.full_served, "deltas_served": pub.deltas_served},
+        {"full_served": 1, "deltas_served": 0},
+    )
     got = aio.fetch(aio.fetcher(net, cfg), None)
     assert same_bytes(got, versions[0])
     publish_packed(pub, versions[1])
@@ -916,8 +990,9 @@ def test_segments_of_a_dead_learner_of_any_run_are_removed_at_start(tmp_path: Pa
 
     from protocol.shm import SegmentStore
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     gone_pid = int(dead.stdout)
     left = tmp_path / segment_name("aaaaaaaaaaaa", 3, gone_pid)
     alive = tmp_path / segment_name("bbbbbbbbbbbb", 3, 1)  # pid 1 lives as long as the machine
@@ -943,8 +1018,10 @@ def test_deltas_that_do_not_pay_give_way_to_full_versions(net: NetConfig, aio: A
     held = aio.fetch(fetcher, held)
     assert same_bytes(held, versions[2]) and fetcher.last["delta"] == 0.0
     assert fetcher.last["bytes"] == versions[2].data.nbytes and (1, 2) not in pub._deltas
-    relaxed = publishers.make(net.model_copy(update=dict(zip(("announce_port", "weights_port"), free_ports(2),
-                                                             strict=True))), WeightsConfig(chunk_mib=0.01))
+    relaxed = publishers.make(
+        net.model_copy(update=dict(zip(("announce_port", "weights_port"), free_ports(2), strict=True))),
+        WeightsConfig(chunk_mib=0.01),
+    )
     publish_packed(relaxed, versions[0])
     publish_packed(relaxed, versions[1])
     assert relaxed._delta(versions[0], versions[1]).result(timeout=10).shape[0] < versions[1].data.nbytes / 2

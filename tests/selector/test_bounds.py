@@ -17,10 +17,19 @@ TRIED: dict[str, int] = {"valid": 0, "rejected": 0}  # reported by the last test
 
 
 def group(**kw) -> ScoredGroup:
-    fields = dict(server_id="s-0", session=1, group_id=0, version=3, task="copy", gen_seconds=0.1,
-                  prompt_ids=np.array([1, 5, 6, 2], np.int32), completion_ids=np.arange(4, 16, dtype=np.int32),
-                  completion_lens=np.array([3, 3, 3, 3], np.int32), logprobs=np.full(12, -0.5, np.float32),
-                  rewards=np.array([0, 1, 0, 1], np.float32))
+    fields = dict(
+        server_id="s-0",
+        session=1,
+        group_id=0,
+        version=3,
+        task="copy",
+        gen_seconds=0.1,
+        prompt_ids=np.array([1, 5, 6, 2], np.int32),
+        completion_ids=np.arange(4, 16, dtype=np.int32),
+        completion_lens=np.array([3, 3, 3, 3], np.int32),
+        logprobs=np.full(12, -0.5, np.float32),
+        rewards=np.array([0, 1, 0, 1], np.float32),
+    )
     fields.update(kw)
     return ScoredGroup(**fields)
 
@@ -35,23 +44,33 @@ def test_a_group_within_every_bound_passes():
     bounds().check(group(version=5, logprobs=np.full(12, -99.0, np.float32), rewards=np.full(4, -1e4, np.float32)))
 
 
-@pytest.mark.parametrize(("reason", "bad"), [
-    ("version_future", group(version=6)),
-    ("version_future", group(version=2**40)),
-    ("version_discarded", group(version=1)),
-    ("task", group(task="reverse")),
-    ("group_size", group(completion_lens=np.array([6, 6], np.int32), rewards=np.zeros(2, np.float32))),
-    ("group_size", group(completion_lens=np.full(8, 1, np.int32), completion_ids=np.arange(8, dtype=np.int32),
-                         logprobs=np.zeros(8, np.float32), rewards=np.zeros(8, np.float32))),
-    ("length", group(prompt_ids=np.ones(9, np.int32))),
-    ("length", group(completion_lens=np.array([6, 2, 2, 2], np.int32))),
-    ("token_id", group(completion_ids=np.array([4] * 11 + [VOCAB], np.int32))),
-    ("token_id", group(prompt_ids=np.array([1, 10**6], np.int32))),
-    ("token_id", group(prompt_ids=np.array([1, -3], np.int32))),
-    ("logprob", group(logprobs=np.array([-0.5] * 11 + [-1000.0], np.float32))),
-    ("reward", group(rewards=np.array([0, 1e30, 0, 1], np.float32))),
-    ("reward", group(rewards=np.array([0, -1e5, 0, 1], np.float32))),
-])
+@pytest.mark.parametrize(
+    ("reason", "bad"),
+    [
+        ("version_future", group(version=6)),
+        ("version_future", group(version=2**40)),
+        ("version_discarded", group(version=1)),
+        ("task", group(task="reverse")),
+        ("group_size", group(completion_lens=np.array([6, 6], np.int32), rewards=np.zeros(2, np.float32))),
+        (
+            "group_size",
+            group(
+                completion_lens=np.full(8, 1, np.int32),
+                completion_ids=np.arange(8, dtype=np.int32),
+                logprobs=np.zeros(8, np.float32),
+                rewards=np.zeros(8, np.float32),
+            ),
+        ),
+        ("length", group(prompt_ids=np.ones(9, np.int32))),
+        ("length", group(completion_lens=np.array([6, 2, 2, 2], np.int32))),
+        ("token_id", group(completion_ids=np.array([4] * 11 + [VOCAB], np.int32))),
+        ("token_id", group(prompt_ids=np.array([1, 10**6], np.int32))),
+        ("token_id", group(prompt_ids=np.array([1, -3], np.int32))),
+        ("logprob", group(logprobs=np.array([-0.5] * 11 + [-1000.0], np.float32))),
+        ("reward", group(rewards=np.array([0, 1e30, 0, 1], np.float32))),
+        ("reward", group(rewards=np.array([0, -1e5, 0, 1], np.float32))),
+    ],
+)
 def test_each_absurd_value_is_rejected_with_its_reason(reason, bad):
     with pytest.raises(ProtocolError) as e:
         bounds().check(bad)
@@ -67,20 +86,34 @@ def test_unknown_vocabulary_skips_only_the_token_check():
 
 
 @settings(max_examples=300, deadline=None, database=None)
-@given(version=st.integers(0, 8) | st.integers(0, 2**53), token=st.integers(-2, 20) | st.integers(-(2**31), 2**31 - 1),
-       logprob=st.floats(-120, 0, width=32) | st.floats(-1e6, 0, width=32),
-       reward=st.floats(-2e4, 2e4, width=32) | st.sampled_from([1e30, -3.4e38]),
-       prompt_len=st.integers(1, 10), longest=st.integers(0, 7))
+@given(
+    version=st.integers(0, 8) | st.integers(0, 2**53),
+    token=st.integers(-2, 20) | st.integers(-(2**31), 2**31 - 1),
+    logprob=st.floats(-120, 0, width=32) | st.floats(-1e6, 0, width=32),
+    reward=st.floats(-2e4, 2e4, width=32) | st.sampled_from([1e30, -3.4e38]),
+    prompt_len=st.integers(1, 10),
+    longest=st.integers(0, 7),
+)
 def bounds_accept_exactly_the_values_within_them(version, token, logprob, reward, prompt_len, longest):
     """A valid message with arbitrary values: accepted iff every value is within the run's bounds."""
     lens = np.array([longest, 1, 1, 1], np.int32)
-    g = group(version=version, prompt_ids=np.full(prompt_len, 3, np.int32),
-              completion_ids=np.array([token] + [4] * (int(lens.sum()) - 1), np.int32)[:int(lens.sum())],
-              completion_lens=lens, logprobs=np.array([logprob] + [-0.1] * (int(lens.sum()) - 1), np.float32),
-              rewards=np.array([reward, 0, 0, 1], np.float32))
+    g = group(
+        version=version,
+        prompt_ids=np.full(prompt_len, 3, np.int32),
+        completion_ids=np.array([token] + [4] * (int(lens.sum()) - 1), np.int32)[: int(lens.sum())],
+        completion_lens=lens,
+        logprobs=np.array([logprob] + [-0.1] * (int(lens.sum()) - 1), np.float32),
+        rewards=np.array([reward, 0, 0, 1], np.float32),
+    )
     g.check()  # well formed
-    ok = (2 <= version <= 5 and prompt_len <= 8 and longest <= 5 and 0 <= token < VOCAB
-          and np.float32(logprob) >= -100 and abs(np.float32(reward)) <= 1e4)
+    ok = (
+        2 <= version <= 5
+        and prompt_len <= 8
+        and longest <= 5
+        and 0 <= token < VOCAB
+        and np.float32(logprob) >= -100
+        and abs(np.float32(reward)) <= 1e4
+    )
     try:
         bounds().check(g)
     except ProtocolError:
@@ -132,15 +165,35 @@ def test_a_selector_that_meets_a_session_midway_counts_no_gap():
 
 
 def test_grow_n_admits_group_sizes_up_to_its_cap_only():
-    cfg = load_config(None, ["rollout.group_size=4", "task.max_prompt_tokens=8", "rollout.max_new_tokens=5",
-                             "rollout.surplus=grow_n", "rollout.max_group_size=6"])
+    cfg = load_config(
+        None,
+        [
+            "rollout.group_size=4",
+            "task.max_prompt_tokens=8",
+            "rollout.max_new_tokens=5",
+            "rollout.surplus=grow_n",
+            "rollout.max_group_size=6",
+        ],
+    )
     b = Bounds(cfg, version=5, floor=2, vocab_size=VOCAB)
     for n in (4, 5, 6):
-        b.check(group(completion_lens=np.full(n, 1, np.int32), completion_ids=np.arange(n, dtype=np.int32),
-                      logprobs=np.full(n, -0.5, np.float32), rewards=np.zeros(n, np.float32)))
+        b.check(
+            group(
+                completion_lens=np.full(n, 1, np.int32),
+                completion_ids=np.arange(n, dtype=np.int32),
+                logprobs=np.full(n, -0.5, np.float32),
+                rewards=np.zeros(n, np.float32),
+            )
+        )
     for n in (3, 7):
         with pytest.raises(ProtocolError, match="group_size"):
-            b.check(group(completion_lens=np.full(n, 1, np.int32), completion_ids=np.arange(n, dtype=np.int32),
-                          logprobs=np.full(n, -0.5, np.float32), rewards=np.zeros(n, np.float32)))
+            b.check(
+                group(
+                    completion_lens=np.full(n, 1, np.int32),
+                    completion_ids=np.arange(n, dtype=np.int32),
+                    logprobs=np.full(n, -0.5, np.float32),
+                    rewards=np.zeros(n, np.float32),
+                )
+            )
     with pytest.raises(ValueError, match="max_group_size"):
         load_config(None, ["rollout.group_size=4", "rollout.max_group_size=3"])

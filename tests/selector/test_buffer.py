@@ -61,8 +61,10 @@ def test_admit_of_a_burst_matches_one_group_at_a_time(zv: str, monkeypatch: pyte
     monkeypatch.setattr(selector.batch, "process_groups", spy)
     cfg = _cfg(f"selector.zero_variance={zv}")
     gen = np.random.default_rng(1)
-    burst = [_group(gen.choice([0.0, 1.0], 8) if i % 5 else np.full(8, 0.5), i, f"s-{i % 2}", version=i % 4)
-             for i in range(40)]
+    burst = [
+        _group(gen.choice([0.0, 1.0], 8) if i % 5 else np.full(8, 0.5), i, f"s-{i % 2}", version=i % 4)
+        for i in range(40)
+    ]
     version = 3  # groups of version 0 and 1 are stale (K = 1)
     one, two = Buffer(cfg, np.random.default_rng(7), Tally()), Buffer(cfg, np.random.default_rng(7), Tally())
     want = [one.admit([g], version)[0] for g in burst]
@@ -73,8 +75,10 @@ def test_admit_of_a_burst_matches_one_group_at_a_time(zv: str, monkeypatch: pyte
     _assert_same_buffers(two, one)
     # and what each outcome is, from the groups alone
     constant = [bool(np.all(g.rewards == g.rewards[0])) for g in burst]
-    expect = ["stale" if cfg.too_stale(version, g.version) else "zero_variance" if c and zv == "drop" else "kept"
-              for g, c in zip(burst, constant, strict=True)]
+    expect = [
+        "stale" if cfg.too_stale(version, g.version) else "zero_variance" if c and zv == "drop" else "kept"
+        for g, c in zip(burst, constant, strict=True)
+    ]
     assert got == expect
     assert two.tally.counts["staleness/dropped"] == 20 and two.tally.counts["groups/received"] == 40
     assert two.tally.counts["groups/received/s-0"] == two.tally.counts["groups/received/s-1"] == 20
@@ -95,9 +99,18 @@ def admissions(draw: st.DrawFn) -> tuple[Config, list[ScoredGroup], list[int], i
     k, per = draw(st.integers(0, 2)), draw(st.integers(1, 4))
     room = draw(st.integers(1, 12)) if not exact else (2 * k + 1) * per + draw(st.integers(0, 4))
     zv = draw(st.sampled_from(ZERO_VARIANCE_RULES))
-    cfg = load_config(None, [f"max_staleness={k}", "rollout.group_size=8", "selector.keep=4", f"selector.zero_variance={zv}",
-                             f"selector.buffer_groups={room}", f"learner.groups_per_step={per}",
-                             f"run.staleness_mode={'exact' if exact else 'bounded'}"])
+    cfg = load_config(
+        None,
+        [
+            f"max_staleness={k}",
+            "rollout.group_size=8",
+            "selector.keep=4",
+            f"selector.zero_variance={zv}",
+            f"selector.buffer_groups={room}",
+            f"learner.groups_per_step={per}",
+            f"run.staleness_mode={'exact' if exact else 'bounded'}",
+        ],
+    )
     version = draw(st.integers(0, 6))
     n = draw(st.integers(0, 30))
     mixed = draw(st.booleans())
@@ -124,8 +137,12 @@ def test_admit_in_any_bursts_matches_one_group_at_a_time(case) -> None:
     _assert_same_buffers(many, one)
     assert len(many) <= cfg.selector.buffer_groups
     assert sum(many.tally.counts[f"groups/received/s-{i}"] for i in range(3)) == len(groups)
-    outcome_keys = {"stale": "staleness/dropped", "zero_variance": "selector/zero_variance_dropped",
-                    "exact_surplus": "staleness/exact_surplus", "full": "selector/dropped_learner_silent"}
+    outcome_keys = {
+        "stale": "staleness/dropped",
+        "zero_variance": "selector/zero_variance_dropped",
+        "exact_surplus": "staleness/exact_surplus",
+        "full": "selector/dropped_learner_silent",
+    }
     for outcome, key in outcome_keys.items():
         assert many.tally.counts[key] == got.count(outcome)
     assert len(many) == got.count("kept")
@@ -184,8 +201,9 @@ def _oldest_first(groups: list[KeptGroup], num: int) -> tuple[list[KeptGroup], l
 
 @settings(max_examples=150, deadline=None, database=None)
 @given(st.lists(st.integers(0, 4), max_size=24), st.integers(1, 12), st.integers(0, 2), st.booleans())
-def test_bounded_take_is_oldest_version_first_ties_in_arrival_order(versions: list[int], num: int, k: int,
-                                                                    ordered: bool) -> None:
+def test_bounded_take_is_oldest_version_first_ties_in_arrival_order(
+    versions: list[int], num: int, k: int, ordered: bool
+) -> None:
     if ordered:
         versions = sorted(versions)  # the common case: a take is the fast path's popleft
     cfg = _cfg(f"max_staleness={k}")

@@ -105,8 +105,9 @@ class Sim:
         if not again:
             s.request_id += 1
             s.version = self.announced  # weights are swapped before a request, never during a call
-        self.pacer.request(route(sid), request(sid, s.request_id, s.version, self.cfg.rollout.prompts_per_call,
-                                               s.session), self.now)
+        self.pacer.request(
+            route(sid), request(sid, s.request_id, s.version, self.cfg.rollout.prompts_per_call, s.session), self.now
+        )
         self.at(self.now + ASK_AGAIN_S, "ask_again", (sid, s.request_id))
 
     def step(self) -> None:
@@ -116,8 +117,11 @@ class Sim:
             hold = self.pacer.hold(self.pending, self.now) if self.pool.fresh(self.pending) >= per else 0.0
             if hold > 0:
                 self.at(self.now + hold, "poll")
-            take = None if hold > 0 else self.pool.take(BatchRequest(request_id=self.pending, version=self.pending,
-                                                                     num_groups=per))
+            take = (
+                None
+                if hold > 0
+                else self.pool.take(BatchRequest(request_id=self.pending, version=self.pending, num_groups=per))
+            )
             if take is not None:
                 self.pool.trained(take)
                 self.pacer.batch_served(self.pending, [(g.version, g.server_id) for g in take], self.now)
@@ -132,8 +136,11 @@ class Sim:
             s.busy = True
             self.calls.append((self.now, sid, s.version, grant.prompts))
             if s.answers:
-                self.at(self.now + grant.prompts * s.s_per_prompt, "deliver",
-                        (sid, s.version, grant.prompts, self.now + grant.lease_s))
+                self.at(
+                    self.now + grant.prompts * s.s_per_prompt,
+                    "deliver",
+                    (sid, s.version, grant.prompts, self.now + grant.lease_s),
+                )
         for check in self.checks:
             check(self)
 
@@ -151,11 +158,22 @@ class Sim:
             elif kind == "deliver":
                 sid, version, n, lease_ends = data
                 self.late += self.now > lease_ends
-                groups = [ScoredGroup(server_id=sid, session=self.servers[sid].session, group_id=next(self.gid),
-                                      version=version, task="copy", gen_seconds=0.0,
-                                      prompt_ids=np.array([1], np.int32), completion_ids=np.arange(4, 8, dtype=np.int32),
-                                      completion_lens=np.ones(4, np.int32), logprobs=np.zeros(4, np.float32),
-                                      rewards=REWARDS) for _ in range(n)]
+                groups = [
+                    ScoredGroup(
+                        server_id=sid,
+                        session=self.servers[sid].session,
+                        group_id=next(self.gid),
+                        version=version,
+                        task="copy",
+                        gen_seconds=0.0,
+                        prompt_ids=np.array([1], np.int32),
+                        completion_ids=np.arange(4, 8, dtype=np.int32),
+                        completion_lens=np.ones(4, np.int32),
+                        logprobs=np.zeros(4, np.float32),
+                        rewards=REWARDS,
+                    )
+                    for _ in range(n)
+                ]
                 self.pool.admit(groups, self.announced)
                 for _ in groups:
                     self.pacer.received(sid, self.now)
@@ -185,8 +203,9 @@ def speeds(n: int) -> st.SearchStrategy[list[float]]:
 
 
 def run_bounded(k: int, per: int, ppc: int, fractions: list[float], step_s: float, told: bool) -> Sim:
-    cfg = config(f"max_staleness={k}", f"learner.groups_per_step={per}", f"rollout.prompts_per_call={ppc}",
-                 "selector.lease_s=60")  # > any call here: every server delivers within its lease
+    cfg = config(
+        f"max_staleness={k}", f"learner.groups_per_step={per}", f"rollout.prompts_per_call={ppc}", "selector.lease_s=60"
+    )  # > any call here: every server delivers within its lease
     sim = Sim(cfg, [f * step_s for f in fractions], step_s, prime=told)
 
     def bounded(sim: Sim) -> None:
@@ -203,8 +222,7 @@ def run_bounded(k: int, per: int, ppc: int, fractions: list[float], step_s: floa
 @settings(max_examples=60, deadline=None, database=None)
 @given(st.integers(0, 4), st.integers(1, 6), st.integers(1, 6), speeds(4), st.sampled_from([0.1, 1.0, 2.0]))
 @example(k=3, per=1, ppc=2, fractions=[0.01, 1.5], step_s=1.0)  # a newer call overtakes an outstanding older one
-def test_what_is_granted_is_trained_within_k(k: int, per: int, ppc: int, fractions: list[float],
-                                             step_s: float) -> None:
+def test_what_is_granted_is_trained_within_k(k: int, per: int, ppc: int, fractions: list[float], step_s: float) -> None:
     """Bounded mode, with the rates the pacer was told (it knows the servers' and the learner's speeds from
     the start, and they keep them): rollout servers of any speed (a prompt may take longer than an update)
     deliver every call within its lease; no group is dropped as stale, every trained group has staleness
@@ -215,9 +233,9 @@ def test_what_is_granted_is_trained_within_k(k: int, per: int, ppc: int, fractio
 @settings(max_examples=60, deadline=None, database=None)
 @given(st.integers(0, 4), st.integers(1, 6), st.integers(1, 6), speeds(4), st.sampled_from([0.1, 1.0, 2.0]))
 @example(k=1, per=1, ppc=1, fractions=[0.01, 1.5], step_s=1.0)  # the same before the first step is measured
-def test_what_is_granted_is_trained_within_k_before_any_rate_is_measured(k: int, per: int, ppc: int,
-                                                                         fractions: list[float],
-                                                                         step_s: float) -> None:
+def test_what_is_granted_is_trained_within_k_before_any_rate_is_measured(
+    k: int, per: int, ppc: int, fractions: list[float], step_s: float
+) -> None:
     """The same from a cold start: the pacer measures the rates from the first calls and batches. The
     capacity rule alone (no rates) can keep the bound while every call is delivered within its lease."""
     run_bounded(k, per, ppc, fractions, step_s, told=False)
@@ -227,15 +245,23 @@ def test_what_is_granted_is_trained_within_k_before_any_rate_is_measured(k: int,
 @given(st.integers(0, 4), st.integers(1, 6), st.integers(1, 6), speeds(3), st.sampled_from(["bounded", "exact"]))
 @example(k=0, per=1, ppc=2, fractions=[0.01], mode="bounded")  # a call larger than (K + 1) x G
 @example(k=0, per=3, ppc=2, fractions=[0.01], mode="bounded")  # 2 + 2 > 3: the last group is never granted
-def test_the_learner_is_never_starved_for_good(k: int, per: int, ppc: int, fractions: list[float],
-                                               mode: str) -> None:
+def test_the_learner_is_never_starved_for_good(k: int, per: int, ppc: int, fractions: list[float], mode: str) -> None:
     """Live rollout servers always get work the learner can train: it keeps making updates."""
-    cfg = config(f"max_staleness={k}", f"learner.groups_per_step={per}", f"rollout.prompts_per_call={ppc}",
-                 f"run.staleness_mode={mode}")
+    cfg = config(
+        f"max_staleness={k}",
+        f"learner.groups_per_step={per}",
+        f"rollout.prompts_per_call={ppc}",
+        f"run.staleness_mode={mode}",
+    )
     sim = Sim(cfg, fractions, 1.0)
     sim.run(steps=10, limit_s=400.0)
-    assert sim.announced == 10, (sim.now, sim.calls[-6:], len(sim.pool), sim.pacer.outstanding(),
-                                 [(s, p.waiting) for s, p in sim.pacer.servers.items()])
+    assert sim.announced == 10, (
+        sim.now,
+        sim.calls[-6:],
+        len(sim.pool),
+        sim.pacer.outstanding(),
+        [(s, p.waiting) for s, p in sim.pacer.servers.items()],
+    )
 
 
 @settings(max_examples=60, deadline=None, database=None)
@@ -243,13 +269,19 @@ def test_the_learner_is_never_starved_for_good(k: int, per: int, ppc: int, fract
 def test_exact_mode_grants_no_more_than_each_version_trains(k: int, per: int, ppc: int, fractions: list[float]) -> None:
     """Exact mode: what is granted of a version, plus what is buffered or trained of it, never exceeds
     exact_quota; every update V trains version max(0, V - K) only; nothing is dropped."""
-    cfg = config(f"max_staleness={k}", f"learner.groups_per_step={per}", f"rollout.prompts_per_call={ppc}",
-                 "run.staleness_mode=exact")
+    cfg = config(
+        f"max_staleness={k}",
+        f"learner.groups_per_step={per}",
+        f"rollout.prompts_per_call={ppc}",
+        "run.staleness_mode=exact",
+    )
     sim = Sim(cfg, fractions, 1.0)
 
     def within_quota(sim: Sim) -> None:
-        counted = {v: sum(update - s == v for update, ss in enumerate(sim.trained) for s in ss)
-                   for v in range(sim.announced + 1)}
+        counted = {
+            v: sum(update - s == v for update, ss in enumerate(sim.trained) for s in ss)
+            for v in range(sim.announced + 1)
+        }
         for v in range(sim.announced + 1):
             done = counted[v] + sim.pool.count_version(v) + sim.pacer.outstanding(v)
             assert done <= exact_quota(cfg, v), (v, done, sim.calls)
@@ -372,12 +404,16 @@ def test_a_repeated_request_is_not_granted_twice() -> None:
 
 
 @settings(max_examples=60, deadline=None, database=None)
-@given(st.integers(1, 4), st.integers(1, 6).flatmap(lambda per: st.tuples(st.just(per), st.integers(1, per))),
-       st.lists(st.sampled_from(["a", "b", "a again", "b again"]), min_size=0, max_size=4),
-       st.sampled_from([0.05, 0.3, 1.0]))
+@given(
+    st.integers(1, 4),
+    st.integers(1, 6).flatmap(lambda per: st.tuples(st.just(per), st.integers(1, per))),
+    st.lists(st.sampled_from(["a", "b", "a again", "b again"]), min_size=0, max_size=4),
+    st.sampled_from([0.05, 0.3, 1.0]),
+)
 @example(k=1, sizes=(3, 2), order=[], s_per_prompt=1.0)  # a server that asks as a batch leaves gets smaller calls
-def test_grants_are_fair_to_within_one_call(k: int, sizes: tuple[int, int], order: list[str],
-                                            s_per_prompt: float) -> None:
+def test_grants_are_fair_to_within_one_call(
+    k: int, sizes: tuple[int, int], order: list[str], s_per_prompt: float
+) -> None:
     """Two servers of one speed that ask again and again: the calls granted to each differ by at most
     one at every point, whoever asks first and however often a request is re-sent. (Calls, not prompts:
     a request made with weights one version behind is sized smaller on purpose, see ``Pacer.size``.)"""
@@ -400,8 +436,9 @@ def test_grants_are_fair_to_within_one_call(k: int, sizes: tuple[int, int], orde
 def test_a_slow_server_gets_smaller_calls_but_at_least_one_prompt() -> None:
     """Speeds measured from completed leases size the next calls to what arrives within the bound."""
     k, per = 1, 8
-    cfg = config(f"max_staleness={k}", f"learner.groups_per_step={per}", "rollout.prompts_per_call=8",
-                 "selector.lease_s=100")
+    cfg = config(
+        f"max_staleness={k}", f"learner.groups_per_step={per}", "rollout.prompts_per_call=8", "selector.lease_s=100"
+    )
     tally = Tally()
     pool, pacer = Buffer(cfg, np.random.default_rng(0), tally), Pacer(cfg, tally)
     now = 0.0
@@ -433,8 +470,9 @@ def test_a_slow_server_gets_smaller_calls_but_at_least_one_prompt() -> None:
 
 @settings(max_examples=60, deadline=None, database=None)
 @given(st.integers(0, 4), st.integers(0, 4), st.integers(1, 64), st.floats(0.001, 100), st.floats(0.01, 100))
-def test_size_is_at_least_one_and_at_most_asked_and_fits_the_slack(k: int, behind: int, asked: int,
-                                                                   s_per_prompt: float, step_s: float) -> None:
+def test_size_is_at_least_one_and_at_most_asked_and_fits_the_slack(
+    k: int, behind: int, asked: int, s_per_prompt: float, step_s: float
+) -> None:
     cfg = config(f"max_staleness={k}")
     pacer = Pacer(cfg, Tally())
     pacer.request(route("a"), request("a", 0, version=10, prompts=asked), 0.0)
@@ -456,8 +494,13 @@ def test_size_is_at_least_one_and_at_most_asked_and_fits_the_slack(k: int, behin
 
 
 def test_grow_n_raises_the_group_size_while_servers_wait_and_lowers_it_while_the_learner_waits() -> None:
-    cfg = config("max_staleness=1", "learner.groups_per_step=4", "rollout.surplus=grow_n",
-                 "rollout.max_group_size=12", "rollout.prompts_per_call=2")
+    cfg = config(
+        "max_staleness=1",
+        "learner.groups_per_step=4",
+        "rollout.surplus=grow_n",
+        "rollout.max_group_size=12",
+        "rollout.prompts_per_call=2",
+    )
     assert cfg.max_group_size == 12
     tally = Tally()
     pool, pacer = Buffer(cfg, np.random.default_rng(0), tally), Pacer(cfg, tally)
@@ -466,7 +509,7 @@ def test_grow_n_raises_the_group_size_while_servers_wait_and_lowers_it_while_the
     for rid in range(12):  # a server whose calls take 0.2 s and that then waits 1 s for each grant
         pacer.request(route("a"), request("a", rid, prompts=2), now)
         now += 1.0
-        (_, grant), = pacer.grants(now, 0, pool)
+        ((_, grant),) = pacer.grants(now, 0, pool)
         sizes.append(grant.group_size)
         for _ in range(grant.prompts):
             pacer.received("a", now + 0.2 * grant.group_size / 4)
@@ -487,7 +530,7 @@ def test_without_grow_n_the_group_size_never_changes() -> None:
     pool, pacer = Buffer(cfg, np.random.default_rng(0), tally), Pacer(cfg, tally)
     for rid in range(4):
         pacer.request(route("a"), request("a", rid, prompts=2), 10.0 * rid)
-        (_, grant), = pacer.grants(10.0 * rid + 5.0, 0, pool)
+        ((_, grant),) = pacer.grants(10.0 * rid + 5.0, 0, pool)
         assert grant.group_size == 4
         pacer.received("a", 10.0 * rid + 5.1)
         pacer.received("a", 10.0 * rid + 5.1)

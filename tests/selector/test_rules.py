@@ -242,8 +242,9 @@ def test_unknown_rule_lists_valid_names() -> None:
         assert name in str(exc.value)
 
 
-@pytest.mark.parametrize(("field", "names"), [
-    ("rule", SELECTORS), ("adv_norm", ADV_NORMS), ("zero_variance", ZERO_VARIANCE_RULES)])
+@pytest.mark.parametrize(
+    ("field", "names"), [("rule", SELECTORS), ("adv_norm", ADV_NORMS), ("zero_variance", ZERO_VARIANCE_RULES)]
+)
 def test_config_names_the_registered_options(field: str, names: Iterable[str]) -> None:
     """protocol/ imports no role, so the config spells these names as Literals; they must be these."""
     assert set(get_args(SelectorConfig.model_fields[field].annotation)) == set(names)
@@ -306,8 +307,13 @@ def fast_groups(draw: st.DrawFn, max_n: int = rules.FAST_MAX_N) -> tuple[np.ndar
     elems = draw(st.sampled_from(_REWARD_ELEMS))
     dtype = draw(st.sampled_from([np.float64, np.float32]))
     rewards = np.array(draw(st.lists(elems, min_size=n, max_size=n)), dtype=dtype)
-    return (rewards, m, draw(st.integers(0, 2**32 - 1)), draw(st.sampled_from(ZERO_VARIANCE_RULES)),
-            draw(st.sampled_from(ADV_NORMS)))
+    return (
+        rewards,
+        m,
+        draw(st.integers(0, 2**32 - 1)),
+        draw(st.sampled_from(ZERO_VARIANCE_RULES)),
+        draw(st.sampled_from(ADV_NORMS)),
+    )
 
 
 @settings(max_examples=400, deadline=None, database=None)
@@ -315,8 +321,10 @@ def fast_groups(draw: st.DrawFn, max_n: int = rules.FAST_MAX_N) -> tuple[np.ndar
 def test_fast_path_is_bit_exact_with_the_numpy_path(case) -> None:
     rewards, m, seed, zv, norm = case
     fast, ref = np.random.default_rng(seed), np.random.default_rng(seed)
-    _assert_identical(process_group(rewards, m, "max_variance", zv, norm, fast),
-                      _numpy_path(rewards, m, "max_variance", zv, norm, ref))
+    _assert_identical(
+        process_group(rewards, m, "max_variance", zv, norm, fast),
+        _numpy_path(rewards, m, "max_variance", zv, norm, ref),
+    )
     assert _same_state(fast, ref)  # the same draws: the random stream continues identically
 
 
@@ -339,8 +347,12 @@ def test_fast_path_is_taken_for_the_common_case(monkeypatch) -> None:
         d = process_group(np.array([0, 1, 0.5, 1, 0, 0.25] * 2, dtype), 4, "max_variance", "keep", "std", rng)
         assert isinstance(d, GroupDecision)
     assert calls == []
-    for rewards, rule in ((np.zeros(rules.FAST_MAX_N + 1), "max_variance"), (np.zeros(4, np.int64), "max_variance"),
-                          ([0.0, 1.0], "max_variance"), (np.zeros(4), "max_reward")):
+    for rewards, rule in (
+        (np.zeros(rules.FAST_MAX_N + 1), "max_variance"),
+        (np.zeros(4, np.int64), "max_variance"),
+        ([0.0, 1.0], "max_variance"),
+        (np.zeros(4), "max_reward"),
+    ):
         process_group(rewards, 2, rule, "keep", "std", rng)
     assert len(calls) == 4
 
@@ -358,12 +370,15 @@ def test_fast_path_known_values(zv: str, norm: str) -> None:
     assert not d.zero_variance and not d.dropped
 
 
-@pytest.mark.parametrize("rewards", [
-    pytest.param([1e200, -1e200, 0.0, 5.0], id="squares-overflow"),
-    pytest.param([1e30, 2e30, 3e30, 0.0], id="at-the-bound"),
-    pytest.param([1.7e308, 1.7e308, -1.0, 2.0], id="sum-overflows"),
-    pytest.param([-1e35, 1.0, 2.0, 3.0, 4.0], id="mean-norm-beyond-float32"),
-])
+@pytest.mark.parametrize(
+    "rewards",
+    [
+        pytest.param([1e200, -1e200, 0.0, 5.0], id="squares-overflow"),
+        pytest.param([1e30, 2e30, 3e30, 0.0], id="at-the-bound"),
+        pytest.param([1.7e308, 1.7e308, -1.0, 2.0], id="sum-overflows"),
+        pytest.param([-1e35, 1.0, 2.0, 3.0, 4.0], id="mean-norm-beyond-float32"),
+    ],
+)
 def test_huge_rewards_behave_exactly_as_the_numpy_path(rewards: list[float]) -> None:
     """Rewards the Python path does not take (|r| >= 1e30, or a sum that overflows) give the numpy
     path's result, or its exception, after the same draws."""
@@ -406,8 +421,11 @@ def test_fast_path_bad_m_same_errors() -> None:
 
 
 @settings(max_examples=300, deadline=None, database=None)
-@given(st.integers(1, 128).flatmap(lambda n: st.lists(st.sampled_from(_REWARD_ELEMS[:4]).flatmap(lambda e: e),
-                                                       min_size=n, max_size=n)))
+@given(
+    st.integers(1, 128).flatmap(
+        lambda n: st.lists(st.sampled_from(_REWARD_ELEMS[:4]).flatmap(lambda e: e), min_size=n, max_size=n)
+    )
+)
 def test_np_sum_is_numpys_summation(values: list[float]) -> None:
     a = np.array(values, np.float64)
     assert _np_sum(values) == a.sum()
@@ -423,12 +441,20 @@ def bursts(draw: st.DrawFn) -> tuple[np.ndarray, int, int, str, str]:
     m = draw(st.integers(1, n + 2))
     kind = draw(st.sampled_from(["levels", "binary", "normal", "uniform"]))
     gen = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    rewards = {"levels": lambda: gen.choice(np.arange(5) / 4, (g, n)), "binary": lambda: gen.choice([0.0, 1.0], (g, n)),
-               "normal": lambda: gen.normal(size=(g, n)) * 10.0 ** gen.integers(-6, 7),
-               "uniform": lambda: gen.random((g, n))}[kind]()
+    rewards = {
+        "levels": lambda: gen.choice(np.arange(5) / 4, (g, n)),
+        "binary": lambda: gen.choice([0.0, 1.0], (g, n)),
+        "normal": lambda: gen.normal(size=(g, n)) * 10.0 ** gen.integers(-6, 7),
+        "uniform": lambda: gen.random((g, n)),
+    }[kind]()
     rewards = rewards.astype(draw(st.sampled_from([np.float64, np.float32])))
-    return (rewards, m, draw(st.integers(0, 2**32 - 1)), draw(st.sampled_from(ZERO_VARIANCE_RULES)),
-            draw(st.sampled_from(ADV_NORMS)))
+    return (
+        rewards,
+        m,
+        draw(st.integers(0, 2**32 - 1)),
+        draw(st.sampled_from(ZERO_VARIANCE_RULES)),
+        draw(st.sampled_from(ADV_NORMS)),
+    )
 
 
 @settings(max_examples=150, deadline=None, database=None)
@@ -457,10 +483,16 @@ def test_process_groups_other_rules_loop(rule: str) -> None:
 
 
 @settings(max_examples=100, deadline=None, database=None)
-@given(st.integers(8, 20), st.integers(1, 9), st.integers(1, 9), st.integers(0, 2**32 - 1),
-       st.sampled_from(["levels", "normal"]))
-def test_process_groups_rows_have_maximal_variance_and_are_deterministic(g: int, n: int, m: int, seed: int,
-                                                                         kind: str) -> None:
+@given(
+    st.integers(8, 20),
+    st.integers(1, 9),
+    st.integers(1, 9),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["levels", "normal"]),
+)
+def test_process_groups_rows_have_maximal_variance_and_are_deterministic(
+    g: int, n: int, m: int, seed: int, kind: str
+) -> None:
     gen = np.random.default_rng(seed)
     rewards = gen.choice(np.arange(5) / 4, (g, n)) if kind == "levels" else gen.normal(size=(g, n))
     got = process_groups(rewards, m, "max_variance", "keep", "std", np.random.default_rng(seed))
@@ -543,13 +575,20 @@ def _reference_keep_group(group: ScoredGroup, cfg: SelectorConfig, m: int, rng: 
     starts = ends - group.completion_lens
     kept = decision.kept
     return KeptGroup(
-        server_id=group.server_id, version=group.version, prompt_ids=group.prompt_ids,
-        completions=[group.completion_ids[starts[i]:ends[i]] for i in kept],
-        logprobs=[group.logprobs[starts[i]:ends[i]] for i in kept],
-        rewards=group.rewards[kept], advantages=decision.advantages,
-        group_reward_mean=float(group.rewards.mean()), zero_variance=decision.zero_variance,
-        session=group.session, seq=group.group_id, tokens=int(group.completion_lens.sum()),
-        n=len(group.completion_lens))
+        server_id=group.server_id,
+        version=group.version,
+        prompt_ids=group.prompt_ids,
+        completions=[group.completion_ids[starts[i] : ends[i]] for i in kept],
+        logprobs=[group.logprobs[starts[i] : ends[i]] for i in kept],
+        rewards=group.rewards[kept],
+        advantages=decision.advantages,
+        group_reward_mean=float(group.rewards.mean()),
+        zero_variance=decision.zero_variance,
+        session=group.session,
+        seq=group.group_id,
+        tokens=int(group.completion_lens.sum()),
+        n=len(group.completion_lens),
+    )
 
 
 def _reference_build_batch(groups, req, stats):
@@ -557,10 +596,16 @@ def _reference_build_batch(groups, req, stats):
     servers = sorted({g.server_id for g in groups})
     index = {s: i for i, s in enumerate(servers)}
     rows = [(gi, g, j) for gi, g in enumerate(groups) for j in range(len(g.completions))]
-    stats = {**stats, "reward/mean": float(np.mean([g.group_reward_mean for g in groups])),
-             "reward/kept_std": float(np.mean([g.rewards.std() for g in groups]))}
+    stats = {
+        **stats,
+        "reward/mean": float(np.mean([g.group_reward_mean for g in groups])),
+        "reward/kept_std": float(np.mean([g.rewards.std() for g in groups])),
+    }
     return dict(
-        request_id=req.request_id, version=req.version, servers=servers, stats=stats,
+        request_id=req.request_id,
+        version=req.version,
+        servers=servers,
+        stats=stats,
         prompt_ids=np.concatenate([g.prompt_ids for _, g, _ in rows]).astype(np.int32),
         prompt_lens=np.array([len(g.prompt_ids) for _, g, _ in rows], np.int32),
         completion_ids=np.concatenate([g.completions[j] for _, g, j in rows]).astype(np.int32),
@@ -572,19 +617,30 @@ def _reference_build_batch(groups, req, stats):
         group_index=np.array([gi for gi, _, _ in rows], np.int32),
         server_index=np.array([index[g.server_id] for _, g, _ in rows], np.int32),
         group_sessions=np.array([g.session for g in groups], np.int64),
-        group_seqs=np.array([g.seq for g in groups], np.int64))
+        group_seqs=np.array([g.seq for g in groups], np.int64),
+    )
 
 
 @settings(max_examples=120, deadline=None, database=None)
-@given(st.integers(0, 2**32 - 1), st.integers(0, 30), st.sampled_from([1, 3, 8, 16]), st.integers(1, 6),
-       st.sampled_from(sorted(SELECTORS)), st.sampled_from(ZERO_VARIANCE_RULES), st.sampled_from(ADV_NORMS),
-       st.booleans())
-def test_keep_groups_and_build_batch_equal_the_per_group_code(seed: int, g: int, n: int, m: int, rule: str, zv: str,
-                                                              norm: str, mixed: bool) -> None:
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 30),
+    st.sampled_from([1, 3, 8, 16]),
+    st.integers(1, 6),
+    st.sampled_from(sorted(SELECTORS)),
+    st.sampled_from(ZERO_VARIANCE_RULES),
+    st.sampled_from(ADV_NORMS),
+    st.booleans(),
+)
+def test_keep_groups_and_build_batch_equal_the_per_group_code(
+    seed: int, g: int, n: int, m: int, rule: str, zv: str, norm: str, mixed: bool
+) -> None:
     gen = np.random.default_rng(seed)
     sizes = gen.integers(1, 10, g) if mixed else np.full(g, n)
-    groups = [_group(gen.choice([0.0, 0.5, 1.0], k) if i % 3 else gen.random(k), i, f"s-{i % 3}", i % 4)
-              for i, k in enumerate(sizes.tolist())]
+    groups = [
+        _group(gen.choice([0.0, 0.5, 1.0], k) if i % 3 else gen.random(k), i, f"s-{i % 3}", i % 4)
+        for i, k in enumerate(sizes.tolist())
+    ]
     cfg = SelectorConfig(rule=rule, zero_variance=zv, adv_norm=norm)
     a, b = np.random.default_rng(seed), np.random.default_rng(seed)
     got = keep_groups(groups, cfg, m, a)
@@ -626,5 +682,7 @@ def test_legacy_random_state_takes_the_numpy_path() -> None:
 
 def test_exact_mode_needs_room_for_2k_plus_1_batches() -> None:
     with pytest.raises(ValueError, match="selector.buffer_groups"):
-        load_config(None, ["run.staleness_mode=exact", "max_staleness=8", "learner.groups_per_step=8",
-                           "selector.buffer_groups=100"])
+        load_config(
+            None,
+            ["run.staleness_mode=exact", "max_staleness=8", "learner.groups_per_step=8", "selector.buffer_groups=100"],
+        )

@@ -30,15 +30,23 @@ TIMEOUT_MS = 20_000
 def group(version: int, rewards: list[float], server: str = "t-0", gid: int = 0) -> ScoredGroup:
     n = len(rewards)
     lens = np.full(n, 4, np.int32)
-    return ScoredGroup(server_id=server, session=1, group_id=gid, version=version, task="copy", gen_seconds=0.01,
-                       prompt_ids=np.array([1, 5, 6, 2], np.int32), completion_ids=np.arange(4 * n, dtype=np.int32),
-                       completion_lens=lens, logprobs=np.full(4 * n, -0.5, np.float32),
-                       rewards=np.array(rewards, np.float32))
+    return ScoredGroup(
+        server_id=server,
+        session=1,
+        group_id=gid,
+        version=version,
+        task="copy",
+        gen_seconds=0.01,
+        prompt_ids=np.array([1, 5, 6, 2], np.int32),
+        completion_ids=np.arange(4 * n, dtype=np.int32),
+        completion_lens=lens,
+        logprobs=np.full(4 * n, -0.5, np.float32),
+        rewards=np.array(rewards, np.float32),
+    )
 
 
 def announce(pub: zmq.Socket, version: int, floor: int = 0, vocab: int = 64) -> None:
-    send(pub, WeightsAnnouncement(version=version, final=False, floor=floor, vocab_size=vocab,
-                                  session=5))
+    send(pub, WeightsAnnouncement(version=version, final=False, floor=floor, vocab_size=vocab, session=5))
 
 
 def reply(dealer: zmq.Socket, pub: zmq.Socket, version: int, floor: int = 0) -> TrainBatch:
@@ -52,8 +60,16 @@ def reply(dealer: zmq.Socket, pub: zmq.Socket, version: int, floor: int = 0) -> 
 
 
 def test_selector_rejects_bad_input_counts_it_and_keeps_serving(spawn, run_dir, net_overrides):
-    overrides = [f"run.dir={run_dir}", "max_staleness=1", "rollout.group_size=8", "selector.keep=4",
-                 "learner.groups_per_step=2", "selector.rule=max_variance", "net.max_group_mib=1", *net_overrides]
+    overrides = [
+        f"run.dir={run_dir}",
+        "max_staleness=1",
+        "rollout.group_size=8",
+        "selector.keep=4",
+        "learner.groups_per_step=2",
+        "selector.rule=max_variance",
+        "net.max_group_mib=1",
+        *net_overrides,
+    ]
     cfg = load_config(None, overrides)
     proc = spawn("selector.server", *overrides, log=run_dir.parent / "selector.log")
     ctx = zmq.Context()
@@ -114,8 +130,16 @@ def test_selector_rejects_bad_input_counts_it_and_keeps_serving(spawn, run_dir, 
 def test_hostile_but_well_formed_input_is_rejected_counted_and_never_batched(spawn, run_dir, net_overrides):
     """Issue 7's attacks on a real selector process: each is rejected with its reason, the log stays
     short, and the honest groups sent around them make the batch."""
-    overrides = [f"run.dir={run_dir}", "max_staleness=2", "rollout.group_size=8", "selector.keep=4",
-                 "learner.groups_per_step=2", "selector.max_peers=4", "rollout.max_new_tokens=4", *net_overrides]
+    overrides = [
+        f"run.dir={run_dir}",
+        "max_staleness=2",
+        "rollout.group_size=8",
+        "selector.keep=4",
+        "learner.groups_per_step=2",
+        "selector.max_peers=4",
+        "rollout.max_new_tokens=4",
+        *net_overrides,
+    ]
     cfg = load_config(None, overrides)
     log_path = run_dir.parent / "selector.log"
     proc = spawn("selector.server", *overrides, log=log_path)
@@ -148,8 +172,20 @@ def test_hostile_but_well_formed_input_is_rejected_counted_and_never_batched(spa
         ]
         for msg in hostile:
             send(push, msg)
-        header = msgpack.packb({"t": "work_request", "v": PROTOCOL_VERSION, "a": [], "f": {  # decodes, absurd
-            "server_id": "t-0", "session": 1, "request_id": 2, "version": 3, "prompts": 10**6}})
+        header = msgpack.packb(
+            {
+                "t": "work_request",
+                "v": PROTOCOL_VERSION,
+                "a": [],
+                "f": {  # decodes, absurd
+                    "server_id": "t-0",
+                    "session": 1,
+                    "request_id": 2,
+                    "version": 3,
+                    "prompts": 10**6,
+                },
+            }
+        )
         push.send_multipart([header])
         for i in range(10):  # a flood of new identities: only max_peers are tracked
             send(push, Heartbeat(server_id=f"flood-{i}", version=0, groups_sent=0, state="generating", session=i))

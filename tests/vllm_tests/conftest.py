@@ -12,8 +12,10 @@ import os
 import pytest
 
 if importlib.util.find_spec("vllm") is None:
-    raise pytest.UsageError("tests/vllm_tests need vLLM, which the main environment never has: "
-                            "bash scripts/vllm-env.sh && .venv-vllm/bin/python -m pytest -q tests/vllm_tests")
+    raise pytest.UsageError(
+        "tests/vllm_tests need vLLM, which the main environment never has: "
+        "bash scripts/vllm-env.sh && .venv-vllm/bin/python -m pytest -q tests/vllm_tests"
+    )
 
 # vLLM on CPU otherwise reserves rollout.engine.gpu_memory_utilization (0.5) of the machine's memory per engine.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

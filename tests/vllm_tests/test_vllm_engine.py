@@ -34,8 +34,9 @@ def setup(tmp_path_factory):
     models, weights = [], []
     for seed in (0, 1):
         tmp = tmp_path_factory.mktemp(f"model{seed}")
-        cfg = load_config(None, [f"run.dir={tmp}", f"run.seed={seed}", "model.tiny.num_heads=2",
-                                 "rollout.engine.type=vllm"])
+        cfg = load_config(
+            None, [f"run.dir={tmp}", f"run.seed={seed}", "model.tiny.num_heads=2", "rollout.engine.type=vllm"]
+        )
         build_tiny_model(cfg, cfg.model_dir, alphabet=ALPHABET)
         model = load_model(cfg.model_dir, torch.device("cpu"))
         w = pack_weights(model.state_dict(), seed + 1, model.config.to_json_string())
@@ -54,11 +55,15 @@ def setup(tmp_path_factory):
 def recompute(model, prompts, samples, n: int, temperature: float) -> list[np.ndarray]:
     rows = [p for p in prompts for _ in range(n)]
     with torch.no_grad():
-        logp, mask, _ = completion_logprobs(model, [torch.from_numpy(p.astype(np.int64)) for p in rows],
-                                            [torch.from_numpy(c.astype(np.int64)) for c in samples.ids],
-                                            temperature, torch.device("cpu"))
+        logp, mask, _ = completion_logprobs(
+            model,
+            [torch.from_numpy(p.astype(np.int64)) for p in rows],
+            [torch.from_numpy(c.astype(np.int64)) for c in samples.ids],
+            temperature,
+            torch.device("cpu"),
+        )
     assert [int(m.sum()) for m in mask] == [len(c) for c in samples.ids]
-    return [logp[i, :len(c)].numpy() for i, c in enumerate(samples.ids)]
+    return [logp[i, : len(c)].numpy() for i, c in enumerate(samples.ids)]
 
 
 def max_error(model, prompts, samples, n: int, temperature: float) -> float:
@@ -77,7 +82,7 @@ def encode_text(tok, text: str) -> np.ndarray:
 def long_prompt(tok, engine) -> np.ndarray:
     """Longer than two KV blocks, so vLLM's prefix cache holds full blocks of it."""
     block = engine.llm.llm_engine.vllm_config.cache_config.block_size
-    return encode_text(tok, (ALPHABET * (2 * block // len(ALPHABET) + 2))[:2 * block + 5] + ":")
+    return encode_text(tok, (ALPHABET * (2 * block // len(ALPHABET) + 2))[: 2 * block + 5] + ":")
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
