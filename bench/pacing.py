@@ -81,9 +81,6 @@ def duty_cycle(run_dir: Path, name: str, stop_s: float, period_s: float, done: t
 def run_job(overrides: list[str], slow: str = "") -> Job:
     with tempfile.TemporaryDirectory(prefix="podsrl-bench-pacing-") as tmp:
         run_dir = Path(tmp) / "run"
-        ports = [
-            f"net.{k}_port={p}" for k, p in zip(("group", "batch", "announce", "weights"), free_ports(4), strict=True)
-        ]
         cmd = [
             sys.executable,
             "-m",
@@ -92,8 +89,7 @@ def run_job(overrides: list[str], slow: str = "") -> Job:
             "--config",
             str(ROOT / "configs/tiny.toml"),
             f"run.dir={run_dir}",
-            "learner.checkpoint_every=0",
-            *ports,
+            "learner.checkpoint_every=0",  # ports: the launcher picks free ones (none set here)
             *overrides,
         ]
         done = threading.Event()

@@ -18,7 +18,6 @@ work is trained in proportion to what it made; below 1 its groups are discarded 
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -130,12 +129,7 @@ def _totals(records: list[dict[str, Any]]) -> dict[str, float]:
 
 def trained_per_server(path: Path) -> Counter[str]:
     """Groups trained per rollout server, from the learner's audit trail."""
-    counts: Counter[str] = Counter()
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                counts.update(g[0] for g in json.loads(line)["groups"])
-    return counts
+    return Counter(g[0] for r in (read_metrics(path) if path.exists() else []) for g in r["groups"])
 
 
 def account(run_dir: str | Path) -> Accounting:

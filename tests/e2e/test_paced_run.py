@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import Counter
 
@@ -29,12 +28,9 @@ def test_a_throttled_server_is_paced_and_every_count_reconciles(run_dir, net_ove
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert_all_exited(run_dir)
     metrics = run_dir / "metrics"
-    audit = [
-        tuple(g)
-        for line in (metrics / "trained_groups.jsonl").read_text().splitlines()
-        for g in json.loads(line)["groups"]
-    ]
-    versions = [json.loads(line)["version"] for line in (metrics / "trained_groups.jsonl").read_text().splitlines()]
+    records = read_metrics(metrics / "trained_groups.jsonl")
+    audit = [tuple(g) for r in records for g in r["groups"]]
+    versions = [r["version"] for r in records]
     assert len(versions) == 150
     assert len({g[:3] for g in audit}) == len(audit) == 150 * 8, "a group was trained twice, or a batch was short"
     assert max(m["staleness/max"] for m in read_metrics(metrics / "learner.jsonl")) <= k
