@@ -31,14 +31,16 @@ took to its grave asks again as soon as a new session speaks), the version ``flo
 (``learner/checkpoint.py``), the vocabulary size the selector bounds token ids with, and the
 version's segment name and this machine's id when it is in shared memory, and its CUDA IPC handle
 when a learner on CUDA shares a device copy (:func:`share_on_device`). The latest announcement
-is repeated every ``ANNOUNCE_EVERY_S``, so a process that (re)connects late learns the version within
-a second instead of waiting for the next step.
+is sent again at once (within ``JOIN_GAP_S``) to a process that subscribes (the announce socket is an
+XPUB: a subscription is a message the learner reads), and repeated every ``ANNOUNCE_EVERY_S`` for one
+whose subscription was lost.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -65,6 +67,7 @@ from protocol.sockets import announce_publisher, close, recv, send, weight_serve
 from protocol.weights import encode_delta, same_layout
 
 log = logging.getLogger("podsrl.learner")
+JOIN_GAP_S = 0.05  # a new subscriber is announced to within this (announcements at most this often for joins)
 MAX_PINS = 4096  # transfers tracked at once (a hostile peer opening transfers cannot grow this further)
 
 
@@ -414,6 +417,18 @@ class WeightPublisher:
                 del self._pins[key]
                 self.pins_dropped += 1
 
+    def _drain_subscriptions(self) -> bool:
+        """Read the subscription messages waiting on the announce socket (at most 64: a peer that
+        reconnects in a loop gets at most one announcement per ``JOIN_GAP_S``, not one per message);
+        True when a process subscribed, so that it hears the latest version now."""
+        joined = False
+        for _ in range(64):
+            try:
+                joined |= self._pub.recv(zmq.NOBLOCK)[:1] == b"\x01"
+            except zmq.Again:
+                break
+        return joined
+
     def _serve(self) -> None:
         wake = self._ctx.socket(zmq.PAIR)
         wake.connect(self._wake_addr)
@@ -421,11 +436,13 @@ class WeightPublisher:
         poller = zmq.Poller()
         poller.register(wake, zmq.POLLIN)
         poller.register(self._router, zmq.POLLIN)
-        announced = time.monotonic()
+        poller.register(self._pub, zmq.POLLIN)  # subscriptions: a process joined (protocol/sockets.py)
+        announced, join_due = time.monotonic(), math.inf  # join_due: announce then, for a new subscriber
         timeout_ms = int(ANNOUNCE_EVERY_S * 1000)
         try:
             while True:
-                events = dict(poller.poll(timeout_ms))
+                due_ms = math.ceil((join_due - time.monotonic()) * 1000) if join_due < math.inf else timeout_ms
+                events = dict(poller.poll(max(0, min(timeout_ms, due_ms))))
                 if self._router in events:
                     for _ in range(64):  # drain a burst of chunk requests, then look at the clock again
                         try:
@@ -438,9 +455,12 @@ class WeightPublisher:
                             self._warn(e.reason, "rejected a weights request: %s", e)
                 if wake in events and wake.recv() == b"stop":
                     return
-                if wake in events or time.monotonic() - announced >= ANNOUNCE_EVERY_S:
+                if self._pub in events and self._drain_subscriptions():  # (a reconnecting loop: one per JOIN_GAP_S)
+                    join_due = min(join_due, max(time.monotonic(), announced + JOIN_GAP_S))
+                now = time.monotonic()
+                if wake in events or now >= join_due or now - announced >= ANNOUNCE_EVERY_S:
                     self._announce()
-                    announced = time.monotonic()
+                    announced, join_due = time.monotonic(), math.inf
                 if self._pins:
                     self._expire_pins()
                 if self._latest is not None:

@@ -8,7 +8,7 @@ link         binds               connects               messages
 ===========  ==================  =====================  ==========================================
 groups       selector ROUTER     rollout DEALER         Hello, Heartbeat, ScoredGroup, WorkRequest -> WorkGrant
 batches      selector ROUTER     learner rank-0 DEALER  BatchRequest -> TrainBatch
-announce     learner PUB         rollout, selector SUB  WeightsAnnouncement
+announce     learner XPUB        rollout, selector SUB  WeightsAnnouncement
 weights      learner ROUTER      rollout DEALER         WeightsRequest -> WeightsChunk
 ===========  ==================  =====================  ==========================================
 
@@ -129,10 +129,14 @@ def batch_client(ctx: zmq.Context, net: NetConfig, auth: Auth | None = None) -> 
 
 
 def announce_publisher(ctx: zmq.Context, net: NetConfig, auth: Auth | None = None) -> zmq.Socket:
-    """Learner side of *announce*: PUB, binds. Announcements are idempotent (the latest wins), so a
+    """Learner side of *announce*: XPUB, binds. Announcements are idempotent (the latest wins), so a
     slow subscriber may miss some: it always fetches the newest version over *weights*. With auth, a
-    subscriber whose key is not allowlisted never completes the handshake, so it receives nothing."""
-    sock = _secure(_socket(ctx, zmq.PUB, sndhwm=100), net, "announce", auth, server=True)
+    subscriber whose key is not allowlisted never completes the handshake, so it receives nothing.
+    XPUB rather than PUB: a new subscriber's subscription arrives as a message (readable on this
+    socket), so the learner announces at once to a process that joins, instead of up to
+    ``ANNOUNCE_EVERY_S`` later (learner/publisher.py); subscribers see a PUB."""
+    sock = _secure(_socket(ctx, zmq.XPUB, sndhwm=100), net, "announce", auth, server=True)
+    sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscriber's subscription, not only the first of a topic
     return _bind(sock, net.bind_host, net.announce_port, "announce_port")
 
 

@@ -38,6 +38,7 @@ from helpers import ROOT, child_env, free_ports
 from torch import nn
 from zmq.utils.monitor import recv_monitor_message
 
+import learner.publisher as publisher_module
 from learner.publisher import WeightPublisher
 from protocol.codec import encode
 from protocol.config import NetConfig, WeightsConfig
@@ -1026,3 +1027,21 @@ def test_deltas_that_do_not_pay_give_way_to_full_versions(net: NetConfig, aio: A
     publish_packed(relaxed, versions[1])
     assert relaxed._delta(versions[0], versions[1]).result(timeout=10).shape[0] < versions[1].data.nbytes / 2
     assert relaxed._deltas_pay
+
+
+def test_a_subscriber_that_joins_hears_the_latest_version_at_once(
+    net: NetConfig, zctx: zmq.Context, publishers: Publishers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The announce socket is an XPUB: a process that subscribes after version 0 was announced hears it
+    at once, not at the next periodic repeat (the start-up of every rollout server and of the selector
+    waited up to a second for it). The repeat is pushed out of reach here, so only a join can deliver;
+    every joiner is heard, not only the first of a topic (XPUB_VERBOSE)."""
+    monkeypatch.setattr(publisher_module, "ANNOUNCE_EVERY_S", 600.0)
+    pub = publishers.make(net, WeightsConfig(transport="net"))
+    pub.publish(chain()[0])
+    for _ in range(3):
+        sub = announce_subscriber(zctx, net)
+        try:
+            assert announcement(sub, 0).session == pub.session
+        finally:
+            close(sub)
