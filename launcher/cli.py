@@ -71,8 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.preflight import PreflightError, preflight
 
     cfg = configure(args, role=args.cmd)
+    server = None
+    if args.cmd == "run" and cfg.run.fork_server:  # torch imported once; the checks and each process fork from it
+        from launcher.forkserver import call, start_server
+
+        server = start_server()
     try:
-        report = preflight(cfg)
+        report = preflight(cfg) if server is None else call(server, preflight, cfg)
     except PreflightError as e:
         print(f"podsrl {args.cmd}: {e}", file=sys.stderr)
         return 2
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(cmd[0], cmd)
     from launcher.launch import launch
 
-    return launch(cfg, report)
+    return launch(cfg, report, server)
 
 
 def add_sweep_parser(sub: argparse._SubParsersAction) -> None:

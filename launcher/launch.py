@@ -26,10 +26,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_fds
+from multiprocessing.context import ForkServerContext
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import IO
 
 from launcher.accounting import account
+from launcher.forkserver import RoleSpec, fork
 from launcher.ports import assign_ports, describe
 from protocol.cli import die_with_parent
 from protocol.config import Config, to_toml
@@ -38,16 +42,46 @@ from protocol.shm import remove_segments, run_key
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class Forked:
+    """A process forked from the fork server, behind the part of ``subprocess.Popen``'s interface the
+    launcher uses (it is the fork server's child, not ours: multiprocessing reports its exit)."""
+
+    def __init__(self, proc: BaseProcess) -> None:
+        assert proc.pid is not None
+        self.proc, self.pid, self.sentinel = proc, proc.pid, proc.sentinel
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.exitcode
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            raise subprocess.TimeoutExpired(self.proc.name, timeout or 0.0)
+        return self.proc.exitcode
+
+
 @dataclass
 class Child:
     name: str
     cmd: list[str]
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen | Forked | None = None
     log: IO[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)  # added to the environment it is started with
+    forkable: bool = False  # ``cmd`` is ``python -m MODULE ARGS``: may be forked from the fork server
+    sentinel: int = -1  # readable once the process has exited (a pidfd for a plain process)
 
-    def start(self, logs: Path, env: dict[str, str]) -> None:
-        self.log = (logs / f"{self.name}.log").open("ab")
+    def start(self, logs: Path, env: dict[str, str], server: ForkServerContext | None = None) -> None:
+        path = logs / f"{self.name}.log"
+        if server is not None and self.forkable:
+            spec = RoleSpec(self.cmd[2], self.cmd[3:], str(path), {**env, **self.env}, os.getcwd())
+            forked = Forked(fork(server, spec))
+            self.proc, self.sentinel = forked, forked.sentinel
+            return
+        self.log = path.open("ab")
         self.proc = subprocess.Popen(
             self.cmd,
             stdout=self.log,
@@ -58,11 +92,22 @@ class Child:
             cwd=os.getcwd(),
             preexec_fn=functools.partial(_die_with_parent, os.getpid()),
         )
+        self.sentinel = os.pidfd_open(self.proc.pid)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        if isinstance(self.proc, subprocess.Popen) and self.sentinel >= 0:
+            os.close(self.sentinel)
+        self.sentinel = -1
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:  # a forked child not yet its own group leader (setsid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.proc.pid, sig)
 
     def reap_group(self, grace_s: float = 3.0) -> None:
         """Once the leader has exited, wait for the rest of its process group, then kill what is left.
@@ -134,9 +179,14 @@ def log_tail(run_dir: Path, name: str, lines: int = 15) -> str:
 
 
 def children(cfg: Config, config_path: Path) -> list[Child]:
+    """The processes of a run. Forkable (launcher/forkserver.py): the selector, a one-rank learner (more
+    ranks go through torchrun) and torch-engine rollout servers (vLLM runs its own multiprocessing)."""
     py, conf = sys.executable, ["--config", str(config_path)]
     learner_cmd, learner_env = learner_command(str(config_path), [], cfg.learner.nproc)
-    kids = [Child("selector", [py, "-m", "selector.server", *conf]), Child("learner", learner_cmd, env=learner_env)]
+    kids = [
+        Child("selector", [py, "-m", "selector.server", *conf], forkable=True),
+        Child("learner", learner_cmd, env=learner_env, forkable=cfg.learner.nproc == 1),
+    ]
     for i in range(cfg.rollout.servers):
         kids.append(
             Child(
@@ -151,6 +201,7 @@ def children(cfg: Config, config_path: Path) -> list[Child]:
                     "--seed",
                     str(cfg.run.seed * 1000 + i),
                 ],
+                forkable=cfg.rollout.engine.type == "torch",
             )
         )
     return kids
@@ -268,8 +319,18 @@ class Progress:
         )
 
 
-def launch(cfg: Config, report: str) -> int:
-    """Start every process of ``cfg`` (checked by ``preflight``, whose ``report`` is printed)."""
+def wait_for_exit(kids: list[Child], timeout: float) -> None:
+    """Return when one of ``kids`` exits (now, if one has already) or after ``timeout`` seconds."""
+    fds = [k.sentinel for k in kids if k.sentinel >= 0 and k.proc is not None and k.proc.poll() is None]
+    if fds:
+        wait_fds(fds, timeout)
+    else:
+        time.sleep(timeout)
+
+
+def launch(cfg: Config, report: str, server: ForkServerContext | None = None) -> int:
+    """Start every process of ``cfg`` (checked by ``preflight``, whose ``report`` is printed), forked
+    from ``server`` where they may be (launcher/forkserver.py)."""
     run_dir = Path(cfg.run.dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     cfg, picked = assign_ports(cfg)
@@ -300,13 +361,13 @@ def launch(cfg: Config, report: str) -> int:
     failed: list[str] = []
     try:
         for kid in kids:
-            kid.start(run_dir / "logs", env)
+            kid.start(run_dir / "logs", env, server)
         # Each child leads its own process group (torchrun's workers included): tests and users can
         # check that none outlives the run.
         (run_dir / "pids.json").write_text(json.dumps({k.name: k.proc.pid for k in kids if k.proc}))
         learner = next(k for k in kids if k.name == "learner")
         while not interrupted:
-            time.sleep(0.5)
+            wait_for_exit(kids, 0.5)  # wakes at once when a process exits: the end is seen without delay
             progress.poll()
             memory.poll(len(progress.rewards))
             for kid in kids:
@@ -326,7 +387,7 @@ def launch(cfg: Config, report: str) -> int:
         if not interrupted:
             deadline = time.monotonic() + 15  # the rest leave on the learner's final announcement
             while time.monotonic() < deadline and any(k.proc.poll() is None for k in kids if k.proc):
-                time.sleep(0.2)
+                wait_for_exit(kids, deadline - time.monotonic())
     finally:
         for kid in kids:
             kid.stop()
@@ -339,8 +400,7 @@ def launch(cfg: Config, report: str) -> int:
                     kid.stop(signal.SIGKILL)
                     kid.proc.wait()
             kid.reap_group()
-            if kid.log is not None:
-                kid.log.close()
+            kid.close()
         memory.close()
         with contextlib.suppress(OSError):  # a learner killed above leaves its shared-memory segments
             remove_segments(cfg.weights.shm_dir, run_key(run_dir))

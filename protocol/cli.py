@@ -61,7 +61,7 @@ def configure(args: argparse.Namespace, role: str, quiet: bool = False) -> Confi
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
-        format=f"%(asctime)s {role} %(levelname)s %(message)s",
+        format=f"%(asctime)s.%(msecs)03d {role} %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
     return cfg

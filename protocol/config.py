@@ -35,6 +35,12 @@ class RunConfig(Section):
         "update trains rows generated exactly max_staleness versions earlier (the first max_staleness updates "
         "train version-0 rows), to measure the effect of staleness itself (docs/STALENESS.md)",
     )
+    fork_server: bool = Field(
+        True,
+        description="podsrl run: fork the selector, a one-rank learner and torch-engine rollout servers from "
+        "one process that imported torch and transformers once (start-up in about a third of the time; no "
+        "CUDA is initialised before a fork); false starts each as its own interpreter",
+    )
 
 
 class TinyModelConfig(Section):
