@@ -18,13 +18,21 @@ measures send -> batch-arrival latency. Flood windows of the selector and the re
 then both are run paced at a quarter of the selector's capacity, with the learner's request always
 outstanding.
 
-Run: ``python -m bench.selector``.
+Part 3 (the receipt of the pure-Python single-group path in ``selector/rules.py``): per group, with and
+without it (``rules.FAST_MAX_N = 0``), for bursts of 1, 2, 4 and 7 groups: the selection alone, the
+selector's work without sockets (decode, ``Selector.admit``'s checks, ``Buffer.admit``, take +
+build_batch + encode per 8 groups), and the CPU time of a selector process fed 400 groups/s one at a
+time. Goal (issue 18): it saves >= 20% of the selector's cost per group at light load.
+
+Run: ``python -m bench.selector`` (all), ``python -m bench.selector fast_path`` (Part 3, ~2.5 min).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
+import os
 import random
 import signal
 import statistics
@@ -34,6 +42,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +51,8 @@ import numpy as np
 import zmq
 
 from bench.common import ROOT, Result, child_env, free_port, interleaved, print_results
-from protocol.codec import encode
-from protocol.config import NetConfig, SelectorConfig
+from protocol.codec import decode, encode
+from protocol.config import Config, NetConfig, SelectorConfig, load_config
 from protocol.messages import BatchRequest, ScoredGroup, TrainBatch, WeightsAnnouncement
 from protocol.sockets import (
     announce_publisher,
@@ -55,13 +64,29 @@ from protocol.sockets import (
     recv,
     send,
 )
-from selector.batch import keep_group, keep_groups
+from selector import rules
+from selector.batch import build_batch, keep_group, keep_groups
+from selector.bounds import Bounds, Identities
+from selector.buffer import Buffer
 from selector.rules import _process_group_numpy, max_variance, process_group, process_groups
+from selector.server import GROUP_LINK
 
 BENCH = "selector"
 N, M = 16, 4
 LEVELS = np.arange(5, dtype=np.float32) / 4
 GOAL_GROUPS_S = 200_000
+E2E_T, E2E_P = 64, 8  # tokens per completion, prompt tokens
+BATCH_GROUPS = 8
+BUFFER_GROUPS = 256
+SHAPE = [  # the run's shape as config overrides: groups of N completions, M kept, batches of BATCH_GROUPS
+    "max_staleness=1000",
+    f"rollout.group_size={N}",
+    f"selector.keep={M}",
+    f"rollout.max_new_tokens={E2E_T}",
+    f"task.max_prompt_tokens={E2E_P}",
+    f"learner.groups_per_step={BATCH_GROUPS}",
+    f"selector.buffer_groups={BUFFER_GROUPS}",
+]
 
 
 # ==================================================================================================
@@ -306,9 +331,6 @@ def selection(quick: bool) -> list[Result]:
 # ==================================================================================================
 # Part 2: the selector process end to end
 # ==================================================================================================
-E2E_T, E2E_P = 64, 8  # tokens per completion, prompt tokens
-BATCH_GROUPS = 8
-BUFFER_GROUPS = 256
 
 
 def _stamped_prompt(idx: int, t_ns: int) -> bytes:
@@ -319,6 +341,24 @@ def _stamps(prompts: np.ndarray) -> np.ndarray:
     """prompts [G, P] int32 -> send times (monotonic ns)."""
     p = prompts.astype(np.int64)
     return (p[:, 2] << 31) | p[:, 3]
+
+
+class _Feed:
+    """Pre-encoded 16x64-token groups of rollout server ``bench-<idx>``: each ``send`` is a new group (the
+    selector drops replays) stamped with its send time, its rewards drawn from 64 pre-drawn sets."""
+
+    def __init__(self, idx: int, rng: np.random.Generator) -> None:
+        g = make_group(rng.choice(LEVELS, N), t=E2E_T, p=E2E_P, server=f"bench-{idx}", gid=idx)
+        header, _, self.cids, self.lens, self.logprobs, _ = encode(g)  # ARRAYS order: prompt, .., rewards
+        self.head = msgpack.unpackb(header)
+        self.rewards = [rng.choice(LEVELS, N).astype(np.float32).tobytes() for _ in range(64)]
+        self.idx, self.sent = idx, 0
+
+    def send(self, sock: zmq.Socket) -> None:
+        self.head["f"]["group_id"] = self.sent
+        frames = [msgpack.packb(self.head, use_bin_type=True), _stamped_prompt(self.idx, time.monotonic_ns())]
+        sock.send_multipart([*frames, self.cids, self.lens, self.logprobs, self.rewards[self.sent % 64]], copy=False)
+        self.sent += 1
 
 
 def _pusher_main(idx: int, selector_port: int, relay_port: int, ctl_port: int, ack_port: int) -> None:
@@ -333,12 +373,8 @@ def _pusher_main(idx: int, selector_port: int, relay_port: int, ctl_port: int, a
     sub.connect(f"tcp://127.0.0.1:{ctl_port}")
     ack = ctx.socket(zmq.PUSH)
     ack.connect(f"tcp://127.0.0.1:{ack_port}")
-    rng = np.random.default_rng(100 + idx)
-    g = make_group(rng.choice(LEVELS, N), t=E2E_T, p=E2E_P, server=f"bench-{idx}", gid=idx)
-    header, _, cids, lens, logprobs, _ = encode(g)  # ARRAYS order: prompt, completions, lens, logprobs, rewards
-    head = msgpack.unpackb(header)
-    rewards = [rng.choice(LEVELS, N).astype(np.float32).tobytes() for _ in range(64)]
-    mode, target, period, next_t, i = "idle", "selector", 0.0, 0.0, 0
+    feed = _Feed(idx, np.random.default_rng(100 + idx))
+    mode, target, period, next_t = "idle", "selector", 0.0, 0.0
     try:
         while True:
             wait = 100.0 if mode == "idle" else 0.0
@@ -360,19 +396,7 @@ def _pusher_main(idx: int, selector_port: int, relay_port: int, ctl_port: int, a
             sock = socks[target]
             if not sock.poll(20, zmq.POLLOUT):  # back-pressure; look at the control socket again
                 continue
-            head["f"]["group_id"] = i  # every group is new: the selector drops replays
-            sock.send_multipart(
-                [
-                    msgpack.packb(head, use_bin_type=True),
-                    _stamped_prompt(idx, time.monotonic_ns()),
-                    cids,
-                    lens,
-                    logprobs,
-                    rewards[i % 64],
-                ],
-                copy=False,
-            )
-            i += 1
+            feed.send(sock)
             if mode == "paced":
                 next_t = max(next_t + period, time.monotonic() - period)
     finally:
@@ -476,13 +500,7 @@ class _Rig:
             f"net.batch_port={ports['batch']}",
             f"net.announce_port={ports['announce']}",
             f"net.weights_port={ports['weights']}",
-            "max_staleness=1000",
-            f"rollout.group_size={N}",
-            f"selector.keep={M}",
-            f"rollout.max_new_tokens={E2E_T}",
-            f"task.max_prompt_tokens={E2E_P}",
-            f"learner.groups_per_step={BATCH_GROUPS}",
-            f"selector.buffer_groups={BUFFER_GROUPS}",
+            *SHAPE,
         ]
         ctl_port = self.pub.bind_to_random_port("tcp://127.0.0.1")
         ack_port = self.acks.bind_to_random_port("tcp://127.0.0.1")
@@ -703,9 +721,222 @@ def end_to_end(quick: bool) -> list[Result]:
     return results
 
 
+# ==================================================================================================
+# Part 3: the pure-Python single-group path at light load (its receipt, selector/rules.py)
+# ==================================================================================================
+LIGHT_BURSTS = (1, 2, 4, 7)  # bursts that process_groups hands to the pure-Python path (< BATCH_MIN_GROUPS)
+LIGHT_GROUPS = 56  # a multiple of every burst size and of BATCH_GROUPS
+LIGHT_SAVING_GOAL = 0.20  # issue 18: the fast path stays only if it saves this much of the selector's work
+LIGHT_RATE = 400  # groups/s, one at a time: ~20% of a core for the selector, so every burst is one group
+_WITHOUT_FAST_PATH = (  # python -c: the selector process with rules.FAST_MAX_N = 0 (as _without_fast_path)
+    "import sys, selector.rules as r; r.FAST_MAX_N = 0; from selector.server import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def _selector_work(frames: list[list[bytes]], cfg: Config, burst: int, rng: np.random.Generator) -> list[bytes]:
+    """The selector process's work on groups arriving ``burst`` at a time, less the sockets and the loop:
+    decode, validate (``Selector.admit``: Identities.check_group, Bounds.check), gate and down-sample
+    (``Buffer.admit``), and for every BATCH_GROUPS groups take, build and encode a batch. Returns the
+    batches' bytes."""
+    identities, bounds, pool = Identities(takeover_s=3.0), Bounds(cfg), Buffer(cfg, rng)
+    req = BatchRequest(request_id=1, version=0, num_groups=BATCH_GROUPS)
+    now = time.monotonic()
+    out = []
+    for start in range(0, len(frames), burst):
+        groups: list[ScoredGroup] = [decode(f, GROUP_LINK) for f in frames[start : start + burst]]
+        for g in groups:
+            identities.check_group(g, now)
+            bounds.check(g)
+        pool.admit(groups, bounds.version)
+        while len(pool) >= BATCH_GROUPS:
+            take = pool.take(req)
+            assert take is not None
+            out.append(b"".join(bytes(b) for b in encode(build_batch(take, req, dict(pool.tally.counts)))))
+    return out
+
+
+def _without_fast_path(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` as it runs without the pure-Python path (``rules.FAST_MAX_N = 0``): one group goes through the
+    numpy path, a burst of 2 or more through the vectorised one (process_groups takes it for n > FAST_MAX_N).
+    The module attribute is swapped, not mock.patch'ed, so the switch costs nanoseconds."""
+
+    def run() -> Any:
+        saved, rules.FAST_MAX_N = rules.FAST_MAX_N, 0
+        try:
+            return fn()
+        finally:
+            rules.FAST_MAX_N = saved
+
+    return run
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _light_window(feed: _Feed, sock: zmq.Socket, learner: _Learner, pid: int, seconds: float) -> tuple[float, int]:
+    """Send one group every 1 / LIGHT_RATE s for ``seconds`` with a batch request always outstanding, then take
+    the batches left; (CPU seconds the selector ``pid`` spent meanwhile, groups delivered)."""
+    cpu, delivered = _cpu_s(pid), 0
+    due = time.monotonic()
+    end = due + seconds
+    while time.monotonic() < end:
+        if time.monotonic() >= due:
+            feed.send(sock)
+            due += 1 / LIGHT_RATE
+        learner.request()
+        got = learner.receive(max(0, math.ceil(1e3 * (due - time.monotonic()))))
+        delivered += 0 if got is None else got[1].size
+    while True:  # take the batches left; a partial one waits for the next window
+        learner.request()
+        got = learner.receive(300)
+        if got is None:
+            return _cpu_s(pid) - cpu, delivered
+        delivered += got[1].size
+
+
+def light_load_process(quick: bool) -> dict[str, list[float]]:
+    """The selector process's CPU time per group delivered (us), fed single groups at LIGHT_RATE: one process
+    as shipped ("fast"), one without the pure-Python path ("without"), in alternating windows."""
+    reps, window = (2, 0.5) if quick else (8, 4.0)
+    ctx, stop = zmq.Context(), threading.Event()
+    procs: list[subprocess.Popen] = []
+    announcers: list[threading.Thread] = []
+    links: dict[str, tuple[_Feed, zmq.Socket, _Learner]] = {}
+    with tempfile.TemporaryDirectory(prefix="podsrl-bench-") as d:
+        try:
+            for name, args in (("fast", ["-m", "selector.server"]), ("without", ["-c", _WITHOUT_FAST_PATH])):
+                ports = {k: free_port() for k in ("group", "batch", "announce", "weights")}
+                overrides = [f"run.dir={d}/{name}", *(f"net.{k}_port={v}" for k, v in ports.items()), *SHAPE]
+                with open(Path(d) / f"{name}.log", "wb") as log:
+                    procs.append(
+                        subprocess.Popen(
+                            [sys.executable, *args, *overrides], env=child_env(), cwd=ROOT, stdout=log, stderr=log
+                        )
+                    )
+                announcers.append(threading.Thread(target=_announce_main, args=(ctx, ports["announce"], stop)))
+                announcers[-1].start()
+                sender = group_sender(ctx, NetConfig(group_port=ports["group"]))
+                links[name] = (_Feed(0, np.random.default_rng(100)), sender, _Learner(ctx, ports["batch"], raw=False))
+            pids = dict(zip(links, (p.pid for p in procs), strict=True))
+            for name, link in links.items():  # warm up: each selector has heard the learner and served a batch
+                deadline = time.monotonic() + 60
+                while _light_window(*link, pids[name], 0.5)[1] == 0:
+                    if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                        raise RuntimeError(
+                            f"the {name} selector served no batch\n{(Path(d) / f'{name}.log').read_text()}"
+                        )
+            us: dict[str, list[float]] = {name: [] for name in links}
+            for rep in range(reps):
+                for name in ("fast", "without") if rep % 2 == 0 else ("without", "fast"):
+                    cpu, n = _light_window(*links[name], pids[name], window)
+                    us[name].append(1e6 * cpu / n)
+        finally:
+            stop.set()
+            for t in announcers:
+                t.join()
+            for p in procs:
+                p.terminate()
+                p.wait(timeout=10)
+            close(*(sock for _, sock, _ in links.values()), *(learner.sock for _, _, learner in links.values()))
+            ctx.term()
+    return us
+
+
+def fast_path(quick: bool) -> list[Result]:
+    """Per group, with and without the pure-Python path, for bursts of 1, 2, 4 and 7 groups: the selection
+    alone (and the numpy path row by row), and the selector's whole work on a group (``_selector_work``)."""
+    repeats, min_time = (3, 0.02) if quick else (21, 0.1)
+    rng = np.random.default_rng(0)
+    pool = rng.choice(LEVELS, (1024, N))
+    cfg = load_config(None, SHAPE)
+    frames = [[bytes(f) for f in encode(make_group(row, E2E_T, E2E_P, gid=i))] for i, row in enumerate(pool)]
+    frames = frames[:LIGHT_GROUPS]
+    with_it = _selector_work(frames, cfg, 1, np.random.default_rng(1))  # the two paths build the same batches
+    assert _without_fast_path(lambda: _selector_work(frames, cfg, 1, np.random.default_rng(1)))() == with_it
+
+    def select(bursts: _Cycle) -> Callable[[], Any]:
+        return lambda: process_groups(bursts(), M, "max_variance", "keep", "std", rng)
+
+    def numpy_rows(bursts: _Cycle) -> Callable[[], Any]:
+        return lambda: [_process_group_numpy(r, M, max_variance, "keep", "std", rng, 1e-6) for r in bursts()]
+
+    def work(burst: int) -> Callable[[], Any]:
+        return lambda: _selector_work(frames, cfg, burst, rng)
+
+    fns: dict[str, Callable[[], Any]] = {}
+    for g in LIGHT_BURSTS:
+        bursts = _Cycle([pool[i : i + g] for i in range(0, len(pool) - g + 1, g)])
+        fns[f"select {g} fast"] = select(bursts)
+        fns[f"select {g} without"] = _without_fast_path(select(bursts))
+        fns[f"select {g} numpy rows"] = numpy_rows(bursts)
+        fns[f"work {g} fast"] = work(g)
+        fns[f"work {g} without"] = _without_fast_path(work(g))
+    t = interleaved(fns, repeats=repeats, min_time=min_time)
+    us = {k: v * 1e6 / (int(k.split()[1]) if k.startswith("select") else LIGHT_GROUPS) for k, v in t.items()}
+    saved = {g: 1 - us[f"work {g} fast"] / us[f"work {g} without"] for g in LIGHT_BURSTS}
+    rows = "; ".join(
+        f"bursts of {g}: work {us[f'work {g} fast']:.1f} / {us[f'work {g} without']:.1f} us (saves {saved[g]:.0%}), "
+        f"selection {us[f'select {g} fast']:.1f} / {us[f'select {g} without']:.1f} us "
+        f"(numpy path row by row {us[f'select {g} numpy rows']:.1f})"
+        for g in LIGHT_BURSTS
+    )
+    light = us["work 1 fast"] / us["work 1 without"]
+    windows = light_load_process(quick)
+    cpu = {k: statistics.median(v) for k, v in windows.items()}
+    goal = f"saves >= {LIGHT_SAVING_GOAL:.0%} (ratio <= {1 - LIGHT_SAVING_GOAL:.2f})"
+    return [
+        Result(
+            BENCH,
+            f"pure-Python single-group path at light load: the selector process's CPU per group, fed {LIGHT_RATE} "
+            f"16x{E2E_T}-token groups/s one at a time, a batch of {BATCH_GROUPS} always requested",
+            cpu["fast"],
+            "us/group",
+            "the same process without it (rules.FAST_MAX_N = 0: the numpy path)",
+            cpu["without"],
+            cpu["fast"] / cpu["without"],
+            goal,
+            cpu["fast"] / cpu["without"] <= 1 - LIGHT_SAVING_GOAL,
+            ratio_means="with / without the fast path",
+            notes=(
+                "utime + stime of the selector process (its ZeroMQ I/O thread included) per group delivered; "
+                "median of alternating windows, two selector processes; the whole cost of a group: sockets, "
+                "loop, decode, checks, selection, batch, metrics"
+            ),
+            extra={"us_per_group_windows": windows},
+        ),
+        Result(
+            BENCH,
+            "pure-Python single-group path at light load (one group per burst): the selector's work per group "
+            f"(decode + validate + select + batch), 16x{E2E_T}-token groups",
+            us["work 1 fast"],
+            "us/group",
+            "the same work without it (rules.FAST_MAX_N = 0: the numpy path)",
+            us["work 1 without"],
+            light,
+            goal,
+            light <= 1 - LIGHT_SAVING_GOAL,
+            ratio_means="with / without the fast path",
+            notes=(
+                f"per group, with / without the pure-Python path (medians of {repeats} interleaved runs; without it "
+                f"a burst of 2 or more goes through the vectorised path): {rows}. Work = decode, Selector.admit's "
+                "checks, Buffer.admit, and take + build_batch + encode per 8 groups; no sockets"
+            ),
+            extra={"us_per_group": us},
+        ),
+    ]
+
+
 def run(quick: bool = False) -> list[Result]:
-    return selection(quick) + end_to_end(quick)
+    return selection(quick) + end_to_end(quick) + fast_path(quick)
 
 
 if __name__ == "__main__":
-    print_results(run())
+    if sys.argv[1:] == ["fast_path"]:  # Part 3 alone
+        for r in fast_path(quick=False):
+            print_results([r])
+            print(r.notes)
+    else:
+        print_results(run())

@@ -255,9 +255,22 @@ def _decide(r: np.ndarray, kept: np.ndarray, zero_variance: str, adv_norm: str, 
 # see ``_np_sum``), so its output is bit-identical, not merely close; ``_batched_max_variance`` does
 # the same for a [G, n] burst with row-wise numpy operations. The tests check both against the numpy
 # path bit for bit, and the generator state after each call.
+#
+# The pure-Python path's receipt (issue 18: it stays while it saves >= 20% of the selector's cost per
+# group at light load, the only load that calls it). ``python -m bench.selector fast_path``, 2026-12-06,
+# 2 cores shared with other jobs (absolute times 3-6x a quiet machine's: read the ratios). us per group,
+# n=16 m=4, 16x64-token groups, with / without it (rules.FAST_MAX_N = 0: the numpy path for one group,
+# the vectorised path for a burst):
+#   groups per burst          1               2               4               7
+#   selection alone        60 / 291        59 / 140        52 / 72         54 / 48
+#   selector's work       368 / 623 -41%  346 / 479 -28%  301 / 345 -13%  283 / 293 -4%
+#   selector process      447 / 581 -23%  (its CPU per group, 400 groups/s arriving one at a time)
+# "Work" is decode + checks + selection + batch, without sockets. At one group per burst it saved 29-55%
+# over five runs, the whole process 23-32% over four. At 4 to 7 groups a burst it saves less (4-18% over
+# the runs: the vectorised path catches up); from BATCH_MIN_GROUPS on the vectorised path runs instead.
 
 FAST_MAX_N = 64  # largest group the pure-Python path takes (``_np_sum`` is exact up to 128)
-BATCH_MIN_GROUPS = 8  # from this many groups of n <= FAST_MAX_N on, the vectorised path is faster
+BATCH_MIN_GROUPS = 8  # from this many groups of n <= FAST_MAX_N on, the vectorised path runs (table above)
 _INF = math.inf
 _Generator = np.random.Generator  # the draws of shuffle / permuted are checked against permutation for this type
 _I64, _F32 = np.dtype(np.int64), np.dtype(np.float32)

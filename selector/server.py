@@ -96,6 +96,8 @@ class Selector:
         self.batches_sent = 0
         self.hold_until = 0.0  # a batch held for late leases (Pacer.hold) is looked at again by then
         self.pending_at = 0.0  # when the pending batch request arrived
+        self.reading = False  # the poller watches the groups link (set_reading)
+        self.last_check = 0.0  # when check_peers last ran
 
     @property
     def version(self) -> int:
@@ -150,19 +152,19 @@ class Selector:
         elif isinstance(msg, ScoredGroup):
             peer.version, peer.groups = msg.version, peer.groups + 1
         elif isinstance(msg, WorkRequest):
-            if self.cfg.rollout.pacing == "credits":
-                self.pacer.request(route, msg, now)
-            else:  # a server configured for credits in a run that paces nothing: let it generate
-                self.reply_work(
-                    route,
-                    WorkGrant(
-                        request_id=msg.request_id,
-                        prompts=msg.prompts,
-                        group_size=self.cfg.rollout.group_size,
-                        lease_s=3600.0,
-                    ),
-                )
+            self.on_work_request(route, msg, now)
         return msg
+
+    def on_work_request(self, route: list[bytes], msg: WorkRequest, now: float) -> None:
+        """Hand a work request to the pacer; a server configured for credits in a run that paces nothing
+        is granted what it asked for at once, so it generates."""
+        if self.cfg.rollout.pacing == "credits":
+            self.pacer.request(route, msg, now)
+            return
+        grant = WorkGrant(
+            request_id=msg.request_id, prompts=msg.prompts, group_size=self.cfg.rollout.group_size, lease_s=3600.0
+        )
+        self.reply_work(route, grant)
 
     def admit(self, msg: GroupLinkMessage) -> None:
         """Raise ProtocolError unless ``msg`` may enter: a known or admissible peer, a new group
@@ -365,56 +367,77 @@ class Selector:
         poller = zmq.Poller()
         poller.register(self.batches, zmq.POLLIN)
         poller.register(self.sub, zmq.POLLIN)
-        reading = False
-        last_check = time.monotonic()
+        self.last_check = time.monotonic()
         try:
             while not self.stopping:
-                # full buffer: back-pressure (unless the learner is silent: learner_silent); and nothing
-                # is read before the learner's version is known
-                silent = self.learner_silent()
-                want = self.heard_learner and (len(self.buffer) < self.cfg.selector.buffer_groups or silent)
-                if want != reading:
-                    (poller.register if want else poller.unregister)(self.groups, *([zmq.POLLIN] if want else []))
-                    reading = want
-                    if reading:
-                        for peer in self.peers.values():
-                            peer.last_seen = max(peer.last_seen, time.monotonic())
-                wait_ms = (
-                    200 if not self.hold_until else max(1, min(200, int(1e3 * (self.hold_until - time.monotonic()))))
-                )
-                events = dict(poller.poll(wait_ms))
-                if self.sub in events:  # first: a group or request may carry the version just announced
-                    self.drain_announcements()
-                if self.groups in events:
-                    # Drain a burst before serving, without starving the other links; decode it all,
-                    # then gate and down-sample it in one go. ``room`` counts the groups that will pass
-                    # the staleness gate (zero-variance drops are known only after down-sampling).
-                    burst: list[ScoredGroup] = []
-                    room = 64 if silent else self.cfg.selector.buffer_groups - len(self.buffer)
-                    for _ in range(64):  # (work requests count against the burst too: it stays bounded)
-                        msg = self.receive_group_message()
-                        if isinstance(msg, ScoredGroup):
-                            burst.append(msg)
-                            if not self.cfg.too_stale(self.version, msg.version):
-                                room -= 1
-                        if not self.groups.poll(0) or room <= 0:
-                            break
-                    if burst:
-                        self.on_groups(burst)
-                if self.batches in events:
-                    self.on_request()
-                self.try_serve()
-                if self.pacer.queue:
-                    self.send_grants()
-                if reading and time.monotonic() - last_check > 1.0:
-                    self.check_peers()
-                    last_check = time.monotonic()
+                self.turn(poller)
         finally:
-            log.info("selector stopping: %s", dict(self.totals))
-            self.monitor.log(self.version, {f"total/{k}": v for k, v in self.totals.items()})
-            close(self.groups, self.batches, self.sub)
-            self.ctx.term()
-            self.monitor.close()
+            self.shut_down()
+
+    def turn(self, poller: zmq.Poller) -> None:
+        """One turn of the loop: choose whether to read groups, wait for a socket, then handle the
+        announcements, a burst of groups and a batch request (in that order), serve, grant, check peers."""
+        silent = self.learner_silent()
+        self.set_reading(poller, silent)
+        events = dict(poller.poll(self.poll_timeout_ms()))
+        if self.sub in events:  # first: a group or request may carry the version just announced
+            self.drain_announcements()
+        if self.groups in events:
+            self.read_burst(silent)
+        if self.batches in events:
+            self.on_request()
+        self.try_serve()
+        if self.pacer.queue:
+            self.send_grants()
+        if self.reading and time.monotonic() - self.last_check > 1.0:
+            self.check_peers()
+            self.last_check = time.monotonic()
+
+    def set_reading(self, poller: zmq.Poller, silent: bool) -> None:
+        """Poll the groups link only once the learner's version is known, and only while the buffer has
+        room (back-pressure) or the learner is silent (``learner_silent``). Reading resumes with a fresh
+        grace period for every peer: their heartbeats queued up unread meanwhile."""
+        want = self.heard_learner and (len(self.buffer) < self.cfg.selector.buffer_groups or silent)
+        if want == self.reading:
+            return
+        self.reading = want
+        if not want:
+            poller.unregister(self.groups)
+            return
+        poller.register(self.groups, zmq.POLLIN)
+        for peer in self.peers.values():
+            peer.last_seen = max(peer.last_seen, time.monotonic())
+
+    def poll_timeout_ms(self) -> int:
+        """200 ms, or less when a held batch (``Pacer.hold``) is to be looked at again sooner."""
+        if not self.hold_until:
+            return 200
+        return max(1, min(200, int(1e3 * (self.hold_until - time.monotonic()))))
+
+    def read_burst(self, silent: bool) -> None:
+        """Drain a burst before serving, without starving the other links; decode it all, then gate and
+        down-sample it in one go. ``room`` counts the groups that will pass the staleness gate
+        (zero-variance drops are known only after down-sampling); work requests count against the
+        burst's 64 messages too, so it stays bounded."""
+        burst: list[ScoredGroup] = []
+        room = 64 if silent else self.cfg.selector.buffer_groups - len(self.buffer)
+        for _ in range(64):
+            msg = self.receive_group_message()
+            if isinstance(msg, ScoredGroup):
+                burst.append(msg)
+                room -= 0 if self.cfg.too_stale(self.version, msg.version) else 1
+            if not self.groups.poll(0) or room <= 0:
+                break
+        if burst:
+            self.on_groups(burst)
+
+    def shut_down(self) -> None:
+        """Record the totals, close the sockets and the metrics."""
+        log.info("selector stopping: %s", dict(self.totals))
+        self.monitor.log(self.version, {f"total/{k}": v for k, v in self.totals.items()})
+        close(self.groups, self.batches, self.sub)
+        self.ctx.term()
+        self.monitor.close()
 
 
 def main(argv: list[str] | None = None) -> int:
