@@ -102,6 +102,11 @@ class Run:
         self.dead.append(kid)
         return descendants
 
+    def exited(self, name: str) -> bool:
+        proc = self.live[name].proc
+        assert proc is not None
+        return proc.poll() is not None
+
     def log(self, name: str) -> str:
         path = self.dir / "logs" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -263,11 +268,9 @@ def test_chaos_rollout_selector_learner_killed_run_completes_nothing_trained_twi
         assert timings["learner restart: up -> first step"] < RESUME_S
 
         # 4. The run ends by itself: the learner reaches run.steps, the others leave on its final announcement.
-        run.wait_for("the learner to finish", lambda: run.live["learner"].proc.poll() is not None, timeout=120)
+        run.wait_for("the learner to finish", lambda: run.exited("learner"), timeout=120)
         finished = time.monotonic()
-        run.wait_for(
-            "every process to exit", lambda: all(k.proc.poll() is not None for k in run.live.values()), timeout=30
-        )
+        run.wait_for("every process to exit", lambda: all(run.exited(name) for name in run.live), timeout=30)
         print(f"{run.elapsed()} learner done; every process exited {time.monotonic() - finished:.2f}s later")
         for name, kid in run.live.items():
             assert kid.proc is not None and kid.proc.returncode == 0, (

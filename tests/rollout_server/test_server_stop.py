@@ -23,12 +23,13 @@ from helpers import ROOT, child_env, free_port
 from launcher.tiny import build_tiny_model
 from learner.publisher import WeightPublisher
 from protocol.config import load_config, to_toml
+from protocol.messages import Weights
 from protocol.weights import pack_weights, read_tokenizer_files
 
 pytestmark = pytest.mark.slow
 
 
-def start(tmp_path: Path) -> tuple[subprocess.Popen, WeightPublisher, zmq.Context, object]:
+def start(tmp_path: Path) -> tuple[subprocess.Popen, WeightPublisher, zmq.Context, Weights]:
     from learner.model import load_model
 
     ports = [f"net.{k}_port={free_port()}" for k in ("group", "batch", "announce", "weights")]
