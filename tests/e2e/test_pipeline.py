@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ROOT, child_env
+from helpers import ROOT, child_env, wait_for
 
 from protocol.config import load_config
 from protocol.metrics import read_metrics
@@ -143,10 +142,12 @@ def test_dead_rollout_server_is_reported_and_training_continues(run_dir, net_ove
     )
     try:
         metrics = run_dir / "metrics" / "learner.jsonl"
-        deadline = time.monotonic() + 120
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 5):
-            assert time.monotonic() < deadline and launcher.poll() is None, "pipeline did not start"
-            time.sleep(0.2)
+
+        def trained_5_steps() -> bool:
+            assert launcher.poll() is None, "the launcher exited before 5 steps"
+            return metrics.exists() and metrics.read_text().count("\n") >= 5
+
+        wait_for(trained_5_steps, 120, "the pipeline to train 5 steps", every_s=0.2)
         victim = json.loads((run_dir / "pids.json").read_text())["rollout-1"]
         os.killpg(victim, signal.SIGKILL)
         out, err = launcher.communicate(timeout=240)
