@@ -38,6 +38,7 @@ import zmq
 
 from bench.common import ROOT, Result, child_env, free_ports, print_results
 from launcher.accounting import Accounting, account
+from launcher.cli import podsrl_command
 from protocol.config import NetConfig
 from protocol.messages import WorkGrant, WorkRequest
 from protocol.metrics import read_metrics
@@ -81,17 +82,8 @@ def duty_cycle(run_dir: Path, name: str, stop_s: float, period_s: float, done: t
 def run_job(overrides: list[str], slow: str = "") -> Job:
     with tempfile.TemporaryDirectory(prefix="podsrl-bench-pacing-") as tmp:
         run_dir = Path(tmp) / "run"
-        cmd = [
-            sys.executable,
-            "-m",
-            "launcher.cli",
-            "run",
-            "--config",
-            str(ROOT / "configs/tiny.toml"),
-            f"run.dir={run_dir}",
-            "learner.checkpoint_every=0",  # ports: the launcher picks free ones (none set here)
-            *overrides,
-        ]
+        # ports: the launcher picks free ones (none set here)
+        cmd = podsrl_command(run_dir, ["learner.checkpoint_every=0", *overrides])
         done = threading.Event()
         cycler = threading.Thread(target=duty_cycle, args=(run_dir, slow, 0.07, 0.1, done), daemon=True)
         if slow:

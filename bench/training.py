@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import ROOT, Result, print_results
+from launcher.cli import podsrl_command
 from protocol.metrics import read_metrics
 
 LAYOUT = [
@@ -49,18 +50,7 @@ class Curve:
 def run_job(overrides: list[str], port_base: int, window: int = 10) -> Curve:
     with tempfile.TemporaryDirectory(prefix="podsrl-bench-") as tmp:
         ports = [f"net.{k}_port={port_base + i}" for i, k in enumerate(("group", "batch", "announce", "weights"))]
-        cmd = [
-            sys.executable,
-            "-m",
-            "launcher.cli",
-            "run",
-            "--config",
-            str(ROOT / "configs/tiny.toml"),
-            f"run.dir={tmp}/run",
-            *LAYOUT,
-            *ports,
-            *overrides,
-        ]
+        cmd = podsrl_command(Path(tmp) / "run", [*LAYOUT, *ports, *overrides])
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
         if res.returncode != 0:
             raise RuntimeError(f"job {overrides} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 
 from protocol.cli import common_parser, configure
 from protocol.config import config_reference, load_config, to_toml
@@ -92,6 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.launch import launch
 
     return launch(cfg, report, server)
+
+
+def podsrl_command(run_dir: str | os.PathLike[str], overrides: Sequence[str] = ()) -> list[str]:
+    """The command line of ``podsrl run`` of ``configs/tiny.toml`` (the default run) in ``run_dir``, then
+    ``overrides``: this interpreter with ``-m launcher.cli``, so no installed console script is needed.
+    What the benchmarks (``bench/``) and the end-to-end tests start, with the repository root as the working
+    directory (or on PYTHONPATH) so that ``launcher`` is importable."""
+    from pathlib import Path
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+    return [sys.executable, "-m", "launcher.cli", "run", "--config", str(tiny), f"run.dir={run_dir}", *overrides]
 
 
 def add_sweep_parser(sub: argparse._SubParsersAction) -> None:

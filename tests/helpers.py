@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import os
+import re
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from launcher.ports import free_ports  # the launcher's: n distinct free loopback ports
 
-__all__ = ["ROOT", "child_env", "free_port", "free_ports", "random_group", "assert_same_kept"]
+__all__ = [
+    "ROOT",
+    "child_env",
+    "free_port",
+    "free_ports",
+    "wait_for",
+    "line_matching",
+    "random_group",
+    "assert_same_kept",
+]
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +35,44 @@ def free_port() -> int:
 
 def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def wait_for(
+    predicate: Callable[[], T | None],
+    timeout_s: float,
+    what: str,
+    *,
+    every_s: float = 0.02,
+    detail: Callable[[], str] | None = None,
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that: how a test waits for another
+    process or thread (a file, a log line, a counter, an exit) instead of sleeping for a guessed time.
+
+    After ``timeout_s`` it fails (AssertionError) naming ``what`` it waited for, followed by ``detail()``
+    where given (a log's tail, the last value seen). ``predicate`` may raise to fail at once, e.g. an
+    assertion that the process it waits on is still alive. The short sleep between polls is the only one.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout_s:g}s waiting for {what}" + (f"\n{detail()}" if detail else "")
+            )
+        time.sleep(every_s)
+
+
+def line_matching(path: Path, pattern: str) -> str | None:
+    """The first complete line of ``path`` (a log or metrics file another process appends to) in which the
+    regular expression ``pattern`` is found; None while there is none, or no file yet."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    found = re.compile(pattern).search
+    return next((line for line in text[: text.rfind("\n") + 1].splitlines() if found(line)), None)
 
 
 def random_group(rewards, gid: int, server: str = "s-0", version: int = 0):  # -> ScoredGroup

@@ -2,9 +2,12 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import ROOT, child_env
+
+from launcher.cli import podsrl_command
 
 
 def podsrl(*args: str) -> subprocess.CompletedProcess:
@@ -42,3 +45,12 @@ def test_invalid_config_exits_2_naming_the_key_and_the_reference():
 def test_config_prints_resolved_toml():
     res = podsrl("config", "max_staleness=0", "learner.loss.type=m2po")
     assert res.returncode == 0 and "max_staleness = 0" in res.stdout and 'type = "m2po"' in res.stdout
+
+
+def test_podsrl_command_runs_the_default_config_in_the_run_dir(tmp_path: Path) -> None:
+    cmd = podsrl_command(tmp_path / "run", ["max_staleness=0"])
+    assert cmd[:5] == [sys.executable, "-m", "launcher.cli", "run", "--config"]
+    assert Path(cmd[5]) == ROOT / "configs" / "tiny.toml"
+    res = podsrl("config", *cmd[4:])  # the same config file and overrides, resolved
+    assert res.returncode == 0, res.stderr
+    assert f'dir = "{tmp_path / "run"}"' in res.stdout and "max_staleness = 0" in res.stdout

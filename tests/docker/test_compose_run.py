@@ -16,12 +16,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from compose_check import ROOT, Process, check, resolve
-from helpers import child_env, free_port
+from helpers import child_env, free_port, wait_for
 
 from launcher.cli import main
 from protocol.config import Config, to_toml
@@ -85,6 +84,15 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+def wait_group_gone(name: str, pgid: int, timeout_s: float = 5) -> None:
+    wait_for(
+        lambda: not group_alive(pgid),
+        timeout_s,
+        f"the rest of {name}'s process group to leave",
+        detail=lambda: f"processes of its group outlive it: {group(pgid)}",
+    )
+
+
 def group(pgid: int) -> list[str]:
     """The command lines of a process group's members (for the failure message)."""
     import psutil
@@ -142,27 +150,31 @@ def test_cpu_profile_as_local_processes_trains_and_every_process_exits(tmp_path:
 
         learner = started["learner-cpu-0"]
         healthy: set[str] = set()
-        deadline = time.monotonic() + 120
-        while learner.poll() is None:
-            assert time.monotonic() < deadline, "the learner did not finish:\n" + tails()
+
+        def learner_done() -> bool:  # meanwhile every process is asked whether it is healthy
+            if learner.poll() is not None:
+                return True
             for name, proc in started.items():
                 if name not in healthy and proc.poll() is None and health(proc.pid) == 0:
                     healthy.add(name)
-            time.sleep(0.1)
-        deadline = time.monotonic() + 30  # the others leave on the learner's final announcement
-        while any(proc.poll() is None for proc in started.values()):
-            assert time.monotonic() < deadline, "a process did not exit by itself:\n" + tails()
-            time.sleep(0.1)
+            return False
+
+        wait_for(learner_done, 120, "the learner to finish", every_s=0.1, detail=tails)
+        # the others leave on the learner's final announcement
+        wait_for(
+            lambda: all(proc.poll() is not None for proc in started.values()),
+            30,
+            "every process to exit by itself",
+            every_s=0.1,
+            detail=tails,
+        )
         assert {n: proc.returncode for n, proc in started.items()} == dict.fromkeys(started, 0), tails()
         assert healthy == set(started), f"never healthy while running: {set(started) - healthy}\n" + tails()
         for name, proc in started.items():
             assert health(proc.pid) == 1
             # Nothing of its process group (torchrun's workers included) is left after a short grace: a
             # leader's helpers (multiprocessing's resource tracker) leave when their pipe closes.
-            deadline = time.monotonic() + 5
-            while group_alive(proc.pid):
-                assert time.monotonic() < deadline, f"{name}: processes of its group outlive it: {group(proc.pid)}"
-                time.sleep(0.05)
+            wait_group_gone(name, proc.pid)
         run_dir = runs / "tiny-compose"
         steps = read_metrics(run_dir / "metrics" / "learner.jsonl")
         assert [m["step"] for m in steps] == list(range(1, STEPS + 1))

@@ -7,13 +7,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
 from compose_check import ROOT, dockerignore_excludes, lint_dockerfile, read_dockerfile
+from helpers import wait_for
 from packaging.specifiers import SpecifierSet
 
 DOCKERFILES = [ROOT / "docker" / "Dockerfile.gpu", ROOT / "docker" / "Dockerfile.cpu"]
@@ -176,11 +176,11 @@ def test_rollout_replicas_take_distinct_slots_and_a_freed_one_is_taken_again(tmp
         return procs[-1]
 
     def recorded(n: int) -> dict[int, str]:
-        deadline = time.monotonic() + 20
-        while len(list(out.iterdir())) < n:
-            assert time.monotonic() < deadline, "a replica did not start"
-            time.sleep(0.05)
-        return {int(f.name): f.read_text().strip() for f in out.iterdir()}
+        def lines() -> dict[int, str] | None:
+            found = {int(f.name): f.read_text().strip() for f in out.iterdir()}
+            return found if len(found) >= n and all(found.values()) else None  # a file is created, then written
+
+        return wait_for(lines, 20, f"{n} replicas to start (each records its slot)")
 
     try:
         first = [start() for _ in range(3)]

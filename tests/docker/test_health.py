@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import free_port, wait_for
 
 from launcher.cli import main
 
-SLEEP = "import time; time.sleep(60)"
+SLEEP = "import time; time.sleep(60)"  # not a wait: the stand-in process only has to stay alive
 
 
 @pytest.fixture
@@ -32,10 +32,11 @@ def fake(tmp_path: Path) -> Iterator:
         argv = argv or [str(script), *args]
         procs.append(subprocess.Popen(argv, cwd=tmp_path))
         cmdline = Path(f"/proc/{procs[-1].pid}/cmdline")
-        deadline = time.monotonic() + 10
-        while cmdline.read_bytes().split(b"\0")[-2:-1] != [argv[-1].encode()]:  # until it has exec'd
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for(
+            lambda: cmdline.read_bytes().split(b"\0")[-2:-1] == [argv[-1].encode()],
+            10,
+            f"{argv} to exec (its /proc cmdline)",
+        )
         return procs[-1].pid
 
     yield start

@@ -18,18 +18,21 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import pytest
-from helpers import ROOT, child_env
+from helpers import ROOT, child_env, wait_for
 
 from launcher.launch import Child, children, torchrun_command
 from launcher.preflight import preflight
 from protocol.config import load_config, to_toml
 
 pytestmark = pytest.mark.slow
+
+T = TypeVar("T")
 
 K = 2
 STEPS = 120
@@ -102,6 +105,11 @@ class Run:
         self.dead.append(kid)
         return descendants
 
+    def exited(self, name: str) -> bool:
+        proc = self.live[name].proc
+        assert proc is not None
+        return proc.poll() is not None
+
     def log(self, name: str) -> str:
         path = self.dir / "logs" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -112,10 +120,13 @@ class Run:
             rc = kid.proc.poll()
             assert rc in (None, 0), f"{name} exited with {rc}:\n{self.log(name)[-3000:]}"
 
-    def wait_for(self, what: str, pred: Any, timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
+    def wait_for(self, what: str, pred: Callable[[], T | None], timeout: float) -> T:
+        """``helpers.wait_for``, failing at once when a process of the run dies, tracking their descendants
+        meanwhile, and showing their logs on a timeout."""
         last_track = 0.0
-        while True:
+
+        def poll() -> T | None:
+            nonlocal last_track
             value = pred()
             if value:
                 return value
@@ -123,10 +134,15 @@ class Run:
             if time.monotonic() - last_track > 0.5:
                 self.track()
                 last_track = time.monotonic()
-            assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}:\n" + "\n".join(
-                f"--- {n}\n{self.log(n)[-1500:]}" for n in self.live
-            )
-            time.sleep(0.05)
+            return None
+
+        return wait_for(
+            poll,
+            timeout,
+            what,
+            every_s=0.05,
+            detail=lambda: "\n".join(f"--- {n}\n{self.log(n)[-1500:]}" for n in self.live),
+        )
 
     def learner_records(self) -> list[dict[str, Any]]:
         return complete_records(self.dir / "metrics" / "learner.jsonl")
@@ -263,11 +279,9 @@ def test_chaos_rollout_selector_learner_killed_run_completes_nothing_trained_twi
         assert timings["learner restart: up -> first step"] < RESUME_S
 
         # 4. The run ends by itself: the learner reaches run.steps, the others leave on its final announcement.
-        run.wait_for("the learner to finish", lambda: run.live["learner"].proc.poll() is not None, timeout=120)
+        run.wait_for("the learner to finish", lambda: run.exited("learner"), timeout=120)
         finished = time.monotonic()
-        run.wait_for(
-            "every process to exit", lambda: all(k.proc.poll() is not None for k in run.live.values()), timeout=30
-        )
+        run.wait_for("every process to exit", lambda: all(run.exited(name) for name in run.live), timeout=30)
         print(f"{run.elapsed()} learner done; every process exited {time.monotonic() - finished:.2f}s later")
         for name, kid in run.live.items():
             assert kid.proc is not None and kid.proc.returncode == 0, (
@@ -318,15 +332,15 @@ def test_chaos_rollout_selector_learner_killed_run_completes_nothing_trained_twi
 
     # No process outlives the run: every process group the test saw (leaders, torchrun's workers,
     # reward workers) is gone.
-    deadline = time.monotonic() + 5  # a leader's own children (resource tracker, reward worker) leave just after it
-    left: list[psutil.Process] = []
-    while time.monotonic() < deadline:
-        left = [p for p in run.procs.values() if p.is_running()]
-        if not left:
-            break
-        time.sleep(0.1)
+    # a leader's own children (resource tracker, reward worker) leave just after it
+    wait_for(
+        lambda: not any(p.is_running() for p in run.procs.values()),
+        5,
+        "every process of the run to be gone",
+        every_s=0.1,
+        detail=lambda: f"processes outlived the run: {[p for p in run.procs.values() if p.is_running()]}",
+    )
     for pgid in run.pgids:
         with pytest.raises(ProcessLookupError):
             os.killpg(pgid, 0)
-    assert not left, f"processes outlived the run: {left}"
     assert len(run.pgids) >= 8, run.pgids  # 4 started + 2 restarted leaders, and each torchrun worker

@@ -6,14 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ROOT, child_env
+from helpers import ROOT, child_env, wait_for
 
+from launcher.cli import podsrl_command
 from protocol.config import load_config
 from protocol.metrics import read_metrics
 from protocol.shm import run_key
@@ -21,25 +20,14 @@ from protocol.shm import run_key
 pytestmark = pytest.mark.slow
 
 
-def podsrl_command(run_dir: Path, overrides: list[str]) -> list[str]:
-    """``podsrl run`` of the default config in ``run_dir``, without checkpoints, plus ``overrides``."""
-    return [
-        sys.executable,
-        "-m",
-        "launcher.cli",
-        "run",
-        "--config",
-        str(ROOT / "configs/tiny.toml"),
-        f"run.dir={run_dir}",
-        "learner.checkpoint_every=0",
-        *overrides,
-    ]
+# Before a test's overrides: its runs write no checkpoints unless it asks for them (a later override wins).
+NO_CHECKPOINTS = "learner.checkpoint_every=0"
 
 
 def podsrl_run(run_dir: Path, overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        podsrl_command(run_dir, overrides), env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
+    """``podsrl run`` of the default config in ``run_dir``, without checkpoints, plus ``overrides``."""
+    cmd = podsrl_command(run_dir, [NO_CHECKPOINTS, *overrides])
+    return subprocess.run(cmd, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_all_exited(run_dir: Path) -> None:
@@ -125,28 +113,20 @@ def test_restarted_learner_resumes_its_version(run_dir, net_overrides):
 
 
 def test_dead_rollout_server_is_reported_and_training_continues(run_dir, net_overrides):
-    cmd = [
-        sys.executable,
-        "-m",
-        "launcher.cli",
-        "run",
-        "--config",
-        str(ROOT / "configs/tiny.toml"),
-        f"run.dir={run_dir}",
-        "run.steps=600",
-        "selector.peer_timeout_s=3",
-        "rollout.heartbeat_s=0.3",
-        *net_overrides,
-    ]
+    cmd = podsrl_command(
+        run_dir, ["run.steps=600", "selector.peer_timeout_s=3", "rollout.heartbeat_s=0.3", *net_overrides]
+    )
     launcher = subprocess.Popen(
         cmd, env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         metrics = run_dir / "metrics" / "learner.jsonl"
-        deadline = time.monotonic() + 120
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 5):
-            assert time.monotonic() < deadline and launcher.poll() is None, "pipeline did not start"
-            time.sleep(0.2)
+
+        def trained_5_steps() -> bool:
+            assert launcher.poll() is None, "the launcher exited before 5 steps"
+            return metrics.exists() and metrics.read_text().count("\n") >= 5
+
+        wait_for(trained_5_steps, 120, "the pipeline to train 5 steps", every_s=0.2)
         victim = json.loads((run_dir / "pids.json").read_text())["rollout-1"]
         os.killpg(victim, signal.SIGKILL)
         out, err = launcher.communicate(timeout=240)
@@ -180,7 +160,7 @@ def test_two_runs_at_once_on_the_default_ports_pick_their_own(tmp_path):
     dirs = [tmp_path / "a", tmp_path / "b"]
     runs = [
         subprocess.Popen(
-            podsrl_command(d, ["run.steps=5", "rollout.servers=1"]),
+            podsrl_command(d, [NO_CHECKPOINTS, "run.steps=5", "rollout.servers=1"]),
             env=child_env(),
             cwd=ROOT,
             stdout=subprocess.PIPE,

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 from helpers import ROOT, child_env, free_ports
-from test_pipeline import assert_all_exited, podsrl_command
+from test_pipeline import NO_CHECKPOINTS, assert_all_exited
 
+from launcher.cli import podsrl_command
 from protocol.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -32,7 +33,8 @@ def test_every_variant_runs_end_to_end(tmp_path: Path) -> None:
     for variant in VARIANTS:
         run_dir = tmp_path / variant[0].split("=")[1]
         net = [f"net.{link}_port={next(ports)}" for link in ("group", "batch", "announce", "weights")]
-        cmd = podsrl_command(run_dir, ["run.steps=12", "rollout.servers=1", "max_staleness=1", *variant, *net])
+        overrides = [NO_CHECKPOINTS, "run.steps=12", "rollout.servers=1", "max_staleness=1", *variant, *net]
+        cmd = podsrl_command(run_dir, overrides)
         runs.append(
             (
                 variant,

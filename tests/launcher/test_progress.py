@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from launcher.launch import Progress
 from protocol.config import load_config
@@ -27,7 +28,7 @@ def write(path, steps) -> None:
             )
 
 
-def make(tmp_path, live: bool, every_s: float = 3600.0) -> tuple[Progress, object]:
+def make(tmp_path: Path, live: bool, every_s: float = 3600.0) -> tuple[Progress, Path]:
     cfg = load_config(None, [f"run.dir={tmp_path}", "run.steps=5"])
     (tmp_path / "metrics").mkdir()
     return Progress(cfg, live=live, every_s=every_s), tmp_path / "metrics" / "learner.jsonl"

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, child_env
+from helpers import ROOT, child_env, wait_for
 
 from launcher import sweep as sweep_mod
 from launcher.cli import main
@@ -384,11 +384,11 @@ def test_tiny_real_sweep_runs_tables_plots_and_skips(tmp_path):
 
 def test_interrupted_sweep_stops_its_runs_and_leaves_them_unfinished(tmp_path):
     """Ctrl-C: every running `podsrl run` gets SIGTERM (it stops its own processes), none is marked done."""
-    sleeper = tmp_path / "sleeper.py"
+    sleeper = tmp_path / "sleeper.py"  # a stand-in `podsrl run`
     sleeper.write_text(
         "import os, sys, time\nfrom pathlib import Path\n"
         "d = Path(next(a for a in sys.argv if a.startswith('run.dir=')).split('=', 1)[1])\n"
-        "(d / 'pid').write_text(str(os.getpid()))\ntime.sleep(60)\n"
+        "(d / 'pid').write_text(str(os.getpid()))\ntime.sleep(60)\n"  # not a wait: it runs until it is stopped
     )
     out = tmp_path / "sw"
     code = (
@@ -405,10 +405,12 @@ def test_interrupted_sweep_stops_its_runs_and_leaves_them_unfinished(tmp_path):
         text=True,
     )
     pids = [out / name / "seed0" / "pid" for name in ("max_staleness=0", "max_staleness=2")]
-    deadline = time.monotonic() + 30
-    while not all(p.exists() and p.read_text() for p in pids):
-        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+
+    def both_running() -> bool:
+        assert proc.poll() is None, proc.communicate()
+        return all(p.exists() and p.read_text() for p in pids)
+
+    wait_for(both_running, 30, "both runs of the sweep to start (their pid files)")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "interrupted" in err

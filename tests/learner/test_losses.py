@@ -271,7 +271,7 @@ def test_on_policy_all_losses_give_the_policy_gradient(per_token: bool) -> None:
 def test_padding_garbage_never_produces_nan() -> None:
     base = make_batch(per_token=False)
     pad = base.mask == 0
-    assert pad.any()
+    assert pad.any() and base.prox_logp is not None
     garbage_lp = torch.where(pad, torch.full_like(base.behav_logp, 1e4), base.logp.detach())
     garbage_bl = torch.where(pad, torch.full_like(base.behav_logp, -math.inf), base.behav_logp)
     garbage_px = torch.where(pad, torch.full_like(base.behav_logp, math.inf), base.prox_logp)

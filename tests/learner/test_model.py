@@ -11,6 +11,7 @@ from launcher.tiny import build_tiny_model
 from learner.model import completion_logprobs, load_model
 from protocol.codec import decode, encode
 from protocol.config import load_config
+from protocol.messages import Weights
 from protocol.weights import pack_weights
 
 
@@ -47,7 +48,7 @@ def test_engine_logprobs_equal_learner_recomputation(tiny, temperature):
 
     cfg, model = tiny
     engine = TorchEngine(cfg)
-    wire = decode(encode(pack_weights(model.state_dict(), 3, model.config.to_json_string())))
+    wire: Weights = decode(encode(pack_weights(model.state_dict(), 3, model.config.to_json_string())))
     engine.load(wire)
     assert engine.version == 3
     tok, sampling = spec(cfg, temperature)

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import msgpack
 import numpy as np
@@ -38,6 +38,11 @@ from protocol.messages import (
     WorkGrant,
     WorkRequest,
 )
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+M = TypeVar("M", bound=Message)
 
 # --------------------------------------------------------------------------------------------------
 # Factories: one realistic, valid message per type.
@@ -206,9 +211,20 @@ def with_array_frame(msg: Message, name: str, edit: Callable[[np.ndarray], Any])
     return frames
 
 
+def message_fields(m: Message | type[Message]) -> tuple[dataclasses.Field[Any], ...]:
+    """``dataclasses.fields`` of a message or message type: every concrete Message is a dataclass, though
+    ``Message`` itself is not one to mypy (protocol/codec.py says the same)."""
+    return dataclasses.fields(cast("DataclassInstance | type[DataclassInstance]", m))
+
+
+def replaced(msg: M, **changes: Any) -> M:
+    """``dataclasses.replace`` of a message, typed as the message it was given."""
+    return cast(M, dataclasses.replace(cast("DataclassInstance", msg), **changes))
+
+
 def invalid(make: Callable[[], Message], **changes: Any) -> list[bytes]:
     """Frames of a message whose fields were replaced (``encode`` does not validate)."""
-    return frames_of(dataclasses.replace(make(), **changes))
+    return frames_of(replaced(make(), **changes))
 
 
 def rejected(frames: list, reason: str, expect: Any = None) -> ProtocolError:
@@ -229,7 +245,7 @@ def set_spec(index: int, part: int, value: Any) -> Callable[[dict[str, Any]], No
 
 def assert_same_message(got: Message, want: Message) -> None:
     assert type(got) is type(want)
-    for f in dataclasses.fields(want):
+    for f in message_fields(want):
         g, w = getattr(got, f.name), getattr(want, f.name)
         if f.name in type(want).ARRAYS:
             dtype, ndim = type(want).ARRAYS[f.name]
@@ -258,7 +274,7 @@ def test_round_trip(cls: type[Message]) -> None:
     msg = FACTORIES[cls]()
     frames = frames_of(msg)
     assert len(frames) == 1 + len(cls.ARRAYS)
-    got = decode(frames)
+    got: Message = decode(frames)
     assert_same_message(got, msg)
     assert_same_message(decode(frames, expect=cls), msg)
     for k, name in enumerate(cls.ARRAYS, start=1):
@@ -307,7 +323,7 @@ def test_encode_converts_wrong_dtype_and_strided_arrays() -> None:
         rewards=base.rewards.astype(np.float64),
         completion_lens=base.completion_lens.astype(">i4"),
     )
-    got = decode(frames_of(msg))
+    got: ScoredGroup = decode(frames_of(msg))
     assert got.prompt_ids.dtype == np.dtype("<i4") and got.rewards.dtype == np.dtype("<f4")
     assert np.array_equal(got.prompt_ids, base.prompt_ids)
     assert np.array_equal(got.rewards, base.rewards)
@@ -315,7 +331,7 @@ def test_encode_converts_wrong_dtype_and_strided_arrays() -> None:
 
 
 def test_int_is_accepted_for_a_float_field() -> None:
-    got = decode(with_header(make_scored_group(), set_field("gen_seconds", 2)))
+    got: ScoredGroup = decode(with_header(make_scored_group(), set_field("gen_seconds", 2)))
     assert got.gen_seconds == 2.0 and type(got.gen_seconds) is float
 
 
@@ -353,7 +369,7 @@ def test_expect_accepts_matching_types() -> None:
 
 def test_decoded_arrays_are_read_only_even_from_writable_frames() -> None:
     msg = make_scored_group()
-    got = decode(encode(msg))
+    got: ScoredGroup = decode(encode(msg))
     assert not got.prompt_ids.flags.writeable
 
 
@@ -682,7 +698,7 @@ def test_invariant(frames: list[bytes]) -> None:
 
 def test_logprob_tolerance_allows_rounding_noise() -> None:
     """check() allows log-probs up to 1e-4 (float rounding of log(1)); that is accepted, not an error."""
-    got = decode(_scored(logprobs=np.full(13, 5e-5, F32)))
+    got: ScoredGroup = decode(_scored(logprobs=np.full(13, 5e-5, F32)))
     assert got.logprobs.max() > 0
 
 
@@ -716,7 +732,7 @@ FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_
 
 def _decode_or_protocol_error(frames: list[bytes]) -> Message | None:
     try:
-        msg = decode(frames)
+        msg: Message = decode(frames)
     except ProtocolError as e:
         assert e.reason in {
             "malformed",
@@ -814,7 +830,7 @@ def _reference_decode(frames: list, expect: Any = None) -> Message:
         raise ProtocolError("unknown_type", "type")
     spec = {
         f.name: {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}[str(f.type)]
-        for f in dataclasses.fields(cls)
+        for f in message_fields(cls)
         if f.name not in cls.ARRAYS
     }
     fields = header["f"]
@@ -827,7 +843,7 @@ def _reference_decode(frames: list, expect: Any = None) -> Message:
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ProtocolError("schema", name)
-        if kind is float and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # the float kind, after the int was widened
             raise ProtocolError("non_finite", name)
         values[name] = value
     specs, arrays = header["a"], frames[1:]
@@ -920,7 +936,7 @@ def test_huge_or_tiny_finite_floats_are_accepted_without_warnings(value: float) 
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = decode(frames_of(msg))
+        got: ScoredGroup = decode(frames_of(msg))
     assert_same_message(got, msg)
 
 
@@ -969,11 +985,11 @@ def test_invariant_details_are_formatted_on_failure() -> None:
 @pytest.mark.parametrize("cls", TYPES, ids=lambda c: c.TYPE)
 def test_decoded_instances_are_ordinary_frozen_dataclasses(cls: type[Message]) -> None:
     msg = FACTORIES[cls]()
-    got = decode(frames_of(msg))
-    assert list(vars(got)) == [f.name for f in dataclasses.fields(cls)]
-    assert repr(got) == repr(dataclasses.replace(got))
+    got: Message = decode(frames_of(msg))
+    assert list(vars(got)) == [f.name for f in message_fields(cls)]
+    assert repr(got) == repr(replaced(got))
     with pytest.raises(dataclasses.FrozenInstanceError):
-        got.version = 1  # type: ignore[misc]
+        got.version = 1  # type: ignore[attr-defined]  # deliberately: a frozen message refuses any assignment
 
 
 def test_a_message_class_with_post_init_is_built_through_its_init(monkeypatch) -> None:
@@ -988,5 +1004,5 @@ def test_a_message_class_with_post_init_is_built_through_its_init(monkeypatch) -
             seen.append(self.text)
 
     monkeypatch.setitem(MESSAGES, Ping.TYPE, Ping)
-    got = decode(frames_of(Ping(text="hi")))
+    got: Message = decode(frames_of(Ping(text="hi")))
     assert isinstance(got, Ping) and got.text == "hi" and seen == ["hi", "hi"]

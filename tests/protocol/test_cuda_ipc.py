@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from protocol.codec import decode, encode
 from protocol.config import NetConfig
 from protocol.cuda_ipc import CudaIpcHandle, open_handle, share
-from protocol.messages import ProtocolError, Weights, WeightsAnnouncement
+from protocol.messages import Message, ProtocolError, Weights, WeightsAnnouncement
 from protocol.sockets import announce_subscriber, recv
 from protocol.weights import pack_weights, unpack_weights
 from rollout_server.fetch import open_device_copy
@@ -52,7 +52,7 @@ def test_a_handle_survives_its_wire_form_and_an_announcement(
     h = CudaIpcHandle(device, handle, size, offset, ref, ref_offset, event, sync)
     assert CudaIpcHandle.from_wire(h.to_wire()) == h
     ann = WeightsAnnouncement(version=3, final=False, cuda=h.to_wire(), host="boot:x")
-    back = decode(encode(ann))
+    back: Message = decode(encode(ann))
     assert isinstance(back, WeightsAnnouncement) and CudaIpcHandle.from_wire(back.cuda) == h
 
 
@@ -82,8 +82,9 @@ def test_a_malformed_handle_is_refused(text: str) -> None:
 @pytest.mark.parametrize("cuda", ["CUDA1;X", "cuda1;1;00;1;0;;0;;0\n", "x" * 1025, "cuda1;1;00;1;0;;0;;0 "])
 def test_an_announcement_with_a_bad_cuda_field_is_rejected_at_decode(cuda: str) -> None:
     frames = encode(WeightsAnnouncement(version=1, final=False))
-    bad = frames[0].replace(b"\xa4cuda\xa0", b"\xa4cuda" + _msgpack_str(cuda))
-    assert bad != frames[0]
+    head = bytes(frames[0])
+    bad = head.replace(b"\xa4cuda\xa0", b"\xa4cuda" + _msgpack_str(cuda))
+    assert bad != head
     with pytest.raises(ProtocolError, match="cuda"):
         decode([bad, *frames[1:]])
 

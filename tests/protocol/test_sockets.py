@@ -17,6 +17,7 @@ from protocol.messages import (
     BatchRequest,
     Heartbeat,
     Hello,
+    Message,
     ProtocolError,
     ScoredGroup,
     TrainBatch,
@@ -102,11 +103,12 @@ def test_group_round_trip(ctx: zmq.Context, net: NetConfig) -> None:
     sockets.send(tx, Heartbeat(server_id="box-7/0", version=3, groups_sent=1, state="generating"))
 
     wait_readable(rx)
+    got: Message
     route, got = sockets.recv(rx, GROUP_TYPES, routed=True)
     assert len(route) == 1 and got == hello  # the sender's ROUTER identity: work grants go back to it
     wait_readable(rx)
     again, got = sockets.recv(rx, GROUP_TYPES, routed=True, max_bytes=net.max_group_mib * sockets.MIB)
-    assert again == route
+    assert again == route and isinstance(got, ScoredGroup)
     assert_same_group(got, group)
     assert not got.rewards.flags.owndata  # a view of the received frame
     wait_readable(rx)
@@ -132,7 +134,9 @@ def test_too_large_message_is_consumed_and_the_next_one_arrives(ctx: zmq.Context
     assert info.value.reason == "too_large" and str(limit) in str(info.value)
 
     wait_readable(rx)
+    got: Message
     _, got = sockets.recv(rx, GROUP_TYPES, routed=True, max_bytes=limit)
+    assert isinstance(got, ScoredGroup)
     assert_same_group(got, small)
     assert rx.poll(0) == 0  # nothing left over from the big one
 
@@ -162,8 +166,9 @@ def test_received_arrays_are_read_only(ctx: zmq.Context, net: NetConfig) -> None
     tx = track(ctx, sockets.group_sender(ctx, net))
     sockets.send(tx, scored_group())
     wait_readable(rx)
+    got: Message
     _, got = sockets.recv(rx, GROUP_TYPES, routed=True)
-    assert not got.rewards.flags.writeable
+    assert isinstance(got, ScoredGroup) and not got.rewards.flags.writeable
 
 
 # --- batches and weights links (ROUTER/DEALER) ---

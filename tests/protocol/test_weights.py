@@ -28,6 +28,11 @@ class Tiny(nn.Module):
     embed.weight (f32, 96 B), proj.weight (f32, 32 B), proj.bias (f32, 8 B).
     """
 
+    scale: torch.Tensor  # the buffers, registered below
+    positions: torch.Tensor
+    step: torch.Tensor
+    empty: torch.Tensor
+
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
@@ -139,7 +144,8 @@ def _flip(frames: list[bytes], index: int) -> list[bytes]:
 def test_flipped_byte_fails_the_digest(where: str) -> None:
     frames = wire(encode(pack_weights(Tiny().state_dict(), version=5, model_config=MODEL_CONFIG)))
     n = len(frames[1])
-    corrupted = decode(_flip(frames, {"first": 0, "middle": n // 2, "last": n - 1}[where]))  # the codec cannot tell
+    flipped = _flip(frames, {"first": 0, "middle": n // 2, "last": n - 1}[where])
+    corrupted: Weights = decode(flipped)  # the codec cannot tell
     with pytest.raises(ProtocolError) as info:
         unpack_weights(corrupted)
     assert info.value.reason == "checksum"
@@ -150,7 +156,7 @@ def test_wrong_digest_in_the_manifest_fails_and_names_the_tensor() -> None:
     frames = wire(encode(pack_weights(Tiny().state_dict(), version=5, model_config=MODEL_CONFIG)))
     header = msgpack.unpackb(frames[0])
     header["f"]["tensors"][4][5] ^= 1  # embed.weight
-    msg = decode([msgpack.packb(header, use_bin_type=True), *frames[1:]])
+    msg: Weights = decode([msgpack.packb(header, use_bin_type=True), *frames[1:]])
     with pytest.raises(ProtocolError, match="embed.weight") as info:
         unpack_weights(msg)
     assert info.value.reason == "checksum"
@@ -211,7 +217,7 @@ def test_tokenizer_files_travel_with_a_version() -> None:
 
     w = pack_weights({"w": torch.arange(4, dtype=torch.float32)}, 3, "{}")
     files = {"tokenizer.json": b'{"a": 1}', "tokenizer_config.json": b"{}", "empty.txt": b""}
-    got = decode(wire(encode(with_files(w, files))))
+    got: Weights = decode(wire(encode(with_files(w, files))))
     assert unpack_files(got) == files
     assert np.array_equal(got.data, w.data) and unpack_files(decode(wire(encode(w)))) == {}
 

@@ -36,7 +36,7 @@ def length(prompts, completions, **kw):
 def modes(prompts, completions, mode, **kw):
     """The `mode` column picks what this call does: hang, die, raise, return junk, or score."""
     if "sleep" in mode:
-        time.sleep(3600)
+        time.sleep(3600)  # not a wait: the hung reward function that the worker's timeout must end
     if "exit" in mode:
         os._exit(3)
     if "raise" in mode:
@@ -335,7 +335,7 @@ def test_worker_start_up_is_not_counted_against_the_call(tmp_path, workers):
         "slow_import",
         """
         import time
-        time.sleep(1.0)
+        time.sleep(1.0)  # not a wait: a slow import (sympy, torch, ...), the situation under test
         def f(prompts, completions, **kw):
             return [1.0] * len(completions)
         """,

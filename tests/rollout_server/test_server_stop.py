@@ -13,22 +13,22 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import zmq
-from helpers import ROOT, child_env, free_port
+from helpers import ROOT, child_env, free_port, line_matching, wait_for
 
 from launcher.tiny import build_tiny_model
 from learner.publisher import WeightPublisher
 from protocol.config import load_config, to_toml
+from protocol.messages import Weights
 from protocol.weights import pack_weights, read_tokenizer_files
 
 pytestmark = pytest.mark.slow
 
 
-def start(tmp_path: Path) -> tuple[subprocess.Popen, WeightPublisher, zmq.Context, object]:
+def start(tmp_path: Path) -> tuple[subprocess.Popen, WeightPublisher, zmq.Context, Weights]:
     from learner.model import load_model
 
     ports = [f"net.{k}_port={free_port()}" for k in ("group", "batch", "announce", "weights")]
@@ -55,9 +55,16 @@ def start(tmp_path: Path) -> tuple[subprocess.Popen, WeightPublisher, zmq.Contex
 @pytest.mark.parametrize("how", ["final_announcement", "sigterm"])
 def test_a_server_blocked_on_a_missing_selector_still_stops(tmp_path: Path, how: str) -> None:
     proc, pub, ctx, w = start(tmp_path)
-    try:
-        time.sleep(8)  # start-up (torch, transformers) and the blocked Hello
+    metrics = tmp_path / "run" / "metrics" / "rollout-r0.jsonl"
+
+    def loaded() -> str | None:
         assert proc.poll() is None, proc.communicate()[0]
+        return line_matching(metrics, '"rollout/weights_load_s"')
+
+    try:
+        # Start-up (torch, transformers), then the Hello and a heartbeat fill the groups link (send HWM 2); once
+        # v0 is loaded (its metrics line), the server asks the missing selector for work and blocks there.
+        wait_for(loaded, 120, "the rollout server to load v0 (its metrics file)", every_s=0.1)
         if how == "sigterm":
             proc.send_signal(signal.SIGTERM)
         else:

@@ -211,7 +211,7 @@ def test_task_passes_every_column_to_the_reward(tmp_path, tokenizer, tasks):
         "    assert all(isinstance(i, int) for ids in kw['completion_ids'] for i in ids)\n"
         "    return [float(len(p)) + (0.5 if e is None else e) for p, e in zip(prompts, extra)]\n"
     )
-    rows = [{"prompt": "abc", "answer": "x", "extra": 10}, {"prompt": "de", "answer": "y"}]
+    rows: list[dict[str, Any]] = [{"prompt": "abc", "answer": "x", "extra": 10}, {"prompt": "de", "answer": "y"}]
     cfg = dataset_config(write_jsonl(tmp_path / "d.jsonl", rows), f"task.reward={plugin}:f")
     task = Task(cfg, tokenizer, {}, seed=0)
     tasks.append(task)

@@ -34,7 +34,7 @@ import torch
 import zmq
 import zmq.asyncio
 import zstandard
-from helpers import ROOT, child_env, free_ports
+from helpers import ROOT, child_env, free_ports, wait_for
 from torch import nn
 from zmq.utils.monitor import recv_monitor_message
 
@@ -352,13 +352,14 @@ def children(tmp_path: Path) -> Iterator[Callable[..., Child]]:
 def eventually(read: Callable[[], dict[str, int]], want: dict[str, int]) -> dict[str, int]:
     """A publisher's counters once they reach ``want``. Its serving thread bumps them just after each
     send, so they may trail the reply a client already has by a moment; they must never exceed it."""
-    deadline = time.monotonic() + REPLY_S
-    while True:
+
+    def reached() -> dict[str, int] | None:
         got = read()
-        if all(got[k] >= v for k, v in want.items()) or time.monotonic() > deadline:
-            assert {k: got[k] for k in want} == want
-            return got
-        time.sleep(0.01)
+        return got if all(got[k] >= v for k, v in want.items()) else None
+
+    got = wait_for(reached, REPLY_S, f"the publisher's counters to reach {want}", detail=lambda: f"they are {read()}")
+    assert {k: got[k] for k in want} == want
+    return got
 
 
 def ask_raw(sock: zmq.Socket, req: WeightsRequest) -> WeightsChunk:
@@ -687,7 +688,7 @@ class ThrottledClient(threading.Thread):
             self.started.set()
             for k in range(1, first.chunks):
                 if self.throttle.is_set():
-                    time.sleep(SLOW_S)
+                    time.sleep(SLOW_S)  # not a wait: this client is the slow peer the test is about
                 part = ask_raw(sock, WeightsRequest(version=first.version, chunk=k, fetch=7))
                 if part.status == "gone":
                     self.outcome = "gone"
@@ -775,9 +776,7 @@ def test_pins_are_bounded_and_expire(net: NetConfig, zctx: zmq.Context, publishe
         first_c = ask_raw(c, WeightsRequest(version=-1, fetch=3))
         assert first_c.version == 2
         pub.publish(versions[3])  # v2 evicted, pinned by c's transfer, which now goes silent
-        deadline = time.monotonic() + REPLY_S
-        while pub.pins_expired == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: pub.pins_expired, REPLY_S, "the silent transfer's pin to expire")
         assert pub.pins_expired == 1
         assert ask_raw(c, WeightsRequest(version=2, chunk=1, fetch=3)).status == "gone"
         assert pub.metrics()["weights/pins_expired"] == 1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -16,8 +19,8 @@ VOCAB = 17
 TRIED: dict[str, int] = {"valid": 0, "rejected": 0}  # reported by the last test: how many inputs hypothesis tried
 
 
-def group(**kw) -> ScoredGroup:
-    fields = dict(
+def group(**kw: Any) -> ScoredGroup:
+    base = ScoredGroup(
         server_id="s-0",
         session=1,
         group_id=0,
@@ -30,8 +33,7 @@ def group(**kw) -> ScoredGroup:
         logprobs=np.full(12, -0.5, np.float32),
         rewards=np.array([0, 1, 0, 1], np.float32),
     )
-    fields.update(kw)
-    return ScoredGroup(**fields)
+    return dataclasses.replace(base, **kw)
 
 
 def bounds() -> Bounds:

@@ -353,7 +353,7 @@ def test_fast_path_is_taken_for_the_common_case(monkeypatch) -> None:
         ([0.0, 1.0], "max_variance"),
         (np.zeros(4), "max_reward"),
     ):
-        process_group(rewards, 2, rule, "keep", "std", rng)
+        process_group(rewards, 2, rule, "keep", "std", rng)  # type: ignore[arg-type]  # the list, on purpose
     assert len(calls) == 4
 
 
@@ -410,13 +410,15 @@ def test_fast_path_non_finite_rewards_same_error_no_draw(bad: list[float]) -> No
 
 def test_fast_path_bad_m_same_errors() -> None:
     rewards = np.array([0.0, 1.0, 0.5])
+    # bad m on purpose, wrong types included (the ignores below): the fast path raises what the numpy path raises
     for m, err in ((0, ValueError), (-3, ValueError), (1.5, TypeError), ("2", TypeError)):
         with pytest.raises(err) as fast_err:
-            process_group(rewards, m, "max_variance", "keep", "std", np.random.default_rng(0))
+            process_group(rewards, m, "max_variance", "keep", "std", np.random.default_rng(0))  # type: ignore[arg-type]
         with pytest.raises(err) as ref_err:
             _numpy_path(rewards, m, "max_variance", "keep", "std", np.random.default_rng(0))
         assert str(fast_err.value) == str(ref_err.value)
-    d = process_group(rewards, np.int64(2), "max_variance", "keep", "std", np.random.default_rng(0))
+    # a numpy integer on purpose (hence the ignore): it is taken as the int it equals
+    d = process_group(rewards, np.int64(2), "max_variance", "keep", "std", np.random.default_rng(0))  # type: ignore[arg-type]
     _assert_identical(d, _numpy_path(rewards, 2, "max_variance", "keep", "std", np.random.default_rng(0)))
 
 
@@ -518,9 +520,9 @@ def test_process_groups_invalid_rows_fail_like_the_loop() -> None:
     for row in rewards[:7]:
         process_group(row, 3, "max_variance", "keep", "std", b)
     assert _same_state(a, b)
-    for m, err in ((0, ValueError), ("3", TypeError)):
+    for m, err in ((0, ValueError), ("3", TypeError)):  # bad m on purpose, a str included (hence the ignore)
         with pytest.raises(err):
-            process_groups(rewards[:7], m, "max_variance", "keep", "std", np.random.default_rng(0))
+            process_groups(rewards[:7], m, "max_variance", "keep", "std", np.random.default_rng(0))  # type: ignore[arg-type]
 
 
 def test_process_groups_argument_errors() -> None:

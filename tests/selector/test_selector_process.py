@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Sequence
 
 import msgpack
 import numpy as np
@@ -15,6 +16,7 @@ from protocol.messages import (
     BatchRequest,
     Heartbeat,
     Hello,
+    Message,
     ScoredGroup,
     TrainBatch,
     WeightsAnnouncement,
@@ -27,7 +29,7 @@ from protocol.sockets import MIB, announce_publisher, batch_client, close, group
 TIMEOUT_MS = 20_000
 
 
-def group(version: int, rewards: list[float], server: str = "t-0", gid: int = 0) -> ScoredGroup:
+def group(version: int, rewards: Sequence[float], server: str = "t-0", gid: int = 0) -> ScoredGroup:
     n = len(rewards)
     lens = np.full(n, 4, np.int32)
     return ScoredGroup(
@@ -152,7 +154,7 @@ def test_hostile_but_well_formed_input_is_rejected_counted_and_never_batched(spa
         send(dealer, BatchRequest(request_id=1, version=3, num_groups=2))  # the real learner's, replaces it
         honest = group(3, rewards, gid=0)
         send(push, honest)
-        hostile = [
+        hostile: list[Message] = [
             group(3, rewards, gid=0),  # replay of the honest group
             group(50, rewards, gid=1),  # future version
             group(2**50, rewards, gid=2),

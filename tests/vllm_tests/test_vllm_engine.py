@@ -11,16 +11,17 @@ import time
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedModel
 
 from launcher.tiny import build_tiny_model
 from learner.model import completion_logprobs, load_model
 from protocol.codec import decode, encode
 from protocol.config import load_config
-from protocol.messages import ProtocolError
+from protocol.messages import ProtocolError, Weights
 from protocol.weights import pack_weights, read_tokenizer_files, with_files
 from rollout_server.engine import TorchEngine, build_engine
 from rollout_server.sampling import SamplingSpec
+from rollout_server.vllm_engine import VLLMEngine
 
 pytestmark = pytest.mark.vllm
 
@@ -31,7 +32,8 @@ ALPHABET = "abcdefghijkl:"
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Two versions of a tiny Llama (head_dim 32: vLLM's CPU attention rejects 16) and one live engine."""
-    models, weights = [], []
+    models: list[PreTrainedModel] = []
+    weights: list[Weights] = []
     for seed in (0, 1):
         tmp = tmp_path_factory.mktemp(f"model{seed}")
         cfg = load_config(
@@ -45,6 +47,7 @@ def setup(tmp_path_factory):
     weights[0] = decode(encode(with_files(weights[0], read_tokenizer_files(cfg.model_dir))))
     tok = AutoTokenizer.from_pretrained(cfg.model_dir)
     engine = build_engine(cfg)
+    assert isinstance(engine, VLLMEngine)
     t0 = time.monotonic()
     engine.load(weights[0])
     print(f"\nvLLM start-up and first load: {time.monotonic() - t0:.1f}s")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
 from helpers import ROOT, child_env
 
+from launcher.cli import podsrl_command
 from protocol.metrics import read_metrics
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -33,24 +33,20 @@ def descendants_of_run(marker: str) -> list[str]:
 def test_vllm_run_trains_and_leaves_no_process(tmp_path: Path, net_overrides):
     run_dir = tmp_path / "run"
     env = {**child_env(), "PODSRL_TEST_RUN": str(run_dir)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "launcher.cli",
-        "run",
-        "--config",
-        str(ROOT / "configs/tiny.toml"),
-        f"run.dir={run_dir}",
-        "learner.checkpoint_every=0",
-        "rollout.engine.type=vllm",
-        "model.tiny.num_heads=2",
-        "rollout.servers=1",
-        "run.steps=150",
-        # 150 steps is short: the old default lr rises faster early (its entropy collapse, the reason
-        # the default is now 1e-3, comes later: docs/STALENESS.md)
-        "learner.lr=3e-3",
-        *net_overrides,
-    ]
+    cmd = podsrl_command(
+        run_dir,
+        [
+            "learner.checkpoint_every=0",
+            "rollout.engine.type=vllm",
+            "model.tiny.num_heads=2",
+            "rollout.servers=1",
+            "run.steps=150",
+            # 150 steps is short: the old default lr rises faster early (its entropy collapse, the reason
+            # the default is now 1e-3, comes later: docs/STALENESS.md)
+            "learner.lr=3e-3",
+            *net_overrides,
+        ],
+    )
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for pgid in json.loads((run_dir / "pids.json").read_text()).values():
