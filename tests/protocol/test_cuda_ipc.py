@@ -22,7 +22,7 @@ from protocol.cuda_ipc import CudaIpcHandle, open_handle, share
 from protocol.messages import ProtocolError, Weights, WeightsAnnouncement
 from protocol.sockets import announce_subscriber, recv
 from protocol.weights import pack_weights, unpack_weights
-from rollout_server.fetch import open_device_copy
+from rollout_server.sources.cuda_ipc import open_device_copy
 
 HANDLE = CudaIpcHandle(
     device=1,

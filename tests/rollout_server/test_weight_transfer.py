@@ -51,7 +51,8 @@ from protocol.messages import (
 from protocol.shm import host_id, read_segment, run_key, segment_name
 from protocol.sockets import announce_subscriber, close, recv, send, weight_client, weight_server
 from protocol.weights import encode_delta, pack_weights, verify
-from rollout_server.fetch import Fetcher, read_shared, shared_segment
+from rollout_server.fetch import Fetcher
+from rollout_server.sources.shm import read_shared, shared_segment
 
 MODEL_CONFIG = json.dumps({"model_type": "tiny", "vocab_size": 512, "hidden_size": 32})
 REPLY_S = 30.0  # a child process's answer (it may start slowly on a loaded machine)
