@@ -660,7 +660,7 @@ def shm_case(size: str, state: dict[str, torch.Tensor], repeats: int) -> list[Re
         publisher = WeightPublisher(ctx, net, weights=wcfg, run_dir=run_dir)
         sub = announce_subscriber(ctx, net)
         try:
-            assert publisher.shm is not None, "no shared memory"
+            assert publisher.metrics()["weights/shm"], "no shared memory"
             version = 0
 
             def pack_shm() -> None:

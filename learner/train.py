@@ -37,7 +37,7 @@ import zmq
 
 from protocol.auth import load_auth
 from protocol.config import Config
-from protocol.messages import BatchRequest, ProtocolError, TrainBatch, Weights
+from protocol.messages import BatchRequest, ProtocolError, TrainBatch
 from protocol.metrics import Monitor
 from protocol.sockets import batch_client, close, recv, send
 from protocol.weights import pack_weights, read_tokenizer_files
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     from learner.checkpoint import load_latest, record_published, save_checkpoint
     from learner.model import load_model
     from learner.parallel import cast, full_model_state, wrap
-    from learner.publisher import WeightPublisher, share_on_device
+    from learner.publisher import WeightPublisher
     from learner.step import train_step
 
     rank, world, device = setup_distributed(cfg)
@@ -212,24 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             record_published(cfg, version, floor)
             w = pack_weights(cast(state, cfg.model.dtype), version, model_config, alloc=publisher.alloc)
-            publisher.publish(w, floor, final, cuda=device_copy(w))
-
-        sharing = {"cuda": device.type == "cuda" and cfg.weights.cuda_ipc and cfg.weights.transport != "net"}
-
-        def device_copy(w: Weights) -> tuple[str, Any] | None:
-            """Rank 0 on CUDA: the version's device copy for rollout servers on this machine (CUDA IPC)."""
-            if not sharing["cuda"] or publisher is None or publisher.shm is None:
-                return None
-            try:
-                return share_on_device(w, device)
-            except (RuntimeError, ValueError) as e:  # never stop training for an optional fast path
-                sharing["cuda"] = False
-                log.warning(
-                    "CUDA IPC unavailable (%s): rollout servers copy from the host segment; set "
-                    "weights.cuda_ipc=false to silence this",
-                    e,
-                )
-                return None
+            publisher.publish(w, floor, final)
 
         if rank == 0:
             assert ctx is not None
@@ -240,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 vocab_size=int(model.config.vocab_size),
                 weights=cfg.weights,
                 run_dir=cfg.run.dir,
+                device=device,
             )
             publish()
             source = BatchSource(ctx, cfg, int(model.config.vocab_size))

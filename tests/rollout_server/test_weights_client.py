@@ -16,6 +16,7 @@ import pytest
 import torch
 import zmq.asyncio
 
+from learner.transports import TRANSPORTS
 from protocol.config import Config, WeightsConfig
 from protocol.cuda_ipc import CudaIpcHandle
 from protocol.messages import Weights, WeightsAnnouncement
@@ -141,6 +142,7 @@ def test_every_configured_transport_has_a_source_and_the_network_comes_last() ->
     assert list(SOURCES)[-1] == "net" and SOURCES["net"] is NetSource
     assert all(cls.name == key for key, cls in SOURCES.items()), "a source's name is its registry key"
     assert list(SOURCES).index("cuda_ipc") < list(SOURCES).index("shm"), "the device copy is preferred"
+    assert set(TRANSPORTS) <= set(SOURCES), "whatever the learner offers, a rollout server can read"
 
 
 # -- choosing a source ----------------------------------------------------------------------------
