@@ -335,8 +335,9 @@ def bench_case(
             if server.task is not None:
                 server.task.close()
             server.monitor.close()
-            for s in (server.push, server.sub, server.dealer, push):
+            for s in (server.push, push):
                 s.close(linger=0)
+            server.weights.close()
             server.ctx.term()
             server._worker.shutdown()
             sink.close()

@@ -2,9 +2,10 @@
 
     python -m bench startup          # 5 runs of each mode, interleaved (~3 min on 2 cores)
 
-The default job (no config: the embedded tiny model and copy task, built in a fresh run directory as
-on a new user's first run), ``run.steps=20``, with the fork server (``run.fork_server=true``, the
-default: launcher/forkserver.py) and without it (every process its own interpreter). Measured:
+The default job (``configs/tiny.toml``, the built-in defaults: the tiny model and copy task, built in
+a fresh run directory as on a new user's first run), ``run.steps=20``, with the fork server
+(``run.fork_server=true``, the default: launcher/forkserver.py) and without it (every process its own
+interpreter). Measured:
 from the command to the first training step's record in ``metrics/learner.jsonl`` (the update is
 done), and from the last step's record to the command's exit (every process gone). The floors, in
 the same run: ``python -c "import torch, transformers"``, and the import of what a role actually
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT, Result
+from launcher.cli import podsrl_command
 from protocol.metrics import read_metrics
 
 STEPS = 20
@@ -37,8 +39,7 @@ def one_run(fork: bool) -> tuple[float, float]:
     """(command to first step, last step to exit) of one default run, in seconds."""
     with tempfile.TemporaryDirectory(prefix="podsrl-bench-startup-") as tmp:
         run_dir = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "launcher.cli", "run", f"run.dir={run_dir}", f"run.steps={STEPS}"]
-        cmd.append(f"run.fork_server={str(fork).lower()}")
+        cmd = podsrl_command(run_dir, [f"run.steps={STEPS}", f"run.fork_server={str(fork).lower()}"])
         t0 = time.time()
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         t_end = time.time()

@@ -649,7 +649,7 @@ def shm_case(size: str, state: dict[str, torch.Tensor], repeats: int) -> list[Re
 
     from learner.publisher import WeightPublisher
     from protocol.shm import read_segment
-    from rollout_server.fetch import shared_segment
+    from rollout_server.sources.shm import shared_segment
 
     nbytes = nbytes_of(state)
     shm_root = "/dev/shm" if Path("/dev/shm").is_dir() else None
@@ -660,7 +660,7 @@ def shm_case(size: str, state: dict[str, torch.Tensor], repeats: int) -> list[Re
         publisher = WeightPublisher(ctx, net, weights=wcfg, run_dir=run_dir)
         sub = announce_subscriber(ctx, net)
         try:
-            assert publisher.shm is not None, "no shared memory"
+            assert publisher.metrics()["weights/shm"], "no shared memory"
             version = 0
 
             def pack_shm() -> None:

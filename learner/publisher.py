@@ -3,8 +3,10 @@
 The weight-transfer protocol (docs/ARCHITECTURE.md, "Weights"):
 
 - The training thread packs each version (``pack_weights``: one copy, a digest per tensor) into a
-  buffer from :meth:`WeightPublisher.alloc` (a shared-memory segment when offered, ``protocol/shm.py``)
-  and hands it over with :meth:`publish`. The publisher keeps the newest ``weights.keep_versions``.
+  buffer from :meth:`WeightPublisher.alloc` (a shared-memory segment when offered) and hands it over
+  with :meth:`publish`. The publisher keeps the newest ``weights.keep_versions``. Besides the network,
+  the weights transports (``learner/transports/``: shared memory, CUDA IPC) offer each version their
+  way; what they offer travels in its announcement.
 - A rollout server asks for chunk 0 of the latest version and says which version it ``have``\\s. If
   that version is still kept (and not below the floor), the payload is the delta: zstd of the two raw
   buffers' word-wise difference (``protocol/weights.py``), computed once per (base, target) pair and
@@ -29,8 +31,8 @@ arrive before version 0 exists are answered as soon as it does. Every announceme
 learner's ``session`` (random per process: a rollout server waiting on a request the previous learner
 took to its grave asks again as soon as a new session speaks), the version ``floor``
 (``learner/checkpoint.py``), the vocabulary size the selector bounds token ids with, and the
-version's segment name and this machine's id when it is in shared memory, and its CUDA IPC handle
-when a learner on CUDA shares a device copy (:func:`share_on_device`). The latest announcement
+fields the transports offered for the version (its segment name and this machine's id when it is in
+shared memory, its CUDA IPC handle when a learner on CUDA shares a device copy). The latest announcement
 is sent again at once (within ``JOIN_GAP_S``) to a process that subscribes (the announce socket is an
 XPUB: a subscription is a message the learner reads), and repeated every ``ANNOUNCE_EVERY_S`` for one
 whose subscription was lost.
@@ -45,11 +47,12 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zmq
 
+from learner.transports import Offer, Place, build_transports
 from protocol.auth import load_auth
 from protocol.config import NetConfig, WeightsConfig
 from protocol.messages import (
@@ -62,9 +65,11 @@ from protocol.messages import (
     new_session,
 )
 from protocol.metrics import RateLimitedLog
-from protocol.shm import SegmentStore, host_id, run_key
 from protocol.sockets import announce_publisher, close, recv, send, weight_server
 from protocol.weights import encode_delta, same_layout
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("podsrl.learner")
 JOIN_GAP_S = 0.05  # a new subscriber is announced to within this (announcements at most this often for joins)
@@ -83,19 +88,6 @@ class Pin:
     seen: float  # monotonic time of its last request
 
 
-def share_on_device(weights: Weights, device: Any) -> tuple[str, Any]:
-    """A copy of the packed version on ``device`` (CUDA) and its CUDA IPC handle text, for
-    :meth:`WeightPublisher.publish`: the bytes the digests were computed over, one host-to-device copy.
-    Untested without a GPU (protocol/cuda_ipc.py)."""
-    import torch
-
-    from protocol.cuda_ipc import share
-
-    buf = torch.empty(weights.data.shape[0], dtype=torch.uint8, device=device)
-    buf.copy_(torch.from_numpy(weights.data))
-    return share(buf).to_wire(), buf
-
-
 class WeightPublisher:
     def __init__(
         self,
@@ -105,7 +97,9 @@ class WeightPublisher:
         vocab_size: int = 0,
         weights: WeightsConfig | None = None,
         run_dir: str = "",
+        device: torch.device | None = None,
     ) -> None:
+        """``run_dir`` and ``device`` (rank 0's) tell the transports whether they can offer anything."""
         auth = load_auth(net, "learner")  # first: a missing key must fail before any socket exists
         self.cfg = weights or WeightsConfig()
         self._ctx = ctx
@@ -116,8 +110,7 @@ class WeightPublisher:
         self._deltas: OrderedDict[tuple[int, int], Future] = OrderedDict()  # (base, target) -> payload
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="weight-delta")
         self._deltas_pay = True  # the last delta encoded was small enough (weights.delta_max_ratio)
-        self._shm_names: dict[int, str] = {}
-        self._cuda: dict[int, tuple[str, Any]] = {}  # version -> (CUDA IPC handle text, the buffer it names)
+        self._offers: dict[int, Offer] = {}  # version -> the announcement fields its transports filled
         self._latest: Weights | None = None
         self._floor = 0
         self._final = False
@@ -126,22 +119,7 @@ class WeightPublisher:
         self._chunk = max(1, int(self.cfg.chunk_mib * (1 << 20)))
         self._warn = RateLimitedLog(log)
         self._lock = threading.Lock()
-        self.shm: SegmentStore | None = None
-        if self.cfg.transport != "net" and run_dir:
-            try:
-                self.shm = SegmentStore(self.cfg.shm_dir, run_key(run_dir), self.session)
-                if self.shm.stale_removed:
-                    log.info(
-                        "removed %d shared-memory segments left by a learner of this run that was killed",
-                        self.shm.stale_removed,
-                    )
-            except OSError as e:
-                log.warning(
-                    "no shared memory for weights (%s: %s): rollout servers on this machine fetch over the "
-                    "network; set weights.shm_dir to a writable tmpfs",
-                    self.cfg.shm_dir,
-                    e,
-                )
+        self.transports = build_transports(Place(self.cfg, run_dir, self.session, device))
         self._wake_addr = f"inproc://publisher-{id(self)}"
         self._wake = ctx.socket(zmq.PAIR)
         self._wake.bind(self._wake_addr)
@@ -160,44 +138,31 @@ class WeightPublisher:
 
     # -- the training thread's side ------------------------------------------------------------
     def alloc(self, nbytes: int) -> np.ndarray:
-        """The buffer to pack the next version into: a shared-memory segment when offered (a full
-        shm directory is reported once and ends the offer), else ordinary memory."""
-        if self.shm is not None:
-            try:
-                return self.shm.alloc(nbytes)
-            except OSError as e:
-                log.warning(
-                    "shared memory full or unusable (%s); rollout servers on this machine fetch over the "
-                    "network from now on (raise the tmpfs size, e.g. docker shm_size)",
-                    e,
-                )
-                self.shm.close()
-                self.shm = None
+        """The buffer to pack the next version into: the first transport's that wants it (a shared-memory
+        segment), else ordinary memory."""
+        for transport in self.transports:
+            buf = transport.alloc(nbytes)
+            if buf is not None:
+                return buf
         return np.empty(nbytes, np.uint8)
 
-    def publish(
-        self, weights: Weights, floor: int = 0, final: bool = False, cuda: tuple[str, Any] | None = None
-    ) -> None:
-        """Make ``weights`` the version served and announce it (``floor``: see the module doc).
-        ``weights.data`` must come from :meth:`alloc` when shared memory is offered. ``cuda``: the
-        handle text of a device copy and the buffer itself, kept alive while the version is kept."""
-        name = ""
-        if self.shm is not None and self.shm.pending:
-            name = self.shm.seal(weights)
+    def publish(self, weights: Weights, floor: int = 0, final: bool = False) -> None:
+        """Make ``weights`` the version served and announce it, with what every transport offers
+        (``floor``: see the module doc). ``weights.data`` must come from :meth:`alloc`."""
+        offer: Offer = {}
+        for transport in self.transports:
+            offer.update(transport.offer(weights, offer))
         with self._lock:
             previous = self._latest
             self._latest, self._floor, self._final = weights, floor, final
             self._kept[weights.version] = weights
-            if name:
-                self._shm_names[weights.version] = name
-            if cuda is not None:
-                self._cuda[weights.version] = cuda
+            if offer:
+                self._offers[weights.version] = offer
             while len(self._kept) > self.cfg.keep_versions:
                 old, _ = self._kept.popitem(last=False)
-                self._shm_names.pop(old, None)
-                self._cuda.pop(old, None)  # (torch frees the device memory once every reader has let go)
-                if self.shm is not None:
-                    self.shm.remove(old)
+                self._offers.pop(old, None)
+                for transport in self.transports:
+                    transport.drop(old)
                 for pair in [p for p in self._deltas if old in p]:
                     self._deltas.pop(pair).cancel()  # a queued encoding of an evicted pair never runs
         probe = weights.version % 16 == 0  # deltas that did not pay may pay now (a lower lr, bf16)
@@ -222,7 +187,7 @@ class WeightPublisher:
             "weights/full_served": self.full_served,
             "weights/chunks_served": self.served,
             "weights/requests_rejected": self.rejected,
-            "weights/shm": float(self.shm is not None),
+            **{k: v for t in self.transports for k, v in t.metrics().items()},
             "weights/pinned_served": self.pinned_served,
             "weights/pins_dropped": self.pins_dropped,
             "weights/pins_expired": self.pins_expired,
@@ -233,16 +198,14 @@ class WeightPublisher:
         self._thread.join(timeout=10)
         self._encoder.shutdown(wait=True, cancel_futures=True)
         close(self._wake)
-        if self.shm is not None:
-            self.shm.close()
-        self._cuda.clear()
+        for transport in self.transports:
+            transport.close()
 
     # -- the serving thread --------------------------------------------------------------------
     def _announce(self) -> None:
         with self._lock:
             w, floor, final = self._latest, self._floor, self._final
-            shm = self._shm_names.get(w.version, "") if w is not None else ""
-            cuda = self._cuda.get(w.version, ("", None))[0] if w is not None else ""
+            offer = self._offers.get(w.version, {}) if w is not None else {}
         if w is not None:
             send(
                 self._pub,
@@ -253,9 +216,7 @@ class WeightPublisher:
                     floor=floor,
                     vocab_size=self.vocab_size,
                     session=self.session,
-                    shm=shm,
-                    host=host_id() if shm or cuda else "",
-                    cuda=cuda,
+                    **offer,
                 ),
             )
 

@@ -11,6 +11,9 @@ one optimizer step, lr from ``lr_at(V)``), and rank 0 publishes version ``V + 1`
 the version, so a restarted learner continues the count and the rollout servers' versions stay
 meaningful.
 
+``main`` is the loop; ``Training`` is every rank's state (model, optimizer, version, checkpoints)
+and ``Lead`` rank 0's duties (batches in, versions out through the publisher, metrics, the audit trail).
+
 Precision (``model.dtype``): the learner keeps fp32 master weights and fp32 AdamW state; with
 ``bfloat16`` the forward computes in bf16 (autocast under DDP, FSDP2's ``MixedPrecisionPolicy``,
 gradients reduced in fp32) and log-probs are taken in fp32 from the logits. Published weights are
@@ -20,6 +23,7 @@ cast to ``model.dtype``, the dtype the rollout engine loads. Strategies and stat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,7 +41,7 @@ import zmq
 
 from protocol.auth import load_auth
 from protocol.config import Config
-from protocol.messages import BatchRequest, ProtocolError, TrainBatch, Weights
+from protocol.messages import BatchRequest, ProtocolError, TrainBatch
 from protocol.metrics import Monitor
 from protocol.sockets import batch_client, close, recv, send
 from protocol.weights import pack_weights, read_tokenizer_files
@@ -174,156 +178,178 @@ def shard(batch: TrainBatch, rank: int, world: int) -> dict[str, Any]:
     }
 
 
+class Training:
+    """Every rank's side of the run: the wrapped model, its optimizer and the version count (DESIGN.md)."""
+
+    def __init__(self, cfg: Config, rank: int, world: int, device: torch.device) -> None:
+        from learner.checkpoint import load_latest
+        from learner.model import load_model
+        from learner.parallel import full_model_state, wrap
+
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        model = load_model(cfg.model_dir, device)
+        self.model_config, self.vocab_size = model.config.to_json_string(), int(model.config.vocab_size)
+        self.net = wrap(model, cfg, device)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+        lineage = load_latest(cfg, self.net, self.opt, rank)
+        self.version, self.step, self.floor = lineage.version, lineage.step, lineage.floor
+        self.nonfinite = 0  # steps skipped for a non-finite gradient
+        self.saved: int | None = None  # the version last checkpointed by this process
+        self.state = full_model_state(self.net)  # a collective: every rank gathers, rank 0 receives
+
+    def train(self, batch: TrainBatch) -> dict[str, Any]:
+        """One optimizer step on this rank's shard of ``batch``, which makes the next version."""
+        from learner.parallel import full_model_state
+        from learner.step import train_step
+
+        rows = shard(batch, self.rank, self.world)
+        metrics = train_step(self.net, self.opt, rows, self.cfg, self.world, self.device, self.step)
+        self.version, self.step = self.version + 1, self.step + 1
+        self.nonfinite += int(metrics.get("train/skipped_nonfinite", 0))
+        self.state = full_model_state(self.net)
+        return metrics
+
+    def checkpoint_due(self) -> bool:
+        every = self.cfg.learner.checkpoint_every
+        return bool(every) and self.step % every == 0
+
+    def save(self) -> None:
+        from learner.checkpoint import save_checkpoint
+
+        save_checkpoint(self.cfg, self.net, self.opt, self.version, self.rank, self.state, self.step, self.floor)
+        self.saved = self.version
+
+
+class Lead:
+    """Rank 0's side of the run: batches in, versions out, the metrics and the audit trail. What it opens
+    is closed by ``cleanup``, the caller's one place for clean-ups, even when it fails half-way."""
+
+    def __init__(self, cfg: Config, run: Training, cleanup: contextlib.ExitStack) -> None:
+        from learner.publisher import WeightPublisher
+
+        self.cfg = cfg
+        ctx = zmq.Context()
+        cleanup.callback(ctx.term)  # (last: every socket is closed by then)
+        self.publisher = WeightPublisher(
+            ctx,
+            cfg.net,
+            files=read_tokenizer_files(cfg.model_dir),
+            vocab_size=run.vocab_size,
+            weights=cfg.weights,
+            run_dir=cfg.run.dir,
+            device=run.device,
+        )
+        cleanup.callback(self.publisher.close)
+        self.publish(run)
+        self.source = BatchSource(ctx, cfg, run.vocab_size)
+        cleanup.callback(close, self.source.sock)
+        self.monitor = Monitor(cfg.run.dir, "learner")
+        cleanup.callback(self.monitor.close)
+        self.audit = cleanup.enter_context((Path(cfg.run.dir) / "metrics" / "trained_groups.jsonl").open("a"))
+        self.started = time.monotonic()
+        log.info(
+            "learner up: %d rank(s) on %s, %s, version %d; %s",
+            run.world,
+            run.device,
+            cfg.learner.strategy,
+            run.version,
+            cfg.summary(),
+        )
+
+    def publish(self, run: Training, final: bool = False) -> None:
+        """Record, then announce and serve ``run.version`` (never with a non-finite weight)."""
+        from learner.checkpoint import record_published
+        from learner.parallel import cast
+
+        bad = [k for k, v in run.state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise RuntimeError(
+                f"version {run.version} has non-finite weights ({bad[:3]}): not published. Resume "
+                "from the last checkpoint with a lower learner.lr or learner.grad_clip"
+            )
+        record_published(self.cfg, run.version, run.floor)
+        state = cast(run.state, self.cfg.model.dtype)
+        w = pack_weights(state, run.version, run.model_config, alloc=self.publisher.alloc)
+        self.publisher.publish(w, run.floor, final)
+
+    def batch(self, version: int) -> tuple[TrainBatch | None, float]:
+        """The batch for ``version`` and the seconds spent waiting for it; None once ``run.max_seconds`` is spent."""
+        limit = self.cfg.run.max_seconds
+        if limit and time.monotonic() - self.started > limit:
+            log.info("run.max_seconds=%s reached at version %d", limit, version)
+            return None, 0.0
+        return self.source.get(version)
+
+    def report(
+        self, run: Training, batch: TrainBatch, metrics: dict[str, Any], wait_s: float, t0: float, t1: float
+    ) -> None:
+        """After the step that trained on ``batch`` (begun at ``t0``, training from ``t1``): publish the new
+        version, log the step's metrics and add its groups to the audit trail."""
+        t_pub = time.monotonic()
+        self.publish(run)
+        metrics.update({"time/publish": time.monotonic() - t_pub, **self.publisher.metrics()})
+        stale = (run.version - 1) - batch.versions  # what this update trained on (a late reply may be
+        # a batch cut for an older request version: the learner's own version is the truth)
+        metrics.update(
+            {
+                **batch.stats,
+                "version": run.version,
+                "train/step": run.step,
+                "time/wait_for_batch": wait_s,
+                "time/train": time.monotonic() - t1,
+                "time/step": time.monotonic() - t0,
+                "train/samples": batch.size,
+                "train/samples_per_s": batch.size / (time.monotonic() - t0),
+                "staleness/mean": float(stale.mean()),
+                "staleness/max": int(stale.max()),
+                **{f"staleness/hist_{k}": int((stale == k).sum()) for k in range(self.cfg.max_staleness + 1)},
+                "learner/batches_rejected": self.source.rejected,
+                "learner/stale_rows_dropped": self.source.stale_rows,
+                "learner/nonfinite_steps_skipped": run.nonfinite,
+                "reward/kept_mean": float(batch.rewards.mean()),
+            }
+        )
+        self.monitor.log(run.version, metrics)
+        self.audit.write(json.dumps({"version": run.version, "groups": trained_groups(batch)}) + "\n")
+        self.audit.flush()
+
+
+def end_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     from protocol.cli import configure, process_parser
 
     die_with_agent()
-    parser = process_parser("learner.train", __doc__)
-    args = parser.parse_args(argv)
+    args = process_parser("learner.train", __doc__).parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     cfg = configure(args, role=f"learner-{rank}", quiet=rank != 0)
     torch.set_num_threads(cfg.learner.threads)
-    from learner.checkpoint import load_latest, record_published, save_checkpoint
-    from learner.model import load_model
-    from learner.parallel import cast, full_model_state, wrap
-    from learner.publisher import WeightPublisher, share_on_device
-    from learner.step import train_step
-
     rank, world, device = setup_distributed(cfg)
-    ctx = zmq.Context() if rank == 0 else None
-    publisher = source = monitor = None
-    try:
-        model = load_model(cfg.model_dir, device)
-        model_config = model.config.to_json_string()
-        net = wrap(model, cfg, device)
-        opt = torch.optim.AdamW(net.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
-        lineage = load_latest(cfg, net, opt, rank)
-        version, step, floor = lineage.version, lineage.step, lineage.floor
-        state = full_model_state(net)  # a collective: every rank gathers, rank 0 receives
-
-        def publish(final: bool = False) -> None:
-            """Rank 0: record, then announce and serve ``version`` (never with a non-finite weight)."""
-            assert publisher is not None
-            bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-            if bad:
-                raise RuntimeError(
-                    f"version {version} has non-finite weights ({bad[:3]}): not published. Resume "
-                    "from the last checkpoint with a lower learner.lr or learner.grad_clip"
-                )
-            record_published(cfg, version, floor)
-            w = pack_weights(cast(state, cfg.model.dtype), version, model_config, alloc=publisher.alloc)
-            publisher.publish(w, floor, final, cuda=device_copy(w))
-
-        sharing = {"cuda": device.type == "cuda" and cfg.weights.cuda_ipc and cfg.weights.transport != "net"}
-
-        def device_copy(w: Weights) -> tuple[str, Any] | None:
-            """Rank 0 on CUDA: the version's device copy for rollout servers on this machine (CUDA IPC)."""
-            if not sharing["cuda"] or publisher is None or publisher.shm is None:
-                return None
-            try:
-                return share_on_device(w, device)
-            except (RuntimeError, ValueError) as e:  # never stop training for an optional fast path
-                sharing["cuda"] = False
-                log.warning(
-                    "CUDA IPC unavailable (%s): rollout servers copy from the host segment; set "
-                    "weights.cuda_ipc=false to silence this",
-                    e,
-                )
-                return None
-
-        if rank == 0:
-            assert ctx is not None
-            publisher = WeightPublisher(
-                ctx,
-                cfg.net,
-                files=read_tokenizer_files(cfg.model_dir),
-                vocab_size=int(model.config.vocab_size),
-                weights=cfg.weights,
-                run_dir=cfg.run.dir,
-            )
-            publish()
-            source = BatchSource(ctx, cfg, int(model.config.vocab_size))
-            monitor = Monitor(cfg.run.dir, "learner")
-            audit = (Path(cfg.run.dir) / "metrics" / "trained_groups.jsonl").open("a")
-            log.info(
-                "learner up: %d rank(s) on %s, %s, version %d; %s",
-                world,
-                device,
-                cfg.learner.strategy,
-                version,
-                cfg.summary(),
-            )
-        started, saved, nonfinite = time.monotonic(), None, 0
-        while step < cfg.run.steps:
+    with contextlib.ExitStack() as cleanup:  # every clean-up, last opened first, on success or error
+        cleanup.callback(end_distributed)
+        run = Training(cfg, rank, world, device)
+        lead = Lead(cfg, run, cleanup) if rank == 0 else None  # publishes the version it starts from
+        while run.step < cfg.run.steps:
             t0 = time.monotonic()
-            box: list = [None]
-            wait_s = 0.0
-            if rank == 0:
-                assert source is not None
-                if cfg.run.max_seconds and t0 - started > cfg.run.max_seconds:
-                    log.info("run.max_seconds=%s reached at version %d", cfg.run.max_seconds, version)
-                else:
-                    batch, wait_s = source.get(version)
-                    box = [batch]
+            batch, wait_s = lead.batch(run.version) if lead is not None else (None, 0.0)
+            box = [batch]
             dist.broadcast_object_list(box, src=0)  # None: every rank stops together
             if box[0] is None:
                 break
-            batch = box[0]
             t1 = time.monotonic()
-            metrics = train_step(net, opt, shard(batch, rank, world), cfg, world, device, step)
-            version, step = version + 1, step + 1
-            nonfinite += int(metrics.get("train/skipped_nonfinite", 0))
-            state = full_model_state(net)
-            if rank == 0:
-                assert publisher is not None and monitor is not None and source is not None
-                t_pub = time.monotonic()
-                publish()
-                metrics.update({"time/publish": time.monotonic() - t_pub, **publisher.metrics()})
-                stale = (version - 1) - batch.versions  # what this update trained on (a late reply may be
-                # a batch cut for an older request version: the learner's own version is the truth)
-                metrics.update(
-                    {
-                        **batch.stats,
-                        "version": version,
-                        "train/step": step,
-                        "time/wait_for_batch": wait_s,
-                        "time/train": time.monotonic() - t1,
-                        "time/step": time.monotonic() - t0,
-                        "train/samples": batch.size,
-                        "train/samples_per_s": batch.size / (time.monotonic() - t0),
-                        "staleness/mean": float(stale.mean()),
-                        "staleness/max": int(stale.max()),
-                        **{f"staleness/hist_{k}": int((stale == k).sum()) for k in range(cfg.max_staleness + 1)},
-                        "learner/batches_rejected": source.rejected,
-                        "learner/stale_rows_dropped": source.stale_rows,
-                        "learner/nonfinite_steps_skipped": nonfinite,
-                        "reward/kept_mean": float(batch.rewards.mean()),
-                    }
-                )
-                monitor.log(version, metrics)
-                audit.write(json.dumps({"version": version, "groups": trained_groups(batch)}) + "\n")
-                audit.flush()
-            every = cfg.learner.checkpoint_every
-            if every and step % every == 0:
-                save_checkpoint(cfg, net, opt, version, rank, state, step, floor)
-                saved = version
-        if saved != version:  # the final version is always kept
-            save_checkpoint(cfg, net, opt, version, rank, state, step, floor)
-        if rank == 0:
-            publish(final=True)
-            log.info("learner done at version %d", version)
-    finally:
-        if publisher is not None:
-            publisher.close()
-        if source is not None:
-            close(source.sock)
-        if monitor is not None:
-            monitor.close()
-            audit.close()
-        if ctx is not None:
-            ctx.term()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            metrics = run.train(box[0])
+            if lead is not None:
+                lead.report(run, box[0], metrics, wait_s, t0, t1)
+            if run.checkpoint_due():
+                run.save()
+        if run.saved != run.version:  # the final version is always kept
+            run.save()
+        if lead is not None:
+            lead.publish(run, final=True)
+            log.info("learner done at version %d", run.version)
     return 0
 
 

@@ -8,8 +8,8 @@ themselves, :func:`share` and :func:`open_handle`, are typed against torch's own
 ``torch.multiprocessing`` pickles tensors with: ``UntypedStorage._share_cuda_`` and
 ``UntypedStorage._new_shared_cuda``), kept as thin as that API allows.
 
-How it is used (``weights.cuda_ipc``, learner/train.py, rollout_server/server.py): a learner on CUDA
-that offers shared-memory segments also copies each packed version onto its GPU (one host-to-device
+How it is used (``weights.cuda_ipc``; learner/transports/cuda_ipc.py, rollout_server/sources/cuda_ipc.py):
+a learner on CUDA that offers shared-memory segments also copies each packed version onto its GPU (one host-to-device
 copy of the bytes the digests were computed over) and announces the buffer's handle. A rollout
 server on the same machine whose torch engine runs on CUDA still maps and verifies the host segment
 (the version it keeps as its delta base), but loads its model from the device buffer: a

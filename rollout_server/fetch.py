@@ -7,10 +7,10 @@ result is verified tensor by tensor before it is returned: a delta that does not
 exactly (corrupt, or applied to the wrong base) is counted (``weights_rejected``) and the version is
 fetched again in full, while the server keeps generating with the version it has.
 
-:func:`read_shared` maps a version from shared memory instead, when the learner announced a segment
-on this machine (protocol/shm.py). The buffer of the version a server stops running comes back
-through :meth:`Fetcher.recycle` and receives the next transfer: its pages are already mapped, where a
-fresh buffer of a large model costs a page fault per 4 KiB (seconds per GB on a VM). Both run on the
+It is the network source's machinery (``rollout_server/sources/net.py``; the other sources are
+beside it). The buffer of the version a server stops running comes back through
+:meth:`Fetcher.recycle` and receives the next transfer: its pages are already mapped, where a fresh
+buffer of a large model costs a page fault per 4 KiB (seconds per GB on a VM). It runs on the
 server's asyncio loop (uvloop); the CPU-heavy parts (decompression, decoding, digests) run in a helper
 thread so heartbeats and sends keep flowing.
 """
@@ -21,8 +21,6 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import zmq.asyncio
@@ -31,55 +29,18 @@ from protocol.config import WeightsConfig
 from protocol.messages import (
     ProtocolError,
     Weights,
-    WeightsAnnouncement,
     WeightsChunk,
     WeightsRequest,
     new_session,
 )
-from protocol.shm import host_id, read_segment
 from protocol.sockets import arecv, asend
 from protocol.weights import apply_delta, verify
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger("podsrl.rollout")
 
 
 class Gone(Exception):
     """The learner no longer keeps the version (or delta base) this transfer started with."""
-
-
-def shared_segment(cfg: WeightsConfig, ann: WeightsAnnouncement | None) -> Path | None:
-    """The segment to map for ``ann``'s version, when there is one on this machine and it may be used."""
-    if cfg.transport == "net" or ann is None or not ann.shm:
-        return None
-    if ann.host != host_id():
-        if cfg.transport == "shm":
-            log.warning(
-                "weights.transport='shm' but the learner runs on another machine (%s, here %s): "
-                "fetching over the network",
-                ann.host,
-                host_id(),
-            )
-        return None
-    return Path(cfg.shm_dir) / ann.shm
-
-
-async def read_shared(path: Path, ann: WeightsAnnouncement) -> Weights:
-    """``ann``'s version from its segment, verified (raises OSError or ProtocolError: use the network)."""
-    return await asyncio.to_thread(read_segment, path, ann.version, ann.session)
-
-
-def open_device_copy(wire: str, nbytes: int, device: torch.device | None) -> torch.Tensor | None:
-    """The CUDA IPC device copy announced as ``wire`` (``nbytes`` of it), when there is one and the
-    engine runs on CUDA; else None. Raises ProtocolError for a malformed handle and torch's error when
-    CUDA cannot open it: the caller loads from the host segment. Untested without a GPU (protocol/cuda_ipc.py)."""
-    if not wire or device is None or device.type != "cuda":
-        return None
-    from protocol.cuda_ipc import CudaIpcHandle, open_handle
-
-    return open_handle(CudaIpcHandle.from_wire(wire), nbytes)
 
 
 class Fetcher:

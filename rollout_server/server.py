@@ -6,8 +6,9 @@ Start one alone (any machine; it needs only the selector's and the learner's add
 
 Two threads. The control plane is an asyncio loop (uvloop) that alone owns the sockets: it reads
 weight announcements, sends heartbeats every ``rollout.heartbeat_s`` and groups as they are made,
-and fetches each new version in the background (a delta from the version held when the learner
-still keeps it, shared memory on the learner's machine; ``rollout_server/fetch.py``). Generation,
+and fetches each new version in the background through its weights client
+(``rollout_server/weights_client.py``: the weights sources, a delta from the version held when the
+learner still keeps it, shared memory on the learner's machine). Generation,
 scoring and loading a version into the engine run in one worker thread, so a version is swapped in
 only between engine calls, and a long load or generation never silences the heartbeats.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -51,22 +53,20 @@ import zmq.asyncio
 from protocol.auth import load_auth
 from protocol.config import Config
 from protocol.messages import (
-    LEARNER_SILENT_S,
     Heartbeat,
     Hello,
     ProtocolError,
     ScoredGroup,
     Weights,
-    WeightsAnnouncement,
     WorkGrant,
     WorkRequest,
     new_session,
 )
 from protocol.metrics import Monitor, RateLimitedLog
-from protocol.sockets import announce_subscriber, arecv, asend, close, group_sender, weight_client
+from protocol.sockets import arecv, asend, close, group_sender
 from protocol.weights import unpack_files
-from rollout_server.fetch import Fetcher, open_device_copy, read_shared, shared_segment
 from rollout_server.sampling import SamplingSpec
+from rollout_server.weights_client import WeightsClient
 
 log = logging.getLogger("podsrl.rollout")
 T = TypeVar("T")
@@ -97,35 +97,21 @@ class RolloutServer:
         auth = load_auth(cfg.net, "rollout", server_id)  # key: <net.keys_dir>/rollout/<server_id>.key_secret
         # the builders make their sockets with this asyncio context, so they are asyncio sockets
         self.push = cast(zmq.asyncio.Socket, group_sender(self.ctx, cfg.net, auth))
-        self.sub = cast(zmq.asyncio.Socket, announce_subscriber(self.ctx, cfg.net, auth))
-        self.dealer = cast(zmq.asyncio.Socket, weight_client(self.ctx, cfg.net, auth))
-        self.fetcher = Fetcher(self.dealer, cfg.weights, cfg.net.weights_timeout_s)
-        self.announcement: WeightsAnnouncement | None = None  # the newest, from the current learner
-        self.latest = -1  # newest version announced by the learner
-        self.floor = 0  # versions below it were discarded by a learner restart: never generate with them
-        self.learner_session: int | None = None
-        self.heard_learner = time.monotonic()  # when the last announcement arrived
         self.session = new_session()  # a fresh identity per process
         self.groups_sent = 0  # also the next group's sequence number in this session
         self.state = "waiting_for_weights"
-        self.held: Weights | None = None  # the version the engine runs (a delta's base)
-        self.ready: Weights | None = None  # a newer version, fetched and verified, to swap in next
-        self.installing: Weights | None = None  # the version being loaded into the engine
         self.counters: Counter[str] = Counter()
         self.reward_errors: Counter[str] = Counter()
         self.evaluates = cfg.eval.every > 0 and server_id == cfg.eval.server
         self.next_eval = 0
         self.monitor = Monitor(cfg.run.dir, f"rollout-{server_id}", tensorboard=False)
         self._warn = RateLimitedLog(log, every_s=30.0)
+        device = getattr(self.engine, "device", None)
+        self.weights = WeightsClient(self.ctx, cfg, auth, device, self.monitor, self._warn, lambda: self.task is None)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="generate")
-        self._news = asyncio.Event()  # a new announcement or version: whoever waits looks again
         self._stop: asyncio.Event | None = None
-        self._fetching: asyncio.Task | None = None
-        self._fetch_s = 0.0  # how long the last fetch took (shared memory or network)
-        self._device_copies: dict[int, str] = {}  # version -> its CUDA IPC handle text (same machine, CUDA engine)
         self._grants: deque[tuple[WorkGrant, float]] = deque()  # pacing: (grant, when its lease ends)
         self._granted = asyncio.Event()
-        self._fetched = asyncio.Event()  # the background fetcher made a version ready (_news may be cleared by it)
         self._asked: tuple[int, int, float] | None = None  # the request in flight: (id, version, sent at)
         self._requests = 0
         self.idle_s = 0.0  # pacing: time spent waiting for work
@@ -139,33 +125,8 @@ class RolloutServer:
         t0 = time.monotonic()
         if self.task is None:
             self.task = self._build_task(w)
-        device_data = self._open_device_copy(w)
-        try:
-            self.engine.load(w, verified=True, device_data=device_data)
-        except RuntimeError as e:
-            if device_data is None:
-                raise
-            self._cuda_ipc_failed(e)  # a partial load is overwritten from the host copy
-            self.engine.load(w, verified=True)
+        self.weights.load(self.engine, w)
         return {"rollout/weights_install_s": time.monotonic() - t0, "rollout/weights_mib": w.data.nbytes / 2**20}
-
-    def _open_device_copy(self, w: Weights) -> Any:
-        """(worker) ``w``'s CUDA IPC device copy when announced and this engine runs on CUDA, else None."""
-        wire = self._device_copies.pop(w.version, "")
-        try:
-            return open_device_copy(wire, w.data.shape[0], getattr(self.engine, "device", None))
-        except (RuntimeError, ValueError) as e:  # (ProtocolError is a ValueError)
-            self._cuda_ipc_failed(e)
-            return None
-
-    def _cuda_ipc_failed(self, e: Exception) -> None:
-        self.counters["cuda_ipc_fallbacks"] += 1
-        self._warn(
-            "cuda_ipc",
-            "CUDA IPC copy of the weights unusable (%s): loading from the host segment "
-            "(same GPU visible to both processes? docker: ipc: host)",
-            e,
-        )
 
     def _build_task(self, w: Weights) -> Any:
         """The task, with the tokenizer the learner sent (written to a scratch directory and loaded)."""
@@ -280,28 +241,8 @@ class RolloutServer:
 
     # -- the control plane ---------------------------------------------------------------------
     async def _announcements(self) -> None:
-        while True:
-            try:
-                _, msg = await arecv(self.sub, WeightsAnnouncement)
-            except ProtocolError as e:
-                self.counters["announcements_rejected"] += 1
-                self._warn(e.reason, "bad announcement rejected: %s", e)
-                continue
-            if msg.final:
-                log.info("the learner announced the end of the run")
-                self._request_stop()
-                return
-            self.heard_learner = time.monotonic()
-            if msg.session != self.learner_session:
-                if self.learner_session is not None:
-                    log.info("the learner restarted (version %d, floor %d)", msg.version, msg.floor)
-                    if self._fetching is not None:  # that transfer died with the old learner
-                        self._fetching.cancel()
-                self.learner_session = msg.session
-            self.announcement = msg
-            self.latest = max(self.latest, msg.version)
-            self.floor = max(self.floor, msg.floor)
-            self._news.set()
+        await self.weights.listen()  # returns on the learner's final announcement
+        self._request_stop()
 
     async def _heartbeats(self) -> None:
         while True:
@@ -341,131 +282,23 @@ class RolloutServer:
                         waited,
                     )
 
-    def _have(self) -> int:
-        """The newest version this server has: running, or fetched and ready to swap in."""
-        versions = [w.version for w in (self.held, self.ready, self.installing) if w is not None]
-        return max(versions, default=-1)
-
-    def _usable(self, version: int | None) -> bool:
-        return version is not None and version >= self.floor and not self.cfg.too_stale(self.latest, version)
-
-    def _learner_gone(self) -> bool:
-        return self.learner_session is not None and time.monotonic() - self.heard_learner > LEARNER_SILENT_S
-
-    async def _fetch_latest(self) -> Weights | None:
-        """The announced latest version, from shared memory when it is on this machine, else the network;
-        None when the fetch was abandoned (the learner restarted, or did not answer in time)."""
-        ann = self.announcement
-        path = shared_segment(self.cfg.weights, ann) if self.task is not None else None  # files come by net
-        if path is not None and ann is not None:
-            t0 = time.monotonic()
-            try:
-                w = await read_shared(path, ann)
-                self.counters["shm_loads"] += 1
-                if ann.cuda:
-                    self._device_copies = {v: c for v, c in self._device_copies.items() if v > self._have()}
-                    self._device_copies[w.version] = ann.cuda
-                self._fetch_s = time.monotonic() - t0
-                self.monitor.log(w.version, {"rollout/weights_fetch_s": self._fetch_s, "rollout/weights_shm": 1})
-                return w
-            except (OSError, ProtocolError) as e:  # evicted meanwhile, or not what was announced
-                self.counters["shm_fallbacks"] += 1
-                if self.cfg.weights.transport == "shm":
-                    self._warn("shm", "shared-memory segment %s unusable (%s): fetching over the network", path, e)
-        # the delta base: the newest verified version in memory (running, being installed, or ready)
-        base = max(
-            (w for w in (self.held, self.installing, self.ready) if w is not None),
-            key=lambda w: w.version,
-            default=None,
-        )
-        self._fetching = asyncio.ensure_future(self.fetcher.fetch(base, with_files=self.task is None))
-        try:
-            await asyncio.wait({self._fetching})
-            if self._fetching.cancelled():
-                return None
-            w = self._fetching.result()
-        except TimeoutError:
-            log.info(
-                "no weights from the learner at %s:%d within %.0fs; asking again",
-                self.cfg.net.learner_host,
-                self.cfg.net.weights_port,
-                self.cfg.net.weights_timeout_s,
-            )
-            return None
-        finally:
-            self._fetching = None
-        last = self.fetcher.last
-        self._fetch_s = last["seconds"]
-        self.monitor.log(
-            w.version,
-            {
-                "rollout/weights_fetch_s": last["seconds"],
-                "rollout/weights_shm": 0,
-                "rollout/weights_wire_mib": last["bytes"] / 2**20,
-                "rollout/weights_delta": last["delta"],
-            },
-        )
-        return w
-
-    async def _background_fetches(self) -> None:
-        """Keep ``self.ready`` at the newest announced version, while the worker generates."""
-        while True:
-            await self._news.wait()
-            self._news.clear()
-            if self.latest <= self._have():
-                continue
-            w = await self._fetch_latest()
-            if w is None:
-                self._news.set()  # try again (at once after a restart; the next announcement otherwise)
-                await asyncio.sleep(0.2)
-                continue
-            if w.version > self._have():
-                self.ready = w
-                self._news.set()
-                self._fetched.set()
-
-    async def _wait(self, seconds: float, *also: asyncio.Event) -> None:
-        """Sleep until news (an announcement, a fetched version), one of ``also`` is set, or ``seconds`` pass."""
-        waits = [asyncio.ensure_future(e.wait()) for e in (self._news, *also)]
-        try:
-            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-
     async def _weights(self) -> None:
         """Swap in the newest fetched version; wait only while generating now would be useless."""
+        weights = self.weights
         waited_since = time.monotonic()
         while True:
-            if self._learner_gone():  # nothing can be trained until it is back; it may discard our versions
+            if weights.learner_gone():  # nothing can be trained until it is back; it may discard our versions
                 self.state = "waiting_for_weights"
-                log.info(
-                    "no announcement from the learner for %.0fs: generation paused until it is back",
-                    time.monotonic() - self.heard_learner,
-                )
-                while self._learner_gone():
-                    await self._wait(0.2)
-                log.info("the learner is back (version %d, floor %d)", self.latest, self.floor)
-            if not self.cfg.weights.background and self.latest > self._have():
+                await weights.learner_back()
+            if not self.cfg.weights.background and weights.behind():
                 self.state = "loading_weights"
-                w = await self._fetch_latest()
-                if w is not None and w.version > self._have():
-                    self.ready = w
-            ready = self.ready
-            if ready is not None and (self.engine.version is None or ready.version > self.engine.version):
+                await weights.fetch_now()
+            ready = weights.newer(self.engine.version)
+            if ready is not None:
                 self.state = "loading_weights"
-                self.ready, self.installing = None, ready
-                try:
-                    metrics = await self._in_worker(self.install, ready)
-                finally:
-                    self.installing = None
-                old, self.held = self.held, ready
-                if old is not None and old is not ready:
-                    self.fetcher.recycle(old)  # the engine copied it; no fetch uses it as a base (they are serial)
-                metrics["rollout/weights_load_s"] = metrics["rollout/weights_install_s"] + self._fetch_s
-                self.monitor.log(ready.version, metrics)
+                await weights.install(ready, functools.partial(self._in_worker, self.install))
                 await self._evaluate()  # every version loaded is evaluated when due, even one too stale to use
-            if self._usable(self.engine.version) and not self._learner_gone():
+            if weights.usable(self.engine.version) and not weights.learner_gone():
                 self.state = "generating"
                 return
             self.state = "waiting_for_weights"
@@ -474,22 +307,12 @@ class RolloutServer:
                     "waiting for weights from the learner at %s:%d (have v%d, newest v%d, floor %d)",
                     self.cfg.net.learner_host,
                     self.cfg.net.weights_port,
-                    self._have(),
-                    self.latest,
-                    self.floor,
+                    weights.have(),
+                    weights.latest,
+                    weights.floor,
                 )
                 waited_since = time.monotonic()
-            if not self.cfg.weights.background:
-                await self._wait(0.2)
-            else:
-                # Let the fetcher look, then wait for what it brings. Not on _news alone: the fetcher
-                # clears it when it looks again right after a fetch, which cost an idle server 0.2 s per
-                # version (every step at K=0) until the timeout; _fetched has this one waiter.
-                self._fetched.clear()
-                self._news.set()
-                await asyncio.sleep(0)
-                if self.ready is None:
-                    await self._wait(0.2, self._fetched)
+            await weights.next_version()
 
     async def _grant_reader(self) -> None:
         """Pacing: the selector's answers to our work requests, on the groups link."""
@@ -527,8 +350,8 @@ class RolloutServer:
         if cfg.pacing == "free":
             return cfg.prompts_per_call, cfg.group_size
         self._granted.clear()
-        self._fetched.clear()
-        if self.ready is not None:  # newer weights are here: swap them in first, then generate or ask
+        self.weights.fetched.clear()
+        if self.weights.ready is not None:  # newer weights are here: swap them in first, then generate or ask
             return 0, 0
         now = time.monotonic()
         while self._grants:
@@ -556,7 +379,7 @@ class RolloutServer:
             )
         self.state = "waiting_for_work"
         t0 = time.monotonic()
-        await self._wait(0.5, self._granted, self._fetched)
+        await self.weights.wait(0.5, self._granted, self.weights.fetched)
         self.idle_s += time.monotonic() - t0
         return 0, 0
 
@@ -581,7 +404,7 @@ class RolloutServer:
                 **produced.metrics,
                 "rollout/groups_sent": self.groups_sent,
                 "rollout/idle_s": self.idle_s,
-                **{f"rollout/{k}": v for k, v in (self.counters + self.fetcher.counters).items()},
+                **{f"rollout/{k}": v for k, v in (self.counters + self.weights.all_counters()).items()},
             },
         )
 
@@ -596,7 +419,7 @@ class RolloutServer:
             loop.add_signal_handler(signal.SIGTERM, self._request_stop)
         helpers = [asyncio.ensure_future(self._announcements())]  # first: a final announcement stops even the Hello
         if self.cfg.weights.background:
-            helpers.append(asyncio.ensure_future(self._background_fetches()))
+            helpers.append(asyncio.ensure_future(self.weights.keep_fetching()))
 
         async def work() -> None:
             await self._send(
@@ -652,7 +475,8 @@ class RolloutServer:
             self._worker.shutdown(wait=True)  # an engine call in flight finishes first
             if self.task is not None:
                 self.task.close()
-            close(self.push, self.sub, self.dealer)
+            close(self.push)
+            self.weights.close()
             self.ctx.term()
             self.monitor.close()
 

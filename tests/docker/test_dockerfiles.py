@@ -122,7 +122,21 @@ def test_the_copied_sources_build_podsrl_with_its_console_script(path: Path, tmp
         "learner/train.py",
         "protocol/config.py",
         "rollout_server/tasks/__init__.py",
+        "rollout_server/sources/__init__.py",
+        "learner/transports/__init__.py",
     } <= set(names)
+
+
+def test_every_package_is_installed() -> None:
+    """setuptools installs the packages pyproject.toml lists, no more: a sub-package left out (a new
+    weights source folder, say) imports from a checkout and fails in an installed podsrl."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for top in ("protocol", "rollout_server", "selector", "learner", "launcher")
+        for p in (ROOT / top).rglob("__init__.py")
+    }
+    assert found == listed
 
 
 def test_dockerignore_sends_the_packages_and_nothing_heavy(tmp_path: Path):

@@ -6,7 +6,10 @@ The two calls into torch's CUDA IPC themselves need a GPU: here they must fail w
 from __future__ import annotations
 
 import gc
+import logging
 import weakref
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,13 +19,16 @@ from helpers import free_ports
 from hypothesis import given
 from hypothesis import strategies as st
 
+from learner.publisher import WeightPublisher
+from learner.transports import Place, cuda_ipc
 from protocol.codec import decode, encode
-from protocol.config import NetConfig
+from protocol.config import NetConfig, WeightsConfig
 from protocol.cuda_ipc import CudaIpcHandle, open_handle, share
 from protocol.messages import Message, ProtocolError, Weights, WeightsAnnouncement
+from protocol.shm import host_id
 from protocol.sockets import announce_subscriber, recv
 from protocol.weights import pack_weights, unpack_weights
-from rollout_server.fetch import open_device_copy
+from rollout_server.sources.cuda_ipc import open_device_copy
 
 HANDLE = CudaIpcHandle(
     device=1,
@@ -129,37 +135,88 @@ def test_unpack_views_the_device_copy_not_the_host_bytes() -> None:
         unpack_weights(host, verified=True, buf=copy[:-1])
 
 
-def test_the_publisher_announces_the_handle_and_frees_the_buffer_with_its_version() -> None:
-    from learner.publisher import WeightPublisher
-    from protocol.config import WeightsConfig
+class Buffer:  # stands in for the device tensor a handle names
+    pass
 
+
+@pytest.fixture
+def cuda_publisher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[WeightPublisher, zmq.Socket]]:
+    """A publisher that believes it trains on cuda:0 and offers segments (in ``tmp_path``), and a subscriber
+    to its announcements. Sharing a device copy is the one call that needs a GPU: tests replace it."""
     announce, weights = free_ports(2)
     net = NetConfig(announce_port=announce, weights_port=weights)
+    cfg = WeightsConfig(keep_versions=1, shm_dir=str(tmp_path))
     ctx = zmq.Context()
-    pub = WeightPublisher(ctx, net, weights=WeightsConfig(keep_versions=1))
+    monkeypatch.setattr(cuda_ipc, "share_on_device", lambda w, device: (HANDLE.to_wire(), Buffer()))
+    pub = WeightPublisher(ctx, net, weights=cfg, run_dir=str(tmp_path / "run"), device=torch.device("cuda", 0))
     sub = announce_subscriber(ctx, net)
     try:
-
-        class Buffer:  # stands in for the device tensor the handle names
-            pass
-
-        buf = Buffer()
-        alive = weakref.ref(buf)
-        w = pack_weights({"a": torch.ones(8)}, 0, "{}")
-        pub.publish(w, cuda=(HANDLE.to_wire(), buf))
-        del buf
-        for _ in range(50):
-            assert sub.poll(10_000), "no announcement"
-            ann = recv(sub, WeightsAnnouncement)[1]
-            if ann.version == 0:
-                break
-        assert CudaIpcHandle.from_wire(ann.cuda) == HANDLE and ann.host, "the handle, and the machine it is on"
-        gc.collect()
-        assert alive() is not None, "kept while its version is kept"
-        pub.publish(pack_weights({"a": torch.zeros(8)}, 1, "{}"))  # v0 evicted (keep_versions=1)
-        gc.collect()
-        assert alive() is None, "released once its version is no longer kept"
+        yield pub, sub
     finally:
         sub.close(linger=0)
         pub.close()
         ctx.term()
+
+
+def publish(pub: WeightPublisher, sub: zmq.Socket, version: int) -> WeightsAnnouncement:
+    """Pack ``version`` into the publisher's buffer as the learner does, publish it, return its announcement."""
+    pub.publish(pack_weights({"a": torch.full((8,), float(version))}, version, "{}", alloc=pub.alloc))
+    for _ in range(50):
+        assert sub.poll(10_000), "no announcement"
+        ann = recv(sub, WeightsAnnouncement)[1]
+        if ann.version == version:
+            return ann
+    raise AssertionError(f"no announcement of v{version}")
+
+
+def test_the_publisher_announces_the_handle_and_frees_the_buffer_with_its_version(
+    cuda_publisher: tuple[WeightPublisher, zmq.Socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pub, sub = cuda_publisher
+    made: list[weakref.ref] = []
+
+    def share(w: Weights, device: torch.device) -> tuple[str, Buffer]:
+        made.append(weakref.ref(buf := Buffer()))
+        return HANDLE.to_wire(), buf
+
+    monkeypatch.setattr(cuda_ipc, "share_on_device", share)
+    ann = publish(pub, sub, 0)
+    assert CudaIpcHandle.from_wire(ann.cuda) == HANDLE and ann.shm, "beside its segment"
+    assert ann.host == host_id(), "the machine it is on"
+    gc.collect()
+    assert made[0]() is not None, "kept while its version is kept"
+    publish(pub, sub, 1)  # v0 evicted (keep_versions=1)
+    gc.collect()
+    assert made[0]() is None, "released once its version is no longer kept"
+    assert made[1]() is not None
+
+
+def test_a_learner_that_cannot_share_says_so_once_and_goes_on_without(
+    cuda_publisher: tuple[WeightPublisher, zmq.Socket],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pub, sub = cuda_publisher
+    calls: list[int] = []
+
+    def fails(w: Weights, device: torch.device) -> tuple[str, object]:
+        calls.append(w.version)
+        raise RuntimeError("no IPC on this device")
+
+    monkeypatch.setattr(cuda_ipc, "share_on_device", fails)
+    with caplog.at_level(logging.WARNING, "podsrl.learner"):
+        anns = [publish(pub, sub, v) for v in range(3)]
+    assert [(a.cuda, bool(a.shm)) for a in anns] == [("", True)] * 3, "the segment is still offered"
+    assert calls == [0], "not tried again"
+    assert len([r for r in caplog.records if "CUDA IPC unavailable" in r.getMessage()]) == 1
+
+
+def test_a_learner_off_cuda_or_without_segments_offers_no_device_copy(tmp_path: Path) -> None:
+    place = Place(WeightsConfig(shm_dir=str(tmp_path)), str(tmp_path / "run"), 1, torch.device("cpu"))
+    assert not cuda_ipc.CudaIpcTransport(place).on, "a learner on CPU"
+    on_cuda = Place(place.weights, place.run_dir, 1, torch.device("cuda", 0))
+    assert cuda_ipc.CudaIpcTransport(on_cuda).on
+    for cfg in (WeightsConfig(cuda_ipc=False), WeightsConfig(transport="net")):
+        assert not cuda_ipc.CudaIpcTransport(Place(cfg, place.run_dir, 1, on_cuda.device)).on
+    w = pack_weights({"a": torch.ones(8)}, 0, "{}")
+    assert cuda_ipc.CudaIpcTransport(on_cuda).offer(w, {}) == {}, "only beside a segment"

@@ -40,6 +40,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 import learner.publisher as publisher_module
 from learner.publisher import WeightPublisher
+from learner.transports.shm import ShmTransport
 from protocol.codec import encode
 from protocol.config import NetConfig, WeightsConfig
 from protocol.messages import (
@@ -49,10 +50,11 @@ from protocol.messages import (
     WeightsChunk,
     WeightsRequest,
 )
-from protocol.shm import host_id, read_segment, run_key, segment_name
+from protocol.shm import SegmentStore, host_id, read_segment, run_key, segment_name
 from protocol.sockets import announce_subscriber, close, recv, send, weight_client, weight_server
 from protocol.weights import encode_delta, pack_weights, verify
-from rollout_server.fetch import Fetcher, read_shared, shared_segment
+from rollout_server.fetch import Fetcher
+from rollout_server.sources.shm import read_shared, shared_segment
 
 MODEL_CONFIG = json.dumps({"model_type": "tiny", "vocab_size": 512, "hidden_size": 32})
 REPLY_S = 30.0  # a child process's answer (it may start slowly on a loaded machine)
@@ -189,6 +191,13 @@ def publishers(zctx: zmq.Context) -> Iterator[Publishers]:
         ps.close(p)
 
 
+def segment_store(p: WeightPublisher) -> SegmentStore:
+    """The publisher's shared-memory segments (its shm transport's); fails when it offers none."""
+    (shm,) = [t for t in p.transports if isinstance(t, ShmTransport)]
+    assert shm.store is not None, "the publisher offers no shared memory"
+    return shm.store
+
+
 def publish_packed(p: WeightPublisher, w: Weights) -> Weights:
     """Publish a copy of ``w`` packed into the publisher's own buffer (a segment when shm is offered),
     as the learner does with ``pack_weights(..., alloc=publisher.alloc)``."""
@@ -218,7 +227,7 @@ def say(**kw):
     sys.stdout.write(json.dumps(kw) + "\n")
     sys.stdout.flush()
 
-say(op="ready", pid=os.getpid(), session=pub.session, shm=pub.shm is not None)
+say(op="ready", pid=os.getpid(), session=pub.session, shm=bool(pub.metrics()["weights/shm"]))
 for line in sys.stdin:
     cmd = json.loads(line)
     if cmd["op"] == "publish":
@@ -837,7 +846,7 @@ def test_the_shared_memory_path_is_used_and_leaves_no_segment(
     sub = announce_subscriber(zctx, net)
     try:
         pub = publishers.make(net, cfg, run_dir=str(run_dir))
-        assert pub.shm is not None and pub.shm.stale_removed == 0
+        assert segment_store(pub).stale_removed == 0
         published = publish_packed(pub, versions[0])
         ann = announcement(sub, 0)
         assert (ann.shm, ann.host, ann.session) == (segment_name(key, 0), host_id(), pub.session)
@@ -905,7 +914,7 @@ def _killed_then_restarted(
 
     net2 = net.model_copy(update=dict(zip(("announce_port", "weights_port"), free_ports(2), strict=True)))
     pub = publishers.make(net2, cfg, run_dir=str(run_dir))
-    assert pub.shm is not None and pub.shm.stale_removed == 2
+    assert segment_store(pub).stale_removed == 2
     assert segments(shm_dir, key) == [] and other.exists()
     publish_packed(pub, chain()[1])
     assert segments(shm_dir, key) == [segment_name(key, 1)]
@@ -985,11 +994,6 @@ def test_hostile_requests_do_not_break_the_publisher(
 def test_segments_of_a_dead_learner_of_any_run_are_removed_at_start(tmp_path: Path) -> None:
     """A learner killed in a run that is never restarted leaves its segments; the next learner on the
     machine, of any run, removes those whose process is gone and leaves live learners' alone."""
-    import subprocess
-    import sys
-
-    from protocol.shm import SegmentStore
-
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
     )
