@@ -74,9 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = configure(args, role=args.cmd)
     server = None
     if args.cmd == "run" and cfg.run.fork_server:  # torch imported once; the checks and each process fork from it
+        from pathlib import Path
+
         from launcher.forkserver import call, start_server
 
-        server = start_server()
+        logs = Path(cfg.run.dir) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        server = start_server(logs / "forkserver.log")
     try:
         report = preflight(cfg) if server is None else call(server, preflight, cfg)
     except PreflightError as e:

@@ -62,17 +62,33 @@ class RoleSpec:
     cwd: str = "."
 
 
-def start_server() -> multiprocessing.context.ForkServerContext:
+def start_server(log: str | os.PathLike[str] = os.devnull) -> multiprocessing.context.ForkServerContext:
     """Start the fork server now (it imports :data:`PRELOAD` in the background) and return its context.
 
     Returns at once: the import runs while the caller goes on; the first :func:`fork` waits for it.
+    The fork server (and multiprocessing's resource tracker, started with it) write to ``log``, not to
+    this process's stdout and stderr: a reader of those pipes (``podsrl run | tee``, a test, a
+    benchmark) would otherwise wait for the fork server's own exit, a torch interpreter's teardown
+    (0.6 s here) after the launcher has gone.
     """
     ctx = multiprocessing.get_context("forkserver")
     assert isinstance(ctx, multiprocessing.context.ForkServerContext)
     ctx.set_forkserver_preload(PRELOAD)
     for key, value in FORK_ENV.items():  # the fork server inherits this process's environment
         os.environ.setdefault(key, value)
-    forkserver.ensure_running()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = os.dup(1), os.dup(2)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        forkserver.ensure_running()  # (the server inherits fds 1 and 2 as they are now)
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
     return ctx
 
 

@@ -43,6 +43,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -133,7 +135,7 @@ class WeightPublisher:
         self.pinned_served = 0  # chunk replies that only a pin made possible (the version was evicted)
         self.pins_dropped = 0  # transfers told 'gone' because weights.max_pinned was reached
         self.pins_expired = 0  # transfers silent for weights.pin_s
-        self._thread = threading.Thread(target=self._serve, name="weight-publisher", daemon=True)
+        self._thread = threading.Thread(target=self._serve_or_stop, name="weight-publisher", daemon=True)
         self._thread.start()
 
     # -- the training thread's side ------------------------------------------------------------
@@ -389,6 +391,17 @@ class WeightPublisher:
             except zmq.Again:
                 break
         return joined
+
+    def _serve_or_stop(self) -> None:
+        """The serving thread: a learner whose weights server has failed must not train on, unseen, while
+        no rollout server can get a version (it would wait for batches that never come). The error is
+        logged and the main thread interrupted (SIGINT: KeyboardInterrupt), so the learner exits non-zero and the
+        launcher reports it."""
+        try:
+            self._serve()
+        except Exception:
+            log.critical("the weights server thread failed; stopping the learner", exc_info=True)
+            os.kill(os.getpid(), signal.SIGINT)  # a real signal: it wakes a main thread blocked in a wait
 
     def _serve(self) -> None:
         wake = self._ctx.socket(zmq.PAIR)

@@ -22,6 +22,7 @@ import signal
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1048,3 +1049,33 @@ def test_a_subscriber_that_joins_hears_the_latest_version_at_once(
             assert announcement(sub, 0).session == pub.session
         finally:
             close(sub)
+
+
+def test_a_failed_serving_thread_stops_the_learner(net: NetConfig, tmp_path: Path) -> None:
+    """The weights server runs in its own thread: if it fails, the learner must not train on unseen
+    while no rollout server can fetch a version (it would wait for batches forever). The failure is
+    logged and the main thread interrupted, so the process exits non-zero."""
+    script = tmp_path / "serving.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import time, zmq
+            from learner.publisher import WeightPublisher
+            from protocol.config import NetConfig, WeightsConfig
+
+            def broken(self):
+                raise RuntimeError("a bug in the serving loop")
+
+            WeightPublisher._announce = broken  # called within ANNOUNCE_EVERY_S of the start
+            net = NetConfig(**{net.model_dump()!r})
+            p = WeightPublisher(zmq.Context(), net, weights=WeightsConfig(transport="net"))
+            time.sleep(60)  # the training thread, waiting for a batch
+            print("not stopped")
+            """
+        )
+    )
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=child_env())
+    assert res.returncode != 0 and "not stopped" not in res.stdout
+    assert "the weights server thread failed; stopping the learner" in res.stderr
+    assert "a bug in the serving loop" in res.stderr and time.monotonic() - t0 < 30
