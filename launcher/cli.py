@@ -83,7 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         server = start_server(logs / "forkserver.log")
     try:
         report = preflight(cfg) if server is None else call(server, preflight, cfg)
-    except PreflightError as e:
+    except BaseException as e:
+        if server is not None:  # no process of the run outlives it, the fork server included
+            from launcher.forkserver import stop_server
+
+            stop_server()
+        if not isinstance(e, PreflightError):
+            raise
         print(f"podsrl {args.cmd}: {e}", file=sys.stderr)
         return 2
     if args.cmd == "check":

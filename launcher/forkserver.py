@@ -39,6 +39,7 @@ T = TypeVar("T")
 
 # What the fork server imports before its first fork: the heavy libraries and every role's module.
 PRELOAD = ["launcher.preload"]
+SERVER_MARK = "PODSRL_FORK_SERVER"  # set in the fork server's environment only
 # Read by huggingface_hub and transformers when they are imported, i.e. in the fork server: a role's
 # own set-up (protocol/cli.py: configure) comes too late for a preloaded transformers.
 FORK_ENV = {
@@ -78,6 +79,7 @@ def start_server(log: str | os.PathLike[str] = os.devnull) -> multiprocessing.co
         os.environ.setdefault(key, value)
     sys.stdout.flush()
     sys.stderr.flush()
+    os.environ[SERVER_MARK] = "1"  # for the fork server alone (launcher/preload.py: it exits at once)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     saved = os.dup(1), os.dup(2)
     try:
@@ -89,7 +91,17 @@ def start_server(log: str | os.PathLike[str] = os.devnull) -> multiprocessing.co
         os.dup2(saved[1], 2)
         for f in (fd, *saved):
             os.close(f)
+        del os.environ[SERVER_MARK]
     return ctx
+
+
+def stop_server() -> None:
+    """End the fork server and wait for it (milliseconds: it leaves with ``os._exit``, launcher/preload.py),
+    so that no process of the run outlives the launcher, the fork server included. Uses CPython's own
+    ``_stop`` (3.9 and later); where it is missing the fork server still leaves on the launcher's exit."""
+    stop = getattr(forkserver._forkserver, "_stop", None)
+    if stop is not None:
+        stop()
 
 
 def fork(ctx: multiprocessing.context.ForkServerContext, spec: RoleSpec) -> multiprocessing.process.BaseProcess:
@@ -152,6 +164,7 @@ def run_role(spec: RoleSpec) -> None:
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     os.environ.update(spec.env)
+    os.environ.pop(SERVER_MARK, None)
     os.chdir(spec.cwd)
     if cuda_initialized():  # never true when PRELOAD is kept free of device work: a guard, not a path
         print("podsrl: CUDA was initialised before the fork; set run.fork_server=false", file=sys.stderr)

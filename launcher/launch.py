@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO
 
 from launcher.accounting import account
-from launcher.forkserver import RoleSpec, fork
+from launcher.forkserver import RoleSpec, fork, stop_server
 from launcher.ports import assign_ports, describe
 from protocol.cli import die_with_parent
 from protocol.config import Config, to_toml
@@ -402,6 +402,8 @@ def launch(cfg: Config, report: str, server: ForkServerContext | None = None) ->
             kid.reap_group()
             kid.close()
         memory.close()
+        if server is not None:
+            stop_server()  # last: every fork has exited (launcher/forkserver.py)
         with contextlib.suppress(OSError):  # a learner killed above leaves its shared-memory segments
             remove_segments(cfg.weights.shm_dir, run_key(run_dir))
         for s, h in old.items():

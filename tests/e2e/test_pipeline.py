@@ -24,23 +24,32 @@ pytestmark = pytest.mark.slow
 NO_CHECKPOINTS = "learner.checkpoint_every=0"
 
 
+RUN_MARK = "PODSRL_TEST_RUN"  # in the environment of every process a test's run starts (inherited by all)
+
+
+def run_env(run_dir: Path) -> dict[str, str]:
+    return {**child_env(), RUN_MARK: str(run_dir)}
+
+
 def podsrl_run(run_dir: Path, overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     """``podsrl run`` of the default config in ``run_dir``, without checkpoints, plus ``overrides``."""
     cmd = podsrl_command(run_dir, [NO_CHECKPOINTS, *overrides])
-    return subprocess.run(cmd, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=run_env(run_dir), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_all_exited(run_dir: Path) -> None:
     for pgid in json.loads((run_dir / "pids.json").read_text()).values():
         with pytest.raises(ProcessLookupError):
             os.killpg(pgid, 0)  # no process of that child's group remains
-    # torchrun starts its workers in sessions of their own: find them (and anything else) by the run's config
-    config = str(run_dir / "config.toml")
-    alive = [
-        p.pid
-        for p in psutil.process_iter(["cmdline", "status"])
-        if config in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE
-    ]
+    # torchrun starts its workers in sessions of their own, and the fork server, multiprocessing's resource
+    # tracker and the forks run under other command lines: find every one by the run's mark in its environment
+    alive = []
+    for p in psutil.process_iter(["pid", "name", "status"]):
+        try:
+            if p.environ().get(RUN_MARK) == str(run_dir) and p.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(f"{p.info['pid']} {p.info['name']} {p.cmdline()[:4]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
     assert not alive, f"processes of the run still alive: {alive}"
 
 
@@ -117,7 +126,7 @@ def test_dead_rollout_server_is_reported_and_training_continues(run_dir, net_ove
         run_dir, ["run.steps=600", "selector.peer_timeout_s=3", "rollout.heartbeat_s=0.3", *net_overrides]
     )
     launcher = subprocess.Popen(
-        cmd, env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd, env=run_env(run_dir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         metrics = run_dir / "metrics" / "learner.jsonl"

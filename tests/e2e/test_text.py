@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, child_env
-from test_pipeline import assert_all_exited, first_last
+from helpers import ROOT
+from test_pipeline import assert_all_exited, first_last, run_env
 
 from protocol.config import load_config
 from protocol.metrics import read_metrics
@@ -56,7 +56,7 @@ def podsrl_run_text(run_dir: Path, files: dict[str, Path], overrides: list[str])
         "task.reward=mymod:myreward",
         *overrides,
     ]
-    env = {**child_env(), "PYTHONPATH": os.pathsep.join([str(ROOT), str(files["plugins"])])}
+    env = {**run_env(run_dir), "PYTHONPATH": os.pathsep.join([str(ROOT), str(files["plugins"])])}
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
 
 

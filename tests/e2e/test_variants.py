@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, child_env, free_ports
-from test_pipeline import NO_CHECKPOINTS, assert_all_exited
+from helpers import ROOT, free_ports
+from test_pipeline import NO_CHECKPOINTS, assert_all_exited, run_env
 
 from launcher.cli import podsrl_command
 from protocol.metrics import read_metrics
@@ -40,7 +40,7 @@ def test_every_variant_runs_end_to_end(tmp_path: Path) -> None:
                 variant,
                 run_dir,
                 subprocess.Popen(
-                    cmd, env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                    cmd, env=run_env(run_dir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
                 ),
             )
         )
