@@ -29,9 +29,10 @@ import multiprocessing.context
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing import forkserver
+from multiprocessing import forkserver, resource_tracker
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
@@ -95,13 +96,29 @@ def start_server(log: str | os.PathLike[str] = os.devnull) -> multiprocessing.co
     return ctx
 
 
-def stop_server() -> None:
-    """End the fork server and wait for it (milliseconds: it leaves with ``os._exit``, launcher/preload.py),
-    so that no process of the run outlives the launcher, the fork server included. Uses CPython's own
-    ``_stop`` (3.9 and later); where it is missing the fork server still leaves on the launcher's exit."""
+def stop_server(grace_s: float = 5.0) -> None:
+    """End the fork server and multiprocessing's resource tracker (started with it, a child of this
+    process), and wait for both, so that no process of the run outlives the launcher. The fork server
+    leaves at once (``os._exit``, launcher/preload.py); the tracker leaves when the last process holding
+    its pipe has (every fork of the run, and their spawned reward workers): it is killed after
+    ``grace_s``. Uses CPython's own ``_stop`` and tracker state (3.9 and later); where they are missing,
+    both still leave on their own once the launcher has exited."""
     stop = getattr(forkserver._forkserver, "_stop", None)
     if stop is not None:
         stop()
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    fd, pid = getattr(tracker, "_fd", None), getattr(tracker, "_pid", None)
+    if tracker is None or fd is None or pid is None:
+        return
+    os.close(fd)  # our end of its pipe: with every other end closed, it reads end of file and leaves
+    tracker._fd = tracker._pid = None
+    deadline = time.monotonic() + grace_s
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return
+        time.sleep(0.01)
 
 
 def fork(ctx: multiprocessing.context.ForkServerContext, spec: RoleSpec) -> multiprocessing.process.BaseProcess:
