@@ -3,7 +3,8 @@
 ``podsrl run``, ``podsrl learner`` and ``podsrl check`` call :func:`preflight`. It builds the embedded
 tiny model and tokenizer when the run uses one, then checks the model directory (config, weights,
 tokenizer, vocabulary), the dataset (every row), the prompt template or chat template, and every
-reward function (imports, signature). Each failure is a :class:`PreflightError` whose message names
+reward function (imports, signature, and its values on a few rows: within ``selector.max_abs_reward``,
+finite). Each failure is a :class:`PreflightError` whose message names
 the config key and the fix.
 """
 
@@ -77,7 +78,7 @@ def preflight(cfg: Config) -> str:
                 f"model's vocab_size is {vocab}; they must come from the same model"
             )
         lines.append(f"model {path} (vocabulary {len(tokenizer)}, dtype {cfg.model.dtype})")
-        lines.append(validate_task(cfg, tokenizer))
+        lines.append(validate_task(cfg, tokenizer, trial=True))
     except TaskError as e:
         raise PreflightError(str(e)) from None
     from protocol.auth import AuthError, check

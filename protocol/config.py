@@ -114,6 +114,12 @@ class TaskConfig(Section):
         gt=0,
         description="a reward call running longer is killed; its rows score 0 (counted as reward/errors/timeout)",
     )
+    max_reward_failures: int = Field(
+        50,
+        ge=0,
+        description="a reward function that fails this many calls in a row (most rows raised, timed out, NaN, "
+        "outside +-selector.max_abs_reward, ...) stops the rollout server with an error naming it; 0 = never stop",
+    )
     stop: list[str] = Field([], description="stop strings: a completion ends after the token that completes one")
     max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts are skipped and counted")
     eval_dataset: str = Field("", description="held-out rows for eval (same formats as task.dataset)")

@@ -20,7 +20,11 @@ from rollout_server.tasks.data import RowSource, TaskError, alphabet_of
 from rollout_server.tasks.render import render, stop_ids, tokenize
 from rollout_server.tasks.rewards import RewardScores, RewardWorker, check_signature, load_reward
 
-__all__ = ["Prompt", "RewardScores", "Task", "TaskError", "alphabet_of", "task_name", "validate_task"]
+__all__ = ["Prompt", "RewardScores", "Task", "TaskError", "alphabet_of", "task_name", "try_rewards", "validate_task"]
+
+TRIAL_ROWS = 4  # rows ``try_rewards`` scores: enough to catch a function whose scale is wrong, and fast
+# a value the selector rejects (its group is dropped) or one that cannot be a reward at all
+TRIAL_FATAL = ("out_of_range", "non_finite", "not_a_number", "wrong_length")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,13 @@ def task_name(cfg: TaskConfig) -> str:
     return cfg.name
 
 
+def reward_worker(cfg: Config, max_failures: int | None = None) -> RewardWorker:
+    """The run's reward functions, bounded by the selector's ``selector.max_abs_reward``."""
+    tc = cfg.task
+    limit = tc.max_reward_failures if max_failures is None else max_failures
+    return RewardWorker(tc.rewards, tc.weights, tc.reward_timeout_s, cfg.selector.max_abs_reward, limit)
+
+
 class Task:
     def __init__(self, cfg: Config, tokenizer: Any, model_config: dict[str, Any], seed: int) -> None:
         self.cfg = cfg.task
@@ -42,7 +53,7 @@ class Task:
         self.source = RowSource(cfg.task, seed, cfg.run.seed, cfg.eval.prompts)
         self.stop_ids = stop_ids(tokenizer, model_config)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self.rewards = RewardWorker(cfg.task.rewards, cfg.task.weights, cfg.task.reward_timeout_s)
+        self.rewards = reward_worker(cfg)
         self.too_long = 0
         self._eval: list[Prompt] | None = None
 
@@ -83,10 +94,8 @@ class Task:
         """Rewards of ``n`` completions per prompt (prompt-major), and their decoded texts."""
         texts = self.decode(completions)
         rows = [p.row for p in prompts for _ in range(n)]
-        keys = sorted({k for p in prompts for k in p.row} - {self.cfg.prompt_field})
-        columns = {k: [r.get(k) for r in rows] for k in keys}
         scores = self.rewards.score(
-            [r[self.cfg.prompt_field] for r in rows], texts, [c.tolist() for c in completions], columns, on_wait
+            *_split(rows, self.cfg.prompt_field, texts, [c.tolist() for c in completions]), on_wait
         )
         return scores, texts
 
@@ -94,12 +103,21 @@ class Task:
         self.rewards.close()
 
 
-def validate_task(cfg: Config, tokenizer: Any | None = None) -> str:
+def _split(
+    rows: list[dict[str, Any]], prompt_field: str, texts: list[str], ids: list[list[int]]
+) -> tuple[list[Any], list[str], list[list[int]], dict[str, list[Any]]]:
+    """A reward call's arguments: prompts, completions, completion_ids and every other column as a list."""
+    keys = sorted({k for r in rows for k in r} - {prompt_field})
+    return [r[prompt_field] for r in rows], texts, ids, {k: [r.get(k) for r in rows] for k in keys}
+
+
+def validate_task(cfg: Config, tokenizer: Any | None = None, trial: bool = False) -> str:
     """Every check that needs no process: rows, template, reward functions (and, given the model's
-    tokenizer, prompt rendering). Returns a one-paragraph summary; raises TaskError with the fix."""
+    tokenizer, prompt rendering); with ``trial``, also :func:`try_rewards` (which may start the reward
+    worker). Returns a one-paragraph summary; raises TaskError with the fix."""
     tc = cfg.task
     source = RowSource(tc, seed=0, run_seed=cfg.run.seed, eval_rows=cfg.eval.prompts)
-    rows = source.rows or [source.next_row()]
+    rows = source.rows or [source.next_row() for _ in range(TRIAL_ROWS)]
     columns = set().union(*(r.keys() for r in rows)) - {tc.prompt_field}
     for i, row in enumerate(rows):
         if tc.template and not isinstance(row[tc.prompt_field], list):
@@ -121,4 +139,38 @@ def validate_task(cfg: Config, tokenizer: Any | None = None) -> str:
         f"columns {sorted(columns)}"
     )
     rewards = ", ".join(f"{s} x{w:g}" for s, w in zip(tc.rewards, tc.weights, strict=True))
-    return f"task {what}; rewards {rewards}"
+    tried = f"; {try_rewards(cfg, rows[:TRIAL_ROWS], tokenizer)}" if trial else ""
+    return f"task {what}; rewards {rewards}{tried}"
+
+
+def try_rewards(cfg: Config, rows: list[dict[str, Any]], tokenizer: Any | None = None) -> str:
+    """Score a few rows with every reward function, in the reward worker as a run does, each row's
+    completion being its ``answer`` column (a plausible completion) or ``""``. Raises TaskError naming a
+    function whose values the selector would reject (outside ``+-selector.max_abs_reward``, NaN/inf) or that
+    returns no numbers: such a run would train on nothing. Returns a short summary."""
+    tc = cfg.task
+    texts = [str(r["answer"]) if isinstance(r.get("answer"), str | int | float) else "" for r in rows]
+    ids = [tokenizer.encode(t, add_special_tokens=False) if tokenizer is not None else [] for t in texts]
+    worker = reward_worker(cfg, max_failures=0)
+    try:
+        scores = worker.score(*_split(rows, tc.prompt_field, texts, ids))
+    finally:
+        worker.close()
+    bound = cfg.selector.max_abs_reward
+    for name, failure in scores.failures.items():
+        if failure.split(":")[0] in TRIAL_FATAL:
+            raise TaskError(
+                f"reward function {name!r} ({failure}) on {len(rows)} trial rows (completion = the row's answer): "
+                f"the selector rejects every group with a reward outside +-selector.max_abs_reward={bound:g} or "
+                "NaN/inf, and a failed row scores 0, so the run would train on nothing. Fix the function, or "
+                "raise selector.max_abs_reward if its scale is meant"
+            )
+    if scores.errors["out_of_range"]:
+        raise TaskError(
+            f"the weighted sum of task.reward {tc.rewards} x task.reward_weights {tc.weights} exceeds "
+            f"+-selector.max_abs_reward={bound:g} on {len(rows)} trial rows: lower the weights, or raise "
+            "selector.max_abs_reward"
+        )
+    means = ", ".join(f"{k} {v:.3g}" for k, v in scores.per_function.items()) or "none scored"
+    other = "".join(f"; {k}: {v} (it scores 0 when it does)" for k, v in scores.failures.items())
+    return f"rewards on {len(rows)} trial rows: {means}{other}"

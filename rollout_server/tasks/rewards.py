@@ -11,9 +11,12 @@ as a list. ``None`` means "this function does not score this row". ``task.reward
 more functions: a built-in name, ``package.module:function`` or ``path/to/file.py:function``;
 ``task.reward_weights`` weighs them (a row's reward is the weighted sum over the functions that
 scored it). A function that raises, returns something else than one number or None per row,
-returns NaN/inf, or runs past ``task.reward_timeout_s`` gives the rows of that call 0, counted as
-``reward/errors/<reason>``; the worker is killed and restarted on a timeout, so a hung reward
-function never freezes generation.
+returns NaN/inf or a value outside ``+-selector.max_abs_reward`` (the bound the selector enforces:
+one such row would get its whole group rejected), or runs past ``task.reward_timeout_s`` gives the
+rows of that call 0, counted as ``reward/errors/<reason>``; the worker is killed and restarted on a
+timeout, so a hung reward function never freezes generation. A function that fails
+``task.max_reward_failures`` calls in a row stops the run with :class:`RewardFailure` instead of
+letting it crawl (:class:`FailureStreaks`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,21 @@ from rollout_server.tasks.verifiers import BUILTIN_REWARDS, RewardFn
 
 log = logging.getLogger("podsrl.rollout")
 
-ERROR_REASONS = ("raised", "wrong_length", "not_a_number", "non_finite", "timeout", "worker_died", "none")
+
+class RewardFailure(TaskError):
+    """A reward function failed ``task.max_reward_failures`` calls in a row: the run stops, naming it."""
+
+
+ERROR_REASONS = (
+    "raised",
+    "wrong_length",
+    "not_a_number",
+    "non_finite",
+    "out_of_range",
+    "timeout",
+    "worker_died",
+    "none",
+)
 STARTUP_S = 60.0  # a (re)started worker's imports and load_reward, on top of task.reward_timeout_s
 
 
@@ -125,11 +142,18 @@ def _validate(out: Any, rows: int) -> list[float | None | str]:
             clean.append(None)
         elif isinstance(x, bool) or not isinstance(x, int | float | np.integer | np.floating):
             clean.append("not_a_number")
-        elif not math.isfinite(float(x)):
-            clean.append("non_finite")
         else:
-            clean.append(float(x))
+            clean.append(float(x))  # NaN, inf and the bound are checked by the caller (check_value)
     return clean
+
+
+def check_value(v: float | None | str, max_abs: float) -> float | None | str:
+    """A validated row value, or ``non_finite`` / ``out_of_range`` (outside ``+-max_abs``, the selector's bound)."""
+    if not isinstance(v, float):
+        return v
+    if not math.isfinite(v):
+        return "non_finite"
+    return v if abs(v) <= max_abs else "out_of_range"
 
 
 def _worker(conn: Any, specs: list[str]) -> None:
@@ -144,22 +168,47 @@ def _worker(conn: Any, specs: list[str]) -> None:
             kwargs = conn.recv()
         except EOFError:
             return
-        conn.send(("ok", _score_all(fns, kwargs, lambda note: conn.send(("note", note)))))
+        conn.send(("ok", _score_all(fns, kwargs, lambda i, note: conn.send(("note", (i, note))))))
 
 
 def _score_all(
-    fns: list[RewardFn], kwargs: dict[str, Any], note: Callable[[str], None]
+    fns: list[RewardFn], kwargs: dict[str, Any], note: Callable[[int, str], None]
 ) -> list[list[float | None | str]]:
-    """Every function on one batch: validated values, or an error reason per row (``note`` hears why)."""
+    """Every function on one batch: validated values, or an error reason per row (``note`` hears which
+    function raised, and why)."""
     rows = len(kwargs["completions"])
     results = []
-    for fn in fns:
+    for i, fn in enumerate(fns):
         try:
             results.append(_validate(fn(**_arguments(fn, kwargs)), rows))
         except Exception as e:
             results.append(["raised"] * rows)
-            note(f"{type(e).__name__}: {str(e)[:200]}")
+            note(i, f"{type(e).__name__}: {str(e)[:200]}")
     return results
+
+
+class FailureStreaks:
+    """Consecutive failed calls of each reward function; at ``limit`` (``task.max_reward_failures``, 0 = never)
+    :meth:`update` raises :class:`RewardFailure`. A call fails for a function when most of its rows are
+    errors (raised, timeout, NaN, out of range, ...): a function that fails on most calls would otherwise
+    starve the run silently, every group scored 0 or rejected."""
+
+    def __init__(self, names: list[str], limit: int) -> None:
+        self.names, self.limit = names, limit
+        self.streaks = [0] * len(names)
+
+    def update(self, results: list[list[float | None | str]], failures: dict[str, str]) -> None:
+        for i, (name, values) in enumerate(zip(self.names, results, strict=True)):
+            failed = 2 * sum(isinstance(v, str) for v in values) > len(values)
+            self.streaks[i] = self.streaks[i] + 1 if failed else 0
+            if self.limit and self.streaks[i] >= self.limit:
+                raise RewardFailure(
+                    f"reward function {name!r} failed {self.streaks[i]} calls in a row (most rows of each were "
+                    f"errors; the last: {failures[name]}): the run stops rather than "
+                    "train on nothing. Fix the function (run it on a few rows of the dataset), raise "
+                    "task.reward_timeout_s or selector.max_abs_reward if those are its limits, or set "
+                    "task.max_reward_failures=0 to keep going"
+                )
 
 
 @dataclass
@@ -167,6 +216,7 @@ class RewardScores:
     rewards: np.ndarray  # float32 [rows], the weighted sum
     per_function: dict[str, float]  # mean of each function over the rows it scored
     errors: Counter[str] = field(default_factory=Counter)
+    failures: dict[str, str] = field(default_factory=dict)  # function name -> its first failure in the call, in words
 
 
 class RewardWorker:
@@ -177,9 +227,19 @@ class RewardWorker:
     no round trip, and nothing to hang. A user's plug-in always runs in the worker.
     """
 
-    def __init__(self, specs: list[str], weights: list[float], timeout_s: float) -> None:
-        self.specs, self.weights, self.timeout_s = specs, weights, timeout_s
+    def __init__(
+        self,
+        specs: list[str],
+        weights: list[float],
+        timeout_s: float,
+        max_abs: float = math.inf,
+        max_failures: int = 0,
+    ) -> None:
+        """``max_abs``: the selector's ``selector.max_abs_reward``; ``max_failures``: ``task.max_reward_failures``."""
+        self.specs, self.weights, self.timeout_s, self.max_abs = specs, weights, timeout_s, max_abs
         self.names = [s.rpartition(":")[2] or s for s in specs]
+        self.streaks = FailureStreaks(self.names, max_failures)
+        self.notes: dict[int, str] = {}  # this call: function index -> why it raised
         self.ctx = mp.get_context("spawn")  # never fork a process that holds torch threads and sockets
         self.proc: Any = None
         self.conn: Any = None
@@ -212,14 +272,22 @@ class RewardWorker:
         columns: dict[str, list[Any]],
         on_wait: Callable[[], None] | None = None,
     ) -> RewardScores:
+        """Score one batch; raises RewardFailure when a function has failed ``max_failures`` calls in a row."""
         rows = len(completions)
         errors: Counter[str] = Counter()
-        results = self._call(
+        self.notes = {}
+        raw = self._call(
             {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns},
             rows,
             errors,
             on_wait,
         )
+        results = [[check_value(v, self.max_abs) for v in values] for values in raw]
+        failures = {
+            name: self._failure(i, got, checked)
+            for i, (name, got, checked) in enumerate(zip(self.names, raw, results, strict=True))
+            if any(isinstance(v, str) for v in checked)
+        }
         total = np.zeros(rows, np.float64)
         unscored = np.ones(rows, bool)  # no function scored the row, and none failed on it
         per_function = {}
@@ -236,13 +304,36 @@ class RewardWorker:
                     errors[v] += 1
         if unscored.any():  # every function returned None: TRL warns; we score 0 and count it
             errors["none"] += int(unscored.sum())
-        return RewardScores(total.astype(np.float32), per_function, errors)
+        # each value is within the bound, but a weighted sum of several need not be (nor its float32, which the
+        # selector checks): such a row is 0 too
+        with np.errstate(over="ignore"):
+            rewards = total.astype(np.float32)
+        over = ~np.isfinite(rewards) | (np.abs(rewards) > self.max_abs)
+        if over.any():
+            errors["out_of_range"] += int(over.sum())
+            rewards[over] = 0.0
+        self.streaks.update(results, failures)
+        return RewardScores(rewards, per_function, errors, failures)
+
+    def _failure(self, i: int, raw: list[float | None | str], checked: list[float | None | str]) -> str:
+        """Function ``i``'s first failed row of this call, in words (for the stop message and preflight)."""
+        j = next(j for j, v in enumerate(checked) if isinstance(v, str))
+        reason = checked[j]
+        if reason == "non_finite":
+            return f"non_finite: returned {raw[j]!r}"
+        if reason == "out_of_range":
+            return f"out_of_range: returned {raw[j]!r}, outside +-selector.max_abs_reward={self.max_abs:g}"
+        if reason == "raised" and i in self.notes:
+            return f"raised {self.notes[i]}"
+        if reason == "timeout":
+            return f"timeout: ran past task.reward_timeout_s={self.timeout_s:g}"
+        return str(reason)
 
     def _call(
         self, kwargs: dict[str, Any], rows: int, errors: Counter[str], on_wait: Callable[[], None] | None
     ) -> list[list[float | None | str]]:
         if self.in_process is not None:
-            return _score_all(self.in_process, kwargs, lambda note: log.warning("a reward function raised: %s", note))
+            return _score_all(self.in_process, kwargs, self._note)
         failed: list[list[float | None | str]] = [["worker_died"] * rows for _ in self.specs]
         try:
             self.conn.send(kwargs)
@@ -272,13 +363,17 @@ class RewardWorker:
                 self._restart()
                 return failed
             if kind == "note":
-                log.warning("a reward function raised: %s", payload)
+                self._note(*payload)
                 continue
             if kind == "ready":  # start-up is not the reward call's time: the call's clock starts now
                 self.starting = False
                 deadline = time.monotonic() + self.timeout_s
                 continue
             return payload
+
+    def _note(self, i: int, text: str) -> None:
+        self.notes.setdefault(i, text)
+        log.warning("reward function %r raised: %s", self.names[i], text)
 
     def close(self) -> None:
         if self.proc is None:

@@ -79,6 +79,42 @@ def test_reward_plugin_missing_function(model_dir: Path, data: Path, tmp_path: P
         check(model_dir, data, f"task.reward={plugin}:score")
 
 
+def test_reward_values_are_tried_on_rows_within_the_selectors_bound(model_dir: Path, data: Path) -> None:
+    # exact_match on the rows' answers scores 1.0, in process (a built-in): the report shows it
+    assert "rewards on 4 trial rows: exact_match 1" in check(model_dir, data)
+    with pytest.raises(
+        PreflightError,
+        match=r"reward function 'exact_match' \(out_of_range: returned 1.0, outside \+-selector.max_abs_reward=0.5\)",
+    ):
+        check(model_dir, data, "selector.max_abs_reward=0.5")
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [("1e38", "out_of_range: returned 1e+38"), ("-inf", "non_finite: returned -inf")]
+)
+def test_a_reward_plugin_the_selector_would_reject_fails_naming_it(
+    model_dir: Path, data: Path, tmp_path: Path, value: str, shown: str
+) -> None:
+    # issue 19: a 1e38 reward got every group rejected and `podsrl check` passed; the plugin runs in the worker
+    plugin = tmp_path / "huge.py"
+    plugin.write_text(f"def score(prompts, completions, **kw):\n    return [float('{value}')] * len(completions)\n")
+    with pytest.raises(PreflightError, match="reward function 'score'") as e:
+        check(model_dir, data, f"task.reward={plugin}:score")
+    assert (
+        shown in str(e.value) and "selector.max_abs_reward=10000" in str(e.value) and "Fix the function" in str(e.value)
+    )
+
+
+def test_an_in_range_plugin_passes_and_the_bound_is_the_fix(model_dir: Path, data: Path, tmp_path: Path) -> None:
+    plugin = tmp_path / "scaled.py"
+    plugin.write_text("def score(prompts, completions, answer, **kw):\n    return [1e5 * len(a) for a in answer]\n")
+    with pytest.raises(PreflightError, match=r"returned 100000.0, outside \+-selector.max_abs_reward=10000"):
+        check(model_dir, data, f"task.reward={plugin}:score")
+    assert "rewards on 4 trial rows: score 1e+05" in check(
+        model_dir, data, f"task.reward={plugin}:score", "selector.max_abs_reward=1e6"
+    )
+
+
 def test_missing_dataset(model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(PreflightError, match=r"task.dataset=.*does not exist"):
         check(model_dir, tmp_path / "nope.jsonl")

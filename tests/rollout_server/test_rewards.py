@@ -16,7 +16,7 @@ import pytest
 from protocol.config import BUILTIN_TASKS
 from rollout_server.tasks import verifiers
 from rollout_server.tasks.data import TaskError
-from rollout_server.tasks.rewards import RewardWorker, check_signature, load_reward
+from rollout_server.tasks.rewards import RewardFailure, RewardWorker, check_signature, load_reward
 from rollout_server.tasks.verifiers import char_match, char_match_strict
 
 TIMEOUT_S = 1.5
@@ -46,7 +46,8 @@ def modes(prompts, completions, mode, **kw):
     if "not_a_list" in mode:
         return 3.0
     values = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "str": "1.0", "bool": True,
-              "np32": np.float32(0.25), "np64": np.float64(0.75), "npint": np.int64(2), "int": 4, "none": None}
+              "np32": np.float32(0.25), "np64": np.float64(0.75), "npint": np.int64(2), "int": 4, "none": None,
+              "big": 1e38, "-big": -1e38}
     return [len(c) / 10 if m == "ok" else values[m] for c, m in zip(completions, mode)]
 
 
@@ -81,9 +82,14 @@ def workers() -> Iterator[list[RewardWorker]]:
 
 
 def new_worker(
-    made: list[RewardWorker], specs: list[str], weights: list[float] | None = None, timeout_s: float = TIMEOUT_S
+    made: list[RewardWorker],
+    specs: list[str],
+    weights: list[float] | None = None,
+    timeout_s: float = TIMEOUT_S,
+    max_abs: float = math.inf,
+    max_failures: int = 0,
 ) -> RewardWorker:
-    w = RewardWorker(specs, weights or [1.0] * len(specs), timeout_s)
+    w = RewardWorker(specs, weights or [1.0] * len(specs), timeout_s, max_abs, max_failures)
     made.append(w)
     return w
 
@@ -375,3 +381,64 @@ def test_builtins_score_in_process_exactly_as_the_worker_does(workers):
     b = slow.score(["p"] * 5, completions, ids, {"answer": answer})
     assert a.rewards.tolist() == b.rewards.tolist() and a.rewards[0] > 0 and a.rewards[2] == 0
     assert list(a.per_function.values()) == list(b.per_function.values()) and a.errors == b.errors
+
+
+# ---------------------------------------------------------------- the selector's bound, and runs that cannot train
+
+HOSTILE = ["big", "-big", "inf", "-inf", "nan"]  # 1e38, -1e38, +inf, -inf, NaN
+
+
+def test_values_outside_the_selectors_bound_are_that_functions_failure(plugin, workers):
+    # issue 19: 1e38 rewards got every group rejected by the selector (selector.max_abs_reward), silently
+    w = new_worker(workers, [f"{plugin}:length", f"{plugin}:modes"], max_abs=100.0)
+    s = score(w, ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"], [*HOSTILE, "ok"])
+    np.testing.assert_allclose(s.rewards, [1, 2, 3, 4, 5, 6.6], rtol=1e-6)  # the valid function still scores
+    assert s.errors == {"out_of_range": 2, "non_finite": 3}
+    assert s.failures == {"modes": "out_of_range: returned 1e+38, outside +-selector.max_abs_reward=100"}
+    assert s.per_function == pytest.approx({"length": 3.5, "modes": 0.6})
+    assert float(np.abs(s.rewards).max()) <= 100.0
+    s = score(w, ["a"], ["nan"])
+    assert s.failures == {"modes": "non_finite: returned nan"} and s.rewards.tolist() == [1.0]
+    # each value within the bound, their weighted sum not: the row scores 0, counted, and no function is blamed
+    heavy = new_worker(workers, [f"{plugin}:length", f"{plugin}:modes"], [60.0, 1.0], max_abs=100.0)
+    s = score(heavy, ["a", "bb"], ["ok", "ok"])
+    np.testing.assert_allclose(s.rewards, [60.1, 0.0], rtol=1e-6)
+    assert s.errors == {"out_of_range": 1} and not s.failures
+
+
+def test_builtins_in_process_are_bounded_too(workers):
+    w = new_worker(workers, ["exact_match"], max_abs=0.5)
+    assert w.in_process is not None
+    s = w.score(["p", "p"], ["42", "41"], [[1], [1]], {"answer": ["42", "42"]})
+    assert s.rewards.tolist() == [0.0, 0.0] and s.errors == {"out_of_range": 1}
+    assert s.failures == {"exact_match": "out_of_range: returned 1.0, outside +-selector.max_abs_reward=0.5"}
+
+
+@pytest.mark.parametrize("mode", HOSTILE)
+def test_consecutive_failed_calls_stop_naming_the_function_and_the_fix(plugin, workers, mode):
+    w = new_worker(workers, [f"{plugin}:length", f"{plugin}:modes"], max_abs=100.0, max_failures=3)
+    for _ in range(2):
+        score(w, ["a", "b"], [mode, mode])
+    score(w, ["a", "b", "c"], [mode, "ok", "ok"])  # one bad row of three: the call did not fail, the streak restarts
+    score(w, ["a"], [mode])
+    score(w, ["a"], [mode])
+    with pytest.raises(RewardFailure, match=r"reward function 'modes' failed 3 calls in a row") as e:
+        score(w, ["a", "b", "c"], [mode, mode, "ok"])  # most rows failed
+    message = str(e.value)
+    assert ("out_of_range: returned" if "big" in mode else "non_finite: returned") in message
+    assert "selector.max_abs_reward" in message and "task.max_reward_failures=0" in message
+    assert w.streaks.streaks == [0, 3]  # the other function is fine
+
+
+def test_raising_and_hung_functions_stop_the_run_too_and_zero_never_stops(plugin, workers):
+    w = new_worker(workers, [f"{plugin}:modes"], timeout_s=0.5, max_failures=2)
+    score(w, ["a"], ["raise"])
+    with pytest.raises(RewardFailure, match=r"'modes' failed 2 calls.*raised RuntimeError: the reward function failed"):
+        score(w, ["a"], ["raise"])
+    score(w, ["a"], ["ok"])
+    score(w, ["a"], ["sleep"])
+    with pytest.raises(RewardFailure, match=r"timeout: ran past task.reward_timeout_s=0.5"):
+        score(w, ["a"], ["sleep"])
+    forever = new_worker(workers, ["exact_match"], max_abs=0.5)  # task.max_reward_failures=0: count, never stop
+    for _ in range(5):
+        assert forever.score(["p"], ["1"], [[1]], {"answer": ["1"]}).errors == {"out_of_range": 1}
