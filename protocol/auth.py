@@ -25,6 +25,10 @@ Two locks on every server link, because libzmq 4.3 accepts any client key when n
 answers (and the option to refuse instead is a DRAFT API absent from the pyzmq wheels): a
 ``ThreadAuthenticator`` per context refuses unknown keys at the handshake, and the receiver checks
 each message's ``User-Id`` against the same allowlist (:func:`check_peer`).
+
+A key is bound to its name: :func:`check_peer` returns the names the sender's key was made for (its
+key file's name), and the selector refuses (``rejected/id_mismatch``) any message of a rollout
+server whose ``server_id`` is not its key's, so a valid key cannot speak as another server.
 """
 
 from __future__ import annotations
@@ -109,7 +113,8 @@ def check(net: NetConfig) -> None:
 
 class Allowlist:
     """The public keys (z85 text) one server link accepts: every ``*.key`` file of its sources (files
-    or directories). Also the ZAP credentials provider of that link (:meth:`callback`)."""
+    or directories), each with the name it was made for (the file's name without ``.key``). Also the
+    ZAP credentials provider of that link (:meth:`callback`)."""
 
     def __init__(self, link: str, sources: tuple[Path, ...]) -> None:
         self.link, self.sources = link, sources
@@ -119,27 +124,38 @@ class Allowlist:
         self._scanned = 0.0
         self._keys = self._scan()
 
-    def _scan(self) -> frozenset[str]:
+    def _scan(self) -> dict[str, frozenset[str]]:
         files: list[Path] = []
         for src in self.sources:
             files += sorted(src.glob("*.key")) if src.is_dir() else [src] if src.exists() else []
-        keys = set()
+        keys: dict[str, set[str]] = {}
         for f in files:
             try:  # one unreadable file must not take the link down (this also runs in the ZAP thread)
-                keys.add(zmq.auth.load_certificate(f)[0].decode("ascii"))
+                key = zmq.auth.load_certificate(f)[0].decode("ascii")
             except (OSError, ValueError) as e:
                 log.warning("ignoring %s in the %s link's allowlist: %s", f, self.link, e)
+                continue
+            keys.setdefault(key, set()).add(f.stem)  # the name it was made for: rollout/<server-id>.key
         self._scanned = time.monotonic()
-        return frozenset(keys)
+        return {k: frozenset(names) for k, names in keys.items()}
 
     def __contains__(self, key: object) -> bool:
+        return bool(self.names(key))
+
+    def names(self, key: object) -> frozenset[str]:
+        """The names ``key`` (z85 text or bytes) was made for: its key files' names, a rollout server's
+        ``--server-id``; empty for a key not listed. Several only where one public key was copied under
+        several names (then each of them is the operator's choice)."""
         k = key.decode("ascii", "replace") if isinstance(key, bytes) else key
-        if k in self._keys:
-            return True
+        if not isinstance(k, str):
+            return frozenset()
+        names = self._keys.get(k)
+        if names is not None:
+            return names
         with self._lock:  # an unknown key: maybe one added since; re-read at most once per RESCAN_S
             if time.monotonic() - self._scanned > RESCAN_S:
                 self._keys = self._scan()
-        return k in self._keys
+        return self._keys.get(k, frozenset())
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -165,18 +181,22 @@ class Allowlist:
         return False
 
 
-def check_peer(frame: zmq.Frame, allow: Allowlist) -> None:
+def check_peer(frame: zmq.Frame, allow: Allowlist) -> frozenset[str]:
     """The receiver's own check of one received frame: its ``User-Id`` (set by the ZAP handler to the
-    client's z85 public key) must be allowlisted. A frame that crossed no ZAP handler has none."""
+    client's z85 public key) must be allowlisted. A frame that crossed no ZAP handler has none. Returns
+    the names the sender's key was made for (:meth:`Allowlist.names`): the selector holds a rollout
+    server to the id its key names."""
     try:
         user = frame.get("User-Id")
     except zmq.ZMQError:
         user = None
-    if not user or user not in allow:
+    names = allow.names(user) if user else frozenset()
+    if not names:
         raise ProtocolError(
             "unauthenticated",
             f"a message on the {allow.link} link from a peer whose key is not allowlisted (User-Id {str(user)[:12]!r})",
         )
+    return names
 
 
 def _read_pair(path: Path, what: str) -> tuple[bytes, bytes]:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 I32, I64, F32, U8 = np.dtype("<i4"), np.dtype("<i8"), np.dtype("<f4"), np.dtype("u1")
 
@@ -36,6 +36,8 @@ HEARTBEAT_STATES = frozenset({"generating", "waiting_for_weights", "loading_weig
 MAX_PROMPTS = 1 << 12  # prompts of one work request or grant
 MAX_GROUP_SIZE = 1 << 12  # completions of one group (a grant's n)
 MAX_LEASE_S = 3600.0
+# why the selector refuses a rollout server for good (Refusal.reason; also its rejection counter's key)
+REFUSALS = frozenset({"server_id_in_use", "id_mismatch"})
 
 
 def new_session() -> int:
@@ -518,6 +520,26 @@ class WorkGrant(Message):
             )
 
 
+@dataclass(frozen=True)
+class Refusal(Message):
+    """The selector's answer, on the groups link, to a rollout server it refuses for good: ``reason`` is
+    one of ``REFUSALS`` (``server_id_in_use``: another live process holds ``server_id``;
+    ``id_mismatch``: the peer's key was made for another id) and ``detail`` names the other holder or the
+    key's id. The rollout server stops, naming the fix. A WorkGrant cannot say this: a server with
+    ``rollout.pacing = "free"`` asks for no work, and a grant's invariants are those of work."""
+
+    TYPE: ClassVar[str] = "refusal"
+    server_id: str  # the id refused, as the refused process sent it
+    reason: str
+    detail: str
+
+    def check(self) -> None:
+        _check_server_id(self.server_id)
+        if self.reason not in REFUSALS:
+            raise _invariant(f"refusal reason {self.reason[:40]!r} is not one of {sorted(REFUSALS)}")
+        _check_label("detail", self.detail)
+
+
 MESSAGES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -526,6 +548,7 @@ MESSAGES: dict[str, type[Message]] = {
         ScoredGroup,
         WorkRequest,
         WorkGrant,
+        Refusal,
         BatchRequest,
         TrainBatch,
         WeightsAnnouncement,

@@ -6,7 +6,7 @@ needs only two hosts to join from any machine at any time.
 ===========  ==================  =====================  ==========================================
 link         binds               connects               messages
 ===========  ==================  =====================  ==========================================
-groups       selector ROUTER     rollout DEALER         Hello, Heartbeat, ScoredGroup, WorkRequest -> WorkGrant
+groups       selector ROUTER     rollout DEALER         Hello, Heartbeat, ScoredGroup, WorkRequest -> WorkGrant, Refusal
 batches      selector ROUTER     learner rank-0 DEALER  BatchRequest -> TrainBatch
 announce     learner XPUB        rollout, selector SUB  WeightsAnnouncement
 weights      learner ROUTER      rollout DEALER         WeightsRequest -> WeightsChunk
@@ -15,8 +15,9 @@ weights      learner ROUTER      rollout DEALER         WeightsRequest -> Weight
 Authentication (``protocol/auth.py``): every builder takes this process's ``auth`` (from
 ``protocol.auth.load_auth``; None = off). With keys, the binder is the CURVE server behind a ZAP
 handler that admits only allowlisted public keys, and :func:`recv` rejects any message whose
-``User-Id`` is not allowlisted (reason ``unauthenticated``). Without keys a builder refuses to
-build a socket for a config that requires them.
+``User-Id`` is not allowlisted (reason ``unauthenticated``); :func:`recv_named` also returns the
+names the sender's key was made for. Without keys a builder refuses to build a socket for a config
+that requires them.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def group_receiver(ctx: zmq.Context, net: NetConfig, auth: Auth | None = None) -
 def group_sender(ctx: zmq.Context, net: NetConfig, auth: Auth | None = None) -> zmq.Socket:
     """Rollout side of *groups*: DEALER, connects to the selector. Send HWM 2: a finished group waits in
     the rollout server (which polls POLLOUT with ``send_timeout_s``) instead of piling up in queues.
-    Receives only WorkGrants (small)."""
+    Receives only WorkGrants and Refusals (small)."""
     sock = _secure(_socket(ctx, zmq.DEALER, sndhwm=2, maxmsgsize=MIB), net, "groups", auth, server=False)
     return _connect(sock, net.selector_host, net.group_port)
 
@@ -176,7 +177,20 @@ def recv(
 ) -> tuple[list[bytes], M]:
     """Receive one message; returns (route frames, message). Raises ProtocolError on any bad payload,
     after the whole multipart message has been consumed, so the socket stays usable."""
-    return _decode(sock, sock.recv_multipart(flags=flags, copy=False), expect, routed, max_bytes)
+    route, msg, _ = _decode(sock, sock.recv_multipart(flags=flags, copy=False), expect, routed, max_bytes)
+    return route, msg
+
+
+def recv_named(
+    sock: zmq.Socket,
+    expect: type[M] | tuple[type[Message], ...],
+    *,
+    routed: bool = False,
+    max_bytes: int | None = None,
+) -> tuple[list[bytes], M, frozenset[str] | None]:
+    """:func:`recv`, also returning the names the sender's key was made for (its key files' names: a
+    rollout server's ``--server-id``), or None on a link without authentication."""
+    return _decode(sock, sock.recv_multipart(copy=False), expect, routed, max_bytes)
 
 
 async def arecv(
@@ -187,7 +201,8 @@ async def arecv(
     max_bytes: int | None = None,
 ) -> tuple[list[bytes], M]:
     """:func:`recv` on an asyncio socket (the rollout server's control plane)."""
-    return _decode(sock, await sock.recv_multipart(copy=False), expect, routed, max_bytes)
+    route, msg, _ = _decode(sock, await sock.recv_multipart(copy=False), expect, routed, max_bytes)
+    return route, msg
 
 
 async def asend(sock: zmq.asyncio.Socket, msg: Message, *route: bytes) -> None:
@@ -201,16 +216,16 @@ def _decode(
     expect: type[M] | tuple[type[Message], ...],
     routed: bool,
     max_bytes: int | None,
-) -> tuple[list[bytes], M]:
+) -> tuple[list[bytes], M, frozenset[str] | None]:
     allow = _ALLOW.get(sock)
-    if allow is not None:  # an authenticated link: the last frame surely came from the peer
-        _auth.check_peer(frames[-1], allow)
+    # an authenticated link: the last frame surely came from the peer, whose key names it
+    names = None if allow is None else _auth.check_peer(frames[-1], allow)
     route = [f.bytes for f in frames[:1]] if routed else []
     body = [f.buffer for f in frames[len(route) :]]
     size = sum(len(b) for b in body)
     if max_bytes is not None and size > max_bytes:
         raise ProtocolError("too_large", f"message of {size} bytes > limit {max_bytes}")
-    return route, decode(body, expect)
+    return route, decode(body, expect), names
 
 
 def close(*socks: zmq.Socket | None) -> None:

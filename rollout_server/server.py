@@ -20,7 +20,9 @@ more than
 ``max_staleness`` (DESIGN.md): such a group could only be dropped. Then, and before the first
 version, it waits for the fetch. ``weights.background = false`` is the older stop-and-fetch mode:
 fetch and load between engine calls, generating nothing meanwhile. It exits on the learner's final
-announcement. The model's config and tokenizer arrive with the first weights, so the server needs
+announcement, and stops with exit code 3 when the selector refuses its server id for good (a
+``Refusal``: another live process holds the id, or the id is not the one its key was made for). The
+model's config and tokenizer arrive with the first weights, so the server needs
 no model files; the dataset file and any reward plug-in must be readable here (docs/TASKS.md).
 Rewards run in a worker process with a hard timeout (``rollout_server/tasks/rewards.py``). The server
 named by ``eval.server`` also evaluates held-out prompts every ``eval.every`` versions (``eval/*``).
@@ -56,6 +58,7 @@ from protocol.messages import (
     Heartbeat,
     Hello,
     ProtocolError,
+    Refusal,
     ScoredGroup,
     Weights,
     WorkGrant,
@@ -75,6 +78,25 @@ ASK_AGAIN_S = 2.0  # pacing: re-send an unanswered work request this often (the 
 
 class Stop(Exception):
     """The learner announced the end of the run, or we were asked to terminate."""
+
+
+REFUSED_EXIT = 3  # the exit code of a server the selector refused for good
+
+
+class Refused(Exception):
+    """The selector refused this server's id for good; the message says why and what to do."""
+
+
+def refused_message(refusal: Refusal) -> str:
+    """What a refused server says as it stops: its id, the other holder (or its key's id), the fix."""
+    sid = refusal.server_id
+    if refusal.reason == "server_id_in_use":
+        return (
+            f"the selector refused server id {sid!r}: another live rollout server uses it "
+            f"({refusal.detail}). Start this one with --server-id ANOTHER_NAME (with authentication on, "
+            "make its key first: podsrl keys DIR --rollout ANOTHER_NAME)"
+        )
+    return f"the selector refused server id {sid!r} ({refusal.reason}): {refusal.detail}"
 
 
 @dataclass
@@ -314,20 +336,30 @@ class RolloutServer:
                 waited_since = time.monotonic()
             await weights.next_version()
 
-    async def _grant_reader(self) -> None:
-        """Pacing: the selector's answers to our work requests, on the groups link."""
+    async def _replies(self) -> None:
+        """The selector's answers on the groups link: grants of our work requests (pacing), or a
+        ``Refusal`` of our id, which stops the server (:class:`Refused`)."""
+        reply: WorkGrant | Refusal
         while True:
             try:
-                _, grant = await arecv(self.push, WorkGrant)
+                _, reply = await arecv(self.push, (WorkGrant, Refusal))
+                if isinstance(reply, Refusal):
+                    self._check_refusal(reply)
+                    raise Refused(refused_message(reply))
+                grant = reply
                 self._check_grant(grant)
             except ProtocolError as e:
                 self.counters["grants_rejected"] += 1
-                self._warn(e.reason, "bad work grant rejected: %s", e)
+                self._warn(e.reason, "bad answer from the selector rejected: %s", e)
                 continue
             if self._asked is not None and grant.request_id == self._asked[0]:
                 self._asked = None
             self._grants.append((grant, time.monotonic() + grant.lease_s))
             self._granted.set()
+
+    def _check_refusal(self, refusal: Refusal) -> None:
+        if refusal.server_id != self.server_id:  # not about us: nothing to stop for
+            raise ProtocolError("grant", f"a refusal of server id {refusal.server_id!r}, this is {self.server_id!r}")
 
     def _check_grant(self, grant: WorkGrant) -> None:
         """Well-formed is not enough: more prompts than asked for, or another group size than this run's,
@@ -421,6 +453,9 @@ class RolloutServer:
         if self.cfg.weights.background:
             helpers.append(asyncio.ensure_future(self.weights.keep_fetching()))
 
+        # before the Hello: a refusal may answer it (both pacing modes; grants come only when asked for)
+        helpers.append(asyncio.ensure_future(self._replies()))
+
         async def work() -> None:
             await self._send(
                 Hello(
@@ -432,8 +467,6 @@ class RolloutServer:
                 )
             )
             helpers.append(asyncio.ensure_future(self._heartbeats()))  # after the Hello, as the selector expects
-            if self.cfg.rollout.pacing == "credits":
-                helpers.append(asyncio.ensure_future(self._grant_reader()))
             while True:
                 await self._weights()
                 prompts, n = await self._work()
@@ -493,7 +526,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(cfg.rollout.threads)
     server = RolloutServer(cfg, args.server_id, args.seed if args.seed is not None else cfg.run.seed + os.getpid())
-    server.run()
+    try:
+        server.run()
+    except Refused as e:
+        log.error("%s", e)  # on stderr (protocol/cli.py), where whoever started it looks
+        return REFUSED_EXIT
     return 0
 
 

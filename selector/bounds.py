@@ -19,7 +19,10 @@ server process (a random 63-bit nonce), ``seq`` counts its groups. Over one conn
 in order, so a group at or below the last seq seen is a ``duplicate`` (dropped: nothing is trained
 twice) and a jump counts ``identity/gaps``. A second live process with the same server id is refused
 (``server_id_in_use``) until the first has been silent for ``takeover_s`` (three heartbeats): a
-restarted server takes its id back as soon as it speaks.
+restarted server takes its id back once the old process has been silent that long. The refused
+process is told (a ``Refusal``, which stops it: ``selector/server.py``) only once the holder has
+spoken after the refused process first did (:meth:`Identities.holder_alive`): two live processes
+share the id. A restart is never told: its killed predecessor never speaks again.
 """
 
 from __future__ import annotations
@@ -110,6 +113,8 @@ class Session:
     session: int
     last_seq: int | None = None  # None until this selector sees a group of the session (it may join late)
     last_seen: float = 0.0
+    rival: int = -1  # the newest other session refused this server id
+    rival_since: float = 0.0  # when that session was first refused
 
 
 @dataclass
@@ -127,6 +132,8 @@ class Identities:
         if known is None or (known.session != session and now - known.last_seen >= self.takeover_s):
             known = self.sessions[server_id] = Session(session, last_seen=now)
         elif known.session != session:
+            if known.rival != session:
+                known.rival, known.rival_since = session, now
             raise ProtocolError(
                 "server_id_in_use",
                 f"a second process uses server id {server_id!r} while the first "
@@ -134,6 +141,13 @@ class Identities:
             )
         known.last_seen = now
         return known
+
+    def holder_alive(self, server_id: str) -> bool:
+        """The session holding ``server_id`` spoke after its newest rival was first refused: a second
+        live process uses the id, not a restart of the holder (whose predecessor is dead and silent, and
+        which takes the id over after ``takeover_s``)."""
+        s = self.sessions.get(server_id)
+        return s is not None and s.rival >= 0 and s.last_seen > s.rival_since
 
     def check_group(self, g: ScoredGroup, now: float) -> None:
         """Raise ``duplicate`` for a group already seen; count a gap in the sequence."""

@@ -16,8 +16,11 @@ messages are rejected, counted and logged, never fatal.
 Trust (docs/RELIABILITY.md): the learner's announcements alone move the selector's version; groups
 are read only once one has arrived, a batch request for a version not yet announced waits for it, and
 every group passes ``selector/bounds.py`` (the run's bounds and the group's identity: nothing is trained
-twice). Rejections are counted per reason and logged at most once per reason every 10 s. The peer
-table is bounded (``selector.max_peers``; dead peers are forgotten).
+twice). With authentication, a rollout server speaks only as the id its key was made for
+(``rejected/id_mismatch``). A process refused for good (its key's id is another, or another live
+process holds its id) is answered a ``Refusal`` and stops, naming the fix. Rejections are counted
+per reason and logged at most once per reason every 10 s. The peer table is bounded
+(``selector.max_peers``; dead peers are forgotten).
 """
 
 from __future__ import annotations
@@ -36,10 +39,12 @@ from protocol.auth import load_auth
 from protocol.config import Config
 from protocol.messages import (
     LEARNER_SILENT_S,
+    REFUSALS,
     BatchRequest,
     Heartbeat,
     Hello,
     ProtocolError,
+    Refusal,
     ScoredGroup,
     TrainBatch,
     WeightsAnnouncement,
@@ -47,7 +52,7 @@ from protocol.messages import (
     WorkRequest,
 )
 from protocol.metrics import Monitor, RateLimitedLog
-from protocol.sockets import MIB, announce_subscriber, batch_server, close, group_receiver, recv, send
+from protocol.sockets import MIB, announce_subscriber, batch_server, close, group_receiver, recv, recv_named, send
 from selector.batch import KeptGroup, build_batch
 from selector.bounds import Bounds, Identities
 from selector.buffer import Buffer, Tally
@@ -67,6 +72,8 @@ class Peer:
     state: str = "joined"
     groups: int = 0
     dead: bool = False
+    host: str = ""  # from its Hello: named to a second process that asks for the same id
+    pid: int = 0
 
 
 @dataclass
@@ -133,10 +140,18 @@ class Selector:
         ``on_groups``, a WorkRequest is handed to the pacer (None for a rejected message)."""
         msg: GroupLinkMessage
         try:
-            route, msg = recv(self.groups, GROUP_LINK, routed=True, max_bytes=self.cfg.net.max_group_mib * MIB)
-            self.admit(msg)
+            route, msg, names = recv_named(
+                self.groups, GROUP_LINK, routed=True, max_bytes=self.cfg.net.max_group_mib * MIB
+            )
         except ProtocolError as e:
             self.reject("groups", e)
+            return None
+        try:
+            self.admit(msg, names)
+        except ProtocolError as e:
+            self.reject("groups", e)
+            if e.reason in REFUSALS:
+                self.refuse(route, msg, e)
             return None
         now = time.monotonic()
         peer = self.peers.get(msg.server_id)
@@ -147,7 +162,9 @@ class Selector:
             log.info("rollout server %s is back", msg.server_id)
             peer.dead = False
         peer.last_seen = now
-        if isinstance(msg, Heartbeat):
+        if isinstance(msg, Hello):
+            peer.host, peer.pid = msg.host, msg.pid
+        elif isinstance(msg, Heartbeat):
             peer.version, peer.state = msg.version, msg.state
         elif isinstance(msg, ScoredGroup):
             peer.version, peer.groups = msg.version, peer.groups + 1
@@ -164,11 +181,20 @@ class Selector:
         grant = WorkGrant(
             request_id=msg.request_id, prompts=msg.prompts, group_size=self.cfg.rollout.group_size, lease_s=3600.0
         )
-        self.reply_work(route, grant)
+        self.reply(route, grant)
 
-    def admit(self, msg: GroupLinkMessage) -> None:
-        """Raise ProtocolError unless ``msg`` may enter: a known or admissible peer, a new group
-        (not a replay) within the run's bounds, a work request for a version the learner published."""
+    def admit(self, msg: GroupLinkMessage, names: frozenset[str] | None = None) -> None:
+        """Raise ProtocolError unless ``msg`` may enter: from a key made for its server id (``names``: the
+        names the sender's key was made for; None without authentication), a known or admissible peer, a
+        new group (not a replay) within the run's bounds, a work request for a version the learner
+        published."""
+        if names is not None and msg.server_id not in names:  # first: a forged id takes no peer slot
+            raise ProtocolError(
+                "id_mismatch",
+                f"a {type(msg).__name__} as {msg.server_id!r} from the key made for "
+                f"{', '.join(repr(n) for n in sorted(names))}: start it with that --server-id, or make "
+                f"a key for {msg.server_id!r} with `podsrl keys DIR --rollout {msg.server_id}`",
+            )
         now = time.monotonic()
         if msg.server_id not in self.peers and len(self.peers) >= self.cfg.selector.max_peers:
             self.forget_dead(now, grace_s=0.0)
@@ -211,16 +237,39 @@ class Selector:
         for g in groups:
             self.pacer.received(g.server_id, now)
 
-    def reply_work(self, route: list[bytes], grant: WorkGrant) -> None:
+    def reply(self, route: list[bytes], msg: WorkGrant | Refusal) -> None:
         try:
-            send(self.groups, grant, *route, flags=zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # the server went away (or its pipe is full): its lease expires
-            self.count("pacing/undeliverable_grants")
-            self.warn("grant", "work grant undeliverable (%s)", e)
+            send(self.groups, msg, *route, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # the server went away (or its pipe is full): a grant's lease expires
+            key = "pacing/undeliverable_grants" if isinstance(msg, WorkGrant) else "selector/undeliverable_refusals"
+            self.count(key)
+            self.warn(msg.TYPE, "%s undeliverable (%s)", type(msg).__name__, e)
+
+    def refuse(self, route: list[bytes], msg: GroupLinkMessage, e: ProtocolError) -> None:
+        """Tell a rollout server refused for good (``REFUSALS``) why, so that it stops instead of
+        generating groups nobody trains. One answer per refused message: the sender's own pace. A taken
+        id is told only once its holder has spoken since (``Identities.holder_alive``): a restarted
+        server, refused while its killed predecessor's silence is shorter than the takeover time, is not
+        told and takes the id over."""
+        detail = e.detail
+        if e.reason == "server_id_in_use":
+            if not self.identities.holder_alive(msg.server_id):
+                return
+            detail = f"held by {self.holder(msg.server_id)}"
+        detail = "".join(c if " " <= c <= "~" else "?" for c in detail[:255])  # a Refusal's detail is printable
+        self.reply(route, Refusal(server_id=msg.server_id, reason=e.reason, detail=detail))
+
+    def holder(self, server_id: str) -> str:
+        """The live process that holds ``server_id``, as the selector knows it (its Hello, its session)."""
+        now, peer, held = time.monotonic(), self.peers.get(server_id), self.identities.sessions.get(server_id)
+        who = [f"pid {peer.pid} on {peer.host[:64]}"] if peer is not None and peer.pid else []
+        if held is not None:
+            who.append(f"session {held.session:x}, heard {now - held.last_seen:.1f}s ago")
+        return ", ".join(who) or "another process"
 
     def send_grants(self) -> None:
         for route, grant in self.pacer.grants(time.monotonic(), self.version, self.pool):
-            self.reply_work(route, grant)
+            self.reply(route, grant)
 
     def _warn_starving(self) -> None:
         dropped, received = self.totals["selector/zero_variance_dropped"], self.totals["groups/received"]

@@ -263,6 +263,21 @@ def test_user_id_check_rejects_any_key_not_allowlisted(net: NetConfig, keys: Pat
         check_peer(zmq.Frame(b"not received from a peer"), allow)
 
 
+def test_a_key_names_the_id_it_was_made_for(net: NetConfig, keys: Path) -> None:
+    """check_peer returns the names a sender's key was made for (its key files' names), which the
+    selector holds a rollout server's id to; a key copied under a second name carries both."""
+    create_keys(keys, ["b"])
+    selector = load_auth(net, "selector")
+    assert selector is not None
+    allow = selector.allowlist("groups")
+    b = (keys / "rollout" / "b.key").read_text().split('public-key = "')[1].split('"')[0]
+    assert check_peer(frame(b), allow) == {"b"}
+    assert allow.names(b.encode()) == {"b"} and allow.names("unknown") == frozenset()
+    (keys / "rollout" / "b-alias.key").write_bytes((keys / "rollout" / "b.key").read_bytes())
+    allow._scanned = 0.0  # the next unknown key re-reads the files
+    assert allow.names("unknown") == frozenset() and allow.names(b) == {"b", "b-alias"}
+
+
 def test_without_its_zap_handler_a_link_still_rejects_every_unknown_message(z: Zmq, net: NetConfig, keys: Path) -> None:
     """libzmq's trap: with no ZAP handler answering, a CURVE server admits any client key. The
     receiver's User-Id check still rejects (and its callers count) every message of such a client."""

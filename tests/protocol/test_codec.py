@@ -29,6 +29,7 @@ from protocol.messages import (
     Hello,
     Message,
     ProtocolError,
+    Refusal,
     ScoredGroup,
     TrainBatch,
     Weights,
@@ -83,6 +84,10 @@ def make_work_request() -> WorkRequest:
 
 def make_work_grant() -> WorkGrant:
     return WorkGrant(request_id=3, prompts=2, group_size=16, lease_s=5.0)
+
+
+def make_refusal() -> Refusal:
+    return Refusal(server_id="box-7/0", reason="server_id_in_use", detail="held by pid 41 on box-7, session 4d")
 
 
 def make_batch_request() -> BatchRequest:
@@ -166,6 +171,7 @@ FACTORIES: dict[type[Message], Callable[[], Message]] = {
     ScoredGroup: make_scored_group,
     WorkRequest: make_work_request,
     WorkGrant: make_work_grant,
+    Refusal: make_refusal,
     BatchRequest: make_batch_request,
     TrainBatch: make_train_batch,
     WeightsAnnouncement: make_weights_announcement,
@@ -687,6 +693,11 @@ F32 = np.float32
         pytest.param(invalid(make_weights_request, chunk=-1), id="weights-request-negative-chunk"),
         pytest.param(invalid(make_weights_request, have=-2), id="weights-request-have-below-minus-one"),
         pytest.param(invalid(make_weights_announcement, shm="../../etc/passwd"), id="announcement-shm-a-path"),
+        # Refusal
+        pytest.param(invalid(make_refusal, reason="go away"), id="refusal-unknown-reason"),
+        pytest.param(invalid(make_refusal, server_id="../x"), id="refusal-bad-server-id"),
+        pytest.param(invalid(make_refusal, detail="x" * 256), id="refusal-detail-too-long"),
+        pytest.param(invalid(make_refusal, detail="held by \x1b[2J"), id="refusal-detail-not-printable"),
         # BatchRequest
         pytest.param(invalid(make_batch_request, num_groups=0), id="request-zero-groups"),
         pytest.param(invalid(make_batch_request, version=-1), id="request-negative-version"),

@@ -159,6 +159,25 @@ def test_a_second_live_process_with_the_same_id_is_refused_a_restarted_one_takes
         ids.check_group(group(session=1, group_id=9), now=9.0)  # the old session is now the intruder
 
 
+def test_a_rival_is_told_only_once_the_holder_has_spoken_since():
+    """Issue 19: a second live process is told (and stops); a restart, whose predecessor is silent, is not."""
+    ids = Identities(takeover_s=6.0)
+    ids.admit("a", 1, now=0.0)
+    with pytest.raises(ProtocolError, match="server_id_in_use"):
+        ids.admit("a", 2, now=1.0)
+    assert not ids.holder_alive("a")  # the holder may be dead: session 2 may be its restart
+    ids.admit("a", 1, now=2.0)
+    assert ids.holder_alive("a")  # both live: session 2 is told
+    with pytest.raises(ProtocolError, match="server_id_in_use"):
+        ids.admit("a", 3, now=2.5)  # a newer rival: the holder must speak again before it is told
+    assert not ids.holder_alive("a")
+    ids.admit("b", 1, now=0.0)
+    with pytest.raises(ProtocolError, match="server_id_in_use"):
+        ids.admit("b", 2, now=1.0)
+    ids.admit("b", 2, now=6.5)  # a restart: b's session 1 never spoke again and is taken over, never told
+    assert ids.sessions["b"].session == 2 and not ids.holder_alive("b") and not ids.holder_alive("c")
+
+
 def test_a_selector_that_meets_a_session_midway_counts_no_gap():
     ids = Identities(takeover_s=6.0)
     ids.check_group(group(group_id=212), now=0.0)  # a restarted selector: the server has sent 212 groups before

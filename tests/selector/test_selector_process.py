@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 
 import msgpack
 import numpy as np
 import zmq
 
+from protocol.auth import create_keys, load_auth
 from protocol.codec import encode
 from protocol.config import load_config
 from protocol.messages import (
@@ -17,6 +19,7 @@ from protocol.messages import (
     Heartbeat,
     Hello,
     Message,
+    Refusal,
     ScoredGroup,
     TrainBatch,
     WeightsAnnouncement,
@@ -59,6 +62,15 @@ def reply(dealer: zmq.Socket, pub: zmq.Socket, version: int, floor: int = 0) -> 
         if dealer.poll(100):
             return recv(dealer, TrainBatch)[1]
     raise AssertionError("selector stopped serving")
+
+
+def replies(push: zmq.Socket, n: int) -> list[Message]:
+    """The next ``n`` answers of the selector (WorkGrant, Refusal) on a groups-link connection, in order."""
+    out: list[Message] = []
+    for _ in range(n):
+        assert push.poll(TIMEOUT_MS), f"{len(out)} of {n} answers arrived"
+        out.append(recv(push, (WorkGrant, Refusal))[1])
+    return out
 
 
 def test_selector_rejects_bad_input_counts_it_and_keeps_serving(spawn, run_dir, net_overrides):
@@ -196,9 +208,13 @@ def test_hostile_but_well_formed_input_is_rejected_counted_and_never_batched(spa
         send(push, WorkRequest(server_id="t-0", session=1, request_id=3, version=3, prompts=4))  # honest
         send(push, group(3, rewards, gid=10))
         batch = reply(dealer, pub, 3, floor=1)
-        assert push.poll(TIMEOUT_MS)
-        grant = recv(push, WorkGrant)[1]  # the honest request's answer, on the same connection
-        assert grant.request_id == 3 and 1 <= grant.prompts <= 4 and grant.group_size == 8
+        # The second process as t-0 is told once, for its work request: its group came when t-0 had not
+        # spoken since (it could have been t-0 restarted; Identities.holder_alive). Then the honest answer.
+        told, grant = replies(push, 2)
+        assert isinstance(told, Refusal) and told.reason == "server_id_in_use" and told.server_id == "t-0"
+        assert told.detail.startswith("held by session 1, heard ")
+        assert isinstance(grant, WorkGrant) and grant.request_id == 3
+        assert 1 <= grant.prompts <= 4 and grant.group_size == 8
         assert batch.request_id == 1 and batch.version == 3 and batch.size == 8
         assert set(batch.versions.tolist()) == {3} and batch.group_index.max() == 1
         stats = batch.stats
@@ -217,3 +233,75 @@ def test_hostile_but_well_formed_input_is_rejected_counted_and_never_batched(spa
     assert proc.wait(timeout=20) == 0
     warnings = [line for line in log_path.read_text().splitlines() if "WARNING" in line and "rejected" in line]
     assert len(warnings) <= 14, "rejections must be logged at most once per reason per interval"
+
+
+def test_a_key_speaks_only_as_its_own_id_and_a_taken_id_is_told(
+    spawn, run_dir: Path, net_overrides: list[str], tmp_path: Path
+) -> None:
+    """Issue 19: with CURVE keys, rollout b's valid key speaking as "zed" (whose key exists too) is
+    rejected, counted and told; as "b" it is trained. A second connection as "b" while b lives is told
+    who holds the id."""
+    keys = tmp_path / "keys"
+    create_keys(keys, ["b", "zed"])
+    overrides = [
+        f"run.dir={run_dir}",
+        "rollout.group_size=8",
+        "selector.keep=4",
+        "learner.groups_per_step=2",
+        "rollout.max_new_tokens=4",
+        "rollout.heartbeat_s=10",  # b holds its id for 30 s of silence: ample on a slow machine
+        "selector.peer_timeout_s=60",
+        "net.auth=on",
+        f"net.keys_dir={keys}",
+        *net_overrides,
+    ]
+    cfg = load_config(None, overrides)
+    proc = spawn("selector.server", *overrides, log=run_dir.parent / "selector.log")
+    rollout_b, learner = load_auth(cfg.net, "rollout", "b"), load_auth(cfg.net, "learner")
+    assert rollout_b is not None and learner is not None
+    ctx = zmq.Context()
+    push, dealer = group_sender(ctx, cfg.net, rollout_b), batch_client(ctx, cfg.net, learner)
+    pub = announce_publisher(ctx, cfg.net, learner)
+    second = group_sender(ctx, cfg.net, rollout_b)  # another process with a copy of b's key
+    rewards = [1, 0, 0, 0, 1, 0, 0, 1]
+    try:
+        as_zed: list[Message] = [
+            Hello(server_id="zed", host="box-b", pid=7, engine="torch", session=1),
+            Heartbeat(server_id="zed", version=0, groups_sent=0, state="generating", session=1),
+            group(3, rewards, server="zed", gid=0),
+            WorkRequest(server_id="zed", session=1, request_id=0, version=3, prompts=4),
+        ]
+        for msg in as_zed:
+            send(push, msg)
+        send(push, Hello(server_id="b", host="box-b", pid=4242, engine="torch", session=1))
+        send(push, group(3, rewards, server="b", gid=0))
+        send(push, group(3, rewards, server="b", gid=1))
+        send(dealer, BatchRequest(request_id=1, version=3, num_groups=2))
+        batch = reply(dealer, pub, 3)
+        assert batch.servers == ["b"] and batch.size == 8
+        assert batch.stats["rejected/id_mismatch"] == 4 and batch.stats["groups/received"] == 2
+        told = replies(push, 4)
+        for r in told:
+            assert isinstance(r, Refusal) and r.reason == "id_mismatch" and r.server_id == "zed"
+            assert "made for 'b'" in r.detail and "--server-id" in r.detail
+
+        # A second process as b while b lives: told once b has spoken after it (before, it could be b restarted).
+        # Both keep speaking, as live processes do; messages of two connections arrive in any order.
+        send(second, Hello(server_id="b", host="box-c", pid=99, engine="torch", session=2))
+        for _ in range(TIMEOUT_MS // 100):
+            send(push, Heartbeat(server_id="b", version=3, groups_sent=2, state="generating", session=1))
+            send(second, Heartbeat(server_id="b", version=3, groups_sent=0, state="generating", session=2))
+            if second.poll(100):
+                break
+        refusal = replies(second, 1)[0]
+        assert isinstance(refusal, Refusal) and refusal.reason == "server_id_in_use" and refusal.server_id == "b"
+        assert "pid 4242 on box-b" in refusal.detail and "session 1," in refusal.detail
+        assert not push.poll(100)  # the holder is told nothing
+        assert proc.poll() is None
+    finally:
+        close(push, second, dealer, pub)
+        ctx.term()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    totals = read_metrics(run_dir / "metrics" / "selector.jsonl")[-1]
+    assert totals["total/rejected/id_mismatch"] == 4 and totals["total/rejected/server_id_in_use"] >= 2
