@@ -114,11 +114,11 @@ def make_train_batch() -> TrainBatch:
 
 
 def make_weights_announcement() -> WeightsAnnouncement:
-    return WeightsAnnouncement(version=12, final=False)
+    return WeightsAnnouncement(version=12, final=False, manifest=2**64 - 1)
 
 
 def make_weights_request() -> WeightsRequest:
-    return WeightsRequest(version=-1)
+    return WeightsRequest(version=-1, corrupt=3)
 
 
 def make_weights() -> Weights:
@@ -686,7 +686,10 @@ F32 = np.float32
         pytest.param(invalid(make_weights_chunk, fetch=-5), id="chunk-negative-fetch"),
         pytest.param(invalid(make_weights_request, chunk=-1), id="weights-request-negative-chunk"),
         pytest.param(invalid(make_weights_request, have=-2), id="weights-request-have-below-minus-one"),
+        pytest.param(invalid(make_weights_request, corrupt=-2), id="weights-request-corrupt-below-minus-one"),
+        pytest.param(invalid(make_weights_request, corrupt=2**53 + 1), id="weights-request-corrupt-beyond-versions"),
         pytest.param(invalid(make_weights_announcement, shm="../../etc/passwd"), id="announcement-shm-a-path"),
+        pytest.param(invalid(make_weights_announcement, manifest=-1), id="announcement-negative-manifest"),
         # BatchRequest
         pytest.param(invalid(make_batch_request, num_groups=0), id="request-zero-groups"),
         pytest.param(invalid(make_batch_request, version=-1), id="request-negative-version"),
