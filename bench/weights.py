@@ -685,12 +685,13 @@ def shm_case(size: str, state: dict[str, torch.Tensor], repeats: int) -> list[Re
             src_buf, dst_buf = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
 
             def shm_read() -> None:
-                w = read_segment(path, ann.version, ann.session)
+                w = read_segment(path, ann.version, ann.session, ann.manifest)
                 for k, v in unpack_weights(w, verified=True).items():
                     dst[k].copy_(v)
 
-            mapped = read_segment(path, ann.version, ann.session)  # (a rollout server maps and verifies in the
-            # background while generating: only the copy into the model stops generation)
+            # (a rollout server maps and verifies in the background while generating: only the copy into
+            # the model stops generation)
+            mapped = read_segment(path, ann.version, ann.session, ann.manifest)
 
             def install() -> None:
                 for k, v in unpack_weights(mapped, verified=True).items():

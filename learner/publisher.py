@@ -35,7 +35,16 @@ fields the transports offered for the version (its segment name and this machine
 shared memory, its CUDA IPC handle when a learner on CUDA shares a device copy). The latest announcement
 is sent again at once (within ``JOIN_GAP_S``) to a process that subscribes (the announce socket is an
 XPUB: a subscription is a message the learner reads), and repeated every ``ANNOUNCE_EVERY_S`` for one
-whose subscription was lost.
+whose subscription was lost. Each announcement also carries the version's manifest digest (of the
+per-tensor digests computed while packing), the reference a rollout server checks what it reads against.
+
+A segment is the learner's packed buffer, and any process of the run's user can write into it. A
+rollout server that finds a segment unlike its announced manifest says so in its next request
+(``WeightsRequest.corrupt``). The learner then (``weights/shm_corrupt``) stops offering shared
+memory and packs later versions into ordinary memory, checks every version it keeps in a segment
+against its own digests, serves none whose bytes differ (nor deltas from or to one), and asks the
+training thread to pack the latest again from the model's state (:meth:`WeightPublisher.repack_due`;
+requests for it wait until then). The network never serves the corrupted bytes.
 """
 
 from __future__ import annotations
@@ -68,12 +77,13 @@ from protocol.messages import (
 )
 from protocol.metrics import RateLimitedLog
 from protocol.sockets import announce_publisher, close, recv, send, weight_server
-from protocol.weights import encode_delta, same_layout
+from protocol.weights import encode_delta, manifest_digest, same_layout, verify
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("podsrl.learner")
+_WAIT: Future = Future()  # never done: a request answered with it waits (for a re-packed version)
 JOIN_GAP_S = 0.05  # a new subscriber is announced to within this (announcements at most this often for joins)
 MAX_PINS = 4096  # transfers tracked at once (a hostile peer opening transfers cannot grow this further)
 
@@ -114,6 +124,9 @@ class WeightPublisher:
         self._deltas_pay = True  # the last delta encoded was small enough (weights.delta_max_ratio)
         self._offers: dict[int, Offer] = {}  # version -> the announcement fields its transports filled
         self._latest: Weights | None = None
+        self._private = False  # a segment was found corrupt: pack into ordinary memory, offer no segment
+        self._bad: set[int] = set()  # kept versions whose bytes differ from their digests: never served
+        self.shm_corrupt = 0  # corruption reports that the learner's own check confirmed
         self._floor = 0
         self._final = False
         self.vocab_size = vocab_size
@@ -142,7 +155,7 @@ class WeightPublisher:
     def alloc(self, nbytes: int) -> np.ndarray:
         """The buffer to pack the next version into: the first transport's that wants it (a shared-memory
         segment), else ordinary memory."""
-        for transport in self.transports:
+        for transport in self.transports if not self._private else ():
             buf = transport.alloc(nbytes)
             if buf is not None:
                 return buf
@@ -154,15 +167,20 @@ class WeightPublisher:
         offer: Offer = {}
         for transport in self.transports:
             offer.update(transport.offer(weights, offer))
+        if self._private and offer:  # packed into a segment just before a corruption report: not offered,
+            offer = {}  # and served from a private copy
+            weights = dataclasses.replace(weights, data=weights.data.copy())
         with self._lock:
             previous = self._latest
             self._latest, self._floor, self._final = weights, floor, final
             self._kept[weights.version] = weights
+            self._bad.discard(weights.version)  # (re-packed)
             if offer:
                 self._offers[weights.version] = offer
             while len(self._kept) > self.cfg.keep_versions:
                 old, _ = self._kept.popitem(last=False)
                 self._offers.pop(old, None)
+                self._bad.discard(old)
                 for transport in self.transports:
                     transport.drop(old)
                 for pair in [p for p in self._deltas if old in p]:
@@ -181,6 +199,12 @@ class WeightPublisher:
             self._delta(previous, weights)  # the one most servers will ask for: start encoding it now
         self._wake.send(b"new")
 
+    def repack_due(self, version: int) -> bool:
+        """(training thread) Whether ``version``, the model's current one, must be packed and published
+        again: its bytes in a segment were found corrupt."""
+        with self._lock:
+            return version in self._bad
+
     def metrics(self) -> dict[str, float]:
         """Cumulative serving counters (``weights/*`` in the learner's metrics)."""
         return {
@@ -189,7 +213,9 @@ class WeightPublisher:
             "weights/full_served": self.full_served,
             "weights/chunks_served": self.served,
             "weights/requests_rejected": self.rejected,
+            "weights/shm_corrupt": self.shm_corrupt,
             **{k: v for t in self.transports for k, v in t.metrics().items()},
+            **({"weights/shm": 0.0} if self._private else {}),  # (no segment offered since a corruption)
             "weights/pinned_served": self.pinned_served,
             "weights/pins_dropped": self.pins_dropped,
             "weights/pins_expired": self.pins_expired,
@@ -218,6 +244,7 @@ class WeightPublisher:
                     floor=floor,
                     vocab_size=self.vocab_size,
                     session=self.session,
+                    manifest=manifest_digest(w.tensors),
                     **offer,
                 ),
             )
@@ -227,7 +254,9 @@ class WeightPublisher:
         yet; None when what it names is no longer kept."""
         with self._lock:
             target = self._latest if req.version == -1 else self._kept.get(req.version)
-            base = self._kept.get(req.have) if req.have >= self._floor else None
+            base = self._kept.get(req.have) if req.have >= self._floor and req.have not in self._bad else None
+            if target is not None and target.version in self._bad:  # the latest is re-packed soon; others never
+                return _WAIT if target is self._latest else None
         if target is None:
             return None
         use_delta = (
@@ -246,6 +275,31 @@ class WeightPublisher:
             return target, -1, target.data
         done = self._delta(base, target)
         return (target, base.version, done.result()) if done.done() else done
+
+    def _corrupt_reported(self, version: int) -> None:
+        """A rollout server found ``version``'s segment unlike its announced manifest (see the module doc).
+        Only a version offered in a segment counts, so a report costs at most one check of each kept segment."""
+        with self._lock:
+            if "shm" not in self._offers.get(version, {}):
+                return
+            self._private = True
+            in_segments = [w for v, w in self._kept.items() if "shm" in self._offers.get(v, {})]
+            self._offers.clear()
+        self.shm_corrupt += 1
+        bad = {w.version for w in in_segments if not _intact(w)}
+        log.warning(
+            "a rollout server found the shared-memory segment of v%d corrupt; %s: no more shared memory, "
+            "serving from the learner's own memory",
+            version,
+            f"versions {sorted(bad)} differ from their digests" if bad else "the learner's bytes are intact",
+        )
+        with self._lock:
+            self._bad |= bad
+            for pair in [p for p in self._deltas if bad & set(p)]:
+                self._deltas.pop(pair).cancel()
+        for key in [k for k, p in self._pins.items() if p.version in bad or p.base in bad]:
+            del self._pins[key]
+        self._announce()  # without the segment
 
     def _pays(self, blob: np.ndarray, target: Weights) -> bool:
         return blob.shape[0] <= self.cfg.delta_max_ratio * max(1, target.data.shape[0])
@@ -421,6 +475,8 @@ class WeightPublisher:
                     for _ in range(64):  # drain a burst of chunk requests, then look at the clock again
                         try:
                             route, req = recv(self._router, WeightsRequest, routed=True, flags=zmq.NOBLOCK)
+                            if req.corrupt >= 0:
+                                self._corrupt_reported(req.corrupt)
                             waiting.append((route, req))
                         except zmq.Again:
                             break
@@ -443,3 +499,12 @@ class WeightPublisher:
         finally:
             self._pub.close(linger=2000)  # let the final announcement leave
             close(self._router, wake)
+
+
+def _intact(w: Weights) -> bool:
+    """Whether ``w``'s bytes match the digests the learner computed when it packed them."""
+    try:
+        verify(w)
+    except ProtocolError:
+        return False
+    return True

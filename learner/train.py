@@ -30,6 +30,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,9 @@ class BatchSource:
         self.rejected = 0
         self.stale_rows = 0
 
-    def get(self, version: int) -> tuple[TrainBatch, float]:
-        """The batch for learner version ``version`` and the seconds spent waiting for it."""
+    def get(self, version: int, idle: Callable[[], None] | None = None) -> tuple[TrainBatch, float]:
+        """The batch for learner version ``version`` and the seconds spent waiting for it; ``idle`` is
+        called about every 0.1 s of waiting (the training thread's chance to re-pack a version)."""
         t0 = time.monotonic()
         self.request_id += 1
         request = BatchRequest(request_id=self.request_id, version=version, num_groups=self.cfg.learner.groups_per_step)
@@ -73,7 +75,9 @@ class BatchSource:
             send(self.sock, request)
             resend = time.monotonic() + self.RESEND_S
             while time.monotonic() < resend:
-                if not self.sock.poll(max(1, int((resend - time.monotonic()) * 1000))):
+                if not self.sock.poll(max(1, min(100, int((resend - time.monotonic()) * 1000)))):
+                    if idle is not None:
+                        idle()
                     continue
                 try:
                     _, batch = recv(self.sock, TrainBatch)
@@ -272,13 +276,24 @@ class Lead:
         w = pack_weights(state, run.version, run.model_config, alloc=self.publisher.alloc)
         self.publisher.publish(w, run.floor, final)
 
-    def batch(self, version: int) -> tuple[TrainBatch | None, float]:
-        """The batch for ``version`` and the seconds spent waiting for it; None once ``run.max_seconds`` is spent."""
+    def batch(self, run: Training) -> tuple[TrainBatch | None, float]:
+        """The batch for ``run.version`` and the seconds spent waiting for it; None once ``run.max_seconds``
+        is spent. While it waits, the version is packed again when the publisher asks (a rollout server
+        found its shared-memory segment corrupt: learner/publisher.py)."""
         limit = self.cfg.run.max_seconds
         if limit and time.monotonic() - self.started > limit:
-            log.info("run.max_seconds=%s reached at version %d", limit, version)
+            log.info("run.max_seconds=%s reached at version %d", limit, run.version)
             return None, 0.0
-        return self.source.get(version)
+        return self.source.get(run.version, idle=lambda: self.repack(run))
+
+    def repack(self, run: Training) -> None:
+        """Publish ``run.version`` again, from the model's state into ordinary memory, when the publisher
+        no longer trusts the bytes it has for it."""
+        if self.publisher.repack_due(run.version):
+            log.warning(
+                "re-packing version %d from the model's state (its shared-memory copy was corrupt)", run.version
+            )
+            self.publish(run)
 
     def report(
         self, run: Training, batch: TrainBatch, metrics: dict[str, Any], wait_s: float, t0: float, t1: float
@@ -334,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         lead = Lead(cfg, run, cleanup) if rank == 0 else None  # publishes the version it starts from
         while run.step < cfg.run.steps:
             t0 = time.monotonic()
-            batch, wait_s = lead.batch(run.version) if lead is not None else (None, 0.0)
+            batch, wait_s = lead.batch(run) if lead is not None else (None, 0.0)
             box = [batch]
             dist.broadcast_object_list(box, src=0)  # None: every rank stops together
             if box[0] is None:

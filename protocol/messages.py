@@ -291,7 +291,11 @@ class WeightsAnnouncement(Message):
     ``shm`` names the version's shared-memory segment (``protocol/shm.py``) and ``host`` the machine it
     lives on (``protocol.shm.host_id``): a rollout server on that machine maps it instead of fetching it
     over the network. Both are empty when the learner offers no segment. ``cuda`` is the version's
-    CUDA IPC handle (``protocol/cuda_ipc.py``) when a learner on CUDA shares a device copy, else empty."""
+    CUDA IPC handle (``protocol/cuda_ipc.py``) when a learner on CUDA shares a device copy, else empty.
+    ``manifest`` is the version's manifest digest (``protocol.weights.manifest_digest``: xxh3-64 of its
+    per-tensor digests, computed by the learner from the bytes it packed), so that what a server reads
+    (a segment any local process could write, a network copy) is checked against what the learner said,
+    never against itself; 0: not said (a segment is then never used)."""
 
     TYPE: ClassVar[str] = "weights_announcement"
     version: int
@@ -303,10 +307,13 @@ class WeightsAnnouncement(Message):
     shm: str = ""
     host: str = ""
     cuda: str = ""
+    manifest: int = 0
 
     def check(self) -> None:
         _check_version("version", self.version)
         _check_version("floor", self.floor)
+        if not (_int(self.manifest) and 0 <= self.manifest < 2**64):
+            raise _invariant("manifest must be a 64-bit digest")
         if self.floor > self.version or self.vocab_size < 0 or self.nbytes < 0 or not 0 <= self.session <= MAX_SESSION:
             raise _invariant("floor <= version, vocab_size >= 0, nbytes >= 0 and a 63-bit session required")
         if self.shm and not _SAFE_FILE.fullmatch(self.shm):
@@ -326,7 +333,10 @@ class WeightsRequest(Message):
     server's id of this transfer, echoed in every reply, so a reply to an abandoned transfer is
     recognised. ``with_files``: chunk 0 also carries the tokenizer files (a server asks once, on
     joining). A server keeps at most ``weights.window`` chunk requests in flight: that is the
-    weights link's flow control (learner/publisher.py)."""
+    weights link's flow control (learner/publisher.py). ``corrupt``: a version whose shared-memory
+    segment did not match its announced manifest on this server (-1: none), so that the learner stops
+    serving that segment's bytes (it re-packs the version from its own state) and stops offering shared
+    memory."""
 
     TYPE: ClassVar[str] = "weights_request"
     version: int
@@ -334,10 +344,12 @@ class WeightsRequest(Message):
     with_files: bool = False
     chunk: int = 0
     fetch: int = 0
+    corrupt: int = -1
 
     def check(self) -> None:
         _check_version("version", self.version, low=-1)
         _check_version("have", self.have, low=-1)
+        _check_version("corrupt", self.corrupt, low=-1)
         if not (0 <= self.chunk < MAX_CHUNKS and 0 <= self.fetch <= MAX_SESSION):
             raise _invariant(f"chunk must be in 0..{MAX_CHUNKS - 1} and fetch a 63-bit id")
 

@@ -3,7 +3,9 @@
 The learner packs each version straight into a file under ``weights.shm_dir`` (``/dev/shm``: memory,
 not disk), seals it with a header and renames it into place, so a segment is complete or absent. A
 rollout server on the same machine (same boot id) maps it read-only, checks the header against the
-announcement and every tensor's digest, and copies it into its model: no socket, no extra copy.
+announcement (the manifest's digest included) and every tensor's digest, and copies it into its
+model: no socket. It verifies a private copy (one memcpy), so what a local process writes afterwards
+cannot reach its model. Segments are the run's user's only (mode 0600).
 
 Segment ``podsrl-<run key>-<learner pid>-v<version>``, where the run key is a hash of the run directory::
 
@@ -106,8 +108,10 @@ class SegmentStore:
         Raises OSError (ENOSPC) when the directory cannot hold it: space is reserved up front, because
         writing past a full tmpfs through a mapping would kill the process with SIGBUS."""
         tmp = self.dir / f".podsrl-{self.key}-{os.getpid()}-{len(self._live)}.tmp"  # (a .tmp: never read)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp.unlink(missing_ok=True)  # (a file left there, whatever its mode, is never reused)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
+            os.fchmod(fd, 0o600)  # the run's user only, whatever the umask: no other user reads or writes it
             size = max(nbytes, 1)
             os.posix_fallocate(fd, 0, size)
             mm = mmap.mmap(fd, size)
@@ -157,11 +161,15 @@ class SegmentStore:
             self._pending[0].unlink(missing_ok=True)
 
 
-def read_segment(path: str | Path, version: int, session: int) -> Weights:
+def read_segment(path: str | Path, version: int, session: int, manifest: int) -> Weights:
     """Map a sealed segment read-only and return its version, verified against the announcement
-    (``version``, learner ``session``) and its digests. Raises OSError when it is gone and
-    ProtocolError when it is not what it should be; the caller then fetches over the network."""
-    from protocol.weights import verify
+    (``version``, learner ``session``, and ``manifest``: the digest of the per-tensor digests the
+    learner computed when it packed the version) and then its bytes against those digests. Any process
+    of the run's user can write a segment, header included, so its own digests prove nothing until they
+        match the announced manifest. The version returned is a private copy of the segment's bytes, so the
+    bytes checked are the bytes loaded. Raises OSError when it is gone and ProtocolError("shm") when it is
+    not what it should be (ProtocolError("checksum") when its bytes differ from their digests)."""
+    from protocol.weights import manifest_digest, verify
 
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -186,9 +194,12 @@ def read_segment(path: str | Path, version: int, session: int) -> Weights:
         and 0 <= head["nbytes"] <= size - _TRAILER.size - head_len
     ):
         raise ProtocolError("shm", f"{path}: the header is not that of v{version} from learner session {session}")
-    data = np.frombuffer(mm, np.uint8, count=head["nbytes"])
-    data.setflags(write=False)
+    # A private copy, verified: bytes a local process writes into the segment after this check (while
+    # the version waits to be installed) never reach the model. One memcpy; the digests read it anyway.
+    data = np.frombuffer(mm, np.uint8, count=head["nbytes"]).copy()
     w = Weights(version=version, model_config=head["model_config"], tensors=head["tensors"], files=[], data=data)
     w.check()
+    if manifest_digest(w.tensors) != manifest:
+        raise ProtocolError("shm", f"{path}: its manifest is not the one the learner announced for v{version}")
     verify(w)
     return w

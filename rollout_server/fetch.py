@@ -49,11 +49,12 @@ class Fetcher:
         self.counters: Counter[str] = Counter()
         self.last: dict[str, float] = {}  # the last transfer: bytes, seconds, kind
         self._spare: np.ndarray | None = None  # a buffer no version uses any more (recycle)
+        self.corrupt = -1  # a version whose segment was corrupt, told to the learner with the next request
 
     def recycle(self, w: Weights) -> None:
         """Give back the buffer of a version the server no longer runs or holds; the next transfer of
-        the same size is written into it. Only buffers this process allocated are taken (a shared-memory
-        mapping is read-only and stays the learner's)."""
+        the same size is written into it. Only buffers this process allocated are taken (a version read
+        from shared memory is such a private copy too; a mapped or decoded view is not)."""
         if w.data.flags.owndata and w.data.flags.writeable and w.data.dtype == np.uint8:
             self._spare = w.data
 
@@ -81,7 +82,10 @@ class Fetcher:
         fetch_id = new_session()
         t0 = time.monotonic()
         have = held.version if held is not None else -1
-        await asend(self.sock, WeightsRequest(version=-1, have=have, with_files=with_files, fetch=fetch_id))
+        corrupt, self.corrupt = self.corrupt, -1
+        await asend(
+            self.sock, WeightsRequest(version=-1, have=have, with_files=with_files, fetch=fetch_id, corrupt=corrupt)
+        )
         first = await self._recv(fetch_id)
         if first.status == "gone":
             raise Gone

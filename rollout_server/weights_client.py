@@ -160,7 +160,9 @@ class WeightsClient:
                 if self._fetching.cancelled():
                     return None
                 w = self._fetching.result()
-            except Fallback:
+            except Fallback as e:
+                if e.corrupt >= 0:
+                    self.sources[-1].report_corrupt(e.corrupt)
                 continue
             finally:
                 self._fetching = None

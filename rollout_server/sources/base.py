@@ -25,7 +25,12 @@ if TYPE_CHECKING:
 
 
 class Fallback(Exception):
-    """A source could not serve this version after all (it counted and said why): the network will."""
+    """A source could not serve this version after all (it counted and said why): the network will.
+    ``corrupt``: the version it found corrupt or forged (-1: none), reported to the learner by the network."""
+
+    def __init__(self, corrupt: int = -1) -> None:
+        super().__init__(corrupt)
+        self.corrupt = corrupt
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,10 @@ class Source(ABC):
         """The announced version, verified; None when the read was abandoned (try again later). Raises
         :class:`Fallback` when this source turned out unable to serve it. ``base`` is the newest version the
         server has in memory (a delta's base; never modified)."""
+
+    def report_corrupt(self, version: int) -> None:
+        """Another source found ``version`` corrupt: tell the learner, if this source can (the network)."""
+        return None
 
     def device_copy(self, w: Weights) -> torch.Tensor | None:
         """(worker thread) ``w``'s bytes already on the engine's device, to load from; None: none."""

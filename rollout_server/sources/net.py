@@ -1,11 +1,15 @@
 """The network source: the learner's weights link (``rollout_server/fetch.py``). It can always serve:
-the first version (it carries the tokenizer files), and whatever another source could not."""
+the first version (it carries the tokenizer files), and whatever another source could not. A version
+it fetched is checked against the announced manifest digest too (the transfer verified its bytes
+against the manifest it carried): one that differs is rejected (``rollout/weights_rejected``), never
+loaded, and fetched again."""
 
 from __future__ import annotations
 
 import logging
 
 from protocol.messages import Weights, WeightsAnnouncement
+from protocol.weights import manifest_digest
 from rollout_server.fetch import Fetcher
 from rollout_server.sources.base import Place, Source
 
@@ -37,6 +41,11 @@ class NetSource(Source):
                 net.weights_timeout_s,
             )
             return None
+        if ann is not None and ann.manifest and w.version == ann.version and manifest_digest(w.tensors) != ann.manifest:
+            self.counters["weights_rejected"] += 1
+            self.fetcher.recycle(w)
+            self.place.warn("manifest", "weights v%d differ from the manifest the learner announced", w.version)
+            return None  # (try again: the learner re-packs a version it was told is corrupt)
         last = self.fetcher.last
         self.last = {
             "rollout/weights_fetch_s": last["seconds"],
@@ -45,6 +54,9 @@ class NetSource(Source):
             "rollout/weights_delta": last["delta"],
         }
         return w
+
+    def report_corrupt(self, version: int) -> None:
+        self.fetcher.corrupt = version
 
     def recycle(self, w: Weights) -> None:
         self.fetcher.recycle(w)

@@ -1,6 +1,9 @@
 """The shared-memory source: map the version's segment when the learner announced one on this machine
 (``protocol/shm.py``; ``weights.transport``). Anything wrong with it falls back to the network
-(``rollout/shm_fallbacks``, and a warning with ``weights.transport = "shm"``)."""
+(``rollout/shm_fallbacks``, and a warning with ``weights.transport = "shm"``). A segment that is there
+but differs from the announced manifest (written by some local process: corrupt or forged) is also
+counted as ``rollout/shm_corrupt``, always warned about, and reported to the learner with the network
+request, so that the learner serves that version from its own state and stops offering segments."""
 
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ def shared_segment(cfg: WeightsConfig, ann: WeightsAnnouncement | None) -> Path 
 
 async def read_shared(path: Path, ann: WeightsAnnouncement) -> Weights:
     """``ann``'s version from its segment, verified (raises OSError or ProtocolError: use the network)."""
-    return await asyncio.to_thread(read_segment, path, ann.version, ann.session)
+    return await asyncio.to_thread(read_segment, path, ann.version, ann.session, ann.manifest)
 
 
 class ShmSource(Source):
@@ -51,11 +54,18 @@ class ShmSource(Source):
         t0 = time.monotonic()
         try:
             w = await read_shared(path, ann)
-        except (OSError, ProtocolError) as e:  # evicted meanwhile, or not what was announced
+        except OSError as e:  # evicted meanwhile
             self.counters["shm_fallbacks"] += 1
             if self.place.weights.transport == "shm":
                 self.place.warn("shm", "shared-memory segment %s unusable (%s): fetching over the network", path, e)
             raise Fallback from e
+        except ProtocolError as e:  # not what the learner announced: never loaded, and the learner is told
+            self.counters["shm_fallbacks"] += 1
+            self.counters["shm_corrupt"] += 1
+            self.place.warn(
+                "shm_corrupt", "shared-memory segment %s is corrupt (%s): fetching over the network", path, e
+            )
+            raise Fallback(corrupt=ann.version) from e
         self.counters["shm_loads"] += 1
         self.last = {"rollout/weights_fetch_s": time.monotonic() - t0, "rollout/weights_shm": 1}
         return w

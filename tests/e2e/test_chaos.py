@@ -1,5 +1,6 @@
-"""Chaos in one end-to-end run (issue 7): SIGKILL a rollout server, then the selector (restarted),
-then the learner (restarted, resuming from its checkpoint). The run must complete, and the per-group
+"""Chaos in one end-to-end run (issue 7): SIGKILL a rollout server, write into the learner's
+shared-memory segments (issue 19), SIGKILL the selector (restarted), then the learner (restarted,
+resuming from its checkpoint). The run must complete, and the per-group
 audit trail ``metrics/trained_groups.jsonl`` must show every (server, session, seq) trained at most
 once, every staleness in 0..K, and no row of a discarded version trained after the learner restart;
 no process of the run may outlive it.
@@ -29,6 +30,7 @@ from helpers import ROOT, child_env, wait_for
 from launcher.launch import Child, children, torchrun_command
 from launcher.preflight import preflight
 from protocol.config import load_config, to_toml
+from protocol.shm import run_key
 
 pytestmark = pytest.mark.slow
 
@@ -210,6 +212,29 @@ def test_chaos_rollout_selector_learner_killed_run_completes_nothing_trained_twi
             f"{run.elapsed()} step {step}; longest pause between steps around the kill "
             f"{timings['rollout kill: longest pause between steps']:.2f}s"
         )
+
+        # 1b. A local process writes into the newest shared-memory segment, until a rollout server has found
+        # one corrupt (issue 19): the learner confirms it, re-packs from its own state, offers no more
+        # segments, and training goes on (nothing corrupt is loaded: tests/rollout_server/test_weight_transfer.py).
+        written: set[str] = set()
+
+        def corrupt_newest_segment() -> bool:
+            segs = sorted(
+                Path("/dev/shm").glob(f"podsrl-{run_key(run_dir)}-*-v*"), key=lambda p: int(p.name.rsplit("v", 1)[1])
+            )
+            for seg in segs[-1:]:
+                if seg.name not in written:
+                    with contextlib.suppress(OSError), seg.open("r+b") as f:
+                        b = f.read(1)
+                        f.seek(0)
+                        f.write(bytes([b[0] ^ 0xFF]))
+                        written.add(seg.name)
+            return any(r.get("weights/shm_corrupt", 0) >= 1 for r in run.learner_records()[-3:])
+
+        run.wait_for("the learner to confirm a corrupt segment", corrupt_newest_segment, timeout=60)
+        step = run.at_step(run.train_step() + 10, timeout=60)
+        assert run.learner_records()[-1]["weights/shm"] == 0, "shared memory still offered after a corruption"
+        print(f"{run.elapsed()} corrupted {len(written)} segment(s); the learner stopped offering them; step {step}")
 
         # 2. SIGKILL the selector, start a new one on the same ports.
         selector_lines = len(complete_records(metrics / "selector.jsonl"))

@@ -6,6 +6,8 @@ side's in tests/rollout_server/test_weights_client.py."""
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from learner.transports.shm import ShmTransport
 from protocol.config import WeightsConfig
 from protocol.messages import Weights
 from protocol.shm import host_id, read_segment
-from protocol.weights import pack_weights
+from protocol.weights import manifest_digest, pack_weights
 
 SESSION = 11
 
@@ -41,7 +43,9 @@ def test_a_segment_is_offered_with_this_machine_and_removed_with_its_version(tmp
     w = packed(t, 3)
     offer = t.offer(w, {})
     assert offer == {"shm": offer["shm"], "host": host_id()}
-    assert read_segment(tmp_path / offer["shm"], 3, SESSION).data.tobytes() == w.data.tobytes()
+    assert (
+        read_segment(tmp_path / offer["shm"], 3, SESSION, manifest_digest(w.tensors)).data.tobytes() == w.data.tobytes()
+    )
     assert t.offer(pack_weights({"a": torch.ones(4)}, 4, "{}"), {}) == {}, "not packed into a segment: not offered"
     t.drop(3)
     assert not (tmp_path / offer["shm"]).exists()
@@ -68,3 +72,22 @@ def test_a_full_directory_is_reported_once_and_ends_the_offer(tmp_path: Path, ca
     assert t.metrics() == {"weights/shm": 0.0}
     assert not (tmp_path / kept["shm"]).exists(), "its segments are removed with the offer"
     assert [p for p in tmp_path.iterdir() if p.is_file()] == [], "no unfinished segment either"
+
+
+def test_segments_are_readable_by_the_runs_user_only(tmp_path: Path) -> None:
+    """Mode 0600 from allocation to removal, whatever the umask, and a file left at the allocation's
+    name (of any mode) is replaced, never reused."""
+    t = ShmTransport(Place(WeightsConfig(shm_dir=str(tmp_path)), str(tmp_path / "run"), SESSION, None))
+    assert t.store is not None
+    left = tmp_path / f".podsrl-{t.store.key}-{os.getpid()}-0.tmp"
+    left.write_bytes(b"x")
+    left.chmod(0o666)
+    old = os.umask(0)
+    try:
+        w = packed(t, 5)
+        assert stat.S_IMODE(left.stat().st_mode) == 0o600, "the unsealed segment"
+        offer = t.offer(w, {})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / offer["shm"]).stat().st_mode) == 0o600, "the sealed segment"
+    t.close()

@@ -119,11 +119,11 @@ def make_train_batch() -> TrainBatch:
 
 
 def make_weights_announcement() -> WeightsAnnouncement:
-    return WeightsAnnouncement(version=12, final=False)
+    return WeightsAnnouncement(version=12, final=False, manifest=2**64 - 1)
 
 
 def make_weights_request() -> WeightsRequest:
-    return WeightsRequest(version=-1)
+    return WeightsRequest(version=-1, corrupt=3)
 
 
 def make_weights() -> Weights:
@@ -692,7 +692,10 @@ F32 = np.float32
         pytest.param(invalid(make_weights_chunk, fetch=-5), id="chunk-negative-fetch"),
         pytest.param(invalid(make_weights_request, chunk=-1), id="weights-request-negative-chunk"),
         pytest.param(invalid(make_weights_request, have=-2), id="weights-request-have-below-minus-one"),
+        pytest.param(invalid(make_weights_request, corrupt=-2), id="weights-request-corrupt-below-minus-one"),
+        pytest.param(invalid(make_weights_request, corrupt=2**53 + 1), id="weights-request-corrupt-beyond-versions"),
         pytest.param(invalid(make_weights_announcement, shm="../../etc/passwd"), id="announcement-shm-a-path"),
+        pytest.param(invalid(make_weights_announcement, manifest=-1), id="announcement-negative-manifest"),
         # Refusal
         pytest.param(invalid(make_refusal, reason="go away"), id="refusal-unknown-reason"),
         pytest.param(invalid(make_refusal, server_id="../x"), id="refusal-bad-server-id"),

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import mmap
 import os
 import queue
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -43,7 +45,7 @@ import learner.publisher as publisher_module
 from learner.publisher import WeightPublisher
 from learner.transports.shm import ShmTransport
 from protocol.codec import encode
-from protocol.config import NetConfig, WeightsConfig
+from protocol.config import Config, NetConfig, WeightsConfig
 from protocol.messages import (
     ProtocolError,
     Weights,
@@ -51,11 +53,13 @@ from protocol.messages import (
     WeightsChunk,
     WeightsRequest,
 )
+from protocol.metrics import Monitor, RateLimitedLog
 from protocol.shm import SegmentStore, host_id, read_segment, run_key, segment_name
 from protocol.sockets import announce_subscriber, close, recv, send, weight_client, weight_server
-from protocol.weights import encode_delta, pack_weights, verify
+from protocol.weights import digest, encode_delta, manifest_digest, pack_weights, verify
 from rollout_server.fetch import Fetcher
 from rollout_server.sources.shm import read_shared, shared_segment
+from rollout_server.weights_client import WeightsClient
 
 MODEL_CONFIG = json.dumps({"model_type": "tiny", "vocab_size": 512, "hidden_size": 32})
 REPLY_S = 30.0  # a child process's answer (it may start slowly on a loaded machine)
@@ -100,6 +104,11 @@ def same_bytes(got: Weights, want: Weights) -> bool:
         and got.data.dtype == want.data.dtype
         and got.data.tobytes() == want.data.tobytes()
     )
+
+
+def manifest(w: Weights) -> int:
+    """What the learner announces for ``w``: its manifest digest."""
+    return manifest_digest(w.tensors)
 
 
 def big_versions() -> tuple[Weights, Weights]:
@@ -852,7 +861,7 @@ def test_the_shared_memory_path_is_used_and_leaves_no_segment(
         ann = announcement(sub, 0)
         assert (ann.shm, ann.host, ann.session) == (segment_name(key, 0), host_id(), pub.session)
         assert ann.nbytes == versions[0].data.nbytes
-        mapped0 = read_segment(shm_dir / ann.shm, 0, ann.session)
+        mapped0 = read_segment(shm_dir / ann.shm, 0, ann.session, ann.manifest)
         assert same_bytes(mapped0, versions[0])
         base = published.data.base
         assert isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap), "packed straight into the segment"
@@ -864,15 +873,17 @@ def test_the_shared_memory_path_is_used_and_leaves_no_segment(
         over_net = aio.fetch(aio.fetcher(net, cfg), None)
         assert same_bytes(over_net, versions[0]), "the network path serves the segment's bytes"
         with pytest.raises(ProtocolError):  # another learner session's segment is not taken for this one
-            read_segment(shm_dir / ann.shm, 0, ann.session ^ 1)
+            read_segment(shm_dir / ann.shm, 0, ann.session ^ 1, ann.manifest)
         for w in versions[1:4]:
             publish_packed(pub, w)
         assert announcement(sub, 3).shm == segment_name(key, 3)
         assert segments(shm_dir, key) == [segment_name(key, 2), segment_name(key, 3)]
         with pytest.raises(FileNotFoundError):
-            read_segment(shm_dir / segment_name(key, 0), 0, pub.session)
+            read_segment(shm_dir / segment_name(key, 0), 0, pub.session, manifest(versions[0]))
         assert mapped0.data.tobytes() == versions[0].data.tobytes(), "a mapping outlives its removed segment"
-        assert same_bytes(read_segment(shm_dir / segment_name(key, 3), 3, pub.session), versions[3])
+        assert same_bytes(
+            read_segment(shm_dir / segment_name(key, 3), 3, pub.session, manifest(versions[3])), versions[3]
+        )
         publishers.close(pub)
         assert segments(shm_dir, key) == []
     finally:
@@ -904,7 +915,7 @@ def _killed_then_restarted(
     v0 = chain()[0]
     child.publish(v0)
     child.ask("alloc", "allocated", nbytes=v0.data.nbytes)
-    killed = read_segment(shm_dir / segment_name(key, 0, child.ready["pid"]), 0, child.ready["session"])
+    killed = read_segment(shm_dir / segment_name(key, 0, child.ready["pid"]), 0, child.ready["session"], manifest(v0))
     assert same_bytes(killed, v0)
     child.kill()
     assert child.proc.returncode == -signal.SIGKILL
@@ -919,9 +930,130 @@ def _killed_then_restarted(
     assert segments(shm_dir, key) == [] and other.exists()
     publish_packed(pub, chain()[1])
     assert segments(shm_dir, key) == [segment_name(key, 1)]
-    assert same_bytes(read_segment(shm_dir / segment_name(key, 1), 1, pub.session), chain()[1])
+    assert same_bytes(read_segment(shm_dir / segment_name(key, 1), 1, pub.session, manifest(chain()[1])), chain()[1])
     publishers.close(pub)
     assert segments(shm_dir, key) == [] and other.exists()
+
+
+# -- 5b. shared memory that cannot be poisoned ----------------------------------------------------
+
+
+def flip_a_byte(path: Path, versions: tuple[Weights, ...]) -> None:
+    """A local process flips one byte of the first tensor, in place (the learner's mapping sees it)."""
+    with path.open("r+b") as f:
+        b = f.read(1)
+        f.seek(0)
+        f.write(bytes([b[0] ^ 1]))
+
+
+def forge(path: Path, versions: tuple[Weights, ...]) -> None:
+    """A local process rewrites tensor ``proj`` and its digest in the segment's own header, in place: a
+    segment consistent with itself (the digests it carries match its bytes), unlike what was announced."""
+    raw = bytearray(path.read_bytes())
+    head_len, magic = struct.unpack_from("<Q8s", raw, len(raw) - 16)
+    start = len(raw) - 16 - head_len
+    head = msgpack.unpackb(bytes(raw[start : len(raw) - 16]), raw=False)
+    entry = next(t for t in head["tensors"] if t[0] == "proj")
+    offset, nbytes = entry[3], entry[4]
+    raw[offset : offset + nbytes] = bytes([0x3F]) * nbytes
+    entry[5] = digest(np.frombuffer(bytes(raw[offset : offset + nbytes]), np.uint8))
+    header = msgpack.packb(head, use_bin_type=True)
+    with path.open("r+b") as f:
+        f.write(raw[:start])
+        f.write(header)
+        f.write(struct.pack("<Q8s", len(header), magic))
+        f.truncate()
+    v = head["version"]
+    forged = read_segment(path, v, head["session"], manifest_digest(head["tensors"]))  # (what the old check took)
+    assert forged.data.tobytes() != versions[v].data.tobytes()
+
+
+@contextlib.contextmanager
+def weights_client(aio: Aio, net: NetConfig, cfg: WeightsConfig, run_dir: Path) -> Iterator[WeightsClient]:
+    """A rollout server's weights client (every source: shared memory, then the network) on ``aio``'s loop."""
+    monitor = Monitor(run_dir, "rollout-test", tensorboard=False)
+    warn = RateLimitedLog(logging.getLogger("podsrl.rollout"), every_s=30.0)
+    client = WeightsClient(aio.ctx, Config(net=net, weights=cfg), None, None, monitor, warn, lambda: False)
+    try:
+        yield client
+    finally:
+        client.close()
+        monitor.close()
+
+
+@pytest.mark.parametrize("tamper", [flip_a_byte, forge], ids=["byte-flipped", "forged-with-its-digest"])
+def test_a_tampered_segment_is_never_loaded_and_the_learner_serves_its_own_state(
+    net: NetConfig,
+    zctx: zmq.Context,
+    aio: Aio,
+    publishers: Publishers,
+    tmp_path: Path,
+    shm_dir: Path,
+    tamper: Callable[[Path, tuple[Weights, ...]], None],
+) -> None:
+    """A local process writes into the segment of the latest version (the learner's own packed buffer).
+    A rollout server checks the segment against the announced manifest digest, not against itself: the
+    corruption is detected and counted, never loaded, and reported with the network request. The learner
+    finds its copy differs from its digests, serves nothing of it (the request waits), has the training
+    thread pack the version again from the model's state into ordinary memory, and offers no segment
+    from then on: the server gets the right bytes over the network."""
+    versions = chain()
+    cfg = WeightsConfig(shm_dir=str(shm_dir), keep_versions=2)
+    sub = announce_subscriber(zctx, net)
+    try:
+        pub = publishers.make(net, cfg, run_dir=str(tmp_path / "run"))
+        publish_packed(pub, versions[0])
+        ann = announcement(sub, 0)
+        assert ann.shm and ann.manifest == manifest(versions[0])
+        tamper(shm_dir / ann.shm, versions)
+        with pytest.raises(ProtocolError):
+            read_segment(shm_dir / ann.shm, 0, ann.session, ann.manifest)
+
+        repacked: list[Weights] = []
+
+        def training_thread() -> None:  # (Lead.repack, while the learner waits for a batch)
+            wait_for(lambda: pub.repack_due(0), REPLY_S, "the publisher asking for v0 again")
+            repacked.append(publish_packed(pub, versions[0]))
+
+        trainer = threading.Thread(target=training_thread)
+        trainer.start()
+        with weights_client(aio, net, cfg, tmp_path / "rollout") as client:
+            client.heard(ann)
+            w = aio.loop.run_until_complete(asyncio.wait_for(client.fetch_latest(), FETCH_S))
+            counters = client.all_counters()
+        trainer.join(REPLY_S)
+        assert w is not None and same_bytes(w, versions[0]), "the learner's bytes, not the segment's"
+        assert (counters["shm_corrupt"], counters["shm_fallbacks"], counters["shm_loads"], counters["full"]) == (
+            1,
+            1,
+            0,
+            1,
+        )
+        assert pub.metrics()["weights/shm_corrupt"] == 1 and not pub.repack_due(0)
+        assert not isinstance(repacked[0].data.base, memoryview), "re-packed into ordinary memory"
+        deadline = time.monotonic() + RECV_MS / 1000
+        while announcement(sub, 0).shm:  # (announcements sent before the report still name the segment)
+            assert time.monotonic() < deadline, "v0 is still announced in shared memory"
+        published = publish_packed(pub, versions[1])
+        assert announcement(sub, 1).shm == "" and not isinstance(published.data.base, memoryview)
+    finally:
+        close(sub)
+
+
+def test_a_network_copy_unlike_the_announced_manifest_is_rejected(
+    net: NetConfig, aio: Aio, publishers: Publishers, tmp_path: Path
+) -> None:
+    """The network transfer is checked against the announcement too: a version whose manifest is not the
+    announced one is counted and not returned (the server asks again), never loaded."""
+    pub = publishers.make(net, WeightsConfig())
+    publish_packed(pub, chain()[0])
+    with weights_client(aio, net, WeightsConfig(transport="net"), tmp_path) as client:
+        client.heard(WeightsAnnouncement(version=0, final=False, session=pub.session, manifest=manifest(chain()[1])))
+        assert aio.loop.run_until_complete(asyncio.wait_for(client.fetch_latest(), FETCH_S)) is None
+        assert client.all_counters()["weights_rejected"] == 1
+        client.heard(WeightsAnnouncement(version=0, final=False, session=pub.session, manifest=manifest(chain()[0])))
+        w = aio.loop.run_until_complete(asyncio.wait_for(client.fetch_latest(), FETCH_S))
+        assert w is not None and same_bytes(w, chain()[0])
 
 
 # -- 6. hostile requests -------------------------------------------------------------------------

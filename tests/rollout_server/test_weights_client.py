@@ -22,7 +22,7 @@ from protocol.cuda_ipc import CudaIpcHandle
 from protocol.messages import Weights, WeightsAnnouncement
 from protocol.metrics import Monitor, RateLimitedLog, read_metrics
 from protocol.shm import SegmentStore, host_id
-from protocol.weights import pack_weights
+from protocol.weights import manifest_digest, pack_weights
 from rollout_server.sampling import Samples, SamplingSpec
 from rollout_server.sources import SOURCES, Place, Source
 from rollout_server.sources.cuda_ipc import CudaIpcSource
@@ -127,7 +127,7 @@ def segment(tmp_path: Path, w: Weights, **ann: object) -> tuple[SegmentStore, We
     buf = store.alloc(w.data.nbytes)
     buf[:] = w.data
     name = store.seal(Weights(version=w.version, model_config=w.model_config, tensors=w.tensors, files=[], data=buf))
-    fields: dict[str, Any] = {"shm": name, "host": host_id(), **ann}
+    fields: dict[str, Any] = {"shm": name, "host": host_id(), "manifest": manifest_digest(w.tensors), **ann}
     return store, WeightsAnnouncement(version=w.version, final=False, session=SESSION, **fields)
 
 
@@ -188,7 +188,8 @@ def test_a_failing_segment_falls_back_to_the_network_and_is_counted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, transport: str
 ) -> None:
     """A segment gone (evicted) or not what was announced: the network serves the version, the fallback is
-    counted, and with ``weights.transport = "shm"`` the user is told."""
+    counted, and with ``weights.transport = "shm"`` the user is told of a segment gone; a file that is not
+    the announced segment (something wrote it) is counted as corrupt and always told."""
 
     async def test(client: WeightsClient) -> None:
         net = Canned(place(client), version(4))
@@ -202,11 +203,13 @@ def test_a_failing_segment_falls_back_to_the_network_and_is_counted(
         w = await client.fetch_latest()
         assert w is not None and net.reads == 2
         assert client.all_counters()["shm_fallbacks"] == 2 and client.all_counters()["shm_loads"] == 0
+        assert client.all_counters()["shm_corrupt"] == 1
 
     with caplog.at_level(logging.WARNING, "podsrl.rollout"):
         run(tmp_path, test, transport=transport)
-    warned = [r for r in caplog.records if "shared-memory segment" in r.getMessage()]
-    assert len(warned) == (1 if transport == "shm" else 0), "rate-limited: one warning for both"
+    warned = [r.getMessage() for r in caplog.records if "shared-memory segment" in r.getMessage()]
+    assert sum("unusable" in m for m in warned) == (1 if transport == "shm" else 0)
+    assert sum("is corrupt" in m for m in warned) == 1
     assert [m["rollout/weights_shm"] for m in metrics(tmp_path)] == [0, 0]
 
 
