@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from launcher.forkserver import RoleSpec, call, cuda_initialized, fork, run_role, start_server
+from launcher.forkserver import RoleSpec, call, cuda_initialized, fork, run_role, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
 def server():  # -> ForkServerContext
-    return start_server()
+    stop_server()  # one fork server per process: another test's (test_parallel.py) preloads other modules
+    yield start_server()
+    stop_server()
 
 
 def _probe() -> dict:
