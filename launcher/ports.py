@@ -14,9 +14,7 @@ import contextlib
 import socket
 
 from protocol.auth import on_loopback
-from protocol.config import Config, NetConfig
-
-PORT_KEYS = ("group_port", "batch_port", "announce_port", "weights_port")
+from protocol.config import PORT_KEYS, Config, NetConfig
 
 
 def free_ports(n: int, reserve: bool = False) -> list[int]:

@@ -33,7 +33,6 @@ server whose ``server_id`` is not its key's, so a valid key cannot speak as anot
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import re
@@ -48,6 +47,7 @@ import zmq
 import zmq.auth
 import zmq.auth.thread
 
+from protocol.config import is_loopback
 from protocol.messages import ProtocolError
 
 if TYPE_CHECKING:
@@ -73,16 +73,6 @@ FIX = (
 
 class AuthError(ValueError):
     """Authentication is required but cannot be set up; the message says what to do."""
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback IPs (127.0.0.0/8, ::1); any other name or address is not."""
-    if host.strip("[]").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def on_loopback(net: NetConfig) -> bool:

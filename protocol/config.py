@@ -7,6 +7,7 @@ reference with defaults is ``docs/CONFIG.md``; ``configs/tiny.toml`` is the defa
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import json
 import tomllib
 from pathlib import Path
@@ -331,6 +332,20 @@ class LearnerConfig(Section):
     loss: LossSettings = LossSettings()
 
 
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IPs (127.0.0.0/8, ::1); any other name or address is not."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+PORT_KEYS = ("group_port", "batch_port", "announce_port", "weights_port")  # one link each
+_SELECTOR_PORTS = PORT_KEYS[:2]  # bound on the selector's machine; the others on the learner's
+
+
 class NetConfig(Section):
     """Ports under `podsrl run`: when the launcher starts every process itself on loopback
     (`rollout.servers` >= 1 and `bind_host`, `selector_host`, `learner_host` all loopback), each
@@ -339,7 +354,8 @@ class NetConfig(Section):
     launcher prints the ports and writes them to `<run.dir>/config.toml`, the file its processes
     read, with which another rollout server on the machine joins:
     `podsrl rollout --config <run.dir>/config.toml --server-id NAME` (a run started from that file
-    keeps its ports). Otherwise, and for a process started alone, the ports are as configured."""
+    keeps its ports). Otherwise, and for a process started alone, the ports are as configured. No two
+    links share a port (across the selector's and the learner's only when they run on one machine)."""
 
     bind_host: str = Field(
         "127.0.0.1", description="address the selector and learner bind ('0.0.0.0' for remote servers)"
@@ -385,6 +401,25 @@ class NetConfig(Section):
         description="directory made by `podsrl keys DIR`: this process's key pair, the "
         "servers' public keys and the allowlists (rollout/*.key); required when auth is on",
     )
+
+    @model_validator(mode="after")
+    def _one_link_per_port(self) -> NetConfig:
+        """Two links on one port would have the second bind fail (or, for a client, reach the wrong
+        process). The selector binds group_port and batch_port, the learner announce_port and
+        weights_port: across the two only when both run on one machine. 0 would mean a free port."""
+        same_machine = self.selector_host == self.learner_host or (
+            is_loopback(self.selector_host) and is_loopback(self.learner_host)
+        )
+        for i, a in enumerate(PORT_KEYS):
+            for b in PORT_KEYS[i + 1 :]:
+                apart = not same_machine and (a in _SELECTOR_PORTS) != (b in _SELECTOR_PORTS)
+                port = getattr(self, a)
+                if port and port == getattr(self, b) and not apart:
+                    raise ValueError(
+                        f"net.{a} and net.{b} are both {port}: two links cannot share a port; give each "
+                        "its own (under `podsrl run` on one machine, leave them unset to get free ones)"
+                    )
+        return self
 
 
 class WeightsConfig(Section):

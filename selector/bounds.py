@@ -4,7 +4,12 @@ The codec proves a message is well formed (:meth:`ScoredGroup.check`: types, sha
 a printable server id). A well-formed group can still be hostile or absurd for *this* run; ``Bounds``
 rejects, with a reason that becomes the counter ``rejected/<reason>``:
 
-- ``version_future``: a version the learner has not announced (it would train with negative staleness);
+- ``version_future``: a version the learner has not announced (it would train with negative staleness).
+  A rollout server may hear of version ``V+1`` before the selector does (the announcement reaches both
+  over their own links), so a group of exactly the next version is held, not rejected (``Early``: a few
+  per server, at most ``EARLY_WAIT_S``) and admitted once the announcement arrives; one further ahead,
+  or one still unannounced after the wait, is rejected. A work request of the next version is answered
+  once its announcement has arrived (``selector/pacing.py``).
   ``version_discarded``: a version below the announced floor (weights a restarted learner discarded).
 - ``token_id``: a prompt or completion token id outside ``0..vocab_size-1`` (once the learner has
   announced the vocabulary size; the learner checks again before training).
@@ -27,6 +32,7 @@ share the id. A restart is never told: its killed predecessor never speaks again
 
 from __future__ import annotations
 
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,9 +64,10 @@ class Bounds:
                 f"restarted and discarded versions below {self.floor}",
             )
 
-    def check(self, g: ScoredGroup) -> None:
-        """Raise ProtocolError(reason) if ``g`` breaks this run's bounds."""
-        self.check_version(g.version, g.server_id)
+    def check(self, g: ScoredGroup, ahead: int = 0) -> None:
+        """Raise ProtocolError(reason) if ``g`` breaks this run's bounds (its version may be up to ``ahead``
+        beyond the newest announcement)."""
+        self.check_version(g.version, g.server_id, ahead=ahead)
         if g.task != self.cfg.task.name:
             raise ProtocolError(
                 "task", f"group of task {g.task[:64]!r} from {g.server_id}, this run trains {self.cfg.task.name!r}"
@@ -106,6 +113,58 @@ class Bounds:
                 f"reward {float(np.abs(g.rewards).max()):.4g} from {g.server_id} outside "
                 f"+-selector.max_abs_reward={cap:g}",
             )
+
+
+EARLY_WAIT_S = 1.0  # an honest announcement trails a rollout server's by milliseconds
+EARLY_PER_SERVER = 4  # a server generates one version's groups in a few bursts; a hostile one fills only its own
+
+
+@dataclass
+class Early:
+    """Groups of the version after the newest announced one, held until its announcement arrives.
+
+    Bounded: at most ``per_server`` per server id (the peer table is bounded too), each for at most
+    ``wait_s``. :meth:`release` returns those now announced, and raises nothing: those whose wait ran
+    out come back separately, to be rejected as ``version_future``."""
+
+    wait_s: float = EARLY_WAIT_S
+    per_server: int = EARLY_PER_SERVER
+    held: deque[tuple[float, ScoredGroup]] = field(default_factory=deque)  # (deadline, group), oldest first
+    per_id: Counter[str] = field(default_factory=Counter)
+
+    def hold(self, g: ScoredGroup, now: float) -> None:
+        """Hold ``g``; raise ``version_future`` when its server already has ``per_server`` groups waiting."""
+        if self.per_id[g.server_id] >= self.per_server:
+            raise ProtocolError(
+                "version_future",
+                f"group of version {g.version} from {g.server_id}: {self.per_server} of its groups "
+                "already wait for that version's announcement",
+            )
+        self.per_id[g.server_id] += 1
+        self.held.append((now + self.wait_s, g))
+
+    def release(self, version: int, now: float) -> tuple[list[ScoredGroup], list[ScoredGroup]]:
+        """``(groups of a version <= version, groups whose wait ran out)``, both removed; arrival order."""
+        ready: list[ScoredGroup] = []
+        expired: list[ScoredGroup] = []
+        kept: deque[tuple[float, ScoredGroup]] = deque()
+        for deadline, g in self.held:
+            out = ready if g.version <= version else expired if now >= deadline else None
+            if out is None:
+                kept.append((deadline, g))
+                continue
+            out.append(g)
+            self.per_id[g.server_id] -= 1
+            if not self.per_id[g.server_id]:
+                del self.per_id[g.server_id]
+        self.held = kept
+        return ready, expired
+
+    def next_deadline(self) -> float | None:
+        return self.held[0][0] if self.held else None
+
+    def __len__(self) -> int:
+        return len(self.held)
 
 
 @dataclass

@@ -16,7 +16,8 @@ messages are rejected, counted and logged, never fatal.
 Trust (docs/RELIABILITY.md): the learner's announcements alone move the selector's version; groups
 are read only once one has arrived, a batch request for a version not yet announced waits for it, and
 every group passes ``selector/bounds.py`` (the run's bounds and the group's identity: nothing is trained
-twice). With authentication, a rollout server speaks only as the id its key was made for
+twice; a group of the next version, which its server heard of first, waits up to a second for the
+announcement). With authentication, a rollout server speaks only as the id its key was made for
 (``rejected/id_mismatch``). A process refused for good (its key's id is another, or another live
 process holds its id) is answered a ``Refusal`` and stops, naming the fix. Rejections are counted
 per reason and logged at most once per reason every 10 s. The peer table is bounded
@@ -54,7 +55,7 @@ from protocol.messages import (
 from protocol.metrics import Monitor, RateLimitedLog
 from protocol.sockets import MIB, announce_subscriber, batch_server, close, group_receiver, recv, recv_named, send
 from selector.batch import KeptGroup, build_batch
-from selector.bounds import Bounds, Identities
+from selector.bounds import Bounds, Early, Identities
 from selector.buffer import Buffer, Tally
 from selector.pacing import Pacer
 
@@ -92,6 +93,7 @@ class Selector:
         self.pacer = Pacer(self.cfg, self.tally)  # work grants (selector/pacing.py)
         self.pending: tuple[list[bytes], BatchRequest] | None = None
         self.bounds = Bounds(self.cfg)  # the newest announced version, its floor and the vocabulary size
+        self.early = Early()  # groups of the next version, waiting for its announcement
         self.heard_learner = False  # groups are read only once the learner's version is known
         self.heard_at = 0.0  # when the last announcement arrived
         # a new process may take a server id over once the old one has missed about three heartbeats
@@ -168,6 +170,8 @@ class Selector:
             peer.version, peer.state = msg.version, msg.state
         elif isinstance(msg, ScoredGroup):
             peer.version, peer.groups = msg.version, peer.groups + 1
+            if msg.version > self.bounds.version:  # held by admit until its announcement arrives
+                return None
         elif isinstance(msg, WorkRequest):
             self.on_work_request(route, msg, now)
         return msg
@@ -219,7 +223,27 @@ class Selector:
             self.count("identity/gaps", self.identities.gaps - gaps)
         if msg.version > self.bounds.version:  # the announcement may be waiting on the other socket
             self.drain_announcements()
-        self.bounds.check(msg)
+        # one ahead: the server may have read an announcement still on its way here (Bounds: Early)
+        self.bounds.check(msg, ahead=1)
+        if msg.version > self.bounds.version:
+            self.early.hold(msg, now)
+
+    def release_early(self) -> None:
+        """Admit the held groups whose version is now announced; reject those that waited in vain."""
+        ready, expired = self.early.release(self.version, time.monotonic())
+        for g in expired:
+            detail = f"group of version {g.version} from {g.server_id}: not announced within {self.early.wait_s:g} s"
+            self.reject("groups", ProtocolError("version_future", detail))
+        admitted: list[ScoredGroup] = []
+        for g in ready:
+            try:  # a learner restart meanwhile may have discarded its version
+                self.bounds.check_version(g.version, g.server_id)
+            except ProtocolError as e:
+                self.reject("groups", e)
+                continue
+            admitted.append(g)
+        if admitted:
+            self.on_groups(admitted)
 
     def forget_dead(self, now: float, grace_s: float) -> None:
         """Drop peers dead for ``grace_s`` beyond the timeout: the tables stay bounded."""
@@ -435,6 +459,8 @@ class Selector:
             self.read_burst(silent)
         if self.batches in events:
             self.on_request()
+        if self.early:
+            self.release_early()
         self.try_serve()
         if self.pacer.queue:
             self.send_grants()

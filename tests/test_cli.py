@@ -42,6 +42,12 @@ def test_invalid_config_exits_2_naming_the_key_and_the_reference():
     assert "learner.bogus" in res.stderr and "docs/CONFIG.md" in res.stderr
 
 
+def test_config_rejects_two_links_on_one_port():
+    res = podsrl("config", "net.group_port=6000", "net.announce_port=6000")
+    assert res.returncode == 2, res.stdout
+    assert "net.group_port and net.announce_port are both 6000" in res.stderr and "own" in res.stderr
+
+
 def test_config_prints_resolved_toml():
     res = podsrl("config", "max_staleness=0", "learner.loss.type=m2po")
     assert res.returncode == 0 and "max_staleness = 0" in res.stdout and 'type = "m2po"' in res.stdout

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from protocol.config import BUILTIN_TASKS, Config, TaskConfig
-from rollout_server.tasks.data import RowSource, TaskError, alphabet_of
-from rollout_server.tasks.render import render, stop_ids, tokenize
+from rollout_server.tasks.data import RowSource, TaskError, alphabet_of, numbered_rows
+from rollout_server.tasks.render import prompt_lengths, render, stop_ids, tokenize
 from rollout_server.tasks.rewards import RewardScores, RewardWorker, check_signature, load_reward
 
 __all__ = ["Prompt", "RewardScores", "Task", "TaskError", "alphabet_of", "task_name", "try_rewards", "validate_task"]
@@ -113,25 +113,35 @@ def _split(
 
 def validate_task(cfg: Config, tokenizer: Any | None = None, trial: bool = False) -> str:
     """Every check that needs no process: rows, template, reward functions (and, given the model's
-    tokenizer, prompt rendering); with ``trial``, also :func:`try_rewards` (which may start the reward
-    worker). Returns a one-paragraph summary; raises TaskError with the fix."""
+    tokenizer, every prompt rendered and tokenized as a rollout server does, against
+    ``task.max_prompt_tokens``); with ``trial``, also :func:`try_rewards` (which may start the reward
+    worker). Returns a one-paragraph summary; raises TaskError with the fix. Rows are named as the user
+    counts them (``line 7`` of a JSONL file, 1-based)."""
     tc = cfg.task
     source = RowSource(tc, seed=0, run_seed=cfg.run.seed, eval_rows=cfg.eval.prompts)
-    rows = source.rows or [source.next_row() for _ in range(TRIAL_ROWS)]
-    columns = set().union(*(r.keys() for r in rows)) - {tc.prompt_field}
-    for i, row in enumerate(rows):
-        if tc.template and not isinstance(row[tc.prompt_field], list):
-            try:
-                tc.template.format_map(row)
-            except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
-                raise TaskError(
-                    f"task.template={tc.template!r} cannot be filled from row {i} "
-                    f"({type(e).__name__}: {e}); its columns are {sorted(row)[:10]}"
-                ) from None
+    files: list[tuple[str, list[dict[str, Any]], list[str]]]  # (what, rows, where each row is)
+    if tc.type in BUILTIN_TASKS:
+        generated = [source.next_row(), *source.eval_rows]
+        files = [(f"task.type={tc.type!r}", generated, [f"generated row {i}" for i in range(1, len(generated) + 1)])]
+    else:
+        paths = [(tc.dataset, "task.dataset")] + ([(tc.eval_dataset, "task.eval_dataset")] if tc.eval_dataset else [])
+        files = [(f"{key}={path!r}", *numbered_rows(path, tc.prompt_field, key)) for path, key in paths]
+    columns = set().union(*(r.keys() for _, rows, _ in files for r in rows)) - {tc.prompt_field}
+    for name, rows, where in files:
+        for row, at in zip(rows, where, strict=True):
+            if tc.template and not isinstance(row[tc.prompt_field], list):
+                try:
+                    tc.template.format_map(row)
+                except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+                    raise TaskError(
+                        f"task.template={tc.template!r} cannot be filled from {name} {at} "
+                        f"({type(e).__name__}: {e}); its columns are {sorted(row)[:10]}"
+                    ) from None
     for spec in tc.rewards:
         check_signature(spec, load_reward(spec), columns)
     if tokenizer is not None:
-        render(rows[0], tc, tokenizer)
+        for name, rows, where in files:
+            check_prompt_lengths(name, rows, where, tc, tokenizer)
     what = (
         f"{tc.type} (length {tc.length}, {tc.symbols} symbols)"
         if tc.type in BUILTIN_TASKS
@@ -139,7 +149,8 @@ def validate_task(cfg: Config, tokenizer: Any | None = None, trial: bool = False
         f"columns {sorted(columns)}"
     )
     rewards = ", ".join(f"{s} x{w:g}" for s, w in zip(tc.rewards, tc.weights, strict=True))
-    tried = f"; {try_rewards(cfg, rows[:TRIAL_ROWS], tokenizer)}" if trial else ""
+    trial_rows = source.rows[:TRIAL_ROWS] or [source.next_row() for _ in range(TRIAL_ROWS)]
+    tried = f"; {try_rewards(cfg, trial_rows, tokenizer)}" if trial else ""
     return f"task {what}; rewards {rewards}{tried}"
 
 
@@ -174,3 +185,20 @@ def try_rewards(cfg: Config, rows: list[dict[str, Any]], tokenizer: Any | None =
     means = ", ".join(f"{k} {v:.3g}" for k, v in scores.per_function.items()) or "none scored"
     other = "".join(f"; {k}: {v} (it scores 0 when it does)" for k, v in scores.failures.items())
     return f"rewards on {len(rows)} trial rows: {means}{other}"
+
+
+def check_prompt_lengths(
+    name: str, rows: list[dict[str, Any]], where: list[str], tc: TaskConfig, tokenizer: Any
+) -> None:
+    """Raise TaskError naming the rows whose prompt has more than ``task.max_prompt_tokens`` tokens. A
+    rollout server would skip each one, but only after rendering and tokenizing it: a 5 MB prompt cost
+    one 1.3 GB (issue 19)."""
+    limit = tc.max_prompt_tokens
+    long = [(at, n) for at, n in zip(where, prompt_lengths(rows, tc, tokenizer), strict=True) if n > limit]
+    if long:
+        shown = ", ".join(f"{at} ({n} tokens)" for at, n in long[:5])
+        raise TaskError(
+            f"{name}: {len(long)} of {len(rows)} prompts are longer than task.max_prompt_tokens={limit} "
+            f"once rendered and tokenized as a rollout server does: {shown}{', ...' if len(long) > 5 else ''}. "
+            "Raise task.max_prompt_tokens, or filter those rows out of the dataset"
+        )

@@ -26,7 +26,14 @@ class TaskError(ValueError):
 
 def load_rows(path: str, prompt_field: str, key: str = "task.dataset") -> list[dict[str, Any]]:
     """Every row of a JSONL / Parquet file or a ``datasets`` directory, each checked for its prompt."""
+    return numbered_rows(path, prompt_field, key)[0]
+
+
+def numbered_rows(path: str, prompt_field: str, key: str = "task.dataset") -> tuple[list[dict[str, Any]], list[str]]:
+    """:func:`load_rows`, and where each row is, as the user counts: ``"line 7"`` of a JSONL file (blank
+    lines count), ``"row 7"`` of Parquet or a ``datasets`` directory; 1-based everywhere."""
     p = Path(path)
+    lines: list[int] | None = None
     if not p.exists():
         raise TaskError(
             f"{key}={path!r} does not exist (relative paths are from {Path.cwd()}); give a local "
@@ -36,7 +43,7 @@ def load_rows(path: str, prompt_field: str, key: str = "task.dataset") -> list[d
         rows = _load_datasets_dir(p, key)
     elif p.suffix in (".jsonl", ".json"):
         try:
-            rows = _load_jsonl(p, key)
+            rows, lines = _load_jsonl(p, key)
         except UnicodeDecodeError as e:
             raise TaskError(f"{key}={path!r} is not UTF-8 text ({e})") from None
     elif p.suffix == ".parquet":
@@ -52,13 +59,15 @@ def load_rows(path: str, prompt_field: str, key: str = "task.dataset") -> list[d
         raise TaskError(f"{key}={path!r}: unknown format {p.suffix!r}; use .jsonl, .parquet or a datasets directory")
     if not rows:
         raise TaskError(f"{key}={path!r} has no rows")
-    for i, row in enumerate(rows):
-        check_prompt(row, prompt_field, f"{key}={path!r} row {i}")
-    return rows
+    where = [f"line {n}" for n in lines] if lines is not None else [f"row {i}" for i in range(1, len(rows) + 1)]
+    for row, at in zip(rows, where, strict=True):
+        check_prompt(row, prompt_field, f"{key}={path!r} {at}")
+    return rows, where
 
 
-def _load_jsonl(p: Path, key: str) -> list[dict[str, Any]]:
-    rows = []
+def _load_jsonl(p: Path, key: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """The rows of a JSONL file and their 1-based line numbers (blank lines are skipped, and counted)."""
+    rows, lines = [], []
     with p.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -70,7 +79,8 @@ def _load_jsonl(p: Path, key: str) -> list[dict[str, Any]]:
             if not isinstance(row, dict):
                 raise TaskError(f"{key}={str(p)!r} line {lineno} is not a JSON object")
             rows.append(row)
-    return rows
+            lines.append(lineno)
+    return rows, lines
 
 
 def _load_datasets_dir(p: Path, key: str) -> list[dict[str, Any]]:

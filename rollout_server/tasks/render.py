@@ -10,6 +10,7 @@ stay the training truth (DESIGN.md: never re-tokenized).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,25 @@ def tokenize(text: str, chat: bool, tokenizer: Any) -> np.ndarray:
     """Token ids of a rendered prompt (int32). A chat-rendered prompt already holds its special tokens."""
     ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
     return np.asarray(ids, dtype=np.int32)
+
+
+def prompt_lengths(rows: Sequence[dict[str, Any]], cfg: TaskConfig, tokenizer: Any, batch: int = 256) -> list[int]:
+    """The token count of each row's prompt, built as a rollout server builds it (:func:`render`, then
+    :func:`tokenize`), tokenized a batch at a time: a fast tokenizer encodes a batch in parallel, 3x
+    faster than row by row at 256 (1 and 4096 were slower; docs/TASKS.md has the measurement)."""
+    counts: list[int] = []
+    for start in range(0, len(rows), batch):
+        rendered = [render(row, cfg, tokenizer) for row in rows[start : start + batch]]
+        part = [0] * len(rendered)
+        for chat in (False, True):
+            at = [i for i, (_, c) in enumerate(rendered) if c == chat]
+            if at:
+                texts = [rendered[i][0] for i in at]
+                ids = tokenizer(texts, add_special_tokens=not chat, return_attention_mask=False)["input_ids"]
+                for i, one in zip(at, ids, strict=True):
+                    part[i] = len(one)
+        counts += part
+    return counts
 
 
 def stop_ids(tokenizer: Any, model_config: dict[str, Any]) -> tuple[int, ...]:

@@ -123,13 +123,26 @@ def test_missing_dataset(model_dir: Path, tmp_path: Path) -> None:
 def test_row_without_the_prompt_field_is_named(model_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a="}\n{"prompt": "b="}\n{"question": "c="}\n')
-    with pytest.raises(PreflightError, match=r"row 2 has no 'prompt' column.*task.prompt_field"):
+    with pytest.raises(PreflightError, match=r"line 3 has no 'prompt' column.*task.prompt_field"):
         check(model_dir, path)
 
 
 def test_template_naming_a_missing_column(model_dir: Path, data: Path) -> None:
-    with pytest.raises(PreflightError, match=r"task.template='\{prompt\} \{context\}' cannot be filled from row 0"):
+    with pytest.raises(
+        PreflightError, match=r"task.template='\{prompt\} \{context\}' cannot be filled from task.dataset=.* line 1"
+    ):
         check(model_dir, data, 'task.template="{prompt} {context}"')
+
+
+def test_a_prompt_too_long_for_task_max_prompt_tokens_is_named_by_its_line(model_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    long = json.dumps({"prompt": "ab" * 5000 + "=", "answer": "a"})
+    path.write_text('{"prompt": "a=", "answer": "a"}\n\n' + long + '\n{"prompt": "b=", "answer": "b"}\n')
+    with pytest.raises(
+        PreflightError, match=r"1 of 3 prompts are longer than task.max_prompt_tokens=1024 .* line 3 \("
+    ):
+        check(model_dir, path)
+    assert "3 training rows" in check(model_dir, path, "task.max_prompt_tokens=20000")
 
 
 def test_model_dir_without_tokenizer(model_dir: Path, data: Path, tmp_path: Path) -> None:

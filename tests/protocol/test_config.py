@@ -230,6 +230,37 @@ def test_other_cross_checks() -> None:
         load_config(overrides=["model.init=pretrained"])
 
 
+@pytest.mark.parametrize(
+    ("overrides", "keys"),
+    [
+        (["net.batch_port=5555"], ("net.group_port", "net.batch_port")),
+        (["net.weights_port=5557"], ("net.announce_port", "net.weights_port")),
+        (["net.announce_port=5556"], ("net.batch_port", "net.announce_port")),
+        (
+            ["net.group_port=7000", "net.weights_port=7000", "net.learner_host=localhost"],
+            ("net.group_port", "net.weights_port"),
+        ),
+    ],
+)
+def test_two_links_on_one_port_are_rejected_naming_both_keys(overrides: list[str], keys: tuple[str, str]) -> None:
+    with pytest.raises(ValueError, match=f"{keys[0]} and {keys[1]} are both") as info:
+        load_config(overrides=overrides)
+    assert "docs/CONFIG.md" in str(info.value)
+
+
+def test_selector_and_learner_on_two_machines_may_use_the_same_port_numbers() -> None:
+    apart = [
+        "net.selector_host=10.0.0.5",
+        "net.learner_host=10.0.0.6",
+        "net.announce_port=5555",
+        "net.weights_port=5556",
+    ]
+    net = load_config(overrides=apart).net
+    assert (net.group_port, net.batch_port) == (net.announce_port, net.weights_port)
+    with pytest.raises(ValueError, match="net.group_port and net.batch_port are both 5555"):  # one machine still
+        load_config(overrides=[*apart, "net.batch_port=5555"])
+
+
 @pytest.mark.parametrize("override", ["max_staleness", "learner.lr", "=3", ""])
 def test_override_without_equals(override: str) -> None:
     with pytest.raises(ValueError, match="key=value"):

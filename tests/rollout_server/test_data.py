@@ -89,9 +89,10 @@ def test_the_key_named_in_errors_is_the_one_given(tmp_path):
         load_rows(str(tmp_path / "nope.jsonl"), "prompt", "task.eval_dataset")
 
 
-def test_row_without_the_prompt_column_names_its_index_and_the_key(tmp_path):
-    p = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a"}, {"prompt": "b"}, {"question": "c", "answer": "1"}])
-    with pytest.raises(TaskError, match=r"row 2 has no 'prompt' column") as e:
+def test_row_without_the_prompt_column_names_its_line_and_the_key(tmp_path):
+    p = tmp_path / "d.jsonl"  # the blank line counts: line numbers are the editor's, 1-based
+    p.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"question": "c", "answer": "1"}\n', encoding="utf-8")
+    with pytest.raises(TaskError, match=r"line 4 has no 'prompt' column") as e:
         load_rows(str(p), "prompt")
     assert "task.prompt_field" in str(e.value) and "question" in str(e.value)
     assert load_rows(str(p), "question") if False else True  # noqa: SIM210 (the field is configurable, below)
@@ -121,7 +122,7 @@ def test_prompt_as_chat_messages_is_accepted(tmp_path):
 )
 def test_malformed_prompts_are_rejected(tmp_path, prompt):
     p = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "fine"}, {"prompt": prompt}])
-    with pytest.raises(TaskError, match=r"row 1: 'prompt' must be a string .* or a list of chat messages"):
+    with pytest.raises(TaskError, match=r"line 2: 'prompt' must be a string .* or a list of chat messages"):
         load_rows(str(p), "prompt")
 
 
@@ -144,7 +145,7 @@ def test_parquet_round_trip(tmp_path):
     assert load_rows(str(tmp_path / "s.parquet"), "prompt") == rows[:1]
     assert load_rows(str(tmp_path / "c.parquet"), "prompt") == rows[1:]
     pq.write_table(pa.Table.from_pylist([{"question": "a"}]), tmp_path / "bad.parquet")
-    with pytest.raises(TaskError, match=r"row 0 has no 'prompt' column"):
+    with pytest.raises(TaskError, match=r"row 1 has no 'prompt' column"):  # Parquet rows count from 1 too
         load_rows(str(tmp_path / "bad.parquet"), "prompt")
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from protocol.config import Config, TaskConfig, load_config
 from rollout_server.tasks import Prompt, Task, TaskError, task_name, validate_task
-from rollout_server.tasks.render import render, stop_ids, tokenize
+from rollout_server.tasks.render import prompt_lengths, render, stop_ids, tokenize
 
 ALPHABET = string.ascii_letters + string.digits + " :=?!+.,#{}()\n"
 
@@ -323,7 +323,7 @@ def test_validate_task_names_the_row_a_template_cannot_fill(tmp_path):
     cfg = dataset_config(write_jsonl(tmp_path / "d.jsonl", rows), "task.template={prompt} ({hint})")
     with pytest.raises(
         TaskError,
-        match=r"task\.template='\{prompt\} \(\{hint\}\)' cannot be filled from row 1 "
+        match=r"task\.template='\{prompt\} \(\{hint\}\)' cannot be filled from task\.dataset=.* line 2 "
         r"\(KeyError: 'hint'\)",
     ):
         validate_task(cfg)
@@ -332,7 +332,7 @@ def test_validate_task_names_the_row_a_template_cannot_fill(tmp_path):
 @pytest.mark.parametrize("template", ["{prompt.size}", "{answer[0]}"])
 def test_validate_task_turns_any_template_error_into_task_error(tmp_path, template):
     cfg = dataset_config(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "answer": 1}]), f"task.template={template}")
-    with pytest.raises(TaskError, match=r"cannot be filled from row 0 \((AttributeError|TypeError)"):
+    with pytest.raises(TaskError, match=r"cannot be filled from .* line 1 \((AttributeError|TypeError)"):
         validate_task(cfg)
 
 
@@ -354,3 +354,41 @@ def test_validate_task_renders_with_the_tokenizer(tmp_path, plain_tokenizer):
     assert "1 training rows" in validate_task(cfg)  # no tokenizer: rendering is not checked
     with pytest.raises(TaskError, match="no chat template"):
         validate_task(cfg, plain_tokenizer)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_prompt_lengths_are_the_lengths_a_rollout_server_tokenizes(tmp_path, tokenizer, tasks, no_reward_process, chat):
+    messages = [
+        {"role": "user", "content": "1+1=?"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "ok?"},
+    ]
+    rows = [*sums(5), {"prompt": messages, "answer": "x"}, {"prompt": "", "answer": ""}]
+    cfg = dataset_config(write_jsonl(tmp_path / "d.jsonl", rows), f"task.chat_template={str(chat).lower()}")
+    task = Task(cfg, tokenizer, {}, seed=0)
+    tasks.append(task)
+    expected = [tokenize(*render(r, cfg.task, tokenizer), tokenizer).shape[0] for r in rows]
+    assert prompt_lengths(rows, cfg.task, tokenizer, batch=3) == expected  # batches split a mix of chat and plain
+    assert [task.prompt(r) is None for r in rows] == [n > cfg.task.max_prompt_tokens or n == 0 for n in expected]
+
+
+def test_validate_task_names_the_prompts_too_long_for_task_max_prompt_tokens(tmp_path, tokenizer):
+    rows = [*sums(3), {"prompt": "x" * 40, "answer": "0"}, *sums(2), {"prompt": "y" * 50, "answer": "0"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    limit = max(
+        tokenize(*render(r, TaskConfig(dataset=str(path), reward="exact_match"), tokenizer), tokenizer).shape[0]
+        for r in sums(5)
+    )
+    cfg = dataset_config(path, f"task.max_prompt_tokens={limit}")
+    with pytest.raises(TaskError) as info:
+        validate_task(cfg, tokenizer)
+    msg = str(info.value)
+    x, y = (tokenize(c * n, False, tokenizer).shape[0] for c, n in (("x", 40), ("y", 50)))
+    assert f"task.dataset={str(path)!r}: 2 of 7 prompts are longer than task.max_prompt_tokens={limit}" in msg
+    assert f"line 4 ({x} tokens), line 7 ({y} tokens)." in msg  # 1-based line numbers, as an editor shows them
+    assert "Raise task.max_prompt_tokens, or filter those rows out of the dataset" in msg
+    assert "7 training rows" in validate_task(dataset_config(path, f"task.max_prompt_tokens={y}"), tokenizer)
+    assert "7 training rows" in validate_task(cfg)  # no tokenizer: lengths are not checked
+    many = write_jsonl(tmp_path / "many.jsonl", [{"prompt": "x" * 40, "answer": "0"}] * 8)
+    with pytest.raises(TaskError, match=r"8 of 8 prompts .* line 1 .* line 5 \(\d+ tokens\), \.\.\.\. Raise"):
+        validate_task(dataset_config(many, f"task.max_prompt_tokens={limit}"), tokenizer)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from protocol.config import load_config
 from protocol.messages import ProtocolError, ScoredGroup
-from selector.bounds import Bounds, Identities
+from selector.bounds import Bounds, Early, Identities
 
 CFG = load_config(None, ["rollout.group_size=4", "task.max_prompt_tokens=8", "rollout.max_new_tokens=5"])
 VOCAB = 17
@@ -218,3 +218,20 @@ def test_grow_n_admits_group_sizes_up_to_its_cap_only():
             )
     with pytest.raises(ValueError, match="max_group_size"):
         load_config(None, ["rollout.group_size=4", "rollout.max_group_size=3"])
+
+
+def test_early_groups_are_released_once_announced_rejected_after_the_wait_and_bounded_per_server():
+    early = Early(wait_s=1.0, per_server=2)
+    first, second, other = group(version=6, group_id=0), group(version=6, group_id=1), group(version=7, server_id="s-1")
+    early.hold(first, now=0.0)
+    early.hold(second, now=0.5)
+    with pytest.raises(ProtocolError) as info:  # a third of s-0's: the hold is bounded per server
+        early.hold(group(version=6, group_id=2), now=0.5)
+    assert info.value.reason == "version_future"
+    early.hold(other, now=0.5)
+    assert early.release(5, now=0.9) == ([], []) and len(early) == 3  # nothing announced, nothing expired
+    assert early.release(6, now=0.9) == ([first, second], [])  # version 6 announced: both of s-0's go in
+    third = group(version=6, group_id=3)
+    early.hold(third, now=0.9)  # s-0 has room again
+    assert early.release(6, now=1.5) == ([third], [other])  # version 7 was never announced
+    assert len(early) == 0 and not early.per_id

@@ -305,3 +305,42 @@ def test_a_key_speaks_only_as_its_own_id_and_a_taken_id_is_told(
     assert proc.wait(timeout=20) == 0
     totals = read_metrics(run_dir / "metrics" / "selector.jsonl")[-1]
     assert totals["total/rejected/id_mismatch"] == 4 and totals["total/rejected/server_id_in_use"] >= 2
+
+
+def test_a_group_of_the_next_version_waits_for_its_announcement_a_far_future_one_is_rejected(
+    spawn, run_dir, net_overrides
+):
+    """A rollout server may hear of version V+1 before the selector does (issue 19: 8 of 5,164 honest
+    groups were rejected): its group is held until the announcement arrives, then trained. A version
+    further ahead is still rejected at once."""
+    overrides = [
+        f"run.dir={run_dir}",
+        "rollout.group_size=8",
+        "selector.keep=4",
+        "learner.groups_per_step=1",
+        "rollout.pacing=free",  # a work request is answered at once: the test knows what was read before it
+        *net_overrides,
+    ]
+    cfg = load_config(None, overrides)
+    proc = spawn("selector.server", *overrides, log=run_dir.parent / "selector.log")
+    ctx = zmq.Context()
+    push, dealer, pub = group_sender(ctx, cfg.net), batch_client(ctx, cfg.net), announce_publisher(ctx, cfg.net)
+    rewards = [1, 0, 0, 0, 1, 0, 0, 1]
+    try:
+        send(push, group(0, rewards, gid=0))
+        send(dealer, BatchRequest(request_id=1, version=0, num_groups=1))
+        assert reply(dealer, pub, 0).versions.tolist() == [0] * 4  # the selector is at version 0
+        send(push, group(3, rewards, gid=1))  # far future: rejected
+        send(push, group(1, rewards, gid=2))  # the next version, not announced yet: held
+        send(push, WorkRequest(server_id="t-0", session=1, request_id=0, version=0, prompts=4))
+        assert push.poll(TIMEOUT_MS)  # its grant: the selector has read both groups
+        assert recv(push, WorkGrant)[1].request_id == 0
+        send(dealer, BatchRequest(request_id=2, version=1, num_groups=1))
+        batch = reply(dealer, pub, 1)  # the announcement of version 1 releases the held group
+        assert batch.request_id == 2 and batch.versions.tolist() == [1] * 4
+        assert batch.stats["rejected/version_future"] == 1
+        assert not {k for k in batch.stats if k.startswith("rejected/")} - {"rejected/version_future"}
+        assert proc.poll() is None
+    finally:
+        close(push, dealer, pub)
+        ctx.term()
