@@ -53,12 +53,13 @@ log = logging.getLogger("podsrl.learner")
 class BatchSource:
     """Rank 0's side of the batches link: one request per step, repeated every ``RESEND_S`` until
     answered, so a restarted selector hears it within a second of coming back (the selector keeps
-    one pending request; a repeat replaces it)."""
+    one pending request; a repeat replaces it). Each request carries ``session``, the one the learner's
+    publisher announces: the selector serves no other (``selector/requests.py``)."""
 
     RESEND_S = 1.0
 
-    def __init__(self, ctx: zmq.Context, cfg: Config, vocab_size: int) -> None:
-        self.cfg, self.vocab_size = cfg, vocab_size
+    def __init__(self, ctx: zmq.Context, cfg: Config, vocab_size: int, session: int) -> None:
+        self.cfg, self.vocab_size, self.session = cfg, vocab_size, session
         self.sock = batch_client(ctx, cfg.net, load_auth(cfg.net, "learner"))
         self.request_id = 0
         self.rejected = 0
@@ -69,7 +70,12 @@ class BatchSource:
         called about every 0.1 s of waiting (the training thread's chance to re-pack a version)."""
         t0 = time.monotonic()
         self.request_id += 1
-        request = BatchRequest(request_id=self.request_id, version=version, num_groups=self.cfg.learner.groups_per_step)
+        request = BatchRequest(
+            request_id=self.request_id,
+            version=version,
+            num_groups=self.cfg.learner.groups_per_step,
+            session=self.session,
+        )
         next_log = t0 + self.cfg.learner.batch_timeout_s
         while True:
             send(self.sock, request)
@@ -245,7 +251,7 @@ class Lead:
         )
         cleanup.callback(self.publisher.close)
         self.publish(run)
-        self.source = BatchSource(ctx, cfg, run.vocab_size)
+        self.source = BatchSource(ctx, cfg, run.vocab_size, self.publisher.session)
         cleanup.callback(close, self.source.sock)
         self.monitor = Monitor(cfg.run.dir, "learner")
         cleanup.callback(self.monitor.close)

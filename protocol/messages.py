@@ -203,17 +203,24 @@ class ScoredGroup(Message):
 
 @dataclass(frozen=True)
 class BatchRequest(Message):
-    """The learner (rank 0) asks the selector for the batch that makes version ``version + 1``."""
+    """The learner (rank 0) asks the selector for the batch that makes version ``version + 1``.
+
+    ``session`` is the session the learner announces (``WeightsAnnouncement.session``): the selector
+    serves only requests from the announced learner, so a third process that does not know it gets no
+    batch (docs/RELIABILITY.md, "Batch requests")."""
 
     TYPE: ClassVar[str] = "batch_request"
     request_id: int
     version: int
     num_groups: int
+    session: int = 0  # the learner's announced session
 
     def check(self) -> None:
         _check_version("version", self.version)
         if not 0 < self.num_groups <= 1 << 16:
             raise _invariant(f"num_groups must be in 1..65536, got {self.num_groups}")
+        if not 0 <= self.session <= MAX_SESSION:
+            raise _invariant("session must be a non-negative 63-bit integer")
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,11 @@ are read only once one has arrived, a batch request for a version not yet announ
 every group passes ``selector/bounds.py`` (the run's bounds and the group's identity: nothing is trained
 twice; a group of the next version, which its server heard of first, waits up to a second for the
 announcement). With authentication, a rollout server speaks only as the id its key was made for
-(``rejected/id_mismatch``). A process refused for good (its key's id is another, or another live
-process holds its id) is answered a ``Refusal`` and stops, naming the fix. Rejections are counted
-per reason and logged at most once per reason every 10 s. The peer table is bounded
-(``selector.max_peers``; dead peers are forgotten).
+(``rejected/id_mismatch``); a batch request is served only from the announced learner's session
+(``selector/requests.py``, ``rejected/batch_not_learner``). A process refused for good (its key's id
+is another, or another live process holds its id) is answered a ``Refusal`` and stops, naming the
+fix. Rejections are counted per reason and logged at most once per reason every 10 s. The peer table
+is bounded (``selector.max_peers``; dead peers are forgotten).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from selector.batch import KeptGroup, build_batch
 from selector.bounds import Bounds, Early, Identities
 from selector.buffer import Buffer, Tally
 from selector.pacing import Pacer
+from selector.requests import LearnerRequests
 
 log = logging.getLogger("podsrl.selector")
 GroupLinkMessage = Hello | Heartbeat | ScoredGroup | WorkRequest
@@ -92,6 +94,7 @@ class Selector:
         self.pool = Buffer(self.cfg, self.rng, self.tally)  # the buffer policy (selector/buffer.py)
         self.pacer = Pacer(self.cfg, self.tally)  # work grants (selector/pacing.py)
         self.pending: tuple[list[bytes], BatchRequest] | None = None
+        self.requests = LearnerRequests()  # only the announced learner's batch requests are served
         self.bounds = Bounds(self.cfg)  # the newest announced version, its floor and the vocabulary size
         self.early = Early()  # groups of the next version, waiting for its announcement
         self.heard_learner = False  # groups are read only once the learner's version is known
@@ -312,13 +315,33 @@ class Selector:
         except ProtocolError as e:
             self.reject("batches", e)
             return
-        # A request never moves the version: one for a version not yet announced waits for the
-        # announcement (try_serve), so a forged request cannot age every group out of the buffer.
+        if req.session != self.requests.session or req.version > self.bounds.version:
+            self.drain_announcements()  # a restarted learner's announcement may be waiting on the other socket
+        rejected = self.requests.rejected
+        mine = self.requests.arrive(route, req, time.monotonic())
+        self.count_not_learner(rejected)
+        if mine is not None:
+            self.set_pending(mine)
+
+    def set_pending(self, request: tuple[list[bytes], BatchRequest]) -> None:
+        """The learner's request, to serve. A request never moves the version: one for a version not yet
+        announced waits for the announcement (try_serve), so a forged request cannot age every group out
+        of the buffer."""
         if self.pending is None:
             self.pending_at = time.monotonic()
-        self.pending = (route, req)  # a re-sent request replaces the one it repeats
-        if req.version > self.bounds.version:
-            self.drain_announcements()
+        self.pending = request  # a re-sent request replaces the one it repeats
+
+    def count_not_learner(self, before: int) -> None:
+        """Count and log the batch requests dropped since ``self.requests.rejected`` was ``before``."""
+        if self.requests.rejected > before:
+            n = self.requests.rejected - before
+            self.count("rejected/batch_not_learner", n)
+            self.warn(
+                "batch_not_learner",
+                "rejected %d batch request(s) not from the learner's session %x",
+                n,
+                self.requests.session or 0,
+            )
 
     def drain_announcements(self) -> None:
         while self.sub.poll(0):
@@ -339,6 +362,12 @@ class Selector:
             )
         self.heard_learner = True
         self.heard_at = time.monotonic()
+        if msg.session != self.requests.session:
+            if self.pending is not None and self.pending[1].session != msg.session:
+                self.pending = None  # the previous learner's: it is gone
+            held = self.requests.heard(msg.session)
+            if held is not None:  # the new learner asked before its announcement arrived
+                self.set_pending(held)
         b = self.bounds
         b.version, b.vocab_size = max(b.version, msg.version), msg.vocab_size or b.vocab_size
         if msg.floor > b.floor:  # a restarted learner discarded the versions in [old floor, msg.floor)
@@ -458,9 +487,16 @@ class Selector:
         if self.groups in events:
             self.read_burst(silent)
         if self.batches in events:
-            self.on_request()
+            for _ in range(64):  # a burst: a flood of forged requests does not queue the learner's behind it
+                self.on_request()
+                if not self.batches.poll(0):
+                    break
         if self.early:
             self.release_early()
+        if self.requests.held:
+            rejected = self.requests.rejected
+            self.requests.expire(time.monotonic())
+            self.count_not_learner(rejected)
         self.try_serve()
         if self.pacer.queue:
             self.send_grants()

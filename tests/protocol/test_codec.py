@@ -91,7 +91,7 @@ def make_refusal() -> Refusal:
 
 
 def make_batch_request() -> BatchRequest:
-    return BatchRequest(request_id=17, version=12, num_groups=8)
+    return BatchRequest(request_id=17, version=12, num_groups=8, session=2**62 + 3)
 
 
 def make_train_batch() -> TrainBatch:
@@ -704,6 +704,8 @@ F32 = np.float32
         # BatchRequest
         pytest.param(invalid(make_batch_request, num_groups=0), id="request-zero-groups"),
         pytest.param(invalid(make_batch_request, version=-1), id="request-negative-version"),
+        pytest.param(invalid(make_batch_request, session=-1), id="request-negative-session"),
+        pytest.param(invalid(make_batch_request, session=2**63), id="request-session-beyond-63-bits"),
     ],
 )
 def test_invariant(frames: list[bytes]) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import zmq
+from helpers import line_matching, wait_for
 
 from protocol.auth import create_keys, load_auth
 from protocol.codec import encode
@@ -30,6 +31,7 @@ from protocol.metrics import read_metrics
 from protocol.sockets import MIB, announce_publisher, batch_client, close, group_sender, recv, send
 
 TIMEOUT_MS = 20_000
+LEARNER = 5  # the fake learner's session: its announcements and batch requests carry it
 
 
 def group(version: int, rewards: Sequence[float], server: str = "t-0", gid: int = 0) -> ScoredGroup:
@@ -50,15 +52,15 @@ def group(version: int, rewards: Sequence[float], server: str = "t-0", gid: int 
     )
 
 
-def announce(pub: zmq.Socket, version: int, floor: int = 0, vocab: int = 64) -> None:
-    send(pub, WeightsAnnouncement(version=version, final=False, floor=floor, vocab_size=vocab, session=5))
+def announce(pub: zmq.Socket, version: int, floor: int = 0, vocab: int = 64, session: int = LEARNER) -> None:
+    send(pub, WeightsAnnouncement(version=version, final=False, floor=floor, vocab_size=vocab, session=session))
 
 
-def reply(dealer: zmq.Socket, pub: zmq.Socket, version: int, floor: int = 0) -> TrainBatch:
+def reply(dealer: zmq.Socket, pub: zmq.Socket, version: int, floor: int = 0, session: int = LEARNER) -> TrainBatch:
     """The next batch, announcing ``version`` meanwhile as the learner does (a PUB drops what it sends
     before the selector's SUB has connected, so the announcement is repeated)."""
     for _ in range(TIMEOUT_MS // 100):
-        announce(pub, version, floor)
+        announce(pub, version, floor, session=session)
         if dealer.poll(100):
             return recv(dealer, TrainBatch)[1]
     raise AssertionError("selector stopped serving")
@@ -107,7 +109,7 @@ def test_selector_rejects_bad_input_counts_it_and_keeps_serving(spawn, run_dir, 
         send(push, group(0, [1, 1, 0, 0, 0.5, 0.5, 1, 0], gid=3))
 
         # Version 0: the first two fresh groups make the batch (FIFO).
-        send(dealer, BatchRequest(request_id=1, version=0, num_groups=2))
+        send(dealer, BatchRequest(request_id=1, version=0, num_groups=2, session=LEARNER))
         batch = reply(dealer, pub, 0)
         assert batch.request_id == 1 and batch.size == 8 and batch.servers == ["t-0"]
         assert batch.stats["rejected/malformed"] == 1
@@ -122,7 +124,7 @@ def test_selector_rejects_bad_input_counts_it_and_keeps_serving(spawn, run_dir, 
 
         # Version 2 with K=1: the leftover version-0 group is too stale, dropped and counted; the
         # request waits until fresh groups arrive.
-        send(dealer, BatchRequest(request_id=2, version=2, num_groups=2))
+        send(dealer, BatchRequest(request_id=2, version=2, num_groups=2, session=LEARNER))
         announce(pub, 2)
         assert not dealer.poll(300)
         send(push, group(1, [1, 0, 1, 0, 1, 0, 1, 0], gid=4))
@@ -162,8 +164,10 @@ def test_hostile_but_well_formed_input_is_rejected_counted_and_never_batched(spa
     rewards = [1, 0, 0, 0, 1, 0, 0, 1]
     try:
         # A forged request from the future must not move the selector's version.
-        send(dealer, BatchRequest(request_id=99, version=2**40, num_groups=2))
-        send(dealer, BatchRequest(request_id=1, version=3, num_groups=2))  # the real learner's, replaces it
+        send(dealer, BatchRequest(request_id=99, version=2**40, num_groups=2, session=LEARNER))
+        send(
+            dealer, BatchRequest(request_id=1, version=3, num_groups=2, session=LEARNER)
+        )  # the real learner's, replaces it
         honest = group(3, rewards, gid=0)
         send(push, honest)
         hostile: list[Message] = [
@@ -276,7 +280,7 @@ def test_a_key_speaks_only_as_its_own_id_and_a_taken_id_is_told(
         send(push, Hello(server_id="b", host="box-b", pid=4242, engine="torch", session=1))
         send(push, group(3, rewards, server="b", gid=0))
         send(push, group(3, rewards, server="b", gid=1))
-        send(dealer, BatchRequest(request_id=1, version=3, num_groups=2))
+        send(dealer, BatchRequest(request_id=1, version=3, num_groups=2, session=LEARNER))
         batch = reply(dealer, pub, 3)
         assert batch.servers == ["b"] and batch.size == 8
         assert batch.stats["rejected/id_mismatch"] == 4 and batch.stats["groups/received"] == 2
@@ -328,14 +332,14 @@ def test_a_group_of_the_next_version_waits_for_its_announcement_a_far_future_one
     rewards = [1, 0, 0, 0, 1, 0, 0, 1]
     try:
         send(push, group(0, rewards, gid=0))
-        send(dealer, BatchRequest(request_id=1, version=0, num_groups=1))
+        send(dealer, BatchRequest(request_id=1, version=0, num_groups=1, session=LEARNER))
         assert reply(dealer, pub, 0).versions.tolist() == [0] * 4  # the selector is at version 0
         send(push, group(3, rewards, gid=1))  # far future: rejected
         send(push, group(1, rewards, gid=2))  # the next version, not announced yet: held
         send(push, WorkRequest(server_id="t-0", session=1, request_id=0, version=0, prompts=4))
         assert push.poll(TIMEOUT_MS)  # its grant: the selector has read both groups
         assert recv(push, WorkGrant)[1].request_id == 0
-        send(dealer, BatchRequest(request_id=2, version=1, num_groups=1))
+        send(dealer, BatchRequest(request_id=2, version=1, num_groups=1, session=LEARNER))
         batch = reply(dealer, pub, 1)  # the announcement of version 1 releases the held group
         assert batch.request_id == 2 and batch.versions.tolist() == [1] * 4
         assert batch.stats["rejected/version_future"] == 1
@@ -344,3 +348,53 @@ def test_a_group_of_the_next_version_waits_for_its_announcement_a_far_future_one
     finally:
         close(push, dealer, pub)
         ctx.term()
+
+
+def test_only_the_announced_learners_batch_requests_are_served(spawn, run_dir, net_overrides):
+    """Issue 19: on loopback without auth a third process's batch requests took the learner's batch. A
+    request is served only from the session the learner announces; the learner's own request sent before
+    its announcement is served once it is heard, a restarted learner (new session) at once too, and
+    forged requests get nothing and are counted."""
+    overrides = [
+        f"run.dir={run_dir}",
+        "rollout.group_size=8",
+        "selector.keep=4",
+        "learner.groups_per_step=1",
+        "rollout.pacing=free",
+        *net_overrides,
+    ]
+    cfg = load_config(None, overrides)
+    log_path = run_dir.parent / "selector.log"
+    proc = spawn("selector.server", *overrides, log=log_path)
+    ctx = zmq.Context()
+    push, dealer, pub = group_sender(ctx, cfg.net), batch_client(ctx, cfg.net), announce_publisher(ctx, cfg.net)
+    forger = batch_client(ctx, cfg.net)
+    rewards = [1, 0, 0, 0, 1, 0, 0, 1]
+    try:
+        for gid in range(3):
+            send(push, group(0, rewards, gid=gid))
+        send(forger, BatchRequest(request_id=7, version=0, num_groups=1, session=LEARNER + 1))  # before the learner
+        send(dealer, BatchRequest(request_id=1, version=0, num_groups=1, session=LEARNER))  # before its announcement
+        assert reply(dealer, pub, 0).request_id == 1  # served once the announcement is heard
+        for i in range(6):  # more forged sessions than are held: the oldest are dropped and counted at once
+            send(forger, BatchRequest(request_id=8 + i, version=0, num_groups=1, session=LEARNER + 2 + i))
+        wait_for(lambda: line_matching(log_path, "not from the learner's session"), 20, "forged requests counted")
+        send(dealer, BatchRequest(request_id=2, version=0, num_groups=1, session=LEARNER))
+        batch = reply(dealer, pub, 0)
+        assert batch.request_id == 2
+        restarted = batch_client(ctx, cfg.net)  # a new learner process: a new session
+        try:
+            send(restarted, BatchRequest(request_id=1, version=0, num_groups=1, session=LEARNER + 100))
+            assert reply(restarted, pub, 0, session=LEARNER + 100).request_id == 1
+        finally:
+            close(restarted)
+        assert not forger.poll(0)  # no batch ever reached the forger
+        assert proc.poll() is None
+    finally:
+        close(push, dealer, pub, forger)
+        ctx.term()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    totals = read_metrics(run_dir / "metrics" / "selector.jsonl")[-1]
+    assert totals["total/rejected/batch_not_learner"] >= 3  # 7 forged sessions, at most 4 held
+    assert "not from the learner's session" in log_path.read_text()

@@ -1,0 +1,43 @@
+"""Which batch requests the selector serves (selector/requests.py), without sockets."""
+
+from __future__ import annotations
+
+from protocol.messages import BatchRequest
+from selector.requests import LearnerRequests
+
+
+def req(session: int, request_id: int = 1) -> BatchRequest:
+    return BatchRequest(request_id=request_id, version=0, num_groups=1, session=session)
+
+
+def test_only_the_announced_session_is_served_others_are_held_then_counted() -> None:
+    gate = LearnerRequests(wait_s=1.0, max_held=2)
+    gate.heard(5)
+    assert gate.arrive([b"a"], req(5), now=0.0) == ([b"a"], req(5))
+    assert gate.arrive([b"f"], req(6), now=0.0) is None and gate.rejected == 0  # may be a restarted learner
+    gate.expire(now=0.5)
+    assert gate.rejected == 0 and 6 in gate.held
+    gate.expire(now=1.0)
+    assert gate.rejected == 1 and not gate.held
+
+
+def test_a_restarted_learners_early_request_is_served_when_its_announcement_is_heard() -> None:
+    gate = LearnerRequests()
+    gate.heard(5)
+    assert gate.arrive([b"new"], req(9, request_id=1), now=0.0) is None
+    assert gate.arrive([b"new"], req(9, request_id=2), now=0.1) is None  # a re-sent request replaces it
+    assert gate.heard(9) == ([b"new"], req(9, request_id=2))
+    assert gate.session == 9 and not gate.held and gate.rejected == 0
+
+
+def test_before_any_announcement_nothing_is_counted_and_held_requests_stay_bounded() -> None:
+    gate = LearnerRequests(wait_s=1.0, max_held=2)
+    for s in range(10):
+        gate.arrive([b"x"], req(s), now=0.0)
+    gate.expire(now=5.0)
+    assert gate.rejected == 0 and not gate.held  # the learner is not known yet: nobody is hostile
+    gate.heard(100)
+    for s in range(5):
+        gate.arrive([b"x"], req(s), now=6.0)
+    assert len(gate.held) == 2 and gate.rejected == 3  # the oldest sessions are dropped first
+    assert list(gate.held) == [3, 4]
