@@ -20,6 +20,9 @@ The weight-transfer protocol (docs/ARCHITECTURE.md, "Weights"):
   is not worth its encoding: full versions are sent until a probe every 16 versions says otherwise.
 - Flow control is the server's pull: the learner holds at most ``window`` chunks for any peer, so a
   slow link delays only its own server; a reply is zero-copy (a view of the kept buffer or delta).
+  Each peer may start at most ``learner.throttle.STARTS_PER_S`` transfers (chunk 0 requests) a second;
+  a start beyond that is ignored and counted (``weights/throttled``), so a flooding peer cannot slow
+  the serving thread for the others.
 - A transfer in progress pins what it started with: its version (or delta) stays alive after it is
   no longer kept, until its last chunk is served or it is silent for ``weights.pin_s``, so a server
   slower than ``keep_versions`` steps still completes a version and catches up instead of being
@@ -63,6 +66,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zmq
 
+from learner.throttle import StartLimit
 from learner.transports import Offer, Place, build_transports
 from protocol.auth import load_auth
 from protocol.config import NetConfig, WeightsConfig
@@ -148,6 +152,7 @@ class WeightPublisher:
         self.pinned_served = 0  # chunk replies that only a pin made possible (the version was evicted)
         self.pins_dropped = 0  # transfers told 'gone' because weights.max_pinned was reached
         self.pins_expired = 0  # transfers silent for weights.pin_s
+        self.starts = StartLimit()  # per-peer bound on transfer starts (weights/throttled)
         self._thread = threading.Thread(target=self._serve_or_stop, name="weight-publisher", daemon=True)
         self._thread.start()
 
@@ -219,6 +224,7 @@ class WeightPublisher:
             "weights/pinned_served": self.pinned_served,
             "weights/pins_dropped": self.pins_dropped,
             "weights/pins_expired": self.pins_expired,
+            "weights/throttled": self.starts.throttled,
         }
 
     def close(self) -> None:
@@ -475,6 +481,9 @@ class WeightPublisher:
                     for _ in range(64):  # drain a burst of chunk requests, then look at the clock again
                         try:
                             route, req = recv(self._router, WeightsRequest, routed=True, flags=zmq.NOBLOCK)
+                            if req.chunk == 0 and not self.starts.allow(bytes(route[0]), time.monotonic()):
+                                self._warn("throttled", "ignored weight-transfer starts beyond a peer's budget")
+                                continue
                             if req.corrupt >= 0:
                                 self._corrupt_reported(req.corrupt)
                             waiting.append((route, req))

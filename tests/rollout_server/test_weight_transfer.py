@@ -43,6 +43,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 import learner.publisher as publisher_module
 from learner.publisher import WeightPublisher
+from learner.throttle import STARTS_PER_S
 from learner.transports.shm import ShmTransport
 from protocol.codec import encode
 from protocol.config import Config, NetConfig, WeightsConfig
@@ -801,6 +802,38 @@ def test_pins_are_bounded_and_expire(net: NetConfig, zctx: zmq.Context, publishe
         assert pub.metrics()["weights/pins_expired"] == 1
     finally:
         close(a, b, c)
+
+
+def test_a_peer_flooding_transfer_starts_is_throttled_and_an_honest_peer_still_fetches(
+    net: NetConfig, zctx: zmq.Context, aio: Aio, publishers: Publishers
+) -> None:
+    """Issue 19: one peer sent 178,500 requests for new transfers. Each peer may start at most
+    ``STARTS_PER_S`` a second: the flood's starts beyond that get no reply and are counted
+    (``weights/throttled``), and another peer fetches the version bit for bit meanwhile."""
+    versions = chain()
+    pub = publishers.make(net, SMALL)
+    pub.publish(versions[0])
+    flood = weight_client(zctx, net)
+    sent, answered = 2000, [0]
+
+    def settled() -> int | None:
+        """The flood's throttled starts, once each of its requests is answered or throttled."""
+        while flood.poll(0):
+            flood.recv_multipart()
+            answered[0] += 1
+        return pub.starts.throttled if pub.starts.throttled + answered[0] >= sent else None
+
+    try:
+        started = time.monotonic()
+        for i in range(sent):
+            send(flood, WeightsRequest(version=-1, fetch=i))
+        got = aio.fetch(aio.fetcher(net, SMALL), None)
+        assert same_bytes(got, versions[0])
+        throttled = wait_for(settled, REPLY_S, "every flooded start to be answered or throttled")
+        assert answered[0] <= STARTS_PER_S * (1 + time.monotonic() - started)  # a burst, then the rate
+        assert pub.metrics()["weights/throttled"] == throttled == sent - answered[0]
+    finally:
+        close(flood)
 
 
 # -- 5. shared memory ----------------------------------------------------------------------------
