@@ -43,7 +43,7 @@ import zmq
 from protocol.auth import load_auth
 from protocol.config import Config
 from protocol.messages import BatchRequest, ProtocolError, TrainBatch
-from protocol.metrics import Monitor
+from protocol.metrics import Monitor, RateLimitedLog
 from protocol.sockets import batch_client, close, recv, send
 from protocol.weights import pack_weights, read_tokenizer_files
 
@@ -63,6 +63,7 @@ class BatchSource:
         self.sock = batch_client(ctx, cfg.net, load_auth(cfg.net, "learner"))
         self.request_id = 0
         self.rejected = 0
+        self.warn = RateLimitedLog(log)  # a flood of bad replies costs a line per 10 s per reason
         self.stale_rows = 0
 
     def get(self, version: int, idle: Callable[[], None] | None = None) -> tuple[TrainBatch, float]:
@@ -89,7 +90,7 @@ class BatchSource:
                     _, batch = recv(self.sock, TrainBatch)
                 except ProtocolError as e:
                     self.rejected += 1
-                    log.warning("rejected a batch: %s", e)
+                    self.warn(e.reason, "rejected a batch: %s", e)
                     continue
                 fresh = self._fresh(batch, version)
                 if fresh is not None:
@@ -110,8 +111,11 @@ class BatchSource:
         stale = self.cfg.too_stale(version, batch.versions)
         if stale.any():
             self.stale_rows += int(stale.sum())
-            log.warning(
-                "dropping a batch with %d rows staler than K=%d (late reply)", stale.sum(), self.cfg.max_staleness
+            self.warn(
+                "stale",
+                "dropping a batch with %d rows staler than K=%d (late reply)",
+                stale.sum(),
+                self.cfg.max_staleness,
             )
             return None
         ids = (batch.prompt_ids, batch.completion_ids)
@@ -126,7 +130,7 @@ class BatchSource:
         )
         if problem:
             self.rejected += 1
-            log.warning("rejected a batch for version %d: %s", version, problem)
+            self.warn(problem, "rejected a batch for version %d: %s", version, problem)
             return None
         return batch
 

@@ -63,5 +63,29 @@ def configure(args: argparse.Namespace, role: str, quiet: bool = False) -> Confi
         level=logging.WARNING if quiet else logging.INFO,
         format=f"%(asctime)s.%(msecs)03d {role} %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
+        handlers=[CappedHandler(cfg.run.max_log_mib)],
     )
     return cfg
+
+
+class CappedHandler(logging.StreamHandler):
+    """stderr (the process's log file under ``podsrl run``), silent after ``max_mib`` MiB of lines (0 = never)
+    but for one line saying so: a process that logs in a loop cannot fill the disk (``run.max_log_mib``)."""
+
+    def __init__(self, max_mib: float) -> None:
+        super().__init__()
+        self.max_mib, self.max_bytes, self.written, self.dropped = max_mib, int(max_mib * 2**20), 0, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.max_bytes and self.written > self.max_bytes:
+            self.dropped += 1
+            return
+        try:
+            line = self.format(record) + self.terminator
+            self.written += len(line.encode(errors="replace"))
+            if self.max_bytes and self.written > self.max_bytes:
+                line = f"log capped at {self.max_mib:g} MiB (run.max_log_mib): further lines dropped\n"
+            self.stream.write(line)
+            self.flush()
+        except Exception:
+            self.handleError(record)

@@ -42,6 +42,13 @@ class RunConfig(Section):
         "one process that imported torch and transformers once (start-up in about a third of the time; no "
         "CUDA is initialised before a fork); false starts each as its own interpreter",
     )
+    max_log_mib: float = Field(
+        100.0,
+        ge=0,
+        description="each process's log (<run.dir>/logs/<name>.log) stops after this many MiB of log lines, "
+        "with one last line saying so (0 = unbounded); output written straight to fd 1/2 (a C library's, a "
+        "traceback at exit) is not counted",
+    )
 
 
 class TinyModelConfig(Section):

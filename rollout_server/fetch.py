@@ -33,6 +33,7 @@ from protocol.messages import (
     WeightsRequest,
     new_session,
 )
+from protocol.metrics import RateLimitedLog
 from protocol.sockets import arecv, asend
 from protocol.weights import apply_delta, verify
 
@@ -50,6 +51,7 @@ class Fetcher:
         self.last: dict[str, float] = {}  # the last transfer: bytes, seconds, kind
         self._spare: np.ndarray | None = None  # a buffer no version uses any more (recycle)
         self.corrupt = -1  # a version whose segment was corrupt, told to the learner with the next request
+        self.warn = RateLimitedLog(log)  # a flood of bad replies costs a line per 10 s per reason
 
     def recycle(self, w: Weights) -> None:
         """Give back the buffer of a version the server no longer runs or holds; the next transfer of
@@ -75,7 +77,7 @@ class Fetcher:
                 self.counters["weights_gone"] += 1
             except ProtocolError as e:
                 self.counters["weights_rejected"] += 1
-                log.warning("weights rejected (%s): fetching the full version", e)
+                self.warn(f"rejected/{e.reason}", "weights rejected (%s): fetching the full version", e)
                 base = None  # the delta path failed: the full version has no base to be wrong about
 
     async def _transfer(self, held: Weights | None, with_files: bool) -> Weights:
@@ -133,7 +135,7 @@ class Fetcher:
                     _, msg = await arecv(self.sock, WeightsChunk)
             except ProtocolError as e:  # one bad reply: count it, the transfer times out or goes on
                 self.counters["weights_rejected"] += 1
-                log.warning("bad weights reply rejected: %s", e)
+                self.warn(f"bad_reply/{e.reason}", "bad weights reply rejected: %s", e)
                 continue
             if msg.fetch == fetch_id:
                 return msg

@@ -220,6 +220,7 @@ class RolloutServer:
                 "rollout/completion_len_mean": tokens / len(samples.ids),
                 "rollout/prompts_too_long": self.task.too_long,
                 "rollout/reward_restarts": self.task.rewards.restarts,
+                "reward/output_dropped_bytes": self.task.rewards.output.dropped,
                 **{f"reward/fn/{k}": v for k, v in scores.per_function.items()},
                 **{f"reward/errors/{k}": v for k, v in self.reward_errors.items()},
                 **self.task.source.position(),

@@ -164,7 +164,7 @@ class Selector:
             peer = self.peers[msg.server_id] = Peer(last_seen=now)
             log.info("rollout server %s joined (%s)", msg.server_id, type(msg).__name__)
         elif peer.dead:
-            log.info("rollout server %s is back", msg.server_id)
+            self.warn("peer_back", "rollout server %s is back after being marked dead", msg.server_id)
             peer.dead = False
         peer.last_seen = now
         if isinstance(msg, Hello):
@@ -443,19 +443,22 @@ class Selector:
     def check_peers(self) -> None:
         """Report silent rollout servers. Only meaningful while we read the groups link: under
         back-pressure their heartbeats queue up unread, so reading resumes with a fresh grace period."""
-        now = time.monotonic()
-        for sid, peer in self.peers.items():
-            if not peer.dead and now - peer.last_seen > self.cfg.selector.peer_timeout_s:
-                peer.dead = True
-                self.count("peers/dead")
-                self.count(f"peers/dead/{sid}")
-                log.warning(
-                    "rollout server %s silent for %.0fs: marked dead (its groups so far are kept, its "
-                    "work grants withdrawn)",
-                    sid,
-                    now - peer.last_seen,
-                )
-                self.pacer.forget(sid)
+        now, timeout = time.monotonic(), self.cfg.selector.peer_timeout_s
+        dead = [sid for sid, peer in self.peers.items() if not peer.dead and now - peer.last_seen > timeout]
+        for sid in dead:
+            self.peers[sid].dead = True
+            self.count("peers/dead")
+            self.count(f"peers/dead/{sid}")
+            self.pacer.forget(sid)
+        if dead:  # one line per sweep, at most one per 10 s: 256 servers dying at once print one line
+            self.warn(
+                "peer_dead",
+                "%d rollout server(s) silent for over %.0fs: marked dead (their groups so far are kept, their "
+                "work grants withdrawn): %s",
+                len(dead),
+                timeout,
+                ", ".join(dead[:8]) + (f" and {len(dead) - 8} more" if len(dead) > 8 else ""),
+            )
         self.forget_dead(now, grace_s=9 * self.cfg.selector.peer_timeout_s)
 
     # -- loop ----------------------------------------------------------------------------------

@@ -27,7 +27,9 @@ import inspect
 import logging
 import math
 import multiprocessing as mp
+import os
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from rollout_server.tasks.data import TaskError
+from rollout_server.tasks.output import OUTPUT_BYTES, OUTPUT_WINDOW_S, OutputBudget
 from rollout_server.tasks.verifiers import BUILTIN_REWARDS, RewardFn
 
 log = logging.getLogger("podsrl.rollout")
@@ -156,8 +159,14 @@ def check_value(v: float | None | str, max_abs: float) -> float | None | str:
     return v if abs(v) <= max_abs else "out_of_range"
 
 
-def _worker(conn: Any, specs: list[str]) -> None:
-    """The reward process: load the functions once, then score batches until the pipe closes."""
+def _worker(conn: Any, specs: list[str], out: Any) -> None:
+    """The reward process: load the functions once, then score batches until the pipe closes. Its stdout and
+    stderr are ``out``, a pipe the parent drains within a byte budget (``output.OutputBudget``)."""
+    os.dup2(out.fileno(), 1)  # fd level: a C extension's writes and a subprocess's too
+    os.dup2(out.fileno(), 2)
+    out.close()
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # lines reach the log as printed
     fns = [load_reward(s) for s in specs]
     try:
         conn.send(("ready", None))
@@ -234,11 +243,15 @@ class RewardWorker:
         timeout_s: float,
         max_abs: float = math.inf,
         max_failures: int = 0,
+        output_bytes: int = OUTPUT_BYTES,
+        output_window_s: float = OUTPUT_WINDOW_S,
     ) -> None:
-        """``max_abs``: the selector's ``selector.max_abs_reward``; ``max_failures``: ``task.max_reward_failures``."""
+        """``max_abs``: the selector's ``selector.max_abs_reward``; ``max_failures``: ``task.max_reward_failures``;
+        the worker's stdout/stderr reach the log at most ``output_bytes`` per ``output_window_s``."""
         self.specs, self.weights, self.timeout_s, self.max_abs = specs, weights, timeout_s, max_abs
         self.names = [s.rpartition(":")[2] or s for s in specs]
         self.streaks = FailureStreaks(self.names, max_failures)
+        self.output = OutputBudget(self.names, output_bytes, output_window_s)
         self.notes: dict[int, str] = {}  # this call: function index -> why it raised
         self.ctx = mp.get_context("spawn")  # never fork a process that holds torch threads and sockets
         self.proc: Any = None
@@ -252,9 +265,16 @@ class RewardWorker:
 
     def _start(self) -> None:
         self.conn, child = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=_worker, args=(child, self.specs), name="podsrl-reward", daemon=True)
+        out_read, out_write = self.ctx.Pipe(duplex=False)
+        self.proc = self.ctx.Process(
+            target=_worker, args=(child, self.specs, out_write), name="podsrl-reward", daemon=True
+        )
         self.proc.start()
         child.close()
+        out_write.close()  # the worker holds the only write end: its exit ends the drain
+        self.drainer = threading.Thread(target=self.output.drain, args=(out_read,), name="podsrl-reward-output")
+        self.drainer.daemon = True
+        self.drainer.start()
 
     def _restart(self) -> None:
         self.proc.kill()
@@ -383,3 +403,4 @@ class RewardWorker:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(2)
+        self.drainer.join(2)  # the worker's last output is logged (or counted) before close returns

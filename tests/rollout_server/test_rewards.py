@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import sys
 import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from protocol.config import BUILTIN_TASKS
 from rollout_server.tasks import verifiers
 from rollout_server.tasks.data import TaskError
+from rollout_server.tasks.output import OutputBudget
 from rollout_server.tasks.rewards import RewardFailure, RewardWorker, check_signature, load_reward
 from rollout_server.tasks.verifiers import char_match, char_match_strict
 
@@ -58,6 +61,14 @@ def by_ids(prompts, completions, completion_ids):
 
 def echo_prompt(prompts, completions):
     return [float(len(p)) for p in prompts]
+
+
+def loud(prompts, completions):
+    """Prints 1 MB per call, half through sys.stdout and half straight to fd 2 (as a C library would)."""
+    print("loud call")
+    print("o" * 499_999)
+    os.write(2, b"e" * 499_999 + b"\\n")
+    return [float(len(c)) for c in completions]
 '''
 
 
@@ -88,8 +99,9 @@ def new_worker(
     timeout_s: float = TIMEOUT_S,
     max_abs: float = math.inf,
     max_failures: int = 0,
+    **kw: Any,
 ) -> RewardWorker:
-    w = RewardWorker(specs, weights or [1.0] * len(specs), timeout_s, max_abs, max_failures)
+    w = RewardWorker(specs, weights or [1.0] * len(specs), timeout_s, max_abs, max_failures, **kw)
     made.append(w)
     return w
 
@@ -331,6 +343,39 @@ def test_a_hung_function_times_out_and_a_dying_worker_restarts(plugin, workers):
     w.proc.join(5)
     assert score(w, ["a"], ["ok"]).errors == {"worker_died": 1} and w.restarts == 3
     assert score(w, ["a"], ["ok"]).rewards.tolist() == [pytest.approx(0.1)]
+
+
+def test_a_loud_function_leaves_a_bounded_log_and_counts_what_it_dropped(plugin, workers, caplog):
+    """Issue 19: a reward printing 10 MB per call wrote 5.5 GB of logs in 36 s. The worker's fd 1 and 2 are a
+    pipe the server drains: at most the budget reaches the log, the rest is counted, and the calls never block."""
+    caplog.set_level(logging.INFO, logger="podsrl.rollout")
+    budget, calls, per_call = 100_000, 4, len("loud call\n") + 2 * 500_000
+    w = new_worker(workers, [f"{plugin}:loud"], output_bytes=budget, output_window_s=3600.0)
+    for _ in range(calls):
+        s = score(w, ["ab"])
+        assert s.rewards.tolist() == [2.0] and not s.errors
+    w.close()  # joins the drain: every byte the worker wrote has been logged or counted
+    out = w.output
+    assert out.seen == calls * per_call and out.forwarded == budget and out.dropped == calls * per_call - budget
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reward output (loud)")]
+    assert "reward output (loud): loud call" in lines
+    assert sum(len(line) for line in lines) < budget + 200 * len(lines)  # the bytes, a prefix per line, a note
+    assert len(lines) < 10 and sum("the rest of this window is dropped" in line for line in lines) == 1
+    assert w.restarts == 0
+
+
+def test_output_budget_renews_each_window_and_warns_once_per_window(caplog):
+    caplog.set_level(logging.INFO, logger="podsrl.rollout")
+    now = [0.0]
+    out = OutputBudget(["f"], limit=10, window_s=10.0, clock=lambda: now[0])
+    out.feed(b"abc\ndefghijkl\n")  # 14 bytes: 10 forwarded, 4 dropped
+    out.feed(b"more\n")  # dropped
+    now[0] = 10.0
+    out.feed(b"new\n")  # a new window
+    assert (out.seen, out.forwarded, out.dropped) == (23, 14, 9)
+    notes = [r.getMessage().removeprefix("reward output (f): ") for r in caplog.records]
+    assert notes[:2] == ["abc", "defghi[...]"] and notes[3] == "new" and len(notes) == 4
+    assert notes[2].startswith("over 10 bytes in 10s: the rest of this window is dropped")
 
 
 def test_worker_start_up_is_not_counted_against_the_call(tmp_path, workers):
