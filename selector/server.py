@@ -453,11 +453,11 @@ class Selector:
         if dead:  # one line per sweep, at most one per 10 s: 256 servers dying at once print one line
             self.warn(
                 "peer_dead",
-                "%d rollout server(s) silent for over %.0fs: marked dead (their groups so far are kept, their "
-                "work grants withdrawn): %s",
-                len(dead),
-                timeout,
+                "rollout server%s %s silent for over %.0fs: marked dead (groups so far are kept, work grants "
+                "withdrawn)",
+                "s" if len(dead) > 1 else "",
                 ", ".join(dead[:8]) + (f" and {len(dead) - 8} more" if len(dead) > 8 else ""),
+                timeout,
             )
         self.forget_dead(now, grace_s=9 * self.cfg.selector.peer_timeout_s)
 
