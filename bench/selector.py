@@ -86,6 +86,7 @@ SHAPE = [  # the run's shape as config overrides: groups of N completions, M kep
     f"task.max_prompt_tokens={E2E_P}",
     f"learner.groups_per_step={BATCH_GROUPS}",
     f"selector.buffer_groups={BUFFER_GROUPS}",
+    "selector.peer_groups_per_s=0",  # the selector's capacity: a pusher here is many servers' worth
 ]
 
 

@@ -257,6 +257,12 @@ class SelectorConfig(Section):
         description="rollout server identities tracked at once; a new one beyond "
         "this is refused (dead peers are forgotten after 10 x peer_timeout_s)",
     )
+    peer_groups_per_s: float = Field(
+        1000.0,
+        ge=0,
+        description="groups one rollout server may deliver a second outside its pacing grants "
+        "(a burst of 4 s worth); more are rejected as rejected/peer_rate; 0 = no bound",
+    )
     min_logprob: float = Field(
         -100.0,
         lt=0,

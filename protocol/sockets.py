@@ -177,7 +177,7 @@ def recv(
 ) -> tuple[list[bytes], M]:
     """Receive one message; returns (route frames, message). Raises ProtocolError on any bad payload,
     after the whole multipart message has been consumed, so the socket stays usable."""
-    route, msg, _ = _decode(sock, sock.recv_multipart(flags=flags, copy=False), expect, routed, max_bytes)
+    route, msg, _ = decode_received(sock, sock.recv_multipart(flags=flags, copy=False), expect, routed, max_bytes)
     return route, msg
 
 
@@ -190,7 +190,7 @@ def recv_named(
 ) -> tuple[list[bytes], M, frozenset[str] | None]:
     """:func:`recv`, also returning the names the sender's key was made for (its key files' names: a
     rollout server's ``--server-id``), or None on a link without authentication."""
-    return _decode(sock, sock.recv_multipart(copy=False), expect, routed, max_bytes)
+    return decode_received(sock, sock.recv_multipart(copy=False), expect, routed, max_bytes)
 
 
 async def arecv(
@@ -201,7 +201,7 @@ async def arecv(
     max_bytes: int | None = None,
 ) -> tuple[list[bytes], M]:
     """:func:`recv` on an asyncio socket (the rollout server's control plane)."""
-    route, msg, _ = _decode(sock, await sock.recv_multipart(copy=False), expect, routed, max_bytes)
+    route, msg, _ = decode_received(sock, await sock.recv_multipart(copy=False), expect, routed, max_bytes)
     return route, msg
 
 
@@ -210,13 +210,15 @@ async def asend(sock: zmq.asyncio.Socket, msg: Message, *route: bytes) -> None:
     await sock.send_multipart([*route, *encode(msg)], copy=False)
 
 
-def _decode(
+def decode_received(
     sock: zmq.Socket,
     frames: list[zmq.Frame],
     expect: type[M] | tuple[type[Message], ...],
     routed: bool,
     max_bytes: int | None,
 ) -> tuple[list[bytes], M, frozenset[str] | None]:
+    """:func:`recv_named` of frames already received: a receiver may look at the routing id
+    (``frames[0]``) first and drop a flooding peer's message without decoding it (``protocol/budget.py``)."""
     allow = _ALLOW.get(sock)
     # an authenticated link: the last frame surely came from the peer, whose key names it
     names = None if allow is None else _auth.check_peer(frames[-1], allow)

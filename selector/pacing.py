@@ -133,6 +133,11 @@ class Pacer:
             s = (now - lease.granted_at) / lease.prompts * self.cfg.rollout.group_size / lease.group_size
             pace.s_per_prompt = s if pace.s_per_prompt is None else (1 - EMA) * pace.s_per_prompt + EMA * s
 
+    def leased(self, server_id: str) -> bool:
+        """Whether ``server_id`` holds an open lease: its next group was granted, not volunteered."""
+        pace = self.servers.get(server_id)
+        return pace is not None and bool(pace.leases)
+
     def batch_served(self, version: int, groups: list[tuple[int, str]], now: float, waited_s: float = 0.0) -> None:
         """A batch for request ``version`` left, of ``groups`` as (version, server id) pairs; the learner's
         request waited ``waited_s`` for it (holds excluded)."""

@@ -8,9 +8,14 @@ every ``WeightsAnnouncement``), and the selector serves only the session it last
 A request of another session is held, not refused at once: it may come from a restarted learner whose
 first announcement is still on its way (the announce link is another socket), and that learner is
 served as soon as the announcement is heard. Held requests are bounded (``MAX_HELD`` sessions, the
-newest request of each, for ``WAIT_S``); one dropped while a learner is known is hostile and counted
-(``rejected/batch_not_learner``). Before any announcement nothing is counted: the selector does not know
-the learner yet, and the learner re-sends every second (``learner/train.py`` BatchSource.RESEND_S).
+newest request of each, for ``WAIT_S`` from the session's first, so a stream of requests cannot keep
+one waiting); a session's held requests dropped while a learner is known are hostile and counted once
+(``rejected/batch_not_learner``). Before any announcement nothing is counted: the selector does not
+know the learner yet, and the learner re-sends every second (``learner/train.py`` BatchSource.RESEND_S).
+
+A connection other than the learner's may send ``STRANGER_PER_S`` requests a second (a burst of twice
+that); beyond, its requests are dropped before they are decoded and counted the same way, so a flood
+costs the selector a ``recv`` per request (``Selector.on_request``, ``protocol/budget.py``).
 Without authentication this keeps out a process that does not know the session, not one that
 subscribes to the announcements (docs/RELIABILITY.md, "Batch requests").
 """
@@ -24,6 +29,7 @@ from protocol.messages import BatchRequest
 
 WAIT_S = 1.0  # a request of an unannounced session waits this long for its announcement
 MAX_HELD = 4  # sessions whose requests wait at once; the oldest is dropped first
+STRANGER_PER_S = 4.0  # requests a second from a connection not (yet) the learner's (it re-sends once a second)
 
 Request = tuple[list[bytes], BatchRequest]  # (route, request)
 
@@ -48,19 +54,20 @@ class LearnerRequests:
         """``(route, req)`` when it is the announced learner's, to serve; else None, and it is held."""
         if req.session == self.session:
             return route, req
-        self.held.pop(req.session, None)  # a re-sent request replaces the one it repeats
-        self.held[req.session] = (now + self.wait_s, (route, req))
+        old = self.held.pop(req.session, None)  # a newer request replaces the one held; its wait runs on
+        self.held[req.session] = (now + self.wait_s if old is None else old[0], (route, req))
         while len(self.held) > self.max_held:
             self.held.popitem(last=False)
-            self._dropped()
+            self.dropped()
         return None
 
     def expire(self, now: float) -> None:
         """Drop the held requests whose wait ran out."""
         for s in [s for s, (deadline, _) in self.held.items() if deadline <= now]:
             del self.held[s]
-            self._dropped()
+            self.dropped()
 
-    def _dropped(self) -> None:
+    def dropped(self) -> None:
+        """One request dropped: hostile, once a learner is known."""
         if self.session is not None:
             self.rejected += 1

@@ -21,7 +21,9 @@ announcement). With authentication, a rollout server speaks only as the id its k
 (``rejected/id_mismatch``); a batch request is served only from the announced learner's session
 (``selector/requests.py``, ``rejected/batch_not_learner``). A process refused for good (its key's id
 is another, or another live process holds its id) is answered a ``Refusal`` and stops, naming the
-fix. Rejections are counted per reason and logged at most once per reason every 10 s. The peer table
+fix. Each server id may deliver ``selector.peer_groups_per_s`` groups a second outside its pacing
+grants (``protocol/budget.py``, ``rejected/peer_rate``), so one peer cannot fill the buffer that
+the others share. Rejections are counted per reason and logged at most once per reason every 10 s. The peer table
 is bounded (``selector.max_peers``; dead peers are forgotten).
 """
 
@@ -38,6 +40,7 @@ import numpy as np
 import zmq
 
 from protocol.auth import load_auth
+from protocol.budget import Budgets
 from protocol.config import Config
 from protocol.messages import (
     LEARNER_SILENT_S,
@@ -54,12 +57,21 @@ from protocol.messages import (
     WorkRequest,
 )
 from protocol.metrics import Monitor, RateLimitedLog
-from protocol.sockets import MIB, announce_subscriber, batch_server, close, group_receiver, recv, recv_named, send
+from protocol.sockets import (
+    MIB,
+    announce_subscriber,
+    batch_server,
+    close,
+    decode_received,
+    group_receiver,
+    recv,
+    send,
+)
 from selector.batch import KeptGroup, build_batch
 from selector.bounds import Bounds, Early, Identities
 from selector.buffer import Buffer, Tally
 from selector.pacing import Pacer
-from selector.requests import LearnerRequests
+from selector.requests import STRANGER_PER_S, LearnerRequests
 
 log = logging.getLogger("podsrl.selector")
 GroupLinkMessage = Hello | Heartbeat | ScoredGroup | WorkRequest
@@ -95,6 +107,8 @@ class Selector:
         self.pacer = Pacer(self.cfg, self.tally)  # work grants (selector/pacing.py)
         self.pending: tuple[list[bytes], BatchRequest] | None = None
         self.requests = LearnerRequests()  # only the announced learner's batch requests are served
+        self.strangers = Budgets(per_s=STRANGER_PER_S, burst=2 * STRANGER_PER_S)  # other connections' requests
+        self.learner_peer = b""  # the routing id of the connection the learner's last request came on
         self.bounds = Bounds(self.cfg)  # the newest announced version, its floor and the vocabulary size
         self.early = Early()  # groups of the next version, waiting for its announcement
         self.heard_learner = False  # groups are read only once the learner's version is known
@@ -102,6 +116,9 @@ class Selector:
         # a new process may take a server id over once the old one has missed about three heartbeats
         self.identities = Identities(takeover_s=3 * self.cfg.rollout.heartbeat_s)
         self.warn = RateLimitedLog(log)
+        rate = self.cfg.selector.peer_groups_per_s  # groups outside pacing grants, per server id (fair shares)
+        self.budget = Budgets(per_s=rate, burst=4 * rate, max_peers=4 * self.cfg.selector.max_peers) if rate else None
+        self.flooding: dict[bytes, str] = {}  # connections over their server's budget -> that server id
         self.peers: dict[str, Peer] = {}
         self.monitor = Monitor(self.cfg.run.dir, "selector", tensorboard=False)
         self.stopping = False
@@ -144,9 +161,13 @@ class Selector:
         """Read one message from the groups link and update its peer; a ScoredGroup is returned for
         ``on_groups``, a WorkRequest is handed to the pacer (None for a rejected message)."""
         msg: GroupLinkMessage
+        frames = self.groups.recv_multipart(copy=False)
+        if self.flooding and self.still_flooding(frames[0].bytes):
+            self.count("rejected/peer_rate")
+            return None
         try:
-            route, msg, names = recv_named(
-                self.groups, GROUP_LINK, routed=True, max_bytes=self.cfg.net.max_group_mib * MIB
+            route, msg, names = decode_received(
+                self.groups, frames, GROUP_LINK, True, max_bytes=self.cfg.net.max_group_mib * MIB
             )
         except ProtocolError as e:
             self.reject("groups", e)
@@ -157,6 +178,10 @@ class Selector:
             self.reject("groups", e)
             if e.reason in REFUSALS:
                 self.refuse(route, msg, e)
+            elif e.reason == "peer_rate":  # its next messages are dropped undecoded while its budget is spent
+                self.flooding[route[0]] = msg.server_id
+                while len(self.flooding) > 4 * self.cfg.selector.max_peers:
+                    del self.flooding[next(iter(self.flooding))]
             return None
         now = time.monotonic()
         peer = self.peers.get(msg.server_id)
@@ -203,6 +228,13 @@ class Selector:
                 f"a key for {msg.server_id!r} with `podsrl keys DIR --rollout {msg.server_id}`",
             )
         now = time.monotonic()
+        if isinstance(msg, ScoredGroup) and not self.within_budget(msg.server_id, now):
+            raise ProtocolError(
+                "peer_rate",
+                f"{msg.server_id!r} sends more than selector.peer_groups_per_s="
+                f"{self.cfg.selector.peer_groups_per_s:g} groups a second outside its pacing grants: "
+                "if it is an honest server, raise that bound or pace it (rollout.pacing = 'credits')",
+            )
         if msg.server_id not in self.peers and len(self.peers) >= self.cfg.selector.max_peers:
             self.forget_dead(now, grace_s=0.0)
             if len(self.peers) >= self.cfg.selector.max_peers:
@@ -230,6 +262,22 @@ class Selector:
         self.bounds.check(msg, ahead=1)
         if msg.version > self.bounds.version:
             self.early.hold(msg, now)
+
+    def within_budget(self, server_id: str, now: float) -> bool:
+        """Whether a group of ``server_id`` may enter: granted by pacing, or within the peer's budget
+        (``selector.peer_groups_per_s``). Checked before any other work on it: a flood costs a decode."""
+        return self.budget is None or self.pacer.leased(server_id) or self.budget.allow(server_id, now)
+
+    def still_flooding(self, route: bytes) -> bool:
+        """Whether the connection ``route``, over its server's group budget before, still is: then its
+        message is dropped before decoding (a heartbeat or work request of it too: it is flooding)."""
+        sid = self.flooding.get(route)
+        if sid is None or self.budget is None:
+            return False
+        if self.budget.spent(sid, time.monotonic()):
+            return True
+        del self.flooding[route]
+        return False
 
     def release_early(self) -> None:
         """Admit the held groups whose version is now announced; reject those that waited in vain."""
@@ -310,17 +358,25 @@ class Selector:
             )
 
     def on_request(self) -> None:
+        frames = self.batches.recv_multipart(copy=False)
+        peer, now = frames[0].bytes, time.monotonic()
+        if peer != self.learner_peer and not self.strangers.allow(peer, now):  # a flood: not even decoded
+            rejected = self.requests.rejected
+            self.requests.dropped()
+            self.count_not_learner(rejected)
+            return
         try:
-            route, req = recv(self.batches, BatchRequest, routed=True)
+            route, req, _ = decode_received(self.batches, frames, BatchRequest, True, None)
         except ProtocolError as e:
             self.reject("batches", e)
             return
         if req.session != self.requests.session or req.version > self.bounds.version:
             self.drain_announcements()  # a restarted learner's announcement may be waiting on the other socket
         rejected = self.requests.rejected
-        mine = self.requests.arrive(route, req, time.monotonic())
+        mine = self.requests.arrive(route, req, now)
         self.count_not_learner(rejected)
         if mine is not None:
+            self.learner_peer = mine[0][0]
             self.set_pending(mine)
 
     def set_pending(self, request: tuple[list[bytes], BatchRequest]) -> None:

@@ -42,8 +42,7 @@ from torch import nn
 from zmq.utils.monitor import recv_monitor_message
 
 import learner.publisher as publisher_module
-from learner.publisher import WeightPublisher
-from learner.throttle import STARTS_PER_S
+from learner.publisher import STARTS_PER_S, WeightPublisher
 from learner.transports.shm import ShmTransport
 from protocol.codec import encode
 from protocol.config import Config, NetConfig, WeightsConfig
@@ -225,7 +224,7 @@ def publish_packed(p: WeightPublisher, w: Weights) -> Weights:
 CHILD = r"""
 import json, os, sys
 import numpy as np, zmq
-from learner.publisher import WeightPublisher
+from learner.publisher import STARTS_PER_S, WeightPublisher
 from protocol.config import NetConfig, WeightsConfig
 from protocol.messages import Weights
 
@@ -821,7 +820,7 @@ def test_a_peer_flooding_transfer_starts_is_throttled_and_an_honest_peer_still_f
         while flood.poll(0):
             flood.recv_multipart()
             answered[0] += 1
-        return pub.starts.throttled if pub.starts.throttled + answered[0] >= sent else None
+        return pub.starts.refused if pub.starts.refused + answered[0] >= sent else None
 
     try:
         started = time.monotonic()
@@ -1225,7 +1224,7 @@ def test_a_failed_serving_thread_stops_the_learner(net: NetConfig, tmp_path: Pat
         textwrap.dedent(
             f"""
             import time, zmq
-            from learner.publisher import WeightPublisher
+            from learner.publisher import STARTS_PER_S, WeightPublisher
             from protocol.config import NetConfig, WeightsConfig
 
             def broken(self):

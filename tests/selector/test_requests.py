@@ -41,3 +41,14 @@ def test_before_any_announcement_nothing_is_counted_and_held_requests_stay_bound
         gate.arrive([b"x"], req(s), now=6.0)
     assert len(gate.held) == 2 and gate.rejected == 3  # the oldest sessions are dropped first
     assert list(gate.held) == [3, 4]
+
+
+def test_a_stream_of_requests_cannot_keep_a_forged_session_waiting() -> None:
+    """A flood of one forged session replaced its held request forever and was never counted; the
+    session's wait now runs from its first request, and each expiry is counted."""
+    gate = LearnerRequests(wait_s=1.0)
+    gate.heard(5)
+    for i in range(30):  # 3 s of requests, 10 a second
+        gate.arrive([b"f"], req(6, request_id=i), now=i / 10)
+        gate.expire(now=i / 10)
+    assert gate.rejected == 2 and 6 in gate.held  # dropped at 1.0 and 2.0; the third is waiting

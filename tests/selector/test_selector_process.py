@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -13,7 +14,7 @@ from helpers import line_matching, wait_for
 
 from protocol.auth import create_keys, load_auth
 from protocol.codec import encode
-from protocol.config import load_config
+from protocol.config import Config, load_config
 from protocol.messages import (
     PROTOCOL_VERSION,
     BatchRequest,
@@ -64,6 +65,21 @@ def reply(dealer: zmq.Socket, pub: zmq.Socket, version: int, floor: int = 0, ses
         if dealer.poll(100):
             return recv(dealer, TrainBatch)[1]
     raise AssertionError("selector stopped serving")
+
+
+def start_selector(spawn, run_dir: Path, net_overrides: list[str], *extra: str) -> tuple[Any, Config, Path]:
+    """A selector process for groups of 8 (keep 4), one group per batch, unpaced: (process, config, log)."""
+    overrides = [
+        f"run.dir={run_dir}",
+        "rollout.group_size=8",
+        "selector.keep=4",
+        "learner.groups_per_step=1",
+        "rollout.pacing=free",
+        *extra,
+        *net_overrides,
+    ]
+    log_path = run_dir.parent / "selector.log"
+    return spawn("selector.server", *overrides, log=log_path), load_config(None, overrides), log_path
 
 
 def replies(push: zmq.Socket, n: int) -> list[Message]:
@@ -355,17 +371,7 @@ def test_only_the_announced_learners_batch_requests_are_served(spawn, run_dir, n
     request is served only from the session the learner announces; the learner's own request sent before
     its announcement is served once it is heard, a restarted learner (new session) at once too, and
     forged requests get nothing and are counted."""
-    overrides = [
-        f"run.dir={run_dir}",
-        "rollout.group_size=8",
-        "selector.keep=4",
-        "learner.groups_per_step=1",
-        "rollout.pacing=free",
-        *net_overrides,
-    ]
-    cfg = load_config(None, overrides)
-    log_path = run_dir.parent / "selector.log"
-    proc = spawn("selector.server", *overrides, log=log_path)
+    proc, cfg, log_path = start_selector(spawn, run_dir, net_overrides)
     ctx = zmq.Context()
     push, dealer, pub = group_sender(ctx, cfg.net), batch_client(ctx, cfg.net), announce_publisher(ctx, cfg.net)
     forger = batch_client(ctx, cfg.net)
@@ -398,3 +404,65 @@ def test_only_the_announced_learners_batch_requests_are_served(spawn, run_dir, n
     totals = read_metrics(run_dir / "metrics" / "selector.jsonl")[-1]
     assert totals["total/rejected/batch_not_learner"] >= 3  # 7 forged sessions, at most 4 held
     assert "not from the learner's session" in log_path.read_text()
+
+
+def test_one_peer_flooding_groups_gets_its_budget_and_the_others_theirs(spawn, run_dir, net_overrides):
+    """Issue 19, fair shares: each server id may deliver ``selector.peer_groups_per_s`` groups a second
+    outside pacing grants (a burst of 4 s worth). A peer sending 40 groups at once gets its burst of 8
+    (and what refills meanwhile); the rest are rejected and counted before any work is spent on them,
+    while another peer's groups all enter, and the warning names the bound to raise."""
+    proc, cfg, log_path = start_selector(spawn, run_dir, net_overrides, "selector.peer_groups_per_s=2")
+    ctx = zmq.Context()
+    push, dealer, pub = group_sender(ctx, cfg.net), batch_client(ctx, cfg.net), announce_publisher(ctx, cfg.net)
+    honest = group_sender(ctx, cfg.net)
+    rewards = [1, 0, 0, 0, 1, 0, 0, 1]
+    try:
+        for gid in range(40):
+            send(push, group(0, rewards, server="flood", gid=gid))
+        for gid in range(3):  # another server: its own connection (the flooding one is dropped undecoded)
+            send(honest, group(0, rewards, server="honest", gid=gid))
+        send(dealer, BatchRequest(request_id=1, version=0, num_groups=1, session=LEARNER))
+        assert reply(dealer, pub, 0).request_id == 1
+        wait_for(lambda: line_matching(log_path, "peer_groups_per_s"), 20, "the flood warned about")
+    finally:
+        close(push, dealer, pub, honest)
+        ctx.term()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    totals = read_metrics(run_dir / "metrics" / "selector.jsonl")[-1]
+    flooded, refused = totals["total/groups/received/flood"], totals["total/rejected/peer_rate"]
+    assert flooded + refused == 40 and 8 <= flooded <= 12  # the burst, plus 2/s while reading
+    assert totals["total/groups/received/honest"] == 3
+    assert "'flood' sends more than selector.peer_groups_per_s=2" in log_path.read_text()
+
+
+def test_a_connection_flooding_batch_requests_is_dropped_undecoded_and_the_learner_still_served(
+    spawn, run_dir, net_overrides
+):
+    """Issue 19, fair shares: a connection other than the learner's gets ``STRANGER_PER_S`` requests a
+    second decoded (a burst of twice that); the rest of a flood is dropped before decoding and counted,
+    and the learner's own requests are served throughout."""
+    proc, cfg, _ = start_selector(spawn, run_dir, net_overrides)
+    ctx = zmq.Context()
+    push, dealer, pub = group_sender(ctx, cfg.net), batch_client(ctx, cfg.net), announce_publisher(ctx, cfg.net)
+    forger = batch_client(ctx, cfg.net)
+    rewards = [1, 0, 0, 0, 1, 0, 0, 1]
+    try:
+        for gid in range(2):
+            send(push, group(0, rewards, gid=gid))
+        send(dealer, BatchRequest(request_id=1, version=0, num_groups=1, session=LEARNER))
+        assert reply(dealer, pub, 0).request_id == 1  # the learner is known
+        for i in range(200):
+            send(forger, BatchRequest(request_id=i, version=0, num_groups=1, session=LEARNER + 1))
+        send(dealer, BatchRequest(request_id=2, version=0, num_groups=1, session=LEARNER))
+        assert reply(dealer, pub, 0).request_id == 2
+        assert not forger.poll(0)
+    finally:
+        close(push, dealer, pub, forger)
+        ctx.term()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    totals = read_metrics(run_dir / "metrics" / "selector.jsonl")[-1]
+    # read before the selector stopped: all but a burst of 8 (and the refill), dropped undecoded; one at
+    # a time, decoded, the 200 would have been one held request, replaced 199 times, counted at most once
+    assert 100 <= totals["total/rejected/batch_not_learner"] <= 200
