@@ -97,12 +97,13 @@ def plan_micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
     return plan
 
 
-def even_out(plan: list[list[int]], count: int, spare: int = 0) -> list[tuple[list[int], float]]:
+def even_out(plan: list[list[int]], count: int) -> list[tuple[list[int], float]]:
     """``plan`` as exactly ``count`` (rows, weight) micro-batches: halve the largest while one has two
     rows or more, then repeat the first with weight 0 (a pass that adds nothing to the gradient). An
-    empty plan (this rank holds no row of the minibatch) is ``count`` weight-0 passes over row ``spare``."""
+    empty plan (this rank holds no row of the minibatch) is ``count`` weight-0 passes over row 0 of
+    the caller's choosing."""
     if not plan:
-        return [([spare], 0.0)] * count
+        return [([0], 0.0)] * count
     parts = [list(p) for p in plan]
     while len(parts) < count and max(len(p) for p in parts) > 1:
         big = max(range(len(parts)), key=lambda j: len(parts[j]))
@@ -230,7 +231,7 @@ def optimizer_step(
     micro = even_out(plan, _pass_count(plan))
     for j, (mb, weight) in enumerate(micro):
         with sync_gradients(net, sync=j == len(micro) - 1):
-            source = _take(part, mb) if rows else spare
+            source = _take(part, mb) if rows else spare  # none of the minibatch here: any row, weight 0
             mb_seed = hash((*seed, j)) % 2**63  # a distinct Clip-Cov draw per micro-batch, rank and step
             loss, metrics = micro_batch_loss(net, source, cfg, (float(totals[0]), float(totals[1])), device, mb_seed)
             # DDP and FSDP average gradients over ranks; the loss is already a share of the global mean.

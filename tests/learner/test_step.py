@@ -89,6 +89,7 @@ def test_even_out_splits_then_pads_with_zero_weight_passes():
     assert [rows for rows, _ in out] == [[0, 1], [2, 3], [4]] and all(w == 1.0 for _, w in out)
     out = even_out([[0]], 3)
     assert out == [([0], 1.0), ([0], 0.0), ([0], 0.0)]
+    assert even_out([], 2) == [([0], 0.0), ([0], 0.0)]  # a rank holding no row of a minibatch
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "constant"])
