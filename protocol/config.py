@@ -23,7 +23,12 @@ class Section(BaseModel):
 class RunConfig(Section):
     dir: str = Field("runs/tiny", description="run directory: metrics, checkpoints, model, logs")
     seed: int = Field(0, description="base seed; each process derives its own from it")
-    steps: int = Field(600, ge=1, description="optimizer steps (= policy versions) to train")
+    steps: int = Field(
+        600,
+        ge=1,
+        description="updates (= policy versions) to train: one per batch, each learner.ppo_epochs x "
+        "learner.minibatches optimizer steps (1 by default)",
+    )
     max_seconds: float = Field(
         0.0,
         ge=0,
@@ -328,7 +333,7 @@ class LossSettings(Section):
 
 class LearnerConfig(Section):
     nproc: int = Field(1, ge=1, description="torchrun ranks (processes) on this machine")
-    groups_per_step: int = Field(8, ge=1, description="groups per optimizer step")
+    groups_per_step: int = Field(8, ge=1, description="groups per batch (one batch per update and version)")
     lr: float = Field(
         1e-3,
         gt=0,
