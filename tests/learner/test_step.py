@@ -14,7 +14,7 @@ from launcher.tiny import build_tiny_model
 from learner.model import load_model
 from learner.parallel import cast, enable_grad_checkpointing
 from learner.step import even_out, lr_at, minibatch_rows, plan_micro_batches, train_step
-from protocol.config import load_config
+from protocol.config import Config, load_config
 
 CPU = torch.device("cpu")
 
@@ -260,24 +260,24 @@ def reference_update(w, rows, cfg, version, prox_each_epoch=False):
     return w, clipped
 
 
-@pytest.mark.parametrize("loss", ["decoupled_ppo", "grpo_is"])
-def test_two_epoch_update_matches_the_hand_computed_one(loss):
-    """Two epochs x two minibatches on a linear policy: four SGD steps, the proximal policy fixed at the
-    start, every step's ratio, clip and weight checked against the reference, to float32 rounding (the
-    learner takes log-probs in fp32)."""
-    rows = [  # (prompt, completion, behaviour log-probs, advantage)
-        ([0], [1, 2], [-1.0, -1.3], 1.0),
-        ([0], [2], [-0.9], -1.0),
-        ([0], [0, 0, 1], [-1.2, -0.8, -1.1], 0.5),
-        ([0], [1], [-1.5], -0.7),
-        ([0], [2, 1], [-1.0, -1.0], 1.2),
-    ]
-    w0 = [0.1, -0.2, 0.3]
+ROWS = [  # (prompt, completion, behaviour log-probs, advantage) for the linear policy's tests
+    ([0], [1, 2], [-1.0, -1.3], 1.0),
+    ([0], [2], [-0.9], -1.0),
+    ([0], [0, 0, 1], [-1.2, -0.8, -1.1], 0.5),
+    ([0], [1], [-1.5], -0.7),
+    ([0], [2, 1], [-1.0, -1.0], 1.2),
+]
+W0 = [0.1, -0.2, 0.3]
+
+
+def linear_update(loss: str, epochs: int, minibatches: int) -> tuple[list[float], dict[str, float], Config]:
+    """One update of BiasPolicy(W0) on ROWS by train_step (plain SGD, lr 5, version 7): the weights, the
+    metrics and the config."""
     cfg = load_config(
         None,
         [
-            "learner.ppo_epochs=2",
-            "learner.minibatches=2",
+            f"learner.ppo_epochs={epochs}",
+            f"learner.minibatches={minibatches}",
             "learner.lr=5.0",
             "learner.grad_clip=0",
             "learner.micro_batch_tokens=0",
@@ -286,25 +286,41 @@ def test_two_epoch_update_matches_the_hand_computed_one(loss):
         ],
     )
     data = {
-        "prompts": [torch.tensor(p) for p, _, _, _ in rows],
-        "completions": [torch.tensor(c) for _, c, _, _ in rows],
-        "behav": [torch.tensor(b, dtype=torch.float64) for _, _, b, _ in rows],
-        "advantages": torch.tensor([a for *_, a in rows], dtype=torch.float64),
+        "prompts": [torch.tensor(p) for p, _, _, _ in ROWS],
+        "completions": [torch.tensor(c) for _, c, _, _ in ROWS],
+        "behav": [torch.tensor(b, dtype=torch.float64) for _, _, b, _ in ROWS],
+        "advantages": torch.tensor([a for *_, a in ROWS], dtype=torch.float64),
     }
-    net = BiasPolicy(w0)
+    net = BiasPolicy(W0)
     metrics = train_step(net, torch.optim.SGD(net.parameters(), lr=1.0), data, cfg, 1, CPU, 7)
-    expected, clipped = reference_update(w0, rows, cfg, version=7)
-    torch.testing.assert_close(net.w.detach(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0)
+    return net.w.detach().tolist(), metrics, cfg
+
+
+@pytest.mark.parametrize("loss", ["decoupled_ppo", "grpo_is"])
+def test_two_epoch_update_matches_the_hand_computed_one(loss):
+    """Two epochs x two minibatches on a linear policy: four SGD steps, the proximal policy fixed at the
+    start, every step's ratio, clip and weight checked against the reference, to float32 rounding (the
+    learner takes log-probs in fp32)."""
+    got, metrics, cfg = linear_update(loss, 2, 2)
+    expected, clipped = reference_update(W0, ROWS, cfg, version=7)
+    assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-5, (got, expected)
     assert clipped > 0, "the later steps should move some ratio past a clip edge"
     assert metrics["train/optimizer_steps"] == 4 and metrics["loss/tokens"] == 9
     assert metrics["loss/prox_drift"] > 0  # later steps train away from the proximal policy
-    one_step, _ = reference_update(
-        w0,
-        rows,
-        cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"ppo_epochs": 1, "minibatches": 1})}),
-        7,
-    )
+    one = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"ppo_epochs": 1, "minibatches": 1})})
+    one_step, _ = reference_update(W0, ROWS, one, 7)
     assert max(abs(a - b) for a, b in zip(one_step, expected, strict=True)) > 1e-2  # not vacuous
     if loss == "decoupled_ppo":
-        moving, _ = reference_update(w0, rows, cfg, 7, prox_each_epoch=True)
+        moving, _ = reference_update(W0, ROWS, cfg, 7, prox_each_epoch=True)
         assert max(abs(a - b) for a, b in zip(moving, expected, strict=True)) > 1e-3
+
+
+@pytest.mark.parametrize(("epochs", "minibatches"), [(1, 1), (1, 5), (3, 1)])
+def test_other_update_shapes_match_the_hand_computed_ones(epochs, minibatches):
+    """One step (the default: no proximal pass, prox = the current policy), one row per minibatch, and
+    three full-batch epochs."""
+    got, metrics, cfg = linear_update("decoupled_ppo", epochs, minibatches)
+    expected, _ = reference_update(W0, ROWS, cfg, version=7)
+    assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-5, (got, expected)
+    assert metrics["train/optimizer_steps"] == epochs * minibatches
+    assert (metrics["loss/prox_drift"] == 0) == (epochs * minibatches == 1)
