@@ -48,10 +48,24 @@ default to the local counts; a data-parallel caller passes the *global* counts (
 ranks and gradient-accumulation micro-batches) so that summing gradients gives the loss of the
 whole batch.
 
+**Covariance remedies** (``cov_remedy``; Cui et al. 2025, "The Entropy Mechanism of Reinforcement
+Learning for Reasoning Language Models") act on the per-token loss of any loss above. Per completion
+token, Cov = (log π_θ − mean log π_θ)·(A − mean A), both means over the completion tokens of the call
+(log π_θ detached): tokens of high covariance are those whose update lowers the entropy most.
+**clip_cov** detaches the gradient of ⌊clip_cov_ratio·N⌋ tokens (at least one) drawn uniformly, by a
+seeded generator, from those with clip_cov_low < Cov < clip_cov_high (their loss value stays; fewer
+tokens in the band: all of them). **kl_cov** adds kl_cov_coef·|log π_θ − log μ| (the paper's
+|log-ratio| form, against the behaviour policy, which is the paper's π_old in its synchronous setting)
+to the ⌊kl_cov_ratio·N⌋ tokens (at least one) of largest Cov (ties broken by position). Like M2, the
+covariance and N are those of the call (one micro-batch in the learner). The paper pairs them with an
+unclipped −r·A; here they compose with the clip of the chosen loss.
+
 **Diagnostics** — over completion tokens, with r_b = π_θ/μ: mean and max ratio, normalised
 effective sample size (Σr_b)²/(N·Σr_b²) ∈ (0, 1], M2 = mean (log r_b)², the k3 estimator of
 KL(μ‖π_θ) = mean(r_b − 1 − log r_b), and ``entropy_proxy`` = mean(−log π_θ), the NLL of the sampled
-tokens, which estimates the policy entropy only under on-policy sampling.
+tokens, which estimates the policy entropy only under on-policy sampling. Given ``prox_logp``,
+``prox_drift`` = mean |log π_θ − log π_prox|: 0 on an update's first optimizer step, how far later
+ones (``learner.ppo_epochs``, ``learner.minibatches``) have moved from the proximal policy.
 """
 
 from __future__ import annotations
@@ -68,6 +82,7 @@ from protocol.config import LossSettings
 __all__ = [
     "AGGREGATIONS",
     "LOSSES",
+    "REMEDIES",
     "LossFn",
     "LossInputs",
     "aggregate",
@@ -236,6 +251,62 @@ LOSSES: dict[str, LossFn] = {
 }
 
 
+Remedy = Callable[[Tensor, LossInputs, LossSettings, int], tuple[Tensor, dict[str, Tensor]]]
+
+
+def _token_cov(inp: LossInputs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(Cov, log π_θ, log μ, valid): Cov = (logp − mean logp)·(A − mean A) over the completion tokens
+    (Cui et al. 2025), logp detached, −inf on padding (never chosen)."""
+    logp, behav, _, adv, valid = _prep(inp)
+    m = valid.to(logp.dtype)
+    n = m.sum().clamp(min=1)
+    lp = logp.detach()
+    centred = (lp - (lp * m).sum() / n) * (adv - (adv * m).sum() / n)
+    return torch.where(valid, centred, -math.inf), logp, behav, valid
+
+
+def _count(ratio: float, valid: Tensor) -> int:
+    n = int(valid.sum())
+    return max(1, int(ratio * n)) if n else 0
+
+
+def no_remedy(tok: Tensor, inp: LossInputs, cfg: LossSettings, seed: int) -> tuple[Tensor, dict[str, Tensor]]:
+    return tok, {}
+
+
+def clip_cov(tok: Tensor, inp: LossInputs, cfg: LossSettings, seed: int) -> tuple[Tensor, dict[str, Tensor]]:
+    # Cui et al. 2025, Clip-Cov: detach a random clip_cov_ratio of the tokens with Cov in the band
+    cov, _, _, valid = _token_cov(inp)
+    band = (valid & (cov > cfg.clip_cov_low) & (cov < cfg.clip_cov_high)).flatten().nonzero()[:, 0]
+    draw = torch.randperm(band.numel(), generator=torch.Generator().manual_seed(seed))[
+        : _count(cfg.clip_cov_ratio, valid)
+    ]
+    hit = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
+    hit[band[draw.to(band.device)]] = True
+    hit = hit.view_as(valid)
+    return torch.where(hit, tok.detach(), tok), {
+        "loss/clip_cov_frac": _frac(hit, valid, tok.dtype),
+        "loss/cov_band_frac": band.numel() / valid.sum().clamp(min=1).to(tok.dtype),
+    }
+
+
+def kl_cov(tok: Tensor, inp: LossInputs, cfg: LossSettings, seed: int) -> tuple[Tensor, dict[str, Tensor]]:
+    # Cui et al. 2025, KL-Cov: + coef·|log π_θ − log μ| on the kl_cov_ratio of tokens of largest Cov
+    cov, logp, behav, valid = _token_cov(inp)
+    order = torch.sort(cov.flatten(), descending=True, stable=True).indices[: _count(cfg.kl_cov_ratio, valid)]
+    hit = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
+    hit[order] = True
+    hit = hit.view_as(valid) & valid
+    penalty = torch.where(hit, cfg.kl_cov_coef * (logp - behav).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).abs(), 0.0)
+    return tok + penalty, {
+        "loss/kl_cov_frac": _frac(hit, valid, tok.dtype),
+        "loss/kl_cov_penalty": penalty.detach().sum() / valid.sum().clamp(min=1).to(tok.dtype),
+    }
+
+
+REMEDIES: dict[str, Remedy] = {"none": no_remedy, "clip_cov": clip_cov, "kl_cov": kl_cov}
+
+
 def build_loss(name: str) -> LossFn:
     """The loss registered as ``name``; ValueError listing the valid names otherwise."""
     try:
@@ -277,7 +348,7 @@ def aggregate(
 
 @torch.no_grad()
 def _diagnostic_tensors(inp: LossInputs) -> dict[str, Tensor]:
-    logp, behav, _, _, valid = _prep(inp)
+    logp, behav, prox, _, valid = _prep(inp)
     m = valid.to(logp.dtype)
     n = m.sum()
     nc = n.clamp(min=1)
@@ -297,6 +368,7 @@ def _diagnostic_tensors(inp: LossInputs) -> dict[str, Tensor]:
         "loss/kl_behav": ((r - 1.0 - log_r) * m).sum() / nc,  # k3 estimator of KL(μ‖π_θ), samples from μ
         "loss/entropy_proxy": (-logp * m).sum() / nc,  # sampled-token NLL (entropy only when on-policy)
         "loss/tokens": n,
+        **({} if prox is None else {"loss/prox_drift": ((logp - prox).abs() * m).sum() / nc}),
     }
 
 
@@ -320,13 +392,18 @@ def compute_loss(
     max_len: int | None = None,
     total_tokens: float | None = None,
     total_seqs: float | None = None,
+    seed: int = 0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """LOSSES[cfg.type] → aggregate → scalar loss; metrics: the loss's, diagnostics(), ``loss/pg_loss``.
+    """LOSSES[cfg.type] → REMEDIES[cfg.cov_remedy] → aggregate → scalar loss; metrics: the loss's, the
+    remedy's, diagnostics(), ``loss/pg_loss``.
 
     ``cfg`` is the run config's ``[learner.loss]`` (its bounds are checked there); ``max_len``, the
-    normaliser of ``constant`` aggregation (Dr. GRPO), is a derived size (``Config.max_new_tokens``).
+    normaliser of ``constant`` aggregation (Dr. GRPO), is a derived size (``Config.max_new_tokens``);
+    ``seed`` seeds the draw of Clip-Cov (the same seed, the same tokens).
     """
     tok, metrics = build_loss(cfg.type)(inp, cfg)
+    tok, remedy = REMEDIES[cfg.cov_remedy](tok, inp, cfg, seed)
+    metrics.update(remedy)
     loss = aggregate(tok, inp.mask, cfg.aggregation, total_tokens=total_tokens, total_seqs=total_seqs, max_len=max_len)
     out = {**_diagnostic_tensors(inp), **metrics, "loss/pg_loss": loss.detach()}
     return loss, _to_floats(out)

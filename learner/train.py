@@ -4,10 +4,11 @@ Start (one machine, R ranks; gloo on CPU, nccl on GPU)::
 
     torchrun --standalone --nproc-per-node 2 -m learner.train --config configs/tiny.toml
 
-Version ``V`` = optimizer steps taken (DESIGN.md). Each step rank 0 asks the selector for the
-batch built for ``V`` (so every row has staleness ``V - v <= max_staleness``), broadcasts it, every
-rank trains on its shard (``learner/step.py``: micro-batches within ``learner.micro_batch_tokens``,
-one optimizer step, lr from ``lr_at(V)``), and rank 0 publishes version ``V + 1``. Checkpoints store
+Version ``V`` = updates taken (DESIGN.md): one update per batch, one optimizer step by default.
+Each step rank 0 asks the selector for the batch built for ``V`` (so every row has staleness
+``V - v <= max_staleness``), broadcasts it, every rank trains on its shard (``learner/step.py``:
+``learner.ppo_epochs`` x ``learner.minibatches`` optimizer steps, each accumulated over micro-batches
+within ``learner.micro_batch_tokens``, lr from ``lr_at(V)``), and rank 0 publishes version ``V + 1``. Checkpoints store
 the version, so a restarted learner continues the count and the rollout servers' versions stay
 meaningful.
 
@@ -178,7 +179,8 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
 
 
 def shard(batch: TrainBatch, rank: int, world: int) -> dict[str, Any]:
-    """Rows ``rank::world`` of a batch as tensors (ragged rows as lists)."""
+    """Rows ``rank::world`` of a batch as tensors (ragged rows as lists), and their row ids in the batch
+    (``index``: minibatches are cut from the whole batch, learner/step.py)."""
     rows = np.arange(rank, batch.size, world)
     pe = np.cumsum(batch.prompt_lens)
     ce = np.cumsum(batch.completion_lens)
@@ -189,6 +191,7 @@ def shard(batch: TrainBatch, rank: int, world: int) -> dict[str, Any]:
         "completions": [t(batch.completion_ids[cs[i] : ce[i]].astype(np.int64)) for i in rows],
         "behav": [t(batch.logprobs[cs[i] : ce[i]].copy()) for i in rows],
         "advantages": t(batch.advantages[rows].copy()),
+        "index": t(rows.astype(np.int64)),
     }
 
 
@@ -212,7 +215,8 @@ class Training:
         self.state = full_model_state(self.net)  # a collective: every rank gathers, rank 0 receives
 
     def train(self, batch: TrainBatch) -> dict[str, Any]:
-        """One optimizer step on this rank's shard of ``batch``, which makes the next version."""
+        """One update (``ppo_epochs`` x ``minibatches`` optimizer steps) on this rank's shard of ``batch``,
+        which makes the next version."""
         from learner.parallel import full_model_state
         from learner.step import train_step
 

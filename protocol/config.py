@@ -23,7 +23,12 @@ class Section(BaseModel):
 class RunConfig(Section):
     dir: str = Field("runs/tiny", description="run directory: metrics, checkpoints, model, logs")
     seed: int = Field(0, description="base seed; each process derives its own from it")
-    steps: int = Field(600, ge=1, description="optimizer steps (= policy versions) to train")
+    steps: int = Field(
+        600,
+        ge=1,
+        description="updates (= policy versions) to train: one per batch, each learner.ppo_epochs x "
+        "learner.minibatches optimizer steps (1 by default)",
+    )
     max_seconds: float = Field(
         0.0,
         ge=0,
@@ -236,7 +241,8 @@ class RolloutConfig(Section):
 
 
 # Literals of names below are the keys of a role's registry (protocol/ imports no role): rule, adv_norm
-# and zero_variance those of selector/rules.py, loss.type and loss.aggregation those of learner/losses.py.
+# and zero_variance those of selector/rules.py, loss.type, loss.aggregation and loss.cov_remedy those of
+# learner/losses.py.
 # A test beside each registry checks they are equal.
 class SelectorConfig(Section):
     rule: Literal["max_variance", "max_reward", "random", "all"] = Field(
@@ -306,11 +312,34 @@ class LossSettings(Section):
         "distribution over completion tokens from the loss (an entropy bonus against "
         "entropy collapse; docs/LOSSES.md); 0 = off",
     )
+    cov_remedy: Literal["none", "clip_cov", "kl_cov"] = Field(
+        "none",
+        description="entropy remedy on tokens of high covariance between log-prob and advantage (Cui et al. "
+        "2025; docs/LOSSES.md): 'clip_cov' detaches the gradient of a random clip_cov_ratio of the tokens whose "
+        "covariance lies in (clip_cov_low, clip_cov_high); 'kl_cov' adds kl_cov_coef x |log(pi/pi_behav)| on the "
+        "kl_cov_ratio of tokens of largest covariance; 'none' = off",
+    )
+    clip_cov_ratio: float = Field(
+        2e-4, gt=0, le=1, description="clip_cov: fraction of the tokens detached (at least one)"
+    )
+    clip_cov_low: float = Field(1.0, description="clip_cov: lower bound of the covariance band")
+    clip_cov_high: float = Field(5.0, description="clip_cov: upper bound of the covariance band")
+    kl_cov_ratio: float = Field(2e-3, gt=0, le=1, description="kl_cov: fraction of the tokens penalised (at least one)")
+    kl_cov_coef: float = Field(1.0, ge=0, description="kl_cov: coefficient of the |log-ratio| penalty")
+
+    @model_validator(mode="after")
+    def _band(self) -> LossSettings:
+        if self.clip_cov_low >= self.clip_cov_high:
+            raise ValueError(
+                f"learner.loss.clip_cov_low={self.clip_cov_low} must be below clip_cov_high={self.clip_cov_high} "
+                "(the covariance band Clip-Cov draws its tokens from)"
+            )
+        return self
 
 
 class LearnerConfig(Section):
     nproc: int = Field(1, ge=1, description="torchrun ranks (processes) on this machine")
-    groups_per_step: int = Field(8, ge=1, description="groups per optimizer step")
+    groups_per_step: int = Field(8, ge=1, description="groups per batch (one batch per update and version)")
     lr: float = Field(
         1e-3,
         gt=0,
@@ -342,6 +371,19 @@ class LearnerConfig(Section):
         "constant", description="after warm-up: constant lr, or cosine decay to lr*min_lr_ratio at run.steps"
     )
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine schedule: final lr as a fraction of lr")
+    ppo_epochs: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="passes over each batch; the update that makes one version takes ppo_epochs x minibatches "
+        "optimizer steps, with decoupled_ppo/tis's proximal policy fixed at its start (docs/LOSSES.md)",
+    )
+    minibatches: int = Field(
+        1,
+        ge=1,
+        description="optimizer steps per pass: each pass cuts the batch into this many minibatches, shuffled "
+        "by (run.seed, version, epoch); at most the rows per batch",
+    )
     loss: LossSettings = LossSettings()
 
 
@@ -529,6 +571,11 @@ class Config(Section):
             raise ValueError(
                 f"rollout.max_group_size={self.rollout.max_group_size} < rollout.group_size="
                 f"{self.rollout.group_size}: the group size only grows (or set it to 0 for 4 x group_size)"
+            )
+        if self.learner.minibatches > self.samples_per_step:
+            raise ValueError(
+                f"learner.minibatches={self.learner.minibatches} > {self.samples_per_step} rows per batch: "
+                "every minibatch needs a row; lower learner.minibatches or raise learner.groups_per_step"
             )
         if self.model.init == "pretrained" and not self.model.path:
             raise ValueError("model.init='pretrained' needs model.path=<local directory>")

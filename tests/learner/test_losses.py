@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from learner.losses import (
     AGGREGATIONS,
     LOSSES,
+    REMEDIES,
     LossInputs,
     aggregate,
     build_loss,
@@ -478,3 +479,124 @@ def test_config_names_the_registered_losses_and_aggregations() -> None:
     """protocol/ imports no role, so the config spells the names as Literals; they must be these."""
     assert set(get_args(LossSettings.model_fields["type"].annotation)) == set(LOSSES)
     assert set(get_args(LossSettings.model_fields["aggregation"].annotation)) == set(AGGREGATIONS)
+    assert set(get_args(LossSettings.model_fields["cov_remedy"].annotation)) == set(REMEDIES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Asymmetric clipping, Clip-Cov, KL-Cov, the proximal drift: hand-computed values
+# ----------------------------------------------------------------------------------------------
+
+
+def test_asymmetric_clip_hand_computed() -> None:
+    """grpo_is with ε_low = 0.1, ε_high = 0.5 on ratios 2, 1.4, 0.8, 0.95 (A = +1, +1, -1, -1): the first
+    is clipped at 1.5, the second is inside the high edge; the third is clipped at 0.9 and the fourth,
+    inside, keeps its ratio. A symmetric ε = 0.1 clips the second at 1.1 too."""
+    r = [2.0, 1.4, 0.8, 0.95]
+    logp = torch.tensor([[math.log(x) for x in r]], dtype=F64, requires_grad=True)
+    inp = LossInputs(
+        logp,
+        torch.zeros(1, 4, dtype=F64),
+        torch.tensor([[1.0, 1.0, -1.0, -1.0]], dtype=F64),
+        torch.ones(1, 4, dtype=F64),
+    )
+    tok, m = LOSSES["grpo_is"](inp, LossSettings(clip_low=0.1, clip_high=0.5))
+    torch.testing.assert_close(tok.detach(), torch.tensor([[-1.5, -1.4, 0.9, 0.95]], dtype=F64), atol=1e-12, rtol=0)
+    assert float(m["loss/clipfrac_high"]) == 0.25 and float(m["loss/clipfrac_low"]) == 0.25
+    (g,) = torch.autograd.grad(tok.sum(), logp)
+    torch.testing.assert_close(g, torch.tensor([[0.0, -1.4, 0.0, 0.95]], dtype=F64), atol=1e-12, rtol=0)
+    tok, m = LOSSES["grpo_is"](inp, LossSettings(clip_low=0.1, clip_high=0.1))
+    torch.testing.assert_close(tok.detach(), torch.tensor([[-1.1, -1.1, 0.9, 0.95]], dtype=F64), atol=1e-12, rtol=0)
+    assert float(m["loss/clipfrac_high"]) == 0.5
+
+
+def _cov_batch() -> LossInputs:
+    """One row of 4 completion tokens and a padded 5th holding garbage. log π_θ = -1, -2, -0.5, -3 (mean
+    -1.625), A = 2, -1, 1, -2 (mean 0): Cov = 0.625·2, -0.375·-1, 1.125·1, -1.375·-2 = 1.25, 0.375, 1.125, 2.75.
+    log π_θ - log μ = 0.1, 0.2, -0.3, -0.4."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -3.0, 50.0]], dtype=F64, requires_grad=True)
+    d = torch.tensor([[0.1, 0.2, -0.3, -0.4, 0.0]], dtype=F64)
+    adv = torch.tensor([[2.0, -1.0, 1.0, -2.0, 99.0]], dtype=F64)
+    return LossInputs(logp, logp.detach() - d, adv, torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]], dtype=F64))
+
+
+def _grad(inp: LossInputs, cfg: LossSettings, seed: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+    loss, m = compute_loss(inp, cfg, seed=seed)
+    (g,) = torch.autograd.grad(loss, inp.logp)
+    return g, m
+
+
+def test_clip_cov_detaches_the_band_hand_computed() -> None:
+    inp = _cov_batch()
+    base = LossSettings(clip_low=0.5, clip_high=0.5)  # no token is clipped: ratios e^±0.4 at most
+    g0, m0 = _grad(inp, base)
+    # ratio 1: the band (1, 5) holds tokens 0, 2 and 3 (Cov 1.25, 1.125, 2.75); all three are detached.
+    g, m = _grad(inp, base.model_copy(update={"cov_remedy": "clip_cov", "clip_cov_ratio": 1.0}))
+    torch.testing.assert_close(g, g0 * torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0]], dtype=F64), atol=1e-12, rtol=0)
+    assert g0[0, :4].ne(0).all()
+    assert m["loss/clip_cov_frac"] == 0.75 and m["loss/cov_band_frac"] == 0.75
+    assert m["loss/pg_loss"] == pytest.approx(m0["loss/pg_loss"], abs=1e-15)  # detached, not removed
+    # band (1.2, 3): tokens 0 and 3; ratio 0.5 of 4 tokens: 2 of them, i.e. both.
+    narrow = base.model_copy(
+        update={"cov_remedy": "clip_cov", "clip_cov_ratio": 0.5, "clip_cov_low": 1.2, "clip_cov_high": 3.0}
+    )
+    g, m = _grad(inp, narrow)
+    torch.testing.assert_close(g, g0 * torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.0]], dtype=F64), atol=1e-12, rtol=0)
+
+
+def test_clip_cov_draws_are_seeded() -> None:
+    """Ratio 0.25 of 4 tokens: one token of the band {0, 2, 3}, the same for a seed, each of the three
+    for some seed."""
+    inp = _cov_batch()
+    cfg = LossSettings(clip_low=0.5, clip_high=0.5, cov_remedy="clip_cov", clip_cov_ratio=0.25)
+    g0, _ = _grad(inp, LossSettings(clip_low=0.5, clip_high=0.5))
+    picked = set()
+    for seed in range(20):
+        g, m = _grad(inp, cfg, seed)
+        zero = [t for t in range(4) if g[0, t] == 0]
+        assert len(zero) == 1 and m["loss/clip_cov_frac"] == 0.25
+        assert torch.equal(_grad(inp, cfg, seed)[0], g)
+        picked.add(zero[0])
+        torch.testing.assert_close(g[0, 1], g0[0, 1], atol=1e-15, rtol=0)
+    assert picked == {0, 2, 3}
+
+
+def test_kl_cov_penalises_the_top_covariance_hand_computed() -> None:
+    inp = _cov_batch()
+    base = LossSettings(clip_low=0.5, clip_high=0.5)
+    g0, m0 = _grad(inp, base)
+    # ratio 0.5 of 4: the two tokens of largest Cov, 3 (2.75) and 0 (1.25); penalty 0.5·|d| = 0.2 and
+    # 0.05, so the token-mean loss rises by 0.25/4 and the gradient by 0.5·sign(d)/4 on those two.
+    cfg = base.model_copy(update={"cov_remedy": "kl_cov", "kl_cov_ratio": 0.5, "kl_cov_coef": 0.5})
+    g, m = _grad(inp, cfg)
+    torch.testing.assert_close(g - g0, torch.tensor([[0.125, 0.0, 0.0, -0.125, 0.0]], dtype=F64), atol=1e-12, rtol=0)
+    assert m["loss/pg_loss"] == pytest.approx(m0["loss/pg_loss"] + 0.25 / 4, abs=1e-12)
+    assert m["loss/kl_cov_frac"] == 0.5 and m["loss/kl_cov_penalty"] == pytest.approx(0.25 / 4)
+    one = base.model_copy(update={"cov_remedy": "kl_cov", "kl_cov_ratio": 1e-3})  # at least one token
+    g, m = _grad(inp, one)
+    torch.testing.assert_close(g - g0, torch.tensor([[0.0, 0.0, 0.0, -0.25, 0.0]], dtype=F64), atol=1e-12, rtol=0)
+    assert m["loss/kl_cov_frac"] == 0.25
+
+
+def test_remedies_are_off_by_default_and_compose_with_every_loss() -> None:
+    inp = make_batch(per_token=True)
+    for kind in ALL:
+        plain, m = compute_loss(inp, LossSettings(type=kind))
+        assert not any(k.startswith(("loss/clip_cov", "loss/kl_cov")) for k in m)
+        for remedy in ("clip_cov", "kl_cov"):
+            cfg = LossSettings(type=kind, cov_remedy=remedy, clip_cov_low=-10.0, clip_cov_ratio=0.5, kl_cov_ratio=0.5)
+            loss, m = compute_loss(inp, cfg)
+            assert math.isfinite(loss.item()) and loss.requires_grad
+            assert m[f"loss/{remedy}_frac"] == pytest.approx(int(0.5 * inp.mask.sum().item()) / inp.mask.sum().item())
+
+
+def test_prox_drift_hand_computed() -> None:
+    inp = _one_by_three(pad=True)
+    prox = torch.tensor([[-1.5, -1.0, -1.0, 7.0]], dtype=F64)  # |logp - prox| = 0.5, ln 2, ln 2 on the 3 tokens
+    d = diagnostics(LossInputs(inp.logp, inp.behav_logp, inp.advantages, inp.mask, prox_logp=prox))
+    assert d["loss/prox_drift"] == pytest.approx((0.5 + 2 * math.log(2.0)) / 3)
+    assert "loss/prox_drift" not in diagnostics(inp)
+
+
+def test_clip_cov_band_must_be_ordered() -> None:
+    with pytest.raises(ValueError, match="clip_cov_low=5.0 must be below clip_cov_high=1.0"):
+        LossSettings(clip_cov_low=5.0, clip_cov_high=1.0)

@@ -24,11 +24,12 @@ from launcher.tiny import build_tiny_model
 from learner.checkpoint import load_latest, save_checkpoint
 from learner.model import load_model
 from learner.parallel import full_model_state, full_optimizer_state, wrap
-from learner.step import plan_micro_batches, train_step
+from learner.step import minibatch_rows, plan_micro_batches, train_step
 from protocol.config import load_config
 
 CPU = torch.device("cpu")
 WORLD, ROWS, STEPS = 2, 7, 3
+EPOCHS = ("learner.ppo_epochs=2", "learner.minibatches=3", "learner.loss.type=decoupled_ppo")  # 6 steps an update
 
 
 def _shard(data: dict, rank: int) -> dict:
@@ -38,6 +39,7 @@ def _shard(data: dict, rank: int) -> dict:
         "completions": [data["completions"][i] for i in rows],
         "behav": [data["behav"][i] for i in rows],
         "advantages": data["advantages"][rows],
+        "index": torch.tensor(rows),
     }
 
 
@@ -81,6 +83,11 @@ def _worker(rank: int, port: int, model_dir: Path, tmp: Path) -> None:
     cfg, fsdp, opt = train(
         "fsdp", "learner.strategy=fsdp", "learner.micro_batch_tokens=24", "learner.grad_checkpointing=true"
     )
+    for name, strategy in (
+        ("ddp_epochs", ()),
+        ("fsdp_epochs", ("learner.strategy=fsdp", "learner.micro_batch_tokens=24")),
+    ):
+        out[f"{name}/state"] = {k: v.clone() for k, v in full_model_state(train(name, *EPOCHS, *strategy)[1]).items()}
     train("ddp_bf16", "model.dtype=bfloat16", steps=1)
     train("fsdp_bf16", "learner.strategy=fsdp", "model.dtype=bfloat16", steps=1)
     out["plans"] = [
@@ -144,6 +151,14 @@ def seen(tmp_path_factory) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr)
     batches = [ragged_rows(ROWS, vocab=17, seed=10 + s) for s in range(STEPS)]
     seen["one_process"] = [train_step(model, opt, b, cfg, 1, CPU, v) for v, b in enumerate(batches)]
+    cfg = cfg.model_copy(
+        update={"learner": load_config(None, list(EPOCHS)).learner.model_copy(update={"micro_batch_tokens": 0})}
+    )
+    torch.manual_seed(0)
+    model = load_model(tmp / "model", CPU)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr)
+    seen["one_process_epochs"] = [train_step(model, opt, b, cfg, 1, CPU, v) for v, b in enumerate(batches)]
+    seen["one_process_epochs/state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return seen
 
 
@@ -161,6 +176,23 @@ def test_two_ranks_match_one_process(seen):
     for ref, got in zip(seen["one_process"], seen["ddp"], strict=True):
         assert abs(got["loss"] - ref["loss/pg_loss"]) < 1e-5
         assert abs(got["train/grad_norm"] - ref["train/grad_norm"]) < 1e-5
+
+
+def test_ppo_epochs_and_minibatches_on_two_ranks_match_one_process(seen):
+    """Minibatches are cut from the whole batch, so two DDP or FSDP ranks take the optimizer steps that
+    one process takes, ranks holding no row of a minibatch included (weight-0 passes)."""
+    cuts = [minibatch_rows(ROWS, 3, (0, v, e)) for v in range(STEPS) for e in range(2)]
+    assert any(len({i % WORLD for i in part}) == 1 for parts in cuts for part in parts), "no rank ever sat one out"
+    ref = seen["one_process_epochs"]
+    for name in ("ddp_epochs", "fsdp_epochs"):
+        for r, got in zip(ref, seen[name], strict=True):
+            assert got["train/optimizer_steps"] == 6
+            assert abs(got["loss"] - r["loss/pg_loss"]) < 1e-5, (name, got["loss"], r["loss/pg_loss"])
+            assert abs(got["train/grad_norm"] - r["train/grad_norm"]) < 1e-5, name
+        state, want = seen[f"{name}/state"], seen["one_process_epochs/state"]
+        worst = max(float((state[k] - want[k]).abs().max()) for k in want)
+        assert worst < 1e-5, (name, worst)
+    assert max(float((seen["ddp_epochs/state"][k] - seen["ddp_state"][k]).abs().max()) for k in want) > 1e-3
 
 
 def test_bf16_losses_are_close_to_fp32(seen):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ import torch
 from launcher.tiny import build_tiny_model
 from learner.model import load_model
 from learner.parallel import cast, enable_grad_checkpointing
-from learner.step import even_out, lr_at, plan_micro_batches, train_step
-from protocol.config import load_config
+from learner.step import even_out, lr_at, minibatch_rows, plan_micro_batches, train_step
+from protocol.config import Config, load_config
 
 CPU = torch.device("cpu")
 
@@ -88,6 +89,7 @@ def test_even_out_splits_then_pads_with_zero_weight_passes():
     assert [rows for rows, _ in out] == [[0, 1], [2, 3], [4]] and all(w == 1.0 for _, w in out)
     out = even_out([[0]], 3)
     assert out == [([0], 1.0), ([0], 0.0), ([0], 0.0)]
+    assert even_out([], 2) == [([0], 0.0), ([0], 0.0)]  # a rank holding no row of a minibatch
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "constant"])
@@ -177,3 +179,148 @@ def test_the_entropy_bonus_raises_entropy_and_is_off_by_default(tiny):
     for step in range(1, 4):
         after = train_step(model, opt, copy.deepcopy(data), cfg, 1, CPU, step)["loss/entropy"]
     assert after > before
+
+
+# ----------------------------------------------------------------------------------------------
+# PPO epochs and minibatches
+# ----------------------------------------------------------------------------------------------
+
+
+def test_minibatch_rows_partition_each_pass_and_are_seeded():
+    assert minibatch_rows(7, 1, (0, 3, 1)) == [list(range(7))]  # one minibatch: every row, in order
+    parts = minibatch_rows(7, 3, (0, 3, 1))
+    assert sorted(i for p in parts for i in p) == list(range(7)) and [len(p) for p in parts] == [3, 2, 2]
+    assert minibatch_rows(7, 3, (0, 3, 1)) == parts  # the same seed, the same cut (every rank agrees)
+    others = [minibatch_rows(7, 3, s) for s in [(1, 3, 1), (0, 4, 1), (0, 3, 0)]]
+    assert all(o != parts for o in others)  # run seed, version and epoch each change the shuffle
+    assert minibatch_rows(4, 4, (0, 0, 0)) != [[0], [1], [2], [3]] or minibatch_rows(4, 4, (0, 0, 1)) != [
+        [0],
+        [1],
+        [2],
+        [3],
+    ]
+    with pytest.raises(ValueError, match="cannot cut 3 rows into 4 minibatches"):
+        minibatch_rows(3, 4, (0, 0, 0))
+
+
+def test_config_bounds_minibatches_by_the_rows_per_batch():
+    assert load_config(None, ["learner.minibatches=32"]).learner.minibatches == 32  # 8 groups x keep 4
+    with pytest.raises(ValueError, match=r"learner.minibatches=33 > 32 rows per batch"):
+        load_config(None, ["learner.minibatches=33"])
+    with pytest.raises(ValueError, match="ppo_epochs"):
+        load_config(None, ["learner.ppo_epochs=0"])
+
+
+class BiasPolicy(torch.nn.Module):
+    """The tiniest policy: the same logits ``w`` at every position, whatever the input, so that
+    log pi(k) = w_k - logsumexp(w) and d log pi(k) / dw = onehot(k) - softmax(w)."""
+
+    def __init__(self, w: list[float]) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w, dtype=torch.float64))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.w.expand(*input_ids.shape, -1))
+
+
+def reference_update(w, rows, cfg, version, prox_each_epoch=False):
+    """The update by hand, in Python floats: ``ppo_epochs`` passes over ``minibatch_rows``' cuts, each a
+    plain SGD step on the token-mean PPO-clip loss, with the proximal log-probs (decoupled_ppo) those of the
+    weights at the update's start (or, ``prox_each_epoch``, at each pass's: the mistake to tell apart).
+    Returns the final weights and how many tokens were clipped."""
+    lc, lo = cfg.learner, cfg.learner.loss
+
+    def logp(w, k):
+        return w[k] - math.log(sum(math.exp(x) for x in w))
+
+    prox = [[logp(w, k) for k in comp] for _, comp, _, _ in rows]
+    clipped = 0
+    for epoch in range(lc.ppo_epochs):
+        if prox_each_epoch:
+            prox = [[logp(w, k) for k in comp] for _, comp, _, _ in rows]
+        for part in minibatch_rows(len(rows), lc.minibatches, (cfg.run.seed, version, epoch)):
+            n = sum(len(rows[i][1]) for i in part)
+            probs = [math.exp(x) / sum(math.exp(y) for y in w) for x in w]
+            grad = [0.0] * len(w)
+            for i in part:
+                _, comp, behav, a = rows[i]
+                for t, k in enumerate(comp):
+                    if lo.type == "decoupled_ppo":
+                        anchor, weight = prox[i][t], min(math.exp(prox[i][t] - behav[t]), lo.behav_cap)
+                    else:  # grpo_is: the ratio against the behaviour policy, no weight
+                        anchor, weight = behav[t], 1.0
+                    r = math.exp(logp(w, k) - anchor)
+                    if (a > 0 and r > 1 + lo.clip_high) or (a < 0 and r < 1 - lo.clip_low):
+                        clipped += 1
+                        continue  # the clipped side: no gradient
+                    dloss_dlogp = -weight * a * r / n
+                    for j in range(len(w)):
+                        grad[j] += dloss_dlogp * ((j == k) - probs[j])
+            w = [x - lc.lr * g for x, g in zip(w, grad, strict=True)]
+    return w, clipped
+
+
+ROWS = [  # (prompt, completion, behaviour log-probs, advantage) for the linear policy's tests
+    ([0], [1, 2], [-1.0, -1.3], 1.0),
+    ([0], [2], [-0.9], -1.0),
+    ([0], [0, 0, 1], [-1.2, -0.8, -1.1], 0.5),
+    ([0], [1], [-1.5], -0.7),
+    ([0], [2, 1], [-1.0, -1.0], 1.2),
+]
+W0 = [0.1, -0.2, 0.3]
+
+
+def linear_update(loss: str, epochs: int, minibatches: int) -> tuple[list[float], dict[str, float], Config]:
+    """One update of BiasPolicy(W0) on ROWS by train_step (plain SGD, lr 5, version 7): the weights, the
+    metrics and the config."""
+    cfg = load_config(
+        None,
+        [
+            f"learner.ppo_epochs={epochs}",
+            f"learner.minibatches={minibatches}",
+            "learner.lr=5.0",
+            "learner.grad_clip=0",
+            "learner.micro_batch_tokens=0",
+            f"learner.loss.type={loss}",
+            "run.seed=3",
+        ],
+    )
+    data = {
+        "prompts": [torch.tensor(p) for p, _, _, _ in ROWS],
+        "completions": [torch.tensor(c) for _, c, _, _ in ROWS],
+        "behav": [torch.tensor(b, dtype=torch.float64) for _, _, b, _ in ROWS],
+        "advantages": torch.tensor([a for *_, a in ROWS], dtype=torch.float64),
+    }
+    net = BiasPolicy(W0)
+    metrics = train_step(net, torch.optim.SGD(net.parameters(), lr=1.0), data, cfg, 1, CPU, 7)
+    return net.w.detach().tolist(), metrics, cfg
+
+
+@pytest.mark.parametrize("loss", ["decoupled_ppo", "grpo_is"])
+def test_two_epoch_update_matches_the_hand_computed_one(loss):
+    """Two epochs x two minibatches on a linear policy: four SGD steps, the proximal policy fixed at the
+    start, every step's ratio, clip and weight checked against the reference, to float32 rounding (the
+    learner takes log-probs in fp32)."""
+    got, metrics, cfg = linear_update(loss, 2, 2)
+    expected, clipped = reference_update(W0, ROWS, cfg, version=7)
+    assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-5, (got, expected)
+    assert clipped > 0, "the later steps should move some ratio past a clip edge"
+    assert metrics["train/optimizer_steps"] == 4 and metrics["loss/tokens"] == 9
+    assert metrics["loss/prox_drift"] > 0  # later steps train away from the proximal policy
+    one = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"ppo_epochs": 1, "minibatches": 1})})
+    one_step, _ = reference_update(W0, ROWS, one, 7)
+    assert max(abs(a - b) for a, b in zip(one_step, expected, strict=True)) > 1e-2  # not vacuous
+    if loss == "decoupled_ppo":
+        moving, _ = reference_update(W0, ROWS, cfg, 7, prox_each_epoch=True)
+        assert max(abs(a - b) for a, b in zip(moving, expected, strict=True)) > 1e-3
+
+
+@pytest.mark.parametrize(("epochs", "minibatches"), [(1, 1), (1, 5), (3, 1)])
+def test_other_update_shapes_match_the_hand_computed_ones(epochs, minibatches):
+    """One step (the default: no proximal pass, prox = the current policy), one row per minibatch, and
+    three full-batch epochs."""
+    got, metrics, cfg = linear_update("decoupled_ppo", epochs, minibatches)
+    expected, _ = reference_update(W0, ROWS, cfg, version=7)
+    assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-5, (got, expected)
+    assert metrics["train/optimizer_steps"] == epochs * minibatches
+    assert (metrics["loss/prox_drift"] == 0) == (epochs * minibatches == 1)
