@@ -93,6 +93,12 @@ JOIN_GAP_S = 0.05  # a new subscriber is announced to within this (announcements
 # An honest rollout server starts about one transfer per version it loads (plus one after a 'gone'); one
 # allowed peer sending 178,500 starts raised the step time from 0.080 to 0.124 s (issue 19).
 STARTS_PER_S = 32.0  # transfers one peer may start per second (a burst of this many at once)
+# Requests read per second, all peers together: this thread shares the GIL with training, and a flood of
+# 35,000 requests a second cost the learner 0.4 of a core even with each dropped undecoded (issue 19,
+# bench/flood.py). 4,096 chunk requests a second are 16 GiB/s of 4 MiB chunks; beyond, requests wait in
+# their peers' queues (fair-queued by ZeroMQ, so a flooding peer delays an honest one by its turn only).
+READS_PER_S = 4096.0
+PAUSE_S = 0.01  # how long reading stops when the budget ran out
 MAX_PINS = 4096  # transfers tracked at once (a hostile peer opening transfers cannot grow this further)
 
 
@@ -157,6 +163,7 @@ class WeightPublisher:
         self.pins_dropped = 0  # transfers told 'gone' because weights.max_pinned was reached
         self.pins_expired = 0  # transfers silent for weights.pin_s
         self.starts = Budgets(per_s=STARTS_PER_S)  # per-peer bound on transfer starts (weights/throttled)
+        self.reads = Budgets(per_s=READS_PER_S)  # all peers' requests read per second (this thread's GIL share)
         self._thread = threading.Thread(target=self._serve_or_stop, name="weight-publisher", daemon=True)
         self._thread.start()
 
@@ -229,6 +236,7 @@ class WeightPublisher:
             "weights/pins_dropped": self.pins_dropped,
             "weights/pins_expired": self.pins_expired,
             "weights/throttled": self.starts.refused,
+            "weights/read_pauses": self.reads.refused,
         }
 
     def close(self) -> None:
@@ -467,6 +475,34 @@ class WeightPublisher:
             log.critical("the weights server thread failed; stopping the learner", exc_info=True)
             os.kill(os.getpid(), signal.SIGINT)  # a real signal: it wakes a main thread blocked in a wait
 
+    def _read_requests(self, waiting: list[tuple[list[bytes], WeightsRequest]], now: float) -> bool:
+        """Read a burst of requests into ``waiting``; False when the read budget ran out (``READS_PER_S``)."""
+        for _ in range(64):  # a burst of chunk requests, then look at the clock again
+            if not self.reads.allow(None, now):
+                return False
+            try:
+                frames = self._router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return True
+            peer = frames[0].bytes
+            if self.starts.spent(peer, now):  # a flooding peer: not even decoded until it refills
+                self.starts.refused += 1
+                self._warn("throttled", "ignored weight-transfer starts beyond a peer's budget")
+                continue
+            try:
+                route, req, _ = decode_received(self._router, frames, WeightsRequest, True, None)
+            except ProtocolError as e:
+                self.rejected += 1
+                self._warn(e.reason, "rejected a weights request: %s", e)
+                continue
+            if req.chunk == 0 and not self.starts.allow(peer, now):
+                self._warn("throttled", "ignored weight-transfer starts beyond a peer's budget")
+                continue
+            if req.corrupt >= 0:
+                self._corrupt_reported(req.corrupt)
+            waiting.append((route, req))
+        return True
+
     def _serve(self) -> None:
         wake = self._ctx.socket(zmq.PAIR)
         wake.connect(self._wake_addr)
@@ -476,32 +512,20 @@ class WeightPublisher:
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._pub, zmq.POLLIN)  # subscriptions: a process joined (protocol/sockets.py)
         announced, join_due = time.monotonic(), math.inf  # join_due: announce then, for a new subscriber
+        paused_until = 0.0  # the read budget ran out: requests are not read until then
         timeout_ms = int(ANNOUNCE_EVERY_S * 1000)
         try:
             while True:
-                due_ms = math.ceil((join_due - time.monotonic()) * 1000) if join_due < math.inf else timeout_ms
+                due = min(join_due, paused_until or math.inf)
+                due_ms = math.ceil((due - time.monotonic()) * 1000) if due < math.inf else timeout_ms
                 events = dict(poller.poll(max(0, min(timeout_ms, due_ms))))
-                if self._router in events:
-                    for _ in range(64):  # drain a burst of chunk requests, then look at the clock again
-                        try:
-                            frames = self._router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                            peer, now = frames[0].bytes, time.monotonic()
-                            if self.starts.spent(peer, now):  # a flooding peer: not even decoded until it refills
-                                self.starts.refused += 1
-                                self._warn("throttled", "ignored weight-transfer starts beyond a peer's budget")
-                                continue
-                            route, req, _ = decode_received(self._router, frames, WeightsRequest, True, None)
-                            if req.chunk == 0 and not self.starts.allow(peer, now):
-                                self._warn("throttled", "ignored weight-transfer starts beyond a peer's budget")
-                                continue
-                            if req.corrupt >= 0:
-                                self._corrupt_reported(req.corrupt)
-                            waiting.append((route, req))
-                        except zmq.Again:
-                            break
-                        except ProtocolError as e:
-                            self.rejected += 1
-                            self._warn(e.reason, "rejected a weights request: %s", e)
+                now = time.monotonic()
+                if paused_until and now >= paused_until:  # the read budget refilled: listen to peers again
+                    poller.modify(self._router, zmq.POLLIN)
+                    paused_until = 0.0
+                if self._router in events and not self._read_requests(waiting, now):
+                    poller.modify(self._router, 0)  # requests wait in their peers' queues meanwhile
+                    paused_until = now + PAUSE_S
                 if wake in events and wake.recv() == b"stop":
                     return
                 if self._pub in events and self._drain_subscriptions():  # (a reconnecting loop: one per JOIN_GAP_S)

@@ -30,6 +30,7 @@ is bounded (``selector.max_peers``; dead peers are forgotten).
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import time
@@ -71,7 +72,7 @@ from selector.batch import KeptGroup, build_batch
 from selector.bounds import Bounds, Early, Identities
 from selector.buffer import Buffer, Tally
 from selector.pacing import Pacer
-from selector.requests import STRANGER_PER_S, LearnerRequests
+from selector.requests import PAUSE_S, REQUEST_READS_PER_S, STRANGER_PER_S, LearnerRequests
 
 log = logging.getLogger("podsrl.selector")
 GroupLinkMessage = Hello | Heartbeat | ScoredGroup | WorkRequest
@@ -108,6 +109,8 @@ class Selector:
         self.pending: tuple[list[bytes], BatchRequest] | None = None
         self.requests = LearnerRequests()  # only the announced learner's batch requests are served
         self.strangers = Budgets(per_s=STRANGER_PER_S, burst=2 * STRANGER_PER_S)  # other connections' requests
+        self.request_reads = Budgets(per_s=REQUEST_READS_PER_S)  # all connections' batch requests read a second
+        self.requests_paused_until = 0.0  # request_reads ran out: the batches link is not polled until then
         self.learner_peer = b""  # the routing id of the connection the learner's last request came on
         self.bounds = Bounds(self.cfg)  # the newest announced version, its floor and the vocabulary size
         self.early = Early()  # groups of the next version, waiting for its announcement
@@ -357,9 +360,24 @@ class Selector:
                 received,
             )
 
-    def on_request(self) -> None:
-        frames = self.batches.recv_multipart(copy=False)
-        peer, now = frames[0].bytes, time.monotonic()
+    def read_requests(self, poller: zmq.Poller) -> None:
+        """A burst of batch requests (a flood of forged ones does not queue the learner's behind it),
+        within ``REQUEST_READS_PER_S`` for all connections together: when that runs out the link is not
+        polled for ``PAUSE_S``, so a flood waits in its own queue (ZeroMQ fair-queues the learner's)."""
+        now = time.monotonic()
+        for _ in range(64):
+            if not self.request_reads.allow(None, now):
+                poller.modify(self.batches, 0)
+                self.requests_paused_until = now + PAUSE_S
+                return
+            try:
+                frames = self.batches.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.on_request(frames, now)
+
+    def on_request(self, frames: list[zmq.Frame], now: float) -> None:
+        peer = frames[0].bytes
         if peer != self.learner_peer and not self.strangers.allow(peer, now):  # a flood: not even decoded
             rejected = self.requests.rejected
             self.requests.dropped()
@@ -540,16 +558,16 @@ class Selector:
         announcements, a burst of groups and a batch request (in that order), serve, grant, check peers."""
         silent = self.learner_silent()
         self.set_reading(poller, silent)
+        if self.requests_paused_until and time.monotonic() >= self.requests_paused_until:
+            poller.modify(self.batches, zmq.POLLIN)
+            self.requests_paused_until = 0.0
         events = dict(poller.poll(self.poll_timeout_ms()))
         if self.sub in events:  # first: a group or request may carry the version just announced
             self.drain_announcements()
         if self.groups in events:
             self.read_burst(silent)
         if self.batches in events:
-            for _ in range(64):  # a burst: a flood of forged requests does not queue the learner's behind it
-                self.on_request()
-                if not self.batches.poll(0):
-                    break
+            self.read_requests(poller)
         if self.early:
             self.release_early()
         if self.requests.held:
@@ -579,10 +597,12 @@ class Selector:
             peer.last_seen = max(peer.last_seen, time.monotonic())
 
     def poll_timeout_ms(self) -> int:
-        """200 ms, or less when a held batch (``Pacer.hold``) is to be looked at again sooner."""
-        if not self.hold_until:
+        """200 ms, or less when a held batch (``Pacer.hold``) is to be looked at again sooner, or the
+        batches link listened to again (``read_requests``)."""
+        due = min(self.hold_until or math.inf, self.requests_paused_until or math.inf)
+        if due == math.inf:
             return 200
-        return max(1, min(200, int(1e3 * (self.hold_until - time.monotonic()))))
+        return max(1, min(200, math.ceil(1e3 * (due - time.monotonic()))))
 
     def read_burst(self, silent: bool) -> None:
         """Drain a burst before serving, without starving the other links; decode it all, then gate and

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+import zmq
+
+import selector.server as server
+from protocol.config import load_config
 from protocol.messages import BatchRequest
+from protocol.sockets import batch_client, close, send
 from selector.requests import LearnerRequests
 
 
@@ -52,3 +60,37 @@ def test_a_stream_of_requests_cannot_keep_a_forged_session_waiting() -> None:
         gate.arrive([b"f"], req(6, request_id=i), now=i / 10)
         gate.expire(now=i / 10)
     assert gate.rejected == 2 and 6 in gate.held  # dropped at 1.0 and 2.0; the third is waiting
+
+
+def test_the_batches_link_is_read_within_a_budget_then_left_alone_for_a_pause(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, net_overrides: list[str]
+) -> None:
+    """All connections together get ``REQUEST_READS_PER_S`` reads a second (here 16, a burst of 16):
+    beyond, the batches link is not polled for ``PAUSE_S`` and the rest of a flood waits in its own
+    queue instead of costing the selector's CPU; the loop wakes up in time to listen again."""
+    monkeypatch.setattr(server, "REQUEST_READS_PER_S", 16.0)
+    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", *net_overrides])
+    sel = server.Selector(cfg)
+    forger = batch_client(sel.ctx, cfg.net)
+    poller = zmq.Poller()
+    poller.register(sel.batches, zmq.POLLIN)
+    try:
+        for i in range(100):
+            send(forger, req(6, request_id=i))
+        assert poller.poll(5000)
+        for _ in range(16):  # bursts of at most 64 each, until the budget runs out
+            if sel.requests_paused_until:
+                break
+            sel.read_requests(poller)
+        assert sel.requests_paused_until and sel.request_reads.refused == 1
+        assert sel.strangers.refused == 16 - 8  # 16 read: 8 decoded (a stranger's burst), 8 dropped undecoded
+        assert not poller.poll(0)  # not listened to during the pause, though 84 requests wait
+        assert sel.poll_timeout_ms() <= 1e3 * server.PAUSE_S
+        left = 0
+        while sel.batches.poll(0):
+            sel.batches.recv_multipart()
+            left += 1
+        assert left == 100 - 16
+    finally:
+        close(forger)
+        sel.shut_down()
