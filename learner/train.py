@@ -4,6 +4,9 @@ Start (one machine, R ranks; gloo on CPU, nccl on GPU)::
 
     torchrun --standalone --nproc-per-node 2 -m learner.train --config configs/tiny.toml
 
+On N machines, ``podsrl learner`` on each with ``learner.nnodes=N learner.node_rank=i
+learner.rdzv_endpoint=NODE0:29400`` runs torchrun's c10d rendezvous (``launcher.launch.torchrun_command``).
+
 Version ``V`` = updates taken (DESIGN.md): one update per batch, one optimizer step by default.
 Each step rank 0 asks the selector for the batch built for ``V`` (so every row has staleness
 ``V - v <= max_staleness``), broadcasts it, every rank trains on its shard (``learner/step.py``:
@@ -24,6 +27,7 @@ cast to ``model.dtype``, the dtype the rollout engine loads. Strategies and stat
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -31,7 +35,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -42,7 +46,7 @@ import torch.distributed as dist
 import zmq
 
 from protocol.auth import load_auth
-from protocol.config import Config
+from protocol.config import Config, load_config
 from protocol.messages import BatchRequest, ProtocolError, TrainBatch
 from protocol.metrics import Monitor, RateLimitedLog
 from protocol.sockets import batch_client, close, recv, send
@@ -126,7 +130,7 @@ class BatchSource:
             else "token ids outside the vocabulary"
             if any(a.size and (int(a.min()) < 0 or int(a.max()) >= self.vocab_size) for a in ids)
             else "fewer rows than ranks"
-            if batch.size < self.cfg.learner.nproc
+            if batch.size < self.cfg.learner.world_size
             else ""
         )
         if problem:
@@ -166,16 +170,64 @@ def die_with_agent() -> None:
         os._exit(1)
 
 
-def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+def global_rank(args: argparse.Namespace) -> int:
+    """This worker's rank in the learner job. One node: torchrun's ``RANK``. Several: ``learner.node_rank``
+    x ranks per node + ``LOCAL_RANK``, so global rank 0 (the one that talks to the selector and publishes
+    weights) is always on node 0, the address rollout servers are given as ``net.learner_host``; torch's
+    c10d rendezvous orders nodes by host name and pid instead, and ignores ``--node-rank``."""
+    try:
+        learner = load_config(args.config, args.overrides).learner
+    except ValueError:  # configure() reports it
+        return int(os.environ.get("RANK", 0))
+    if learner.nnodes == 1:
+        return int(os.environ.get("RANK", 0))
+    return learner.node_rank * int(os.environ.get("LOCAL_WORLD_SIZE", 1)) + int(os.environ.get("LOCAL_RANK", 0))
+
+
+def setup_distributed(cfg: Config, rank: int) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         use_cuda = cfg.learner.device == "cuda" or (cfg.learner.device == "auto" and torch.cuda.is_available())
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if world != cfg.learner.world_size:
+            raise RuntimeError(
+                f"torchrun started {world} rank(s), but learner.nproc={cfg.learner.nproc} x learner.nnodes="
+                f"{cfg.learner.nnodes} = {cfg.learner.world_size}: start every node with `podsrl learner` and "
+                "the same learner.nproc and learner.nnodes"
+            )
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=cfg.learner.dist_timeout_s),
+        )
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.learner.device == "cpu" or not torch.cuda.is_available():
         return rank, world, torch.device("cpu")
     local = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local)
     return rank, world, torch.device("cuda", local)
+
+
+@contextlib.contextmanager
+def peers_watched(cfg: Config, rank: int, world: int) -> Iterator[None]:
+    """Say what a failed collective means before it ends this rank: another rank of the job died (its
+    connections closed: at once) or stopped answering (after ``learner.dist_timeout_s``). torchrun then
+    ends the job on every node (``--max-restarts=0``); starting it again resumes the last checkpoint."""
+    try:
+        yield
+    except RuntimeError as e:  # NCCL raises DistError; gloo a RuntimeError naming its own source file
+        if world > 1 and (isinstance(e, dist.DistError) or "gloo" in str(e)):
+            log.error(
+                "learner rank %d of %d: a collective failed, so another rank of the job died or stopped "
+                "answering (learner.dist_timeout_s=%g); the job ends. Start `podsrl learner` again on every node "
+                "(learner.nnodes=%d): it resumes from the last checkpoint. (%s)",
+                rank,
+                world,
+                cfg.learner.dist_timeout_s,
+                cfg.learner.nnodes,
+                str(e).splitlines()[0] if str(e) else type(e).__name__,
+            )
+        raise
 
 
 def shard(batch: TrainBatch, rank: int, world: int) -> dict[str, Any]:
@@ -353,12 +405,13 @@ def main(argv: list[str] | None = None) -> int:
 
     die_with_agent()
     args = process_parser("learner.train", __doc__).parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
+    rank = global_rank(args)
     cfg = configure(args, role=f"learner-{rank}", quiet=rank != 0)
     torch.set_num_threads(cfg.learner.threads)
-    rank, world, device = setup_distributed(cfg)
+    rank, world, device = setup_distributed(cfg, rank)
     with contextlib.ExitStack() as cleanup:  # every clean-up, last opened first, on success or error
         cleanup.callback(end_distributed)
+        cleanup.enter_context(peers_watched(cfg, rank, world))
         run = Training(cfg, rank, world, device)
         lead = Lead(cfg, run, cleanup) if rank == 0 else None  # publishes the version it starts from
         while run.step < cfg.run.steps:
