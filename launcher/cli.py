@@ -401,6 +401,8 @@ def health_command(args: argparse.Namespace) -> int:
             detail = f"metrics written {age:.0f}s ago"
             if age > args.max_age:
                 problem = f"its metrics {metrics} are {age:.0f}s old (more than --max-age {args.max_age:g})"
+    elif role == "learner" and cfg.learner.node_rank > 0:  # global rank 0, on node 0, binds the ports
+        detail = f"node {cfg.learner.node_rank} of {cfg.learner.nnodes} (node 0 binds the learner's ports)"
     else:
         host = {"0.0.0.0": "127.0.0.1", "*": "127.0.0.1", "::": "::1"}.get(cfg.net.bind_host, cfg.net.bind_host)
         keys = ("group_port", "batch_port") if role == "selector" else ("announce_port", "weights_port")

@@ -311,3 +311,32 @@ def test_podsrl_run_refuses_a_multinode_learner(capsys):
 
     assert main(["run", "learner.nnodes=2", "learner.rdzv_endpoint=h:29400"]) == 2
     assert "run `podsrl learner` on each node" in capsys.readouterr().err
+
+
+def test_health_of_a_node_other_than_0_needs_no_ports(tmp_path, capsys):
+    """Only node 0 (global rank 0) binds the learner's ports: ``podsrl health`` (the probes) passes on the
+    others while the process lives, and still checks node 0's ports."""
+    from launcher.cli import main
+
+    config = tmp_path / "run.toml"
+    announce, weights = free_ports(2)
+    config.write_text(f'[net]\nbind_host = "0.0.0.0"\nannounce_port = {announce}\nweights_port = {weights}\n')
+    nodes = ["learner.nnodes=2", "learner.rdzv_endpoint=learner-0.learner:29400"]
+    procs = []
+    try:
+        for rank in (1, 0):
+            argv = [sys.executable, "-c", "import time; time.sleep(60)", "-m", "learner.train", "--config"]
+            procs.append(subprocess.Popen([*argv, str(config), *nodes, f"learner.node_rank={rank}"]))
+
+        def execed() -> bool:
+            return all(b"\0learner.node_rank=" in Path(f"/proc/{p.pid}/cmdline").read_bytes() for p in procs)
+
+        wait_for(execed, 10, "the stand-ins to exec")
+        assert main(["health", "--pid", str(procs[0].pid)]) == 0
+        assert "alive, node 1 of 2 (node 0 binds the learner's ports)" in capsys.readouterr().out
+        assert main(["health", "--pid", str(procs[1].pid)]) == 1
+        assert "(net.announce_port)" in capsys.readouterr().err
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
