@@ -1,8 +1,8 @@
 """A learner across two "nodes": two ``podsrl learner`` processes with ``learner.nnodes=2``, each a torchrun
 agent with one gloo rank, joined by torchrun's c10d rendezvous over loopback (docs/DEPLOY.md).
 
-One fixture runs the scenario once (each torchrun start imports torch twice, which dominates on 2 cores),
-and each test checks one part of it:
+One fixture runs the scenario once (each torchrun start imports torch twice, which dominates on 2 cores:
+about 70 s in all), and each test (marked slow) checks one part of it:
 
 1. the reference: ``podsrl learner`` on one node with 2 ranks, 4 steps, a checkpoint at version 3;
 2. the same batches on 2 nodes x 1 rank: the same losses and the same version-3 checkpoint; then node 1
@@ -219,6 +219,7 @@ def scenario(tmp_path_factory) -> dict:
     return seen
 
 
+@pytest.mark.slow
 def test_two_nodes_train_the_same_losses_as_one_node_with_two_ranks(scenario):
     tmp = scenario["tmp"]
     assert scenario["one_rc"] == 0, scenario["one_log"][-3000:]
@@ -236,6 +237,7 @@ def test_two_nodes_train_the_same_losses_as_one_node_with_two_ranks(scenario):
     assert not (tmp / "node1" / "checkpoints").exists() or not any((tmp / "node1" / "checkpoints").glob("v*"))
 
 
+@pytest.mark.slow
 def test_rank0_is_on_node_0(scenario):
     """Global rank 0 (the selector's client, the publisher) is node_rank 0's, whatever order the rendezvous
     put the nodes in: only node 0 logged the 'learner up' line and wrote metrics."""
@@ -245,6 +247,7 @@ def test_rank0_is_on_node_0(scenario):
     assert not (tmp / "node1" / "metrics" / "learner.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_a_node_that_dies_ends_the_job_with_a_clear_error(scenario):
     log = scenario["node0_log"]
     assert scenario["node0_rc"] != 0, log[-3000:]
@@ -253,6 +256,7 @@ def test_a_node_that_dies_ends_the_job_with_a_clear_error(scenario):
     assert "Start `podsrl learner` again on every node" in log
 
 
+@pytest.mark.slow
 def test_the_two_node_checkpoint_resumes_on_one_node(scenario):
     tmp = scenario["tmp"]
     assert scenario["resume_rc"] == 0, scenario["resume_log"][-3000:]
