@@ -27,7 +27,6 @@ cast to ``model.dtype``, the dtype the rollout engine loads. Strategies and stat
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -35,7 +34,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -45,8 +44,9 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from learner.nodes import claim_rank, global_rank, peers_watched
 from protocol.auth import load_auth
-from protocol.config import Config, load_config
+from protocol.config import Config
 from protocol.messages import BatchRequest, ProtocolError, TrainBatch
 from protocol.metrics import Monitor, RateLimitedLog
 from protocol.sockets import batch_client, close, recv, send
@@ -170,20 +170,6 @@ def die_with_agent() -> None:
         os._exit(1)
 
 
-def global_rank(args: argparse.Namespace) -> int:
-    """This worker's rank in the learner job. One node: torchrun's ``RANK``. Several: ``learner.node_rank``
-    x ranks per node + ``LOCAL_RANK``, so global rank 0 (the one that talks to the selector and publishes
-    weights) is always on node 0, the address rollout servers are given as ``net.learner_host``; torch's
-    c10d rendezvous orders nodes by host name and pid instead, and ignores ``--node-rank``."""
-    try:
-        learner = load_config(args.config, args.overrides).learner
-    except ValueError:  # configure() reports it
-        return int(os.environ.get("RANK", 0))
-    if learner.nnodes == 1:
-        return int(os.environ.get("RANK", 0))
-    return learner.node_rank * int(os.environ.get("LOCAL_WORLD_SIZE", 1)) + int(os.environ.get("LOCAL_RANK", 0))
-
-
 def setup_distributed(cfg: Config, rank: int) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         use_cuda = cfg.learner.device == "cuda" or (cfg.learner.device == "auto" and torch.cuda.is_available())
@@ -194,6 +180,8 @@ def setup_distributed(cfg: Config, rank: int) -> tuple[int, int, torch.device]:
                 f"{cfg.learner.nnodes} = {cfg.learner.world_size}: start every node with `podsrl learner` and "
                 "the same learner.nproc and learner.nnodes"
             )
+        if cfg.learner.nnodes > 1:
+            claim_rank(rank, world, cfg.learner.rdzv_timeout_s)
         dist.init_process_group(
             "nccl" if use_cuda else "gloo",
             rank=rank,
@@ -206,28 +194,6 @@ def setup_distributed(cfg: Config, rank: int) -> tuple[int, int, torch.device]:
     local = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local)
     return rank, world, torch.device("cuda", local)
-
-
-@contextlib.contextmanager
-def peers_watched(cfg: Config, rank: int, world: int) -> Iterator[None]:
-    """Say what a failed collective means before it ends this rank: another rank of the job died (its
-    connections closed: at once) or stopped answering (after ``learner.dist_timeout_s``). torchrun then
-    ends the job on every node (``--max-restarts=0``); starting it again resumes the last checkpoint."""
-    try:
-        yield
-    except RuntimeError as e:  # NCCL raises DistError; gloo a RuntimeError naming its own source file
-        if world > 1 and (isinstance(e, dist.DistError) or "gloo" in str(e)):
-            log.error(
-                "learner rank %d of %d: a collective failed, so another rank of the job died or stopped "
-                "answering (learner.dist_timeout_s=%g); the job ends. Start `podsrl learner` again on every node "
-                "(learner.nnodes=%d): it resumes from the last checkpoint. (%s)",
-                rank,
-                world,
-                cfg.learner.dist_timeout_s,
-                cfg.learner.nnodes,
-                str(e).splitlines()[0] if str(e) else type(e).__name__,
-            )
-        raise
 
 
 def shard(batch: TrainBatch, rank: int, world: int) -> dict[str, Any]:

@@ -10,6 +10,9 @@ about 70 s in all), and each test (marked slow) checks one part of it:
    error within ``DEATH_BOUND_S``, far below ``learner.dist_timeout_s``;
 3. the 2-node job's checkpoint resumed by one node with one rank: version 4, the reference's step.
 
+Two nodes given the same node rank, and the pure parts (the torchrun line, config checks, health), are
+tested on their own.
+
 Batches come from :class:`Feeder`, a real ROUTER on the batches port (the selector's side of the link),
 which answers each request once with a fixed batch for the version asked.
 """
@@ -267,6 +270,34 @@ def test_the_two_node_checkpoint_resumes_on_one_node(scenario):
     assert abs(resumed[4]["train/grad_norm"] - one[4]["train/grad_norm"]) < 1e-5
     a, b = weights(tmp / "one", 4), weights(tmp / "node0", 4)
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_two_nodes_with_the_same_rank_fail_at_once(tmp_path):
+    """A duplicate learner.node_rank ends both nodes with a message naming it, before any process group
+    would wait for the missing rank (learner.dist_timeout_s is an hour here)."""
+    base = load_config(None, [])
+    from rollout_server.tasks import alphabet_of
+
+    build_tiny_model(base, tmp_path / "model", alphabet_of(base.task))
+    (rdzv,) = free_ports(1)
+    common = [
+        f"model.path={tmp_path / 'model'}",
+        "model.init=pretrained",
+        "learner.device=cpu",
+        "learner.nnodes=2",
+        "learner.node_rank=0",
+        f"learner.rdzv_endpoint=127.0.0.1:{rdzv}",
+        "learner.rdzv_timeout_s=120",
+        "learner.dist_timeout_s=3600",
+    ]
+    logs = [tmp_path / f"dup{i}.log" for i in (0, 1)]
+    nodes = [start_learner(log, [*common, f"run.dir={tmp_path / log.stem}"]) for log in logs]
+    t0 = time.monotonic()
+    rcs = [finish(node, log, JOB_S) for node, log in zip(nodes, logs, strict=True)]
+    assert all(rc != 0 for rc in rcs) and time.monotonic() - t0 < JOB_S
+    for log in logs:
+        assert "two nodes of the learner have learner.node_rank=0" in log.read_text(), log.read_text()[-3000:]
 
 
 def test_torchrun_line_of_each_node():
