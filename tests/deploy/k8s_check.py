@@ -383,6 +383,13 @@ def check(objs: list[dict[str, Any]]) -> list[Process]:
             if value != ref[key] and not key.startswith(PER_POD):
                 raise K8sError(f"{p.name}: {key}={value!r} but the learner has {ref[key]!r}: one run, one run file")
         _check_pod(p)
+    claims = {}
+    for p in procs:
+        found = p.mount(p.cfg.run.dir)
+        assert found is not None  # _check_pod checked it
+        claims[p.name] = found[1]["persistentVolumeClaim"]["claimName"]
+    if len(set(claims.values())) > 1:
+        raise K8sError(f"the run directory is on different claims {claims}: every process shares one run directory")
     ids = [getattr(p.args, "server_id", "") for p in procs if p.role == "rollout"]
     if len(set(ids)) != len(ids):
         raise K8sError(f"rollout server ids {ids} repeat: --server-id $(POD_NAME) gives each pod its own")

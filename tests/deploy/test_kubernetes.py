@@ -123,6 +123,11 @@ def _checkpoints_vanish(objs: Objs) -> None:
     next(v for v in job["volumes"] if v["name"] == "runs").pop("persistentVolumeClaim")
 
 
+def _own_run_dir(objs: Objs) -> None:
+    rollout = find(objs, "StatefulSet", "rollout")["spec"]["template"]["spec"]
+    next(v for v in rollout["volumes"] if v["name"] == "runs")["persistentVolumeClaim"]["claimName"] = "other"
+
+
 BROKEN: list[tuple[str, Callable[[Objs], None], str]] = [
     ("wrong port", _wrong_port, r"Service/selector: the selector binds 5556 .* maps 5556 to 5656"),
     (
@@ -147,6 +152,7 @@ BROKEN: list[tuple[str, Callable[[Objs], None], str]] = [
         _too_few_learner_pods,
         r"Job/learner: the learner is an Indexed Job with completions = parallel",
     ),
+    ("own run dir", _own_run_dir, r"different claims .*'StatefulSet/rollout \(pod 0, container rollout\)': 'other'"),
     (
         "checkpoints vanish",
         _checkpoints_vanish,
