@@ -6,6 +6,8 @@
     podsrl selector --config run.toml   # one process, e.g. on its own machine
     podsrl rollout  --config run.toml --server-id box-7 net.selector_host=10.0.0.5 net.learner_host=10.0.0.5
     podsrl learner  --config run.toml   # runs: torchrun --standalone --nproc-per-node N -m learner.train ...
+    podsrl learner  --config run.toml learner.nnodes=2 learner.node_rank=1 learner.rdzv_endpoint=10.0.0.5:29400
+                                        # one node of a multi-node learner (torchrun's c10d rendezvous)
     podsrl config   --config run.toml   # print the fully resolved config as TOML
     podsrl check    --config run.toml   # the start-up checks alone: model, tokenizer, dataset, rewards
     podsrl sweep --grid configs/sweeps/staleness.toml   # configurations x seeds, then a summary table
@@ -72,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.preflight import PreflightError, preflight
 
     cfg = configure(args, role=args.cmd)
+    if args.cmd == "run" and cfg.learner.nnodes > 1:
+        print(
+            f"podsrl run: learner.nnodes={cfg.learner.nnodes}, but podsrl run starts one machine: run "
+            "`podsrl learner` on each node instead, and the selector and rollout servers alone (docs/DEPLOY.md)",
+            file=sys.stderr,
+        )
+        return 2
     server = None
     if args.cmd == "run" and cfg.run.fork_server:  # torch imported once; the checks and each process fork from it
         from pathlib import Path
@@ -98,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "learner":
         from launcher.launch import torchrun_command
 
-        cmd = torchrun_command(args.config or "", args.overrides, cfg.learner.nproc)
+        cmd = torchrun_command(args.config or "", args.overrides, cfg.learner.nproc, cfg.learner)
         os.execv(cmd[0], cmd)
     from launcher.launch import launch
 
@@ -392,6 +401,8 @@ def health_command(args: argparse.Namespace) -> int:
             detail = f"metrics written {age:.0f}s ago"
             if age > args.max_age:
                 problem = f"its metrics {metrics} are {age:.0f}s old (more than --max-age {args.max_age:g})"
+    elif role == "learner" and cfg.learner.node_rank > 0:  # global rank 0, on node 0, binds the ports
+        detail = f"node {cfg.learner.node_rank} of {cfg.learner.nnodes} (node 0 binds the learner's ports)"
     else:
         host = {"0.0.0.0": "127.0.0.1", "*": "127.0.0.1", "::": "::1"}.get(cfg.net.bind_host, cfg.net.bind_host)
         keys = ("group_port", "batch_port") if role == "selector" else ("announce_port", "weights_port")

@@ -36,7 +36,7 @@ from launcher.accounting import account
 from launcher.forkserver import RoleSpec, fork, stop_server
 from launcher.ports import assign_ports, describe
 from protocol.cli import die_with_parent
-from protocol.config import Config, to_toml
+from protocol.config import Config, LearnerConfig, to_toml
 from protocol.shm import remove_segments, run_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,17 +137,29 @@ def _die_with_parent(launcher_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def torchrun_command(cfg_path: str, overrides: list[str], nproc: int) -> list[str]:
-    """The exact torchrun line ``podsrl learner`` and ``podsrl run`` (for more than one rank) use."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "learner.train",
-    ]
+def torchrun_command(
+    cfg_path: str, overrides: list[str], nproc: int, learner: LearnerConfig | None = None
+) -> list[str]:
+    """The exact torchrun line ``podsrl learner`` and ``podsrl run`` (for more than one rank) use.
+
+    One node: ``--standalone``. ``learner.nnodes > 1``: torchrun's own c10d rendezvous at
+    ``learner.rdzv_endpoint`` (node 0's agent hosts its store), the same line on every node but for
+    ``learner.node_rank``; no restarts (``--max-restarts=0``): a node that dies ends the job, which
+    every node then starts again from the last checkpoint (docs/DEPLOY.md)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if learner is None or learner.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [
+            f"--nnodes={learner.nnodes}",
+            f"--node-rank={learner.node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={learner.rdzv_endpoint}",
+            f"--rdzv-id={learner.rdzv_id}",
+            f"--rdzv-conf=join_timeout={learner.rdzv_timeout_s:g}",
+            "--max-restarts=0",
+        ]
+    cmd += [f"--nproc-per-node={nproc}", "-m", "learner.train"]
     return cmd + (["--config", cfg_path] if cfg_path else []) + list(overrides)
 
 

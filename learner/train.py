@@ -4,6 +4,9 @@ Start (one machine, R ranks; gloo on CPU, nccl on GPU)::
 
     torchrun --standalone --nproc-per-node 2 -m learner.train --config configs/tiny.toml
 
+On N machines, ``podsrl learner`` on each with ``learner.nnodes=N learner.node_rank=i
+learner.rdzv_endpoint=NODE0:29400`` runs torchrun's c10d rendezvous (``launcher.launch.torchrun_command``).
+
 Version ``V`` = updates taken (DESIGN.md): one update per batch, one optimizer step by default.
 Each step rank 0 asks the selector for the batch built for ``V`` (so every row has staleness
 ``V - v <= max_staleness``), broadcasts it, every rank trains on its shard (``learner/step.py``:
@@ -41,6 +44,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from learner.nodes import claim_rank, global_rank, peers_watched
 from protocol.auth import load_auth
 from protocol.config import Config
 from protocol.messages import BatchRequest, ProtocolError, TrainBatch
@@ -126,7 +130,7 @@ class BatchSource:
             else "token ids outside the vocabulary"
             if any(a.size and (int(a.min()) < 0 or int(a.max()) >= self.vocab_size) for a in ids)
             else "fewer rows than ranks"
-            if batch.size < self.cfg.learner.nproc
+            if batch.size < self.cfg.learner.world_size
             else ""
         )
         if problem:
@@ -166,10 +170,24 @@ def die_with_agent() -> None:
         os._exit(1)
 
 
-def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+def setup_distributed(cfg: Config, rank: int) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         use_cuda = cfg.learner.device == "cuda" or (cfg.learner.device == "auto" and torch.cuda.is_available())
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if world != cfg.learner.world_size:
+            raise RuntimeError(
+                f"torchrun started {world} rank(s), but learner.nproc={cfg.learner.nproc} x learner.nnodes="
+                f"{cfg.learner.nnodes} = {cfg.learner.world_size}: start every node with `podsrl learner` and "
+                "the same learner.nproc and learner.nnodes"
+            )
+        if cfg.learner.nnodes > 1:
+            claim_rank(rank, world, cfg.learner.rdzv_timeout_s)
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=cfg.learner.dist_timeout_s),
+        )
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.learner.device == "cpu" or not torch.cuda.is_available():
         return rank, world, torch.device("cpu")
@@ -353,12 +371,13 @@ def main(argv: list[str] | None = None) -> int:
 
     die_with_agent()
     args = process_parser("learner.train", __doc__).parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
+    rank = global_rank(args)
     cfg = configure(args, role=f"learner-{rank}", quiet=rank != 0)
     torch.set_num_threads(cfg.learner.threads)
-    rank, world, device = setup_distributed(cfg)
+    rank, world, device = setup_distributed(cfg, rank)
     with contextlib.ExitStack() as cleanup:  # every clean-up, last opened first, on success or error
         cleanup.callback(end_distributed)
+        cleanup.enter_context(peers_watched(cfg, rank, world))
         run = Training(cfg, rank, world, device)
         lead = Lead(cfg, run, cleanup) if rank == 0 else None  # publishes the version it starts from
         while run.step < cfg.run.steps:

@@ -338,7 +338,39 @@ class LossSettings(Section):
 
 
 class LearnerConfig(Section):
-    nproc: int = Field(1, ge=1, description="torchrun ranks (processes) on this machine")
+    nproc: int = Field(1, ge=1, description="torchrun ranks (processes) on this machine (on each node)")
+    nnodes: int = Field(
+        1,
+        ge=1,
+        description="machines the learner spans: each runs `podsrl learner` with its own learner.node_rank, "
+        "and torchrun's c10d rendezvous at learner.rdzv_endpoint joins them into one job (docs/DEPLOY.md)",
+    )
+    node_rank: int = Field(
+        0,
+        ge=0,
+        description="this machine's place among learner.nnodes (0..nnodes-1); global rank 0, the one that "
+        "talks to the selector and publishes weights, is local rank 0 of node 0",
+    )
+    rdzv_endpoint: str = Field(
+        "",
+        description="host:port of torchrun's c10d rendezvous for learner.nnodes > 1: node 0's address "
+        "and a free port every node reaches (node 0's agent hosts the store)",
+    )
+    rdzv_id: str = Field(
+        "podsrl", min_length=1, description="torchrun --rdzv-id: the same on every node of one learner job"
+    )
+    rdzv_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="torchrun's rendezvous join timeout: how long the nodes wait for each other to start "
+        "before the job fails",
+    )
+    dist_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="gloo/NCCL collective timeout: a rank that stops answering (a frozen node) fails the "
+        "others' next collective after this long; a node that dies fails it at once (its connections close)",
+    )
     groups_per_step: int = Field(8, ge=1, description="groups per batch (one batch per update and version)")
     lr: float = Field(
         1e-3,
@@ -385,6 +417,27 @@ class LearnerConfig(Section):
         "by (run.seed, version, epoch); at most the rows per batch",
     )
     loss: LossSettings = LossSettings()
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the whole learner job: nproc on each of nnodes machines."""
+        return self.nproc * self.nnodes
+
+    @model_validator(mode="after")
+    def _nodes(self) -> LearnerConfig:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(
+                f"learner.node_rank={self.node_rank} but learner.nnodes={self.nnodes}: node ranks are "
+                f"0..{self.nnodes - 1}"
+            )
+        if self.nnodes > 1:
+            host, sep, port = self.rdzv_endpoint.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"learner.nnodes={self.nnodes} needs learner.rdzv_endpoint=HOST:PORT (node 0's address "
+                    f"and a free port), got {self.rdzv_endpoint!r}"
+                )
+        return self
 
 
 def is_loopback(host: str) -> bool:
@@ -562,10 +615,10 @@ class Config(Section):
                 f"selector.keep={self.selector.keep} > rollout.group_size={self.rollout.group_size}: "
                 "cannot keep more completions than are sampled"
             )
-        if self.samples_per_step < self.learner.nproc:
+        if self.samples_per_step < self.learner.world_size:
             raise ValueError(
-                f"{self.samples_per_step} samples per step cannot feed learner.nproc={self.learner.nproc} "
-                "ranks: raise learner.groups_per_step"
+                f"{self.samples_per_step} samples per step cannot feed learner.nproc={self.learner.nproc} x "
+                f"learner.nnodes={self.learner.nnodes} ranks: raise learner.groups_per_step"
             )
         if self.rollout.max_group_size and self.rollout.max_group_size < self.rollout.group_size:
             raise ValueError(
