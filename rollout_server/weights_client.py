@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from protocol.auth import Auth
 from protocol.config import Config
+from protocol.lora import check_version
 from protocol.messages import LEARNER_SILENT_S, ProtocolError, Weights, WeightsAnnouncement
 from protocol.metrics import Monitor, RateLimitedLog
 from protocol.sockets import announce_subscriber, arecv, close, weight_client
@@ -166,11 +167,26 @@ class WeightsClient:
                 continue
             finally:
                 self._fetching = None
+            if w is not None and not await self._admissible(w, source):
+                return None
             if w is not None:
                 self._fetch_s = source.last["rollout/weights_fetch_s"]
                 self.monitor.log(w.version, source.last)
             return w
         raise AssertionError("the network source never falls back")
+
+    async def _admissible(self, w: Weights, source: Source) -> bool:
+        """The boundary check of a verified version before any engine sees it: a LoRA version's adapter must
+        fit the base (protocol/lora.py: names, shapes, finite values). A hostile or broken one is counted
+        (``rollout/adapter_rejected``), never loaded, and fetched again later."""
+        try:
+            await asyncio.to_thread(check_version, w)
+        except ProtocolError as e:
+            self.counters["adapter_rejected"] += 1
+            self._warn("adapter", "rejected weights v%d: %s", w.version, e)
+            source.recycle(w)
+            return False
+        return True
 
     async def fetch_now(self) -> None:
         """``weights.background = false``: fetch the announced latest version into ``ready`` now."""
