@@ -20,6 +20,7 @@ import functools
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protocol.messages import ProtocolError, Weights
@@ -165,3 +166,28 @@ def check_version(w: Weights) -> LoraSpec | None:
 def merged_weight(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """``W + B @ A * scale`` in fp32, in ``base``'s dtype: the one formula the engine and export share."""
     return (base.float() + (b.float() @ a.float()) * scale).to(base.dtype)
+
+
+def write_adapter_dir(path: Path, tensors: dict[str, torch.Tensor], spec: LoraSpec, base: str) -> None:
+    """``tensors`` (published names) as a peft adapter directory, what vLLM's ``LoRARequest`` and
+    ``PeftModel.from_pretrained`` read: ``adapter_model.safetensors`` + ``adapter_config.json``."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()}, str(path / "adapter_model.safetensors")
+    )
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted({parse_name(k)[0].rpartition(".")[2] for k in tensors}),  # type: ignore[index]
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "modules_to_save": None,
+    }
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=1))

@@ -21,15 +21,18 @@ The adapter reaching this module has passed :func:`protocol.lora.check_version` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from protocol.lora import LoraSpec, merged_weight, parse_name, state_digest
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def load_base(path: Path, spec: LoraSpec, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """The base model at ``path`` in ``dtype`` on ``device``, refused unless it is the learner's."""
+
+def check_base(path: Path, spec: LoraSpec, dtype: torch.dtype) -> PreTrainedModel:
+    """The base model at ``path`` (fp32, on the CPU), refused unless its digest in ``dtype`` is the learner's."""
     from transformers import AutoModelForCausalLM
 
     if not (path / "config.json").exists():
@@ -38,7 +41,7 @@ def load_base(path: Path, spec: LoraSpec, dtype: torch.dtype, device: torch.devi
             f"model.path={path}, which holds no model. Copy the learner's model directory to this machine and "
             "point model.path at it (the base is not sent over the weights link)"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     got = state_digest(state)
     if got != spec.base_digest:
@@ -47,6 +50,12 @@ def load_base(path: Path, spec: LoraSpec, dtype: torch.dtype, device: torch.devi
             f"{got:#018x}, the learner's is {spec.base_digest:#018x}): give this rollout server the same model "
             "directory (and model.dtype) as the learner"
         )
+    return model
+
+
+def load_base(path: Path, spec: LoraSpec, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The base model at ``path`` in ``dtype`` on ``device``, refused unless it is the learner's."""
+    model = check_base(path, spec, dtype)
     torch.nn.Module.to(model, device, dtype)
     return model.eval()
 

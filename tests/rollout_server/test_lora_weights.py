@@ -147,3 +147,24 @@ def test_adapters_travel_as_versions_full_then_deltas(
     assert got == [0, 1]
     full = sum(p.numel() * 4 for p in model.get_base_model().parameters())  # type: ignore[operator]
     assert w.data.nbytes < 0.1 * full
+
+
+def test_the_adapter_directory_vllm_is_given_is_the_learners_adapter(
+    lora: tuple[Config, torch.nn.Module, int], tmp_path: Path
+) -> None:
+    """The vLLM engine hands each version to vLLM as a peft adapter directory (``LoRARequest``); vLLM is not
+    in this environment, so the directory is checked with peft itself: the model it makes computes the
+    learner's logits."""
+    from peft import PeftModel
+
+    from protocol.lora import write_adapter_dir
+
+    cfg, model, digest = lora
+    w = adapter_version(cfg, model, digest, 3)
+    _, spec = split_config(w.model_config)
+    assert spec is not None
+    write_adapter_dir(tmp_path / "v3", unpack_weights(w), spec, str(cfg.model_dir))
+    loaded = PeftModel.from_pretrained(load_model(cfg.model_dir, torch.device("cpu")), tmp_path / "v3").eval()
+    ids = torch.tensor([[1, 4, 2, 7, 3, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
