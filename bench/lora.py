@@ -1,6 +1,6 @@
 """LoRA: what a version weighs, and how the torch engine should apply an adapter (docs/LORA.md).
 
-    python -m bench.lora            # ~30 s on 2 cores; prints the rows and writes bench/results-lora.json
+    python -m bench.lora            # ~70 s on 2 cores; prints the rows and writes bench/results-lora.json
     python -m bench.lora --quick    # the tiny model only, a few seconds
 
 (a) Bytes per version on the ~100M-parameter Llama of bench/weights.py (``SIZES["100M"]``, published in
@@ -12,6 +12,11 @@
     x n = 8, 32 new tokens (no stop tokens, so every call makes the same number of tokens),
     rank 8 on q/k/v/o_proj; the two modes alternate (``bench.common.interleaved``), medians. Beside them
     the same engine with a full version (no adapter), and the time to install one adapter version.
+(c) The learner's step, LoRA (rank 8, q/k/v/o) vs full fine-tuning, on the ~100M Llama (quick: ~1M) with
+    ``model.dtype = "bfloat16"`` (autocast over fp32 master weights, as the learner runs): the real
+    ``learner.step.train_step`` on 4 rows of 16 prompt + 16 completion tokens, one thread, one warm-up step
+    then the median of 2; peak memory is each arm's process's peak RSS (``ru_maxrss``: imports, the fp32
+    model, gradients and AdamW state; each arm runs in a fresh spawned process).
 """
 
 from __future__ import annotations
@@ -131,7 +136,7 @@ def engine_per_token(name: str, model_dir: Path, vocab: int) -> list[Result]:
     calls: dict[str, Callable[[], Any]] = {
         m: functools.partial(e.generate, prompts, 8, spec, 1) for m, e in engines.items()
     }
-    secs = interleaved(calls, repeats=7, min_time=0.3)
+    secs = interleaved(calls, repeats=5, min_time=0.2)
     install = {}
     for mode in ("merged", "unmerged"):
         t0 = time.perf_counter()
@@ -157,11 +162,74 @@ def engine_per_token(name: str, model_dir: Path, vocab: int) -> list[Result]:
     ]
 
 
+def _learner_arm(size: str, rank: int, conn: Any) -> None:
+    """(spawned) Build the model, time ``train_step``, send (median step seconds, peak RSS MiB)."""
+    import resource
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from learner.lora import apply_lora, trainable
+    from learner.step import train_step
+    from protocol.config import LoraSettings, load_config
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model: torch.nn.Module = LlamaForCausalLM(llama_config(size))
+    if rank:
+        model = apply_lora(model, LoraSettings(rank=rank, alpha=2 * rank, target_modules=TARGETS))  # type: ignore[arg-type]
+    opt = torch.optim.AdamW(trainable(model), lr=1e-5)
+    cfg = load_config(None, ["model.dtype=bfloat16", "learner.micro_batch_tokens=0", "rollout.max_new_tokens=16"])
+    vocab = SIZES[size][3]
+    g = torch.Generator().manual_seed(1)
+    rows = {
+        "prompts": [torch.randint(0, vocab, (16,), generator=g) for _ in range(4)],
+        "completions": [torch.randint(0, vocab, (16,), generator=g) for _ in range(4)],
+        "behav": [-2.0 - torch.rand(16, generator=g) for _ in range(4)],
+        "advantages": torch.randn(4, generator=g),
+    }
+    times = []
+    for step in range(3):
+        t0 = time.perf_counter()
+        train_step(model, opt, rows, cfg, 1, torch.device("cpu"), step)
+        times.append(time.perf_counter() - t0)
+    conn.send((sorted(times[1:])[len(times[1:]) // 2], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def learner_step(size: str) -> list[Result]:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    arms = {}
+    for rank in (8, 0):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_learner_arm, args=(size, rank, child))
+        proc.start()
+        arms[rank] = parent.recv()
+        proc.join()
+    (lora_s, lora_mib), (full_s, full_mib) = arms[8], arms[0]
+    return [
+        Result(
+            bench="lora",
+            case=f"(c) learner step, LoRA rank 8 vs full fine-tuning, {size} Llama, bf16 autocast",
+            value=lora_s,
+            unit="s",
+            peer="full fine-tuning",
+            peer_value=full_s,
+            ratio=lora_s / full_s,
+            goal="-",
+            met=None,
+            notes=f"peak RSS: LoRA {lora_mib:.0f} MiB, full {full_mib:.0f} MiB ({lora_mib / full_mib:.2f}x)",
+            extra={"peak_rss_mib": {"lora": lora_mib, "full": full_mib}},
+        )
+    ]
+
+
 def run(quick: bool = False) -> list[Result]:
     from launcher.tiny import build_tiny_model
     from protocol.config import load_config
 
-    out = bytes_per_version("1M" if quick else "100M")
+    out = bytes_per_version("1M" if quick else "100M") + learner_step("1M" if quick else "100M")
     with tempfile.TemporaryDirectory(prefix="podsrl-bench-lora-") as tmp:
         cfg = load_config(None, [f"run.dir={tmp}"])
         build_tiny_model(cfg, cfg.model_dir, alphabet="abcdefghijkl:")
