@@ -43,7 +43,7 @@ import zmq
 
 from protocol.auth import load_auth
 from protocol.config import Config
-from protocol.messages import BatchRequest, ProtocolError, TrainBatch
+from protocol.messages import BatchRequest, ProtocolError, TrainBatch, Weights
 from protocol.metrics import Monitor, RateLimitedLog
 from protocol.sockets import batch_client, close, recv, send
 from protocol.weights import pack_weights, read_tokenizer_files
@@ -208,8 +208,12 @@ class Training:
         self.model_config, self.vocab_size = base.config.to_json_string(), int(base.config.vocab_size)
         self.lora: LoraSpec | None = None  # with LoRA a version is the adapter, for the base of this digest
         model: torch.nn.Module = base
+        self.base: Weights | None = None  # LoRA, rank 0: the base, for rollout servers that lack it
         if enabled(cfg.learner.lora):
-            self.lora = spec(cfg.learner.lora, state_digest(cast(base.state_dict(), cfg.model.dtype)))
+            base_state = cast(base.state_dict(), cfg.model.dtype)
+            self.lora = spec(cfg.learner.lora, state_digest(base_state))
+            if rank == 0:
+                self.base = pack_weights(base_state, 0, self.model_config)
             model = apply_lora(base, cfg.learner.lora)
         self.net = wrap(model, cfg, device)
         self.opt = torch.optim.AdamW(trainable(self.net), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
@@ -260,6 +264,7 @@ class Lead:
             weights=cfg.weights,
             run_dir=cfg.run.dir,
             device=run.device,
+            base=run.base,
         )
         cleanup.callback(self.publisher.close)
         self.publish(run)

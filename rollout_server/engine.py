@@ -97,9 +97,10 @@ class TorchEngine:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if lora is not None:
-            from rollout_server.lora import Adapters, load_base
+            from rollout_server.lora import Adapters, find_base, load_base
 
-            model = load_base(self.cfg.model_dir, lora, self.dtype, self.device)
+            base = find_base(self.cfg.model_dir, self.cfg.run.dir, lora, self.dtype)
+            model = load_base(base, lora, self.dtype, self.device)
             self.adapters = Adapters(model, self.cfg.rollout.engine.lora_mode)
         else:
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).to(self.device, self.dtype).eval()

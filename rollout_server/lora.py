@@ -1,10 +1,10 @@
 """The torch engine's side of LoRA (docs/LORA.md): the base from this server's own ``model.path``, and
 each version's adapter applied to it.
 
-The base is built once, from ``model.path`` on this machine, and must be the one the learner trains on:
-its :func:`protocol.lora.state_digest` (in ``model.dtype``) must equal the ``base_digest`` every LoRA
-version carries, else the server refuses to start generating and says how to fix it (the base is not
-sent over the weights link).
+The base is built once and must be the one the learner trains on: its :func:`protocol.lora.state_digest`
+(in ``model.dtype``) must equal the ``base_digest`` every LoRA version carries. It is ``model.path`` on
+this machine when that matches; otherwise the weights client fetches the base over the weights link once
+and keeps it in ``<run.dir>/base/<digest>`` (:func:`write_base`), where the next start finds it.
 
 Two ways to apply an adapter (``rollout.engine.lora_mode``):
 
@@ -20,40 +20,88 @@ The adapter reaching this module has passed :func:`protocol.lora.check_version` 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from protocol.lora import LoraSpec, merged_weight, parse_name, state_digest
+from protocol.lora import LoraSpec, merged_weight, parse_name, split_config, state_digest
+from protocol.messages import ProtocolError, Weights
+from protocol.weights import unpack_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-def check_base(path: Path, spec: LoraSpec, dtype: torch.dtype) -> PreTrainedModel:
-    """The base model at ``path`` (fp32, on the CPU), refused unless its digest in ``dtype`` is the learner's."""
+def base_cache(run_dir: str, spec: LoraSpec) -> Path:
+    """Where a base fetched over the weights link is kept (``<run.dir>/base/<digest>``): fetched once."""
+    return Path(run_dir) / "base" / f"{spec.base_digest:016x}"
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_of(path: Path, dtype: torch.dtype) -> int | None:
+    """The state digest (in ``dtype``) of the model at ``path``; None when there is none (memoized: the
+    weights client and the engine both ask, and a large model is read once)."""
     from transformers import AutoModelForCausalLM
 
     if not (path / "config.json").exists():
-        raise RuntimeError(
-            f"learner.lora is on: a version is an adapter, and this rollout server builds the base model from "
-            f"model.path={path}, which holds no model. Copy the learner's model directory to this machine and "
-            "point model.path at it (the base is not sent over the weights link)"
-        )
-    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    got = state_digest(state)
+        return None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return state_digest({k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()})
+
+
+def find_base(model_dir: Path, run_dir: str, spec: LoraSpec, dtype: torch.dtype) -> Path | None:
+    """The directory of the learner's base on this machine: ``model.path`` when its digest is the learner's,
+    else the copy fetched earlier (:func:`base_cache`), else None (fetch it: :func:`write_base`)."""
+    for path in (model_dir, base_cache(run_dir, spec)):
+        if _digest_of(path, dtype) == spec.base_digest:
+            return path
+    return None
+
+
+def write_base(w: Weights, files: dict[str, bytes], spec: LoraSpec, path: Path) -> None:
+    """Keep a base fetched over the weights link (verified: its digest must be the one the adapters name)
+    at ``path`` as a transformers directory (config, safetensors, the tokenizer ``files``); atomically."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    tensors = unpack_weights(w, verified=True)
+    got = state_digest(tensors)
     if got != spec.base_digest:
-        raise RuntimeError(
-            f"the base model at model.path={path} is not the one the learner trains adapters for (digest "
-            f"{got:#018x}, the learner's is {spec.base_digest:#018x}): give this rollout server the same model "
-            "directory (and model.dtype) as the learner"
+        raise ProtocolError(
+            "base", f"the base model sent has digest {got:#018x}, the adapters' is {spec.base_digest:#018x}"
         )
-    return model
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
+    config, _ = split_config(w.model_config)
+    (tmp / "config.json").write_text(json.dumps(config))
+    for name, blob in files.items():
+        (tmp / name).write_bytes(blob)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    _digest_of.cache_clear()
 
 
-def load_base(path: Path, spec: LoraSpec, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def check_base(path: Path | None, spec: LoraSpec, dtype: torch.dtype) -> PreTrainedModel:
+    """The base model at ``path`` (from :func:`find_base`; fp32, on the CPU), refused unless its digest in
+    ``dtype`` is the learner's."""
+    from transformers import AutoModelForCausalLM
+
+    if path is None or _digest_of(path, dtype) != spec.base_digest:
+        raise RuntimeError(
+            f"learner.lora is on: a version is an adapter for a base model (digest {spec.base_digest:#018x}) "
+            "that this rollout server has neither at model.path nor fetched from the learner: point model.path "
+            "at a copy of the learner's model directory (same model.dtype), or let the server fetch it"
+        )
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def load_base(path: Path | None, spec: LoraSpec, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """The base model at ``path`` in ``dtype`` on ``device``, refused unless it is the learner's."""
     model = check_base(path, spec, dtype)
     torch.nn.Module.to(model, device, dtype)

@@ -143,14 +143,16 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        from rollout_server.lora import check_base
+        from rollout_server.lora import check_base, find_base
 
-        check_base(self.cfg.model_dir, lora, getattr(torch, self.cfg.model.dtype))  # refused unless the learner's base
+        base = find_base(self.cfg.model_dir, self.cfg.run.dir, lora, getattr(torch, self.cfg.model.dtype))
+        check_base(base, lora, getattr(torch, self.cfg.model.dtype))  # refused unless the learner's base
+        assert base is not None
         self._dir = Path(tempfile.mkdtemp(prefix="podsrl-vllm-"))
         weakref.finalize(self, shutil.rmtree, self._dir, True)
-        self.tokenizer = True  # the base's directory has its tokenizer
+        self.tokenizer = True  # the base's directory has its tokenizer (a fetched base too)
         self.llm = LLM(
-            model=str(self.cfg.model_dir),
+            model=str(base),
             dtype=self.cfg.model.dtype,
             seed=self.cfg.run.seed,
             logprobs_mode="processed_logprobs",

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+import zmq
 from lora_helpers import adapter_model, adapter_version, randomize
 from test_weight_transfer import (  # noqa: F401 (fixtures)
     FETCH_S,
@@ -19,16 +23,18 @@ from test_weight_transfer import (  # noqa: F401 (fixtures)
     net,
     publish_packed,
     publishers,
-    weights_client,
     zctx,
 )
 
 from launcher.tiny import build_tiny_model
 from learner.model import load_model
-from protocol.config import Config, NetConfig, WeightsConfig, load_config
+from learner.publisher import WeightPublisher
+from protocol.config import Config, ModelConfig, NetConfig, RunConfig, WeightsConfig, load_config
 from protocol.lora import LORA_KEY, base_shapes, check_adapter, split_config
 from protocol.messages import ProtocolError, Weights, WeightsAnnouncement
+from protocol.metrics import Monitor, RateLimitedLog
 from protocol.weights import manifest_digest, pack_weights, unpack_weights
+from rollout_server.weights_client import WeightsClient
 
 LORA = ["learner.lora.rank=4", "learner.lora.alpha=8", "learner.lora.target_modules=['q_proj','v_proj']"]
 
@@ -103,7 +109,7 @@ def test_a_hostile_adapter_is_rejected_by_the_weights_client_before_any_engine(
     cfg, model, digest = lora
     pub = publishers.make(net, WeightsConfig(transport="net"))
     bad = publish_packed(pub, tampered(adapter_version(cfg, model, digest, 0), change))
-    with weights_client(aio, net, WeightsConfig(transport="net"), tmp_path) as client:
+    with lora_client(aio, net, tmp_path, cfg.model_dir) as client:
         client.heard(
             WeightsAnnouncement(version=0, final=False, session=pub.session, manifest=manifest_digest(bad.tensors))
         )
@@ -128,7 +134,7 @@ def test_adapters_travel_as_versions_full_then_deltas(
     delta from it, both verified against the announced manifest; an adapter is a small part of the model."""
     cfg, model, digest = lora
     pub = publishers.make(net, WeightsConfig(transport="net"))
-    with weights_client(aio, net, WeightsConfig(transport="net"), tmp_path) as client:
+    with lora_client(aio, net, tmp_path, cfg.model_dir) as client:
         got = []
         randomize(model, seed=0)
         for v in (0, 1):
@@ -168,3 +174,84 @@ def test_the_adapter_directory_vllm_is_given_is_the_learners_adapter(
     ids = torch.tensor([[1, 4, 2, 7, 3, 5]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def announce(pub: WeightPublisher, w: Weights) -> WeightsAnnouncement:
+    return WeightsAnnouncement(version=w.version, final=False, session=pub.session, manifest=manifest_digest(w.tensors))
+
+
+@contextmanager
+def lora_client(aio: Aio, net: NetConfig, run_dir: Path, model_path: Path) -> Iterator[WeightsClient]:  # noqa: F811
+    """A rollout server's weights client whose run directory and model.path are the test's own."""
+    cfg = Config(
+        run=RunConfig(dir=str(run_dir)),
+        model=ModelConfig(path=str(model_path)),
+        net=net,
+        weights=WeightsConfig(transport="net"),
+    )
+    monitor = Monitor(run_dir, "rollout-test", tensorboard=False)
+    warn = RateLimitedLog(logging.getLogger("podsrl.rollout"), every_s=30.0)
+    client = WeightsClient(aio.ctx, cfg, None, None, monitor, warn, lambda: False)
+    try:
+        yield client
+    finally:
+        client.close()
+        monitor.close()
+
+
+def test_a_server_without_the_base_fetches_it_once_over_the_weights_link(
+    lora: tuple[Config, torch.nn.Module, int],
+    net: NetConfig,  # noqa: F811
+    aio: Aio,  # noqa: F811
+    publishers: Publishers,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """model.path empty on the server's side: the first adapter makes the client fetch the learner's base
+    (checked by digest), keep it in <run.dir>/base/<digest>, and an engine of that server runs base +
+    adapter as the learner does. A second server process on the same run directory finds it: fetched once."""
+    from protocol.lora import state_digest
+    from rollout_server.engine import TorchEngine
+
+    cfg, model, digest = lora
+    learner_base = load_model(cfg.model_dir, torch.device("cpu"))  # as learner.train.Training packs it
+    base_state = learner_base.state_dict()
+    assert state_digest(base_state) == digest
+    zmq_ctx = zmq.Context()
+    base = pack_weights(base_state, 0, learner_base.config.to_json_string())
+    pub = WeightPublisher(zmq_ctx, net, weights=WeightsConfig(transport="net"), base=base)
+    try:
+        w = publish_packed(pub, adapter_version(cfg, model, digest, 0))
+        for fetched in (1, 0):
+            with lora_client(aio, net, tmp_path, tmp_path / "no-model") as client:
+                client.heard(announce(pub, w))
+                got = aio.loop.run_until_complete(asyncio.wait_for(client.fetch_latest(), FETCH_S))
+                assert got is not None and got.version == 0
+                assert client.all_counters()["base_fetched"] == fetched
+        engine = TorchEngine(client.cfg)
+        assert got is not None
+        engine.load(got)
+        assert engine.model is not None
+        ids = torch.tensor([[1, 4, 2, 7, 3, 5]])
+        with torch.no_grad():
+            torch.testing.assert_close(
+                engine.model(input_ids=ids).logits, model(input_ids=ids).logits, atol=2e-5, rtol=0
+            )
+    finally:
+        pub.close()
+        zmq_ctx.term()
+
+
+def test_a_learner_without_a_base_says_so(
+    lora: tuple[Config, torch.nn.Module, int],
+    net: NetConfig,  # noqa: F811
+    aio: Aio,  # noqa: F811
+    publishers: Publishers,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    cfg, model, digest = lora
+    pub = publishers.make(net, WeightsConfig(transport="net"))
+    w = publish_packed(pub, adapter_version(cfg, model, digest, 0))
+    with lora_client(aio, net, tmp_path, tmp_path / "no-model") as client:
+        client.heard(announce(pub, w))
+        with pytest.raises(RuntimeError, match="serves no base model"):
+            aio.loop.run_until_complete(asyncio.wait_for(client.fetch_latest(), FETCH_S))
