@@ -12,6 +12,9 @@
     x n = 8, 32 new tokens (no stop tokens, so every call makes the same number of tokens),
     rank 8 on q/k/v/o_proj; the two modes alternate (``bench.common.interleaved``), medians. Beside them
     the same engine with a full version (no adapter), and the time to install one adapter version.
+(d) (``--sync``, ~1 min alone) Time for a version to reach 4 rollout client processes over the network
+    (bench/weights.py's (2): the real ``WeightPublisher`` and ``Fetcher`` in 4 spawned clients, full raw
+    transfers), the rank-8 adapter of the 100M bf16 Llama vs its full bf16 version; medians of 2 rounds.
 (c) The learner's step, LoRA (rank 8, q/k/v/o) vs full fine-tuning, on the ~100M Llama (quick: ~1M) with
     ``model.dtype = "bfloat16"`` (autocast over fp32 master weights, as the learner runs): the real
     ``learner.step.train_step`` on 4 rows of 16 prompt + 16 completion tokens, one thread, one warm-up step
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -225,6 +229,47 @@ def learner_step(size: str) -> list[Result]:
     ]
 
 
+def sync_to_servers(repeats: int = 2) -> list[Result]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from bench.weights import Rig, random_state, sync_one
+    from protocol.config import WeightsConfig
+
+    full = {k: v.to(torch.bfloat16) for k, v in random_state("100M").items()}
+    with torch.device("meta"):
+        peft = get_peft_model(LlamaForCausalLM(llama_config("100M")), LoraConfig(r=8, target_modules=TARGETS))
+    g = torch.Generator().manual_seed(0)
+    adapter = {
+        n: torch.randn(p.shape, generator=g).mul_(0.02).to(torch.bfloat16)
+        for n, p in peft.named_parameters()
+        if ".lora_" in n
+    }
+    rig = Rig(4, WeightsConfig(transport="net", delta=False))
+    try:
+        t = {
+            name: statistics.median(sync_one(rig, state, None, 4, repeats)["t"]["podsrl"])
+            for name, state in (("adapter", adapter), ("full", full))
+        }
+    finally:
+        rig.close()
+    return [
+        Result(
+            bench="lora",
+            case="(d) a version to 4 rollout clients over the network, rank-8 adapter vs full, 100M Llama in bf16",
+            value=t["adapter"] * 1e3,
+            unit="ms",
+            peer="the full bf16 version",
+            peer_value=t["full"] * 1e3,
+            ratio=t["adapter"] / t["full"],
+            goal="-",
+            met=None,
+            notes="from pack + publish to the last client's verified copy (bench/weights.py (2), full transfers)",
+        )
+    ]
+
+
 def run(quick: bool = False) -> list[Result]:
     from launcher.tiny import build_tiny_model
     from protocol.config import load_config
@@ -251,17 +296,19 @@ def run(quick: bool = False) -> list[Result]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sync", action="store_true", help="only (d), the time to 4 servers")
     args = parser.parse_args()
     t0 = time.time()
-    results = run(args.quick)
+    results = sync_to_servers() if args.sync else run(args.quick)
     print_results(results)
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python -m bench.lora" + (" --quick" if args.quick else ""),
+        "command": "python -m bench.lora" + (" --quick" if args.quick else "") + (" --sync" if args.sync else ""),
         "seconds": time.time() - t0,
         "machine": machine(),
     }
-    save(results, meta, ROOT / "bench" / f"results-lora{'-quick' if args.quick else ''}.json")
+    name = "results-lora" + ("-quick" if args.quick else "") + ("-sync" if args.sync else "")
+    save(results, meta, ROOT / "bench" / f"{name}.json")
 
 
 if __name__ == "__main__":
