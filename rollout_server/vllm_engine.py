@@ -80,7 +80,6 @@ class VLLMEngine:
 
     def _start(self, weights: Weights) -> None:
         from vllm import LLM
-        from vllm.platforms import current_platform
 
         self._dir = Path(tempfile.mkdtemp(prefix="podsrl-vllm-"))
         weakref.finalize(self, shutil.rmtree, self._dir, True)  # also when close() is never called
@@ -89,15 +88,23 @@ class VLLMEngine:
             model=str(self._dir),
             load_format="dummy",
             skip_tokenizer_init=not self.tokenizer,
-            dtype=self.cfg.model.dtype,
-            seed=self.cfg.run.seed,
-            logprobs_mode="processed_logprobs",
-            enable_prefix_caching=True,
-            generation_config="vllm",
-            gpu_memory_utilization=self.cfg.rollout.engine.gpu_memory_utilization,
-            enforce_eager=current_platform.is_cpu(),
             worker_extension_cls=WORKER_EXTENSION,
+            **self._llm_args(),
         )
+
+    def _llm_args(self) -> dict[str, Any]:
+        """What every ``LLM`` this engine starts shares (see the module doc)."""
+        from vllm.platforms import current_platform
+
+        return {
+            "dtype": self.cfg.model.dtype,
+            "seed": self.cfg.run.seed,
+            "logprobs_mode": "processed_logprobs",
+            "enable_prefix_caching": True,
+            "generation_config": "vllm",
+            "gpu_memory_utilization": self.cfg.rollout.engine.gpu_memory_utilization,
+            "enforce_eager": current_platform.is_cpu(),
+        }
 
     def load(self, weights: Weights, verified: bool = False, device_data: torch.Tensor | None = None) -> None:
         """Install a complete, checksummed version in place; a rejected one leaves the previous loaded.
@@ -141,7 +148,6 @@ class VLLMEngine:
     def _start_lora(self, lora: LoraSpec) -> None:
         import torch
         from vllm import LLM
-        from vllm.platforms import current_platform
 
         from rollout_server.lora import check_base, find_base
 
@@ -153,13 +159,7 @@ class VLLMEngine:
         self.tokenizer = True  # the base's directory has its tokenizer (a fetched base too)
         self.llm = LLM(
             model=str(base),
-            dtype=self.cfg.model.dtype,
-            seed=self.cfg.run.seed,
-            logprobs_mode="processed_logprobs",
-            enable_prefix_caching=True,
-            generation_config="vllm",
-            gpu_memory_utilization=self.cfg.rollout.engine.gpu_memory_utilization,
-            enforce_eager=current_platform.is_cpu(),
+            **self._llm_args(),
             enable_lora=True,
             max_loras=1,
             max_lora_rank=next((r for r in LORA_RANKS if r >= lora.rank), lora.rank),
