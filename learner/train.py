@@ -46,7 +46,7 @@ from protocol.config import Config
 from protocol.messages import BatchRequest, ProtocolError, TrainBatch, Weights
 from protocol.metrics import Monitor, RateLimitedLog
 from protocol.sockets import batch_client, close, recv, send
-from protocol.weights import pack_weights, read_tokenizer_files
+from protocol.weights import pack_weights, read_tokenizer_files, unpack_weights
 
 log = logging.getLogger("podsrl.learner")
 
@@ -206,14 +206,15 @@ class Training:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         base = load_model(cfg.model_dir, device)
         self.model_config, self.vocab_size = base.config.to_json_string(), int(base.config.vocab_size)
-        self.lora: LoraSpec | None = None  # with LoRA a version is the adapter, for the base of this digest
+        # LoRA, rank 0 (the publisher's): a version is the adapter, for the base of this spec's digest, and
+        # the base is packed once (in model.dtype) for rollout servers that lack it (docs/LORA.md)
+        self.lora: LoraSpec | None = None
+        self.base: Weights | None = None
         model: torch.nn.Module = base
-        self.base: Weights | None = None  # LoRA, rank 0: the base, for rollout servers that lack it
         if enabled(cfg.learner.lora):
-            base_state = cast(base.state_dict(), cfg.model.dtype)
-            self.lora = spec(cfg.learner.lora, state_digest(base_state))
             if rank == 0:
-                self.base = pack_weights(base_state, 0, self.model_config)
+                self.base = pack_weights(cast(base.state_dict(), cfg.model.dtype), 0, self.model_config)
+                self.lora = spec(cfg.learner.lora, state_digest(unpack_weights(self.base, verified=True)))
             model = apply_lora(base, cfg.learner.lora)
         self.net = wrap(model, cfg, device)
         self.opt = torch.optim.AdamW(trainable(self.net), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)

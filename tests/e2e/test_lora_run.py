@@ -26,3 +26,4 @@ def test_a_lora_run_publishes_adapters_and_resumes_at_the_next_version(run_dir, 
     assert installs, "the rollout server installed no version"
     # q/k/v/o adapters of the tiny model (2 layers, width 64, rank 8): 2 x 4 x 8 x (64 + 64) fp32 = 32 KiB
     assert all(m["rollout/weights_mib"] == 2 * 4 * 8 * 128 * 4 / 2**20 for m in installs)
+    assert not (run_dir / "base").exists(), "the server should have found the base at model.path (same digest)"
