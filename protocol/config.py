@@ -312,7 +312,7 @@ class LoraSettings(Section):
     and a published version is the adapter; every rollout server builds the base from its own model.path."""
 
     rank: int = Field(0, ge=0, le=4096, description="adapter rank r; 0 = off (full fine-tuning)")
-    alpha: int = Field(16, ge=1, description="the update is B@A x alpha/rank")
+    alpha: int = Field(16, ge=1, le=65536, description="the update is B@A x alpha/rank")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input while training")
     target_modules: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "o_proj"],

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 LORA_KEY = "podsrl_lora"  # the model_config key of a LoRA version
 HALVES = ("lora_A", "lora_B")
+MAX_ALPHA = 65536  # learner.lora.alpha's bound: a larger scale in a version is refused
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class LoraSpec:
             and 0 < d["rank"] <= 4096
             and isinstance(d["alpha"], int | float)
             and math.isfinite(d["alpha"])
-            and d["alpha"] > 0
+            and 0 < d["alpha"] <= MAX_ALPHA
             and isinstance(d["targets"], list)
             and d["targets"]
             and all(isinstance(t, str) and t for t in d["targets"])

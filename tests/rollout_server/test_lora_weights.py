@@ -67,13 +67,15 @@ def tampered(w: Weights, change: str) -> Weights:
         tensors["model.embed_tokens.weight"] = torch.zeros(3, 3)
     elif change == "bad rank":
         config[LORA_KEY]["rank"] = 0
+    elif change == "absurd alpha":
+        config[LORA_KEY]["alpha"] = 1e30
     return pack_weights(tensors, w.version, json.dumps(config))
 
 
 CHANGES = ["wrong shape", "module the base lacks", "NaN", "module not targeted", "lone half", "not an adapter"]
 
 
-@pytest.mark.parametrize("change", [*CHANGES, "bad rank"])
+@pytest.mark.parametrize("change", [*CHANGES, "bad rank", "absurd alpha"])
 def test_a_hostile_adapter_fails_the_boundary_check(lora: tuple[Config, torch.nn.Module, int], change: str) -> None:
     from protocol.lora import check_version
 
