@@ -77,9 +77,9 @@ class TorchEngine:
     def load(self, weights: Weights, verified: bool = False, device_data: torch.Tensor | None = None) -> None:
         """Install a complete version (its digests are checked first unless the caller just did), from
         ``device_data`` when given (a device copy of the same bytes: a device-to-device copy).
-        A LoRA version (``protocol/lora.py``) is an adapter: the first one builds the base from this server's
-        own ``model.path`` (checked by digest against the learner's), and each is applied to it
-        (``rollout_server/lora.py``, ``rollout.engine.lora_mode``)."""
+        A LoRA version (``protocol/lora.py``) is an adapter: the first one builds the base (``model.path``, or
+        the copy the weights client fetched; checked by digest against the learner's), and each is applied
+        to it (``rollout_server/lora.py``, ``rollout.engine.lora_mode``)."""
         tensors = unpack_weights(weights, verified=verified, buf=device_data)
         config, lora = split_config(weights.model_config)
         if (lora is None) != (self.adapters is None) and self.model is not None:
@@ -93,7 +93,7 @@ class TorchEngine:
         self.version = weights.version
 
     def _build(self, config: dict, lora: LoraSpec | None) -> torch.nn.Module:
-        """The model (random weights until loaded; the base from model.path under LoRA)."""
+        """The model (random weights until loaded; under LoRA the base, ``rollout_server.lora.find_base``)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if lora is not None:

@@ -1,5 +1,5 @@
-"""The torch engine's side of LoRA (docs/LORA.md): the base from this server's own ``model.path``, and
-each version's adapter applied to it.
+"""A rollout server's side of LoRA (docs/LORA.md): where the base comes from, and (torch engine) each
+version's adapter applied to it.
 
 The base is built once and must be the one the learner trains on: its :func:`protocol.lora.state_digest`
 (in ``model.dtype``) must equal the ``base_digest`` every LoRA version carries. It is ``model.path`` on
