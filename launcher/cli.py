@@ -12,6 +12,8 @@
     podsrl check    --config run.toml   # the start-up checks alone: model, tokenizer, dataset, rewards
     podsrl sweep --grid configs/sweeps/staleness.toml   # configurations x seeds, then a summary table
     podsrl plot runs/sweeps/staleness   # figures of a sweep (or of one run directory)
+    podsrl export runs/tiny --merge out/   # the latest checkpoint as a transformers dir (LoRA merged in)
+    podsrl export runs/tiny --adapter out/ # a LoRA run's adapter as a peft adapter directory
 
 Overrides are ``section.key=value`` (TOML values); ``docs/CONFIG.md`` lists every key. ``--help``
 is instant: nothing heavy (torch, transformers) is imported before the config is parsed.
@@ -24,6 +26,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from launcher.export import add_export_parser
 from protocol.cli import common_parser, configure
 from protocol.config import config_reference, load_config, to_toml
 
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     add_plot_parser(sub)
     add_keys_parser(sub)
     add_health_parser(sub)
+    add_export_parser(sub)
     if argv and argv[0] in ("selector", "rollout"):  # these own their full argument parsing
         from importlib import import_module
 
@@ -61,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return keys_command(args)
     if args.cmd == "health":
         return health_command(args)
+    if args.cmd == "export":
+        from launcher.export import export_command
+
+        return export_command(args)
     if args.cmd == "config":
         if args.reference:
             print(config_reference())

@@ -49,6 +49,22 @@ def _tokenizer(path: Path) -> Any:
         ) from None
 
 
+def _lora_targets(cfg: Config, path: Path) -> str:
+    """learner.lora: every target module name matches linear weights of the model (shapes from its config)."""
+    from protocol.lora import base_shapes
+
+    shapes = base_shapes((path / "config.json").read_text())
+    modules = {name.removesuffix(".weight").rpartition(".")[2] for name, s in shapes.items() if len(s) == 2}
+    missing = [t for t in cfg.learner.lora.target_modules if t not in modules]
+    if missing:
+        raise PreflightError(
+            f"learner.lora.target_modules: the model has no linear module named {missing}; its linear modules "
+            f"are {sorted(modules)}"
+        )
+    lora = cfg.learner.lora
+    return f"LoRA rank {lora.rank}, alpha {lora.alpha} on {', '.join(lora.target_modules)}: versions are adapters"
+
+
 def preflight(cfg: Config) -> str:
     """Run every check (building the tiny model first if needed); return a short report."""
     from rollout_server.tasks import TaskError, alphabet_of, validate_task
@@ -78,6 +94,8 @@ def preflight(cfg: Config) -> str:
                 f"model's vocab_size is {vocab}; they must come from the same model"
             )
         lines.append(f"model {path} (vocabulary {len(tokenizer)}, dtype {cfg.model.dtype})")
+        if cfg.learner.lora.rank:
+            lines.append(_lora_targets(cfg, path))
         lines.append(validate_task(cfg, tokenizer, trial=True))
     except TaskError as e:
         raise PreflightError(str(e)) from None

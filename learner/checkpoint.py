@@ -1,6 +1,7 @@
 """Checkpoints: ``<run>/checkpoints/v000120/{model/, trainer.pt}`` and a ``latest`` pointer.
 
-``model/`` is a normal ``save_pretrained`` directory (load it with ``from_pretrained``);
+``model/`` is a normal ``save_pretrained`` directory (load it with ``from_pretrained``); a LoRA run
+(``learner.lora``) writes ``adapter/`` instead, a peft adapter directory of the base at ``model.path``;
 ``trainer.pt`` holds the optimizer state (keyed by parameter name) and the policy version, which
 survives restarts. Both are full, unsharded state dicts gathered to rank 0 (``learner/parallel.py``),
 so a checkpoint does not depend on the strategy or the number of ranks that wrote it. A checkpoint
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from learner.parallel import full_model_state, full_optimizer_state, load_full_state, unwrap
+from learner.parallel import full_model_state, full_optimizer_state, has_frozen, load_full_state, unwrap
 from protocol.config import Config
 
 log = logging.getLogger("podsrl.learner")
@@ -94,10 +95,15 @@ def save_checkpoint(
         tmp = root / f".v{version:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model = unwrap(net)
-        params = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-        # Tied weights (lm_head = embed_tokens) gather as two tensors; save each parameter once, as
-        # save_pretrained does for the live model, and from_pretrained re-ties them.
-        model.save_pretrained(tmp / "model", state_dict={k: v for k, v in state.items() if k in params})
+        if has_frozen(net):  # LoRA: the adapter is all that trains
+            from learner.lora import published, save_adapter
+
+            save_adapter(tmp / "adapter", published(state), cfg.learner.lora, str(cfg.model_dir.resolve()))
+        else:
+            params = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+            # Tied weights (lm_head = embed_tokens) gather as two tensors; save each parameter once, as
+            # save_pretrained does for the live model, and from_pretrained re-ties them.
+            model.save_pretrained(tmp / "model", state_dict={k: v for k, v in state.items() if k in params})
         torch.save(
             {"optimizer": opt_state, "version": version, "step": version if step is None else step, "floor": floor},
             tmp / "trainer.pt",
@@ -110,6 +116,23 @@ def save_checkpoint(
         log.info("checkpoint v%d written to %s", version, final)
     if dist.is_initialized():
         dist.barrier()
+
+
+def _read_model(path: Path, lora: bool) -> dict[str, torch.Tensor]:
+    """A checkpoint's model state: the whole model, or (``lora``) the adapter under peft's live names."""
+    if lora != (path / "adapter").is_dir():
+        have, want = ("an adapter", "a full model") if not lora else ("a full model", "an adapter")
+        raise ValueError(
+            f"checkpoint {path} holds {have} but this run trains {want} (learner.lora.rank): resume with the "
+            "learner.lora settings it was written with, or start a new run.dir (or run.resume=false)"
+        )
+    if lora:
+        from learner.lora import live, load_adapter
+
+        return live(load_adapter(path / "adapter"))
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path / "model", dtype=torch.float32).state_dict()
 
 
 def load_latest(cfg: Config, net: torch.nn.Module, opt: torch.optim.Optimizer, rank: int) -> Lineage:
@@ -131,9 +154,7 @@ def load_latest(cfg: Config, net: torch.nn.Module, opt: torch.optim.Optimizer, r
         model_state: dict[str, torch.Tensor] = {}
         trainer: dict = {"optimizer": {}}
         if rank == 0:
-            from transformers import AutoModelForCausalLM
-
-            model_state = AutoModelForCausalLM.from_pretrained(path / "model", dtype=torch.float32).state_dict()
+            model_state = _read_model(path, lora=has_frozen(net))
             trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
             version = int(trainer["version"])
             checkpoint = Lineage(version, int(trainer.get("step", version)), int(trainer.get("floor", 0)))

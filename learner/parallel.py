@@ -10,6 +10,9 @@ Precision: master weights and optimizer state are fp32 under both. With ``model.
 DDP runs the forward under ``torch.autocast`` and FSDP2 gathers parameters in bf16
 (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``).
 
+With LoRA (``learner/lora.py``) the base is frozen: what leaves the learner is the trainable part alone
+(``ignore_frozen_params``), the adapter, and loading it back leaves the frozen base as it is.
+
 Everything that leaves the learner goes through one code path for both strategies:
 ``get_model_state_dict``/``get_optimizer_state_dict`` with ``full_state_dict=True, cpu_offload=True``
 (collectives: every rank calls them, rank 0 receives the tensors, the others an empty dict), and
@@ -35,6 +38,8 @@ from protocol.config import Config
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+TRAINABLE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+TRAINABLE_FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -110,10 +115,16 @@ def autocast(net: torch.nn.Module, dtype: str, device: torch.device) -> contextl
     return torch.autocast(device.type, dtype=DTYPES[dtype])
 
 
+def has_frozen(net: torch.nn.Module) -> bool:
+    """Whether part of the model does not train (a LoRA base)."""
+    return any(not p.requires_grad for p in net.parameters())
+
+
 def full_model_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict on rank 0's CPU (``{}`` on the others). A collective: call on every rank.
+    """The full fp32 state dict on rank 0's CPU (``{}`` on the others); of the trainable parameters only
+    when part of the model is frozen (LoRA). A collective: call on every rank.
     Under DDP on CPU the tensors are the live parameters (no copy): pack or save them before the next step."""
-    return get_model_state_dict(net, options=FULL)  # type: ignore[return-value]
+    return get_model_state_dict(net, options=TRAINABLE if has_frozen(net) else FULL)  # type: ignore[return-value]
 
 
 def full_optimizer_state(net: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -124,8 +135,10 @@ def full_optimizer_state(net: torch.nn.Module, opt: torch.optim.Optimizer) -> di
 def load_full_state(
     net: torch.nn.Module, opt: torch.optim.Optimizer, model_state: dict[str, torch.Tensor], opt_state: dict[str, Any]
 ) -> None:
-    """Load rank 0's full state dicts into every rank's (sharded or replicated) model and optimizer."""
-    set_model_state_dict(net, dict(model_state), options=FROM_RANK0)
+    """Load rank 0's full state dicts into every rank's (sharded or replicated) model and optimizer (with a
+    frozen base, ``model_state`` holds the trainable parameters only)."""
+    frozen = has_frozen(net)
+    set_model_state_dict(net, dict(model_state), options=TRAINABLE_FROM_RANK0 if frozen else FROM_RANK0)
     set_optimizer_state_dict(net, opt, opt_state, options=FROM_RANK0)
 
 

@@ -124,12 +124,15 @@ class WeightPublisher:
         weights: WeightsConfig | None = None,
         run_dir: str = "",
         device: torch.device | None = None,
+        base: Weights | None = None,
     ) -> None:
-        """``run_dir`` and ``device`` (rank 0's) tell the transports whether they can offer anything."""
+        """``run_dir`` and ``device`` (rank 0's) tell the transports whether they can offer anything;
+        ``base``: a LoRA run's base model (in ``model.dtype``), served to a ``WeightsRequest(base_model=True)``."""
         auth = load_auth(net, "learner")  # first: a missing key must fail before any socket exists
         self.cfg = weights or WeightsConfig()
         self._ctx = ctx
         self._files = files or {}
+        self._base = base
         self._files_blob = np.frombuffer(b"".join(self._files.values()), np.uint8)
         self._file_list = [[k, len(v)] for k, v in self._files.items()]
         self._kept: OrderedDict[int, Weights] = OrderedDict()  # version -> packed buffer, oldest first
@@ -350,6 +353,14 @@ class WeightPublisher:
 
     def _reply(self, route: list[bytes], req: WeightsRequest) -> bool:
         """Answer one request; False when its delta is still being encoded (ask again later)."""
+        if req.base_model:  # LoRA: the base, kept for the whole run; served like a full version 0
+            if self._base is None:
+                send(self._router, WeightsChunk(fetch=req.fetch, version=0, status="gone"), *route)
+                return True
+            held = self._base
+            return self._send_part(
+                route, req, 0, -1, int(held.data.shape[0]), held.data, target=held if not req.chunk else None
+            )
         key = (bytes(route[0]), req.fetch)
         pin = self._pins.get(key) if req.chunk > 0 else None
         if pin is not None and (pin.version, pin.base) == (req.version, req.have):

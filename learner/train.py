@@ -22,7 +22,8 @@ Precision (``model.dtype``): the learner keeps fp32 master weights and fp32 Adam
 ``bfloat16`` the forward computes in bf16 (autocast under DDP, FSDP2's ``MixedPrecisionPolicy``,
 gradients reduced in fp32) and log-probs are taken in fp32 from the logits. Published weights are
 cast to ``model.dtype``, the dtype the rollout engine loads. Strategies and state dicts:
-``learner/parallel.py``.
+``learner/parallel.py``. With ``learner.lora`` the base is frozen, the optimizer holds the adapters
+alone, and a published version is the adapter (``learner/lora.py``, ``protocol/lora.py``).
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ import zmq
 from learner.nodes import claim_rank, global_rank, peers_watched
 from protocol.auth import load_auth
 from protocol.config import Config
-from protocol.messages import BatchRequest, ProtocolError, TrainBatch
+from protocol.messages import BatchRequest, ProtocolError, TrainBatch, Weights
 from protocol.metrics import Monitor, RateLimitedLog
 from protocol.sockets import batch_client, close, recv, send
-from protocol.weights import pack_weights, read_tokenizer_files
+from protocol.weights import pack_weights, read_tokenizer_files, unpack_weights
 
 log = logging.getLogger("podsrl.learner")
 
@@ -218,14 +219,26 @@ class Training:
 
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device) -> None:
         from learner.checkpoint import load_latest
+        from learner.lora import apply_lora, enabled, spec, trainable
         from learner.model import load_model
-        from learner.parallel import full_model_state, wrap
+        from learner.parallel import cast, full_model_state, wrap
+        from protocol.lora import LoraSpec, state_digest
 
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
-        model = load_model(cfg.model_dir, device)
-        self.model_config, self.vocab_size = model.config.to_json_string(), int(model.config.vocab_size)
+        base = load_model(cfg.model_dir, device)
+        self.model_config, self.vocab_size = base.config.to_json_string(), int(base.config.vocab_size)
+        # LoRA, rank 0 (the publisher's): a version is the adapter, for the base of this spec's digest, and
+        # the base is packed once (in model.dtype) for rollout servers that lack it (docs/LORA.md)
+        self.lora: LoraSpec | None = None
+        self.base: Weights | None = None
+        model: torch.nn.Module = base
+        if enabled(cfg.learner.lora):
+            if rank == 0:
+                self.base = pack_weights(cast(base.state_dict(), cfg.model.dtype), 0, self.model_config)
+                self.lora = spec(cfg.learner.lora, state_digest(unpack_weights(self.base, verified=True)))
+            model = apply_lora(base, cfg.learner.lora)
         self.net = wrap(model, cfg, device)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+        self.opt = torch.optim.AdamW(trainable(self.net), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
         lineage = load_latest(cfg, self.net, self.opt, rank)
         self.version, self.step, self.floor = lineage.version, lineage.step, lineage.floor
         self.nonfinite = 0  # steps skipped for a non-finite gradient
@@ -274,6 +287,7 @@ class Lead:
             weights=cfg.weights,
             run_dir=cfg.run.dir,
             device=run.device,
+            base=run.base,
         )
         cleanup.callback(self.publisher.close)
         self.publish(run)
@@ -304,8 +318,13 @@ class Lead:
                 "from the last checkpoint with a lower learner.lr or learner.grad_clip"
             )
         record_published(self.cfg, run.version, run.floor)
-        state = cast(run.state, self.cfg.model.dtype)
-        w = pack_weights(state, run.version, run.model_config, alloc=self.publisher.alloc)
+        state, config = cast(run.state, self.cfg.model.dtype), run.model_config
+        if run.lora is not None:  # the version is the adapter (protocol/lora.py)
+            from learner.lora import published
+            from protocol.lora import with_lora
+
+            state, config = published(state), with_lora(config, run.lora)
+        w = pack_weights(state, run.version, config, alloc=self.publisher.alloc)
         self.publisher.publish(w, run.floor, final)
 
     def batch(self, run: Training) -> tuple[TrainBatch | None, float]:

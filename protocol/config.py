@@ -213,6 +213,11 @@ class EngineConfig(Section):
     type: Literal["torch", "vllm"] = Field("torch", description="generation engine; vllm is an optional extra")
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vllm only")
+    lora_mode: Literal["merged", "unmerged"] = Field(
+        "merged",
+        description="torch engine with learner.lora: 'merged' writes W + B@A*alpha/rank into a private copy of "
+        "the base weights per version; 'unmerged' adds the adapter's path in each forward (docs/LORA.md)",
+    )
 
 
 class RolloutConfig(Section):
@@ -337,6 +342,20 @@ class LossSettings(Section):
         return self
 
 
+class LoraSettings(Section):
+    """LoRA adapters through peft (docs/LORA.md): with ``rank`` > 0 the learner trains only the adapters,
+    and a published version is the adapter; every rollout server builds the base from its own model.path."""
+
+    rank: int = Field(0, ge=0, le=4096, description="adapter rank r; 0 = off (full fine-tuning)")
+    alpha: int = Field(16, ge=1, le=65536, description="the update is B@A x alpha/rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input while training")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="names of the linear modules that get an adapter (the last part of their path)",
+    )
+
+
 class LearnerConfig(Section):
     nproc: int = Field(1, ge=1, description="torchrun ranks (processes) on this machine (on each node)")
     nnodes: int = Field(
@@ -417,6 +436,7 @@ class LearnerConfig(Section):
         "by (run.seed, version, epoch); at most the rows per batch",
     )
     loss: LossSettings = LossSettings()
+    lora: LoraSettings = LoraSettings()
 
     @property
     def world_size(self) -> int:

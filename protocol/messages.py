@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8  # 8: WeightsRequest.base_model (LoRA: the base travels once)
 
 I32, I64, F32, U8 = np.dtype("<i4"), np.dtype("<i8"), np.dtype("<f4"), np.dtype("u1")
 
@@ -343,7 +343,9 @@ class WeightsRequest(Message):
     weights link's flow control (learner/publisher.py). ``corrupt``: a version whose shared-memory
     segment did not match its announced manifest on this server (-1: none), so that the learner stops
     serving that segment's bytes (it re-packs the version from its own state) and stops offering shared
-    memory."""
+    memory. ``base_model``: the request is for the base model a LoRA run's adapters apply to
+    (docs/LORA.md), not for a version; it is served like a full version 0 (``version`` and ``have`` -1),
+    to a server whose own ``model.path`` does not hold that base."""
 
     TYPE: ClassVar[str] = "weights_request"
     version: int
@@ -352,6 +354,7 @@ class WeightsRequest(Message):
     chunk: int = 0
     fetch: int = 0
     corrupt: int = -1
+    base_model: bool = False
 
     def check(self) -> None:
         _check_version("version", self.version, low=-1)

@@ -12,15 +12,19 @@ the token that completes a stop string, or at ``max_new_tokens``.
 from __future__ import annotations
 
 import inspect
-import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from protocol.config import Config
+from protocol.lora import LoraSpec, split_config
 from protocol.messages import Weights
 from protocol.weights import unpack_weights
 from rollout_server.sampling import Engine, Samples, SamplingSpec
+
+if TYPE_CHECKING:
+    from rollout_server.lora import Adapters
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -61,7 +65,9 @@ class TorchEngine:
     compact_frac = 0.125  # drop finished rows once they are this fraction of the batch (each drop copies the cache)
 
     def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
         self.device = resolve_device(cfg.rollout.engine.device)
+        self.adapters: Adapters | None = None  # LoRA versions: what applies them to the base
         self.dtype = DTYPES[cfg.model.dtype]
         self.model: torch.nn.Module | None = None
         self.version: int | None = None
@@ -70,19 +76,39 @@ class TorchEngine:
 
     def load(self, weights: Weights, verified: bool = False, device_data: torch.Tensor | None = None) -> None:
         """Install a complete version (its digests are checked first unless the caller just did), from
-        ``device_data`` when given (a device copy of the same bytes: a device-to-device copy)."""
+        ``device_data`` when given (a device copy of the same bytes: a device-to-device copy).
+        A LoRA version (``protocol/lora.py``) is an adapter: the first one builds the base (``model.path``, or
+        the copy the weights client fetched; checked by digest against the learner's), and each is applied
+        to it (``rollout_server/lora.py``, ``rollout.engine.lora_mode``)."""
         tensors = unpack_weights(weights, verified=verified, buf=device_data)
+        config, lora = split_config(weights.model_config)
+        if (lora is None) != (self.adapters is None) and self.model is not None:
+            raise RuntimeError("the learner switched between LoRA and full versions: restart the rollout server")
         if self.model is None:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            config = AutoConfig.for_model(**json.loads(weights.model_config))
-            self.model = AutoModelForCausalLM.from_config(config).to(self.device, self.dtype).eval()
-            params = inspect.signature(self.model.forward).parameters
-            self._last_logits_only = "logits_to_keep" in params
-            # transformers >= 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns)
-            self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.model.load_state_dict(tensors, strict=True)
+            self.model = self._build(config, lora)
+        if self.adapters is not None and lora is not None:
+            self.adapters.apply(tensors, lora)
+        else:
+            self.model.load_state_dict(tensors, strict=True)
         self.version = weights.version
+
+    def _build(self, config: dict, lora: LoraSpec | None) -> torch.nn.Module:
+        """The model (random weights until loaded; under LoRA the base, ``rollout_server.lora.find_base``)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if lora is not None:
+            from rollout_server.lora import Adapters, find_base, load_base
+
+            base = find_base(self.cfg.model_dir, self.cfg.run.dir, lora, self.dtype)
+            model = load_base(base, lora, self.dtype, self.device)
+            self.adapters = Adapters(model, self.cfg.rollout.engine.lora_mode)
+        else:
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).to(self.device, self.dtype).eval()
+        params = inspect.signature(model.forward).parameters
+        self._last_logits_only = "logits_to_keep" in params
+        # transformers >= 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns)
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        return model
 
     @torch.inference_mode()
     def generate(self, prompts: list[np.ndarray], n: int, spec: SamplingSpec, seed: int) -> Samples:

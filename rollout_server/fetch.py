@@ -80,13 +80,28 @@ class Fetcher:
                 self.warn(f"rejected/{e.reason}", "weights rejected (%s): fetching the full version", e)
                 base = None  # the delta path failed: the full version has no base to be wrong about
 
-    async def _transfer(self, held: Weights | None, with_files: bool) -> Weights:
+    async def fetch_base(self) -> Weights:
+        """A LoRA run's base model (docs/LORA.md), verified; RuntimeError when the learner has none to serve.
+        Raises TimeoutError as :meth:`fetch` does."""
+        while True:
+            try:
+                return await self._transfer(None, False, base_model=True)
+            except Gone:
+                raise RuntimeError("the learner serves no base model (is learner.lora on?)") from None
+            except ProtocolError as e:
+                self.counters["weights_rejected"] += 1
+                self.warn(f"rejected/{e.reason}", "base model rejected (%s): fetching it again", e)
+
+    async def _transfer(self, held: Weights | None, with_files: bool, base_model: bool = False) -> Weights:
         fetch_id = new_session()
         t0 = time.monotonic()
         have = held.version if held is not None else -1
         corrupt, self.corrupt = self.corrupt, -1
         await asend(
-            self.sock, WeightsRequest(version=-1, have=have, with_files=with_files, fetch=fetch_id, corrupt=corrupt)
+            self.sock,
+            WeightsRequest(
+                version=-1, have=have, with_files=with_files, fetch=fetch_id, corrupt=corrupt, base_model=base_model
+            ),
         )
         first = await self._recv(fetch_id)
         if first.status == "gone":
@@ -100,7 +115,10 @@ class Fetcher:
         while todo or inflight:
             while todo and inflight < self.cfg.window:
                 await asend(
-                    self.sock, WeightsRequest(version=first.version, have=first.base, chunk=todo.pop(), fetch=fetch_id)
+                    self.sock,
+                    WeightsRequest(
+                        version=first.version, have=first.base, chunk=todo.pop(), fetch=fetch_id, base_model=base_model
+                    ),
                 )
                 inflight += 1
             part = await self._recv(fetch_id)

@@ -16,6 +16,9 @@ has it, and ``rollout.engine.type='torch'`` never imports this module.
   (after temperature), as the importance ratios need; vLLM's default is the raw distribution.
 - ``generation_config="vllm"``: the model's ``generation_config.json`` sampling defaults (top-p, top-k,
   repetition penalty) would otherwise change the sampled distribution behind our back.
+- LoRA versions (``learner.lora``, docs/LORA.md): vLLM starts on the base at ``model.path`` with
+  ``enable_lora``, and each version is a ``LoRARequest`` (``_load_adapter``). Untested: written against
+  vLLM's API (0.8-0.32), not run here.
 - On CPU: eager mode (torch.compile costs minutes on 2 cores for no gain at this size); the KV cache is
   sized by ``VLLM_CPU_KVCACHE_SPACE`` (GiB) when set, else ``rollout.engine.gpu_memory_utilization`` is
   the fraction of *system* memory vLLM reserves.
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from protocol.config import Config
+from protocol.lora import LoraSpec, split_config, write_adapter_dir
 from protocol.messages import Weights
 from protocol.weights import unpack_files, unpack_weights
 from rollout_server.sampling import Samples, SamplingSpec
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
     import torch
 
 WORKER_EXTENSION = "rollout_server.vllm_worker.WeightReloader"
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 
 
 def model_directory(weights: Weights, path: Path) -> bool:
@@ -71,10 +76,10 @@ class VLLMEngine:
         self.tokenizer = False
         self.version: int | None = None
         self._dir: Path | None = None
+        self.lora_request: Any = None  # vllm.lora.request.LoRARequest of the adapter version loaded
 
     def _start(self, weights: Weights) -> None:
         from vllm import LLM
-        from vllm.platforms import current_platform
 
         self._dir = Path(tempfile.mkdtemp(prefix="podsrl-vllm-"))
         weakref.finalize(self, shutil.rmtree, self._dir, True)  # also when close() is never called
@@ -83,25 +88,82 @@ class VLLMEngine:
             model=str(self._dir),
             load_format="dummy",
             skip_tokenizer_init=not self.tokenizer,
-            dtype=self.cfg.model.dtype,
-            seed=self.cfg.run.seed,
-            logprobs_mode="processed_logprobs",
-            enable_prefix_caching=True,
-            generation_config="vllm",
-            gpu_memory_utilization=self.cfg.rollout.engine.gpu_memory_utilization,
-            enforce_eager=current_platform.is_cpu(),
             worker_extension_cls=WORKER_EXTENSION,
+            **self._llm_args(),
         )
+
+    def _llm_args(self) -> dict[str, Any]:
+        """What every ``LLM`` this engine starts shares (see the module doc)."""
+        from vllm.platforms import current_platform
+
+        return {
+            "dtype": self.cfg.model.dtype,
+            "seed": self.cfg.run.seed,
+            "logprobs_mode": "processed_logprobs",
+            "enable_prefix_caching": True,
+            "generation_config": "vllm",
+            "gpu_memory_utilization": self.cfg.rollout.engine.gpu_memory_utilization,
+            "enforce_eager": current_platform.is_cpu(),
+        }
 
     def load(self, weights: Weights, verified: bool = False, device_data: torch.Tensor | None = None) -> None:
         """Install a complete, checksummed version in place; a rejected one leaves the previous loaded.
         ``device_data`` is ignored: vLLM's workers receive the bytes by RPC (no CUDA IPC path into them)."""
-        unpack_weights(weights, verified=verified)  # digests and manifest, before vLLM is started or touched
+        tensors = unpack_weights(weights, verified=verified)  # digests and manifest, before vLLM is touched
+        _, lora = split_config(weights.model_config)
+        if lora is not None:
+            self._load_adapter(weights.version, tensors, lora)
+            return
+        if self.lora_request is not None:
+            raise RuntimeError("the learner switched from LoRA to full versions: restart the rollout server")
         if self.llm is None:
             self._start(weights)
         self.llm.collective_rpc("podsrl_load", args=(weights.version, weights.tensors, weights.data.tobytes()))
         self.llm.reset_prefix_cache()
         self.version = weights.version
+
+    def _load_adapter(self, version: int, tensors: dict[str, torch.Tensor], lora: LoraSpec) -> None:
+        """A LoRA version (docs/LORA.md): vLLM serves the base from this server's ``model.path`` (checked by
+        digest, as the torch engine does) with ``enable_lora``; each version is written as a peft adapter
+        directory and becomes the ``LoRARequest`` every later ``generate`` passes; the previous adapter is
+        removed from vLLM's cache and disk. No restart, no weight reload of the base.
+        **Untested**: not in this environment (no vLLM); see docs/LORA.md for the test to add."""
+        from vllm.lora.request import LoRARequest
+
+        if self.llm is None:
+            self._start_lora(lora)
+        elif self.lora_request is None:
+            raise RuntimeError("the learner switched from full versions to LoRA: restart the rollout server")
+        assert self._dir is not None
+        path = self._dir / f"adapter-v{version}"
+        write_adapter_dir(path, tensors, lora, str(self.cfg.model_dir))
+        previous, self.lora_request = self.lora_request, LoRARequest(f"v{version}", version + 1, str(path))
+        self.llm.llm_engine.add_lora(self.lora_request)  # loaded now, not by the first request that uses it
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    def _start_lora(self, lora: LoraSpec) -> None:
+        import torch
+        from vllm import LLM
+
+        from rollout_server.lora import check_base, find_base
+
+        base = find_base(self.cfg.model_dir, self.cfg.run.dir, lora, getattr(torch, self.cfg.model.dtype))
+        check_base(base, lora, getattr(torch, self.cfg.model.dtype))  # refused unless the learner's base
+        assert base is not None
+        self._dir = Path(tempfile.mkdtemp(prefix="podsrl-vllm-"))
+        weakref.finalize(self, shutil.rmtree, self._dir, True)
+        self.tokenizer = True  # the base's directory has its tokenizer (a fetched base too)
+        self.llm = LLM(
+            model=str(base),
+            **self._llm_args(),
+            enable_lora=True,
+            max_loras=1,
+            max_lora_rank=next((r for r in LORA_RANKS if r >= lora.rank), lora.rank),
+        )
 
     def generate(self, prompts: list[np.ndarray], n: int, spec: SamplingSpec, seed: int) -> Samples:
         from vllm import SamplingParams
@@ -132,7 +194,12 @@ class VLLMEngine:
             )
             for base in bases
         ]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts], params, use_tqdm=False)
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts],
+            params,
+            use_tqdm=False,
+            lora_request=self.lora_request,  # None: a full version
+        )
         ids, lps = [], []
         for out in outs:
             for c in sorted(out.outputs, key=lambda c: c.index):

@@ -25,11 +25,14 @@ import zmq.asyncio
 
 from protocol.auth import Auth
 from protocol.config import Config
+from protocol.lora import LoraSpec, check_version
 from protocol.messages import LEARNER_SILENT_S, ProtocolError, Weights, WeightsAnnouncement
 from protocol.metrics import Monitor, RateLimitedLog
 from protocol.sockets import announce_subscriber, arecv, close, weight_client
+from protocol.weights import unpack_files
 from rollout_server.sampling import Engine
 from rollout_server.sources import Fallback, Place, Source, build_sources
+from rollout_server.sources.net import NetSource
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +70,7 @@ class WeightsClient:
         self.fetched = asyncio.Event()  # the background fetcher made a version ready (it may clear news)
         self._fetching: asyncio.Task | None = None
         self._fetch_s = 0.0  # how long the last fetch took (whichever source served it)
+        self._base_ready = False  # LoRA: the base model is on this machine (_ensure_base)
 
     def all_counters(self) -> Counter[str]:
         """Its own counters and every source's (``rollout/<key>``)."""
@@ -166,11 +170,57 @@ class WeightsClient:
                 continue
             finally:
                 self._fetching = None
+            if w is not None and not await self._admissible(w, source):
+                return None
             if w is not None:
                 self._fetch_s = source.last["rollout/weights_fetch_s"]
                 self.monitor.log(w.version, source.last)
             return w
         raise AssertionError("the network source never falls back")
+
+    async def _admissible(self, w: Weights, source: Source) -> bool:
+        """The boundary check of a verified version before any engine sees it: a LoRA version's adapter must
+        fit the base (protocol/lora.py: names, shapes, finite values). A hostile or broken one is counted
+        (``rollout/adapter_rejected``), never loaded, and fetched again later."""
+        try:
+            spec = await asyncio.to_thread(check_version, w)
+        except ProtocolError as e:
+            self.counters["adapter_rejected"] += 1
+            self._warn("adapter", "rejected weights v%d: %s", w.version, e)
+            source.recycle(w)
+            return False
+        if spec is not None and not self._base_ready and not await self._ensure_base(spec, w):
+            source.recycle(w)
+            return False
+        return True
+
+    async def _ensure_base(self, spec: LoraSpec, w: Weights) -> bool:
+        """LoRA: make sure the base the adapters apply to is on this machine (docs/LORA.md): ``model.path``
+        when its digest is the learner's, else the copy fetched before, else fetch it from the learner now,
+        once (``rollout/base_fetched``), kept in ``<run.dir>/base/<digest>``. False: try again later."""
+        import torch
+
+        from rollout_server.lora import base_cache, find_base, write_base
+
+        cfg, dtype = self.cfg, getattr(torch, self.cfg.model.dtype)
+        if await asyncio.to_thread(find_base, cfg.model_dir, cfg.run.dir, spec, dtype) is not None:
+            self._base_ready = True
+            return True
+        net = self.sources[-1]
+        assert isinstance(net, NetSource), "the network source comes last"
+        log.info("the base model is not at model.path=%s: fetching it from the learner (once)", cfg.model_dir)
+        base = await net.read_base()
+        if base is None:
+            return False
+        try:
+            await asyncio.to_thread(write_base, base, unpack_files(w), spec, base_cache(cfg.run.dir, spec))
+        except ProtocolError as e:
+            self.counters["base_rejected"] += 1
+            self._warn("base", "rejected the base model the learner sent: %s", e)
+            return False
+        self.counters["base_fetched"] += 1
+        self._base_ready = True
+        return True
 
     async def fetch_now(self) -> None:
         """``weights.background = false``: fetch the announced latest version into ``ready`` now."""

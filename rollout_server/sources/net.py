@@ -55,6 +55,14 @@ class NetSource(Source):
         }
         return w
 
+    async def read_base(self) -> Weights | None:
+        """A LoRA run's base model from the learner (verified against its manifest); None when the learner
+        does not answer in time."""
+        try:
+            return await self.fetcher.fetch_base()
+        except TimeoutError:
+            return None
+
     def report_corrupt(self, version: int) -> None:
         self.fetcher.corrupt = version
 

@@ -211,3 +211,9 @@ def test_podsrl_run_stops_before_starting_any_process(tmp_path: Path) -> None:
 def test_a_run_that_leaves_loopback_without_keys_stops_before_any_process(model_dir: Path, data: Path) -> None:
     with pytest.raises(PreflightError, match="podsrl keys"):
         check(model_dir, data, "net.bind_host='0.0.0.0'")
+
+
+def test_lora_target_modules_the_model_lacks_are_named_with_the_ones_it_has(model_dir: Path, data: Path) -> None:
+    assert "LoRA rank 8" in check(model_dir, data, "learner.lora.rank=8")
+    with pytest.raises(PreflightError, match=r"learner.lora.target_modules.*\['c_attn'\].*q_proj"):
+        check(model_dir, data, "learner.lora.rank=8", "learner.lora.target_modules=['q_proj','c_attn']")

@@ -118,3 +118,64 @@ def test_the_engine_loads_from_a_device_copy_when_given(tiny):
 def test_missing_model_directory_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.path"):
         load_model(tmp_path / "nope", torch.device("cpu"))
+
+
+CPU = torch.device("cpu")
+LORA = ["learner.lora.rank=4", "learner.lora.alpha=8", "learner.lora.target_modules=['q_proj','v_proj','down_proj']"]
+
+
+@pytest.mark.parametrize("mode", ["merged", "unmerged"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_engine_logprobs_with_an_adapter_equal_learner_recomputation(tiny, mode, temperature):
+    """As above with LoRA: the engine builds the base from its own model.path (checked by digest),
+    applies the adapter that travelled (merged into a copy of the base weights, or unmerged) and samples
+    with the log-probs the learner's peft model recomputes, in fp32 to the same tolerance."""
+    from lora_helpers import adapter_model, adapter_version, randomize
+
+    from protocol.lora import check_version
+    from rollout_server.engine import TorchEngine
+
+    cfg, model = tiny
+    cfg = load_config(None, [f"run.dir={cfg.run.dir}", "task.length=4", f"rollout.engine.lora_mode={mode}", *LORA])
+    peft_model, digest = adapter_model(cfg, model)
+    engine = TorchEngine(cfg)
+    for v in (1, 2):  # a second version replaces the first (merged: from the private base copy)
+        randomize(peft_model, seed=v)
+        wire: Weights = decode(encode(adapter_version(cfg, peft_model, digest, v)))
+        assert all(".lora_" in t[0] for t in wire.tensors)
+        assert check_version(wire) is not None
+        engine.load(wire)
+        assert engine.version == v
+    tok, sampling = spec(cfg, temperature)
+    prompts = [np.asarray(tok(t)["input_ids"], np.int32) for t in ("abcd:", "ab:", "lkjihg:")]
+    samples = engine.generate(prompts, 5, sampling, seed=1)
+    rows = [torch.from_numpy(p.astype(np.int64)) for p in prompts for _ in range(5)]
+    done = [torch.from_numpy(c.astype(np.int64)) for c in samples.ids]
+    with torch.no_grad():
+        logp, _, _ = completion_logprobs(peft_model, rows, done, temperature, CPU)
+        with peft_model.disable_adapter():
+            base_logp, _, _ = completion_logprobs(peft_model, rows, done, temperature, CPU)
+    moved = 0.0
+    for i, lps in enumerate(samples.logprobs):
+        np.testing.assert_allclose(logp[i, : len(lps)].numpy(), lps, atol=2e-5)
+        moved = max(moved, float(np.abs(base_logp[i, : len(lps)].numpy() - lps).max()))
+    assert moved > 1e-2, "the adapter should change the log-probs (else this test proves nothing)"
+
+
+def test_an_engine_refuses_a_base_unlike_the_learners_and_names_the_fix(tiny, tmp_path):
+    from lora_helpers import adapter_model, adapter_version
+
+    from launcher.tiny import build_tiny_model
+    from rollout_server.engine import TorchEngine
+
+    cfg, model = tiny
+    cfg = load_config(None, [f"run.dir={cfg.run.dir}", "task.length=4", *LORA])
+    peft_model, digest = adapter_model(cfg, model)
+    w = adapter_version(cfg, peft_model, digest, 1)
+    missing = load_config(None, [f"run.dir={tmp_path / 'none'}", *LORA])
+    with pytest.raises(RuntimeError, match="neither at model.path nor fetched"):
+        TorchEngine(missing).load(w)
+    other = load_config(None, [f"run.dir={tmp_path / 'other'}", "run.seed=123", *LORA])  # other weights
+    build_tiny_model(other, other.model_dir, alphabet="abcdefghijkl:")
+    with pytest.raises(RuntimeError, match="neither at model.path nor fetched"):
+        TorchEngine(other).load(w)
