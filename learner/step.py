@@ -90,12 +90,31 @@ def merge_metrics(parts: list[tuple[float, dict[str, float]]]) -> dict[str, floa
 
 
 def _take(data: Shard, rows: list[int]) -> Shard:
+    masks = data.get("masks")
     return {
         "prompts": [data["prompts"][i] for i in rows],
         "completions": [data["completions"][i] for i in rows],
         "behav": [data["behav"][i] for i in rows],
         "advantages": data["advantages"][rows],
+        "masks": None if masks is None else [masks[i] for i in rows],
     }
+
+
+def model_tokens(data: Shard) -> int:
+    """Completion tokens that enter the loss: all of them, or an episode's model tokens only."""
+    masks = data.get("masks")
+    if masks is None:
+        return sum(len(c) for c in data["completions"])
+    return int(sum(float(m.sum()) for m in masks))
+
+
+def episode_mask(mask: torch.Tensor, masks: list[torch.Tensor] | None) -> torch.Tensor:
+    """The completion mask (B, T) times the episodes' loss masks (1 model token, 0 environment token), so
+    that environment tokens never enter a loss, a KL, an entropy or a token count (DESIGN.md, "Groups").
+    ``masks`` None: single-turn rows, the completion mask as it is."""
+    if masks is None:
+        return mask
+    return mask * pad(masks, mask.shape[1]).to(mask.device, mask.dtype)
 
 
 def pad(rows: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -114,6 +133,9 @@ def micro_batch_loss(
         logp, mask, entropy = completion_logprobs(
             net, data["prompts"], data["completions"], cfg.rollout.temperature, device, entropy_grad=bonus > 0
         )
+    if data.get("masks") is not None:  # episodes: environment tokens out of the mask and the entropy
+        mask = episode_mask(mask, data["masks"])
+        logp, entropy = logp * mask, entropy * mask
     behav = pad(data["behav"], mask.shape[1]).to(device)
     # One optimizer step per batch: the proximal policy of decoupled PPO is the current one at step
     # start, i.e. exactly logp without gradient; no second forward pass is needed.
@@ -121,7 +143,7 @@ def micro_batch_loss(
         logp=logp, behav_logp=behav, advantages=data["advantages"].to(device), mask=mask, prox_logp=logp.detach()
     )
     loss, metrics = compute_loss(
-        inputs, cfg.learner.loss, max_len=cfg.max_new_tokens, total_tokens=totals[0], total_seqs=totals[1]
+        inputs, cfg.learner.loss, max_len=cfg.max_completion_tokens, total_tokens=totals[0], total_seqs=totals[1]
     )
     if bonus > 0:  # this micro-batch's share of the batch's token-mean entropy, as the loss is
         loss = loss - bonus * entropy.sum() / max(totals[0], 1.0)
@@ -141,7 +163,7 @@ def train_step(
     """Accumulate this rank's shard in micro-batches and take optimizer step ``step`` (= the version)."""
     lengths = [len(p) + len(c) for p, c in zip(data["prompts"], data["completions"], strict=True)]
     plan = plan_micro_batches(lengths, cfg.learner.micro_batch_tokens)
-    totals = torch.tensor([sum(len(c) for c in data["completions"]), len(lengths)], dtype=torch.float64)
+    totals = torch.tensor([model_tokens(data), len(lengths)], dtype=torch.float64)
     count = torch.tensor([len(plan)])
     if dist.is_initialized():  # global counts make every rank's loss a share of the whole batch's mean
         dist.all_reduce(totals)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import cast
 
 import numpy as np
 
 from protocol.config import SelectorConfig
-from protocol.messages import BatchRequest, ScoredGroup, TrainBatch
+from protocol.messages import U8, BatchRequest, ScoredEpisodes, ScoredGroup, TrainBatch
 from selector.rules import GroupDecision, process_group, process_groups
 
 
@@ -29,6 +30,7 @@ class KeptGroup:
     seq: int = 0
     tokens: int = 0  # completion tokens of all n sampled completions (length accounting: generated vs trained)
     n: int = 0  # completions sampled
+    masks: list[np.ndarray] | None = None  # episodes: each kept one's loss mask (1 model token, 0 environment)
 
 
 def keep_group(group: ScoredGroup, cfg: SelectorConfig, m: int, rng: np.random.Generator) -> KeptGroup | None:
@@ -71,6 +73,10 @@ def _kept(group: ScoredGroup, decision: GroupDecision, reward_mean: float) -> Ke
         start = end - lens[i]
         completions.append(cids[start:end])
         lps.append(logprobs[start:end])
+    masks = None
+    if type(group) is not ScoredGroup:  # episodes: slice their masks the same way
+        mask = cast(ScoredEpisodes, group).loss_mask
+        masks = [mask[ends[i] - lens[i] : ends[i]] for i in kept.tolist()]
     return KeptGroup(
         group.server_id,
         group.version,
@@ -85,6 +91,7 @@ def _kept(group: ScoredGroup, decision: GroupDecision, reward_mean: float) -> Ke
         group.group_id,
         ends[-1] if ends else 0,
         len(lens),
+        masks,
     )
 
 
@@ -118,4 +125,15 @@ def build_batch(groups: list[KeptGroup], req: BatchRequest, stats: dict[str, flo
         server_index=np.array([index[g.server_id] for g in rows], np.int32),
         group_sessions=np.array([g.session for g in groups], np.int64),
         group_seqs=np.array([g.seq for g in groups], np.int64),
+        loss_mask=_loss_mask(groups),
     )
+
+
+def _loss_mask(groups: list[KeptGroup]) -> np.ndarray:
+    """The batch's loss mask: empty when no row is an episode (every token counts), else one entry per
+    completion token (ones for the single-turn rows)."""
+    if all(g.masks is None for g in groups):
+        return np.empty(0, U8)
+    return np.concatenate(
+        [m for g in groups for m in (g.masks if g.masks is not None else [np.ones(len(c), U8) for c in g.completions])]
+    ).astype(U8)
