@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from itertools import accumulate
 from typing import cast
 
@@ -30,7 +30,14 @@ class KeptGroup:
     seq: int = 0
     tokens: int = 0  # completion tokens of all n sampled completions (length accounting: generated vs trained)
     n: int = 0  # completions sampled
-    masks: list[np.ndarray] | None = None  # episodes: each kept one's loss mask (1 model token, 0 environment)
+
+
+@dataclass(frozen=True, eq=False)
+class KeptEpisodes(KeptGroup):
+    """The kept episodes of a ``ScoredEpisodes``: a ``KeptGroup`` and each one's loss mask (a subclass, so that
+    a single-turn group's ``KeptGroup`` costs nothing more than it did)."""
+
+    masks: list[np.ndarray] = field(default_factory=list)  # 1 model token, 0 environment token
 
 
 def keep_group(group: ScoredGroup, cfg: SelectorConfig, m: int, rng: np.random.Generator) -> KeptGroup | None:
@@ -73,11 +80,7 @@ def _kept(group: ScoredGroup, decision: GroupDecision, reward_mean: float) -> Ke
         start = end - lens[i]
         completions.append(cids[start:end])
         lps.append(logprobs[start:end])
-    masks = None
-    if type(group) is not ScoredGroup:  # episodes: slice their masks the same way
-        mask = cast(ScoredEpisodes, group).loss_mask
-        masks = [mask[ends[i] - lens[i] : ends[i]] for i in kept.tolist()]
-    return KeptGroup(
+    out = KeptGroup(
         group.server_id,
         group.version,
         group.prompt_ids,
@@ -91,8 +94,12 @@ def _kept(group: ScoredGroup, decision: GroupDecision, reward_mean: float) -> Ke
         group.group_id,
         ends[-1] if ends else 0,
         len(lens),
-        masks,
     )
+    if type(group) is ScoredGroup:
+        return out
+    mask = cast(ScoredEpisodes, group).loss_mask  # episodes: their masks sliced as their tokens are
+    masks = [mask[ends[i] - lens[i] : ends[i]] for i in kept.tolist()]
+    return KeptEpisodes(**{f.name: getattr(out, f.name) for f in fields(KeptGroup)}, masks=masks)
 
 
 def build_batch(groups: list[KeptGroup], req: BatchRequest, stats: dict[str, float]) -> TrainBatch:
@@ -132,8 +139,12 @@ def build_batch(groups: list[KeptGroup], req: BatchRequest, stats: dict[str, flo
 def _loss_mask(groups: list[KeptGroup]) -> np.ndarray:
     """The batch's loss mask: empty when no row is an episode (every token counts), else one entry per
     completion token (ones for the single-turn rows)."""
-    if all(g.masks is None for g in groups):
+    if all(type(g) is KeptGroup for g in groups):
         return np.empty(0, U8)
     return np.concatenate(
-        [m for g in groups for m in (g.masks if g.masks is not None else [np.ones(len(c), U8) for c in g.completions])]
+        [
+            m
+            for g in groups
+            for m in (g.masks if isinstance(g, KeptEpisodes) else [np.ones(len(c), U8) for c in g.completions])
+        ]
     ).astype(U8)
