@@ -139,7 +139,8 @@ class TaskConfig(Section):
     max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts are skipped and counted")
     environment: str = Field(
         "",
-        description="multi-turn episodes with tools: a built-in environment ('calc') or 'package.module:Class' / "
+        description="multi-turn episodes with tools: a built-in environment ('calc', 'calc_shaped') or "
+        "'package.module:Class' / "
         "'path/file.py:Class' (docs/TASKS.md, 'Environments and tools'); '' = single-turn completions",
     )
     max_turns: int = Field(4, ge=1, le=MAX_TURNS, description="environment: model turns per episode at most")

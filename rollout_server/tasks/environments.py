@@ -102,12 +102,12 @@ class ToolEnv:
         return [{"role": "tool", "content": f"{RESULT_OPEN}{'' if result is None else result}{RESULT_CLOSE}"}], None
 
 
-_EXPR = re.compile(r"\s*([0-9]{1,18})\s*([*+-])\s*([0-9]{1,18})\s*")
+_EXPR = re.compile(r"\s*([0-9]{1,18})\s*([*+-])\s*([0-9]{1,18})\s*=?\s*")
 
 
 def calc(expression: str) -> str | None:
-    """``a*b``, ``a+b`` or ``a-b`` of two integers of at most 18 digits (never ``eval``); None when the text
-    is not one of those (the environment answers it as an error)."""
+    """``a*b``, ``a+b`` or ``a-b`` of two integers of at most 18 digits, a trailing ``=`` allowed (never
+    ``eval``); None when the text is not one of those (the environment answers it as an error)."""
     m = _EXPR.fullmatch(expression)
     if m is None:
         return None
@@ -121,7 +121,33 @@ class CalcEnv(ToolEnv):
     tools = {"calc": calc}
 
 
-BUILTIN_ENVIRONMENTS: dict[str, Callable[[], Environment]] = {"calc": CalcEnv}
+def _in_place(text: str, target: str) -> float:
+    """The fraction of ``target``'s characters that ``text`` has in place (the ``copy`` reward)."""
+    return sum(a == b for a, b in zip(target, text, strict=False)) / len(target) if target else 0.0
+
+
+class CalcShapedEnv(CalcEnv):
+    """``calc`` with credit for the call (``task.environment = "calc_shaped"``, for the ``product`` task): with
+    ``c`` the best call's characters in place against the question's expression (``123*456``) and ``a`` the
+    answer's digits in place, the episode's reward is ``c x (0.5 + 0.5 a)``: a model starting from nothing is
+    paid for coming closer to the right call, and guessing without one pays nothing (a shaped reward:
+    ``eval/pass@1`` counts the episodes that made the right call and answered right)."""
+
+    def step(self, messages: Messages) -> tuple[Messages | None, float | None]:
+        new, _ = super().step(messages)
+        if new is not None:
+            return new, None
+        question = str(self.row.get("prompt", "")).rstrip("=")
+        calls = [
+            found[1]
+            for m in messages
+            if m["role"] == "assistant" and (found := parse_tool_call(m["content"], self.tools)) is not None
+        ]
+        c = max((_in_place(argument, question) for argument in calls), default=0.0)
+        return None, c * (0.5 + 0.5 * _in_place(messages[-1]["content"], str(self.row.get("answer", ""))))
+
+
+BUILTIN_ENVIRONMENTS: dict[str, Callable[[], Environment]] = {"calc": CalcEnv, "calc_shaped": CalcShapedEnv}
 
 
 def load_environment(spec: str) -> Callable[[], Environment]:

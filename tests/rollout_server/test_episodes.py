@@ -21,7 +21,7 @@ from rollout_server.engine import TorchEngine
 from rollout_server.episodes import env_tokens, group_arrays, run_episodes, score_episodes
 from rollout_server.sampling import Samples, SamplingSpec
 from rollout_server.tasks import Task, words_of
-from rollout_server.tasks.environments import CalcEnv, calc, env_call, parse_tool_call
+from rollout_server.tasks.environments import CalcEnv, CalcShapedEnv, calc, env_call, parse_tool_call
 from rollout_server.tasks.rewards import RewardWorker
 from selector.bounds import Bounds
 
@@ -41,6 +41,7 @@ def test_tool_calls_are_parsed_in_the_documented_format():
 
 def test_calc_multiplies_and_never_evaluates_code():
     assert calc("123*456") == "56088" and calc(" 7 + 5 ") == "12" and calc("3-10") == "-7"
+    assert calc("123*456=") == "56088"  # the question as the prompt writes it
     for bad in ("9**9**9", "__import__('os')", "1*2*3", "9" * 19 + "*2", ""):
         assert calc(bad) is None
 
@@ -55,6 +56,26 @@ def test_the_calc_environment_answers_a_call_and_ends_on_an_answer():
     _, (new, _, _, errors) = env_call(CalcEnv, row, [{"role": "assistant", "content": "<tool>12*</tool>"}], 100)
     assert new == [{"role": "tool", "content": "<result></result>"}] and errors == {"no_result": 1}
     assert env_call(CalcEnv, row, [{"role": "assistant", "content": "56088"}], 100) == ("ok", (None, None, 0, {}))
+
+
+def test_the_shaped_calc_environment_pays_for_the_call_and_then_the_answer():
+    """c x (0.5 + 0.5 a): c the call's characters in place against '123*456', a the answer's digits in place."""
+    row = {"prompt": "123*456=", "answer": "56088"}
+
+    def reward(*turns: str) -> float | None:
+        messages: list[dict[str, str]] = []
+        r = None
+        for i, text in enumerate(turns):
+            messages.append({"role": "assistant", "content": text})
+            kind, (new, r, _, _) = env_call(CalcShapedEnv, row, messages, 100)
+            assert kind == "ok" and (new is None) == (i == len(turns) - 1)
+            messages += new or []
+        return r
+
+    assert reward("<tool>123*456</tool>", "56088") == 1.0
+    assert reward("<tool>123*456</tool>", "56000") == pytest.approx(0.5 + 0.5 * 3 / 5)
+    assert reward("<tool>123*9</tool>", "1107") == pytest.approx(4 / 7 * (0.5 + 0.5 / 5))  # another product: 0 in place
+    assert reward("56088") == 0.0  # no call: guessing pays nothing, even a right guess
 
 
 HOSTILE = """
