@@ -5,6 +5,7 @@ so every loss takes it unchanged."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -117,3 +118,36 @@ def test_environment_tokens_count_nowhere_in_a_step(tiny):
     grads_other, _ = step(other)
     for name, g in grads.items():
         assert torch.equal(g, grads_other[name]), name
+
+
+def test_a_shard_gives_each_row_its_episode_mask():
+    import numpy as np
+
+    from learner.train import shard
+    from protocol.messages import TrainBatch
+
+    lens = np.array([3, 2, 4], np.int32)
+    mask = np.array([1, 0, 1, 1, 1, 1, 0, 0, 1], np.uint8)
+    batch = TrainBatch(
+        request_id=1,
+        version=0,
+        servers=["s"],
+        stats={},
+        prompt_ids=np.arange(6, dtype=np.int32),
+        prompt_lens=np.array([2, 2, 2], np.int32),
+        completion_ids=np.arange(9, dtype=np.int32),
+        completion_lens=lens,
+        logprobs=np.where(mask == 1, -0.5, 0.0).astype(np.float32),
+        advantages=np.zeros(3, np.float32),
+        rewards=np.zeros(3, np.float32),
+        versions=np.zeros(3, np.int64),
+        group_index=np.zeros(3, np.int32),
+        server_index=np.zeros(3, np.int32),
+        group_sessions=np.zeros(1, np.int64),
+        group_seqs=np.zeros(1, np.int64),
+        loss_mask=mask,
+    )
+    batch.check()
+    assert [m.tolist() for m in shard(batch, 0, 2)["masks"]] == [[1, 0, 1], [1, 0, 0, 1]]  # rows 0 and 2
+    assert [m.tolist() for m in shard(batch, 1, 2)["masks"]] == [[1, 1]]
+    assert shard(dataclasses.replace(batch, loss_mask=np.empty(0, np.uint8)), 0, 1)["masks"] is None
