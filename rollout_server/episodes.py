@@ -172,3 +172,41 @@ def episode_metrics(episodes: list[Episode], stats: EpisodeStats, totals: Counte
         "time/env": stats.env_s,
         **{f"env/{k}": float(v) for k, v in totals.items()},
     }
+
+
+def play(
+    engine: Engine,
+    task: Any,
+    cfg: Config,
+    prompts: list[Any],
+    n: int,
+    spec: SamplingSpec,
+    seed: int,
+    totals: Counter[str],
+) -> tuple[list[dict[str, Any]], dict[str, Any], Counter[str]]:
+    """One engine call's worth of episodes, played and scored: each group's ``ScoredEpisodes`` fields but its
+    identity, the call's metrics, and the reward functions' error counts (to add to the server's)."""
+    t0 = time.monotonic()
+    episodes, stats = run_episodes(engine, task, cfg, prompts, n, spec, seed)
+    gen_s = time.monotonic() - t0
+    rewards, scores = score_episodes(task, episodes, cfg.selector.max_abs_reward, stats)
+    parts = [
+        {
+            "gen_seconds": gen_s / len(prompts),
+            "prompt_ids": prompt.ids,
+            "rewards": rewards[i * n : (i + 1) * n],
+            **group_arrays(episodes[i * n : (i + 1) * n]),
+        }
+        for i, prompt in enumerate(prompts)
+    ]
+    tokens = sum(e.length for e in episodes)
+    metrics = {
+        "rollout/tokens_per_s": tokens / gen_s,
+        "rollout/reward_mean": float(rewards.mean()),
+        "time/generate": gen_s - stats.env_s,
+        "time/reward": time.monotonic() - t0 - gen_s,
+        "rollout/completion_len_mean": tokens / len(episodes),
+        "rollout/reward_restarts": task.rewards.restarts,
+        **episode_metrics(episodes, stats, totals),
+    }
+    return parts, metrics, scores.errors if scores is not None else Counter()

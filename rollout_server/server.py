@@ -233,17 +233,12 @@ class RolloutServer:
 
     def produce_episodes(self, prompts: list[Any], n: int, version: int) -> Produced:
         """(worker) ``produce`` with ``task.environment``: n multi-turn episodes per prompt (episodes.py)."""
-        from rollout_server.episodes import episode_metrics, group_arrays, run_episodes, score_episodes
+        from rollout_server.episodes import play
 
-        t0 = time.monotonic()
+        seed = int(self.rng.integers(2**62))
         spec = self.sampling(self.cfg.rollout.temperature)
-        episodes, stats = run_episodes(
-            self.engine, self.task, self.cfg, prompts, n, spec, int(self.rng.integers(2**62))
-        )
-        gen_s = time.monotonic() - t0
-        rewards, scores = score_episodes(self.task, episodes, self.cfg.selector.max_abs_reward, stats)
-        if scores is not None:
-            self.reward_errors.update(scores.errors)
+        parts, metrics, errors = play(self.engine, self.task, self.cfg, prompts, n, spec, seed, self.env_counters)
+        self.reward_errors.update(errors)
         groups: list[ScoredGroup] = [
             ScoredEpisodes(
                 server_id=self.server_id,
@@ -251,27 +246,11 @@ class RolloutServer:
                 group_id=self.groups_sent + i,
                 version=version,
                 task=self.task.name,
-                gen_seconds=gen_s / len(prompts),
-                prompt_ids=prompt.ids,
-                rewards=rewards[i * n : (i + 1) * n],
-                **group_arrays(episodes[i * n : (i + 1) * n]),
+                **part,
             )
-            for i, prompt in enumerate(prompts)
+            for i, part in enumerate(parts)
         ]
-        tokens = sum(e.length for e in episodes)
-        return Produced(
-            groups,
-            {
-                "rollout/tokens_per_s": tokens / gen_s,
-                "rollout/reward_mean": float(rewards.mean()),
-                "time/generate": gen_s - stats.env_s,
-                "time/reward": time.monotonic() - t0 - gen_s,
-                "rollout/completion_len_mean": tokens / len(episodes),
-                "rollout/reward_restarts": self.task.rewards.restarts,
-                **episode_metrics(episodes, stats, self.env_counters),
-                **{f"reward/errors/{k}": v for k, v in self.reward_errors.items()},
-            },
-        )
+        return Produced(groups, {**metrics, **{f"reward/errors/{k}": v for k, v in self.reward_errors.items()}})
 
     def evaluate(self) -> dict[str, Any] | None:
         """(worker) On ``eval.server``: greedy (or ``eval.temperature``) completions of the held-out prompts,
