@@ -93,6 +93,8 @@ class Env:
             raise RuntimeError("the tool broke")
         if what == "huge":
             return [{"role": "tool", "content": "x" * (10 << 20)}], None
+        if what == "one_mb":
+            return [{"role": "tool", "content": "<result>" + "7" * (1 << 20) + "</result>"}], None
         if what == "exit":
             os._exit(7)
         if what == "nan":
@@ -111,8 +113,9 @@ def hostile_env(tmp_path_factory) -> str:
 
 
 def test_a_hostile_environment_is_cut_counted_and_the_worker_goes_on(hostile_env):
-    """A step that sleeps forever, raises, returns 10 MB, calls os._exit, returns NaN or junk: each ends with a
-    reason (the hang at its timeout, the worker restarted), and the next step of the same worker works."""
+    """A step that sleeps forever, raises, returns 10 MB or a 1 MB tool result, calls os._exit, returns NaN or
+    junk: each ends with a reason (the hang at its timeout, the worker restarted), and the next step of the
+    same worker works."""
     worker = RewardWorker(["copy"], [1.0], 10.0, env=hostile_env, env_timeout_s=1.5, max_env_chars=1 << 20)
     row = {"prompt": "ab=", "answer": "ab"}
     try:
@@ -124,6 +127,7 @@ def test_a_hostile_environment_is_cut_counted_and_the_worker_goes_on(hostile_env
             ("sleep", "timeout"),
             ("raise", "raised"),
             ("huge", "too_long"),
+            ("one_mb", "too_long"),
             ("exit", "worker_died"),
             ("nan", "bad_reward"),
             ("junk", "bad_output"),
