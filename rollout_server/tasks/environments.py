@@ -25,17 +25,14 @@ is the built-in: one tool that multiplies, adds and subtracts integers.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import re
-import sys
 from collections import Counter
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from rollout_server.tasks.data import TaskError
+from rollout_server.tasks.plugins import load_plugin
 
 Messages = list[dict[str, str]]
 TOOL_OPEN, TOOL_CLOSE, RESULT_OPEN, RESULT_CLOSE = "<tool>", "</tool>", "<result>", "</result>"
@@ -152,38 +149,10 @@ BUILTIN_ENVIRONMENTS: dict[str, Callable[[], Environment]] = {"calc": CalcEnv, "
 
 def load_environment(spec: str) -> Callable[[], Environment]:
     """Resolve ``task.environment`` to a class (or factory) of environments, or raise TaskError naming the fix."""
-    if spec in BUILTIN_ENVIRONMENTS:
-        return BUILTIN_ENVIRONMENTS[spec]
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise TaskError(
-            f"task.environment={spec!r} is neither a built-in ({', '.join(sorted(BUILTIN_ENVIRONMENTS))}) nor "
-            "'package.module:Class' / 'path/to/file.py:Class'"
-        )
-    try:
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.exists():
-                raise TaskError(f"task.environment={spec!r}: file {target} does not exist")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            assert module_spec is not None and module_spec.loader is not None
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            if "" not in sys.path:
-                sys.path.insert(0, "")
-            module = importlib.import_module(target)
-    except TaskError:
-        raise
-    except Exception as e:
-        raise TaskError(
-            f"task.environment={spec!r}: importing {target} failed ({type(e).__name__}: {e}); check the module "
-            "is on PYTHONPATH (or give a path/to/file.py) and imports cleanly"
-        ) from None
-    env = getattr(module, name, None)
+    env = load_plugin("task.environment", spec, BUILTIN_ENVIRONMENTS, "Class")
     if not callable(env) or not all(callable(getattr(env, m, None)) for m in ("reset", "step")):
-        raise TaskError(f"task.environment={spec!r}: {target}.{name} is not a class with reset(row) and step(messages)")
-    return env
+        raise TaskError(f"task.environment={spec!r} is not a class with reset(row) and step(messages)")
+    return cast(Callable[[], Environment], env)
 
 
 def _messages(value: Any, max_chars: int) -> Messages | str:

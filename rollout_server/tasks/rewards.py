@@ -21,8 +21,6 @@ letting it crawl (:class:`FailureStreaks`).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import logging
 import math
@@ -34,7 +32,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +39,7 @@ import numpy as np
 from rollout_server.tasks.data import TaskError
 from rollout_server.tasks.environments import Messages, env_call, load_environment
 from rollout_server.tasks.output import OUTPUT_BYTES, OUTPUT_WINDOW_S, OutputBudget
+from rollout_server.tasks.plugins import load_plugin
 from rollout_server.tasks.verifiers import BUILTIN_REWARDS, RewardFn
 
 log = logging.getLogger("podsrl.rollout")
@@ -66,37 +64,9 @@ STARTUP_S = 60.0  # a (re)started worker's imports and load_reward, on top of ta
 
 def load_reward(spec: str) -> RewardFn:
     """Resolve one ``task.reward`` entry to a callable, or raise TaskError naming the fix."""
-    if spec in BUILTIN_REWARDS:
-        return BUILTIN_REWARDS[spec]
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise TaskError(
-            f"task.reward={spec!r} is neither a built-in ({', '.join(sorted(BUILTIN_REWARDS))}) nor "
-            "'package.module:function' / 'path/to/file.py:function'"
-        )
-    try:
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.exists():
-                raise TaskError(f"task.reward={spec!r}: file {target} does not exist")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            assert module_spec is not None and module_spec.loader is not None
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            if "" not in sys.path:
-                sys.path.insert(0, "")  # the working directory, as `python -m` has it
-            module = importlib.import_module(target)
-    except TaskError:
-        raise
-    except Exception as e:
-        raise TaskError(
-            f"task.reward={spec!r}: importing {target} failed ({type(e).__name__}: {e}); check the "
-            "module is on PYTHONPATH (or give a path/to/file.py) and imports cleanly"
-        ) from None
-    fn = getattr(module, name, None)
+    fn = load_plugin("task.reward", spec, BUILTIN_REWARDS, "function")
     if not callable(fn):
-        raise TaskError(f"task.reward={spec!r}: {target} has no function {name!r}")
+        raise TaskError(f"task.reward={spec!r}: {spec.rpartition(':')[0]} has no function {spec.rpartition(':')[2]!r}")
     return fn
 
 

@@ -4,6 +4,7 @@ environment's tokens."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -236,3 +237,19 @@ def test_an_episode_is_the_models_own_tokens_and_the_environments_stitched(setup
     got: ScoredEpisodes = decode(encode(group))
     assert isinstance(got, ScoredEpisodes) and got.turns.tolist() == [e.turns for e in episodes[:4]]
     Bounds(cfg, version=0, vocab_size=len(task.tokenizer)).check(got)
+
+
+def test_an_environment_that_cannot_load_is_named_with_the_fix(tmp_path):
+    from rollout_server.tasks import TaskError
+    from rollout_server.tasks.environments import load_environment
+
+    (tmp_path / "envs.py").write_text("class NoStep:\n    def reset(self, row):\n        return []\n")
+    for spec, words in (
+        ("nope", "neither a built-in (calc, calc_shaped)"),
+        (f"{tmp_path}/missing.py:Env", "does not exist"),
+        (f"{tmp_path}/envs.py:Other", "has no class 'Other'"),
+        (f"{tmp_path}/envs.py:NoStep", "is not a class with reset(row) and step(messages)"),
+    ):
+        with pytest.raises(TaskError, match=re.escape(words)):
+            load_environment(spec)
+    assert load_environment("calc") is CalcEnv
