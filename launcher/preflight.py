@@ -67,7 +67,7 @@ def _lora_targets(cfg: Config, path: Path) -> str:
 
 def preflight(cfg: Config) -> str:
     """Run every check (building the tiny model first if needed); return a short report."""
-    from rollout_server.tasks import TaskError, alphabet_of, validate_task
+    from rollout_server.tasks import TaskError, alphabet_of, validate_task, words_of
 
     lines = []
     path = cfg.model_dir
@@ -81,7 +81,7 @@ def preflight(cfg: Config) -> str:
             from launcher.tiny import build_tiny_model
 
             alphabet = cfg.model.tiny.alphabet or alphabet_of(cfg.task)
-            n = build_tiny_model(cfg, path, alphabet)
+            n = build_tiny_model(cfg, path, alphabet, words_of(cfg.task))
             lines.append(f"built the tiny model ({n} parameters, {len(alphabet)} characters) at {path}")
         elif not path.exists():
             raise PreflightError(f"model.path={str(path)!r} does not exist: give a local transformers model directory")

@@ -23,8 +23,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_char_tokenizer(alphabet: str, path: Path) -> None:
-    """Save a character-level tokenizer for ``alphabet`` (order kept, duplicates dropped) at ``path``."""
+def build_char_tokenizer(alphabet: str, path: Path, words: tuple[str, ...] = ()) -> None:
+    """Save a character-level tokenizer for ``alphabet`` (order kept, duplicates dropped) at ``path``;
+    ``words`` are whole tokens besides (an environment's tool tags, as a chat model has ``<tool_call>``)."""
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -32,6 +33,8 @@ def build_char_tokenizer(alphabet: str, path: Path) -> None:
     vocab = {t: i for i, t in enumerate([*SPECIALS, *chars])}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token per character
     tok.decoder = decoders.Fuse()
+    if words:
+        tok.add_tokens(list(words))  # not special: decoding keeps them, so the environment reads them
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
@@ -40,7 +43,7 @@ def build_char_tokenizer(alphabet: str, path: Path) -> None:
     fast.save_pretrained(path)
 
 
-def build_tiny_model(cfg: Config, path: Path, alphabet: str) -> int:
+def build_tiny_model(cfg: Config, path: Path, alphabet: str, words: tuple[str, ...] = ()) -> int:
     """Create ``path`` (tokenizer + config.json + weights), deterministic in ``run.seed``; return the
     parameter count. Written to a temporary name and renamed: a directory that exists is complete."""
     import torch
@@ -48,7 +51,7 @@ def build_tiny_model(cfg: Config, path: Path, alphabet: str) -> int:
 
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_char_tokenizer(alphabet, tmp)
+    build_char_tokenizer(alphabet, tmp, words)
     tok = AutoTokenizer.from_pretrained(tmp)
     t = cfg.model.tiny
     config = LlamaConfig(

@@ -49,7 +49,7 @@ log = logging.getLogger("podsrl.learner")
 # row ids in the batch (learner.train.shard; default rank + world * i, the layout shard uses); the step
 # adds prox (lists of 1-D tensors) when it has more than one optimizer step
 Shard = dict[str, Any]
-ROW_KEYS = ("prompts", "completions", "behav", "prox")  # per-row lists _take selects from
+ROW_KEYS = ("prompts", "completions", "behav", "prox", "masks")  # per-row lists _take selects from (masks: episodes)
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -134,8 +134,25 @@ def merge_metrics(parts: list[tuple[float, dict[str, float]]], shares: bool = Tr
 
 
 def _take(data: Shard, rows: list[int]) -> Shard:
-    out = {k: [data[k][i] for i in rows] for k in ROW_KEYS if k in data}
+    out = {k: [data[k][i] for i in rows] for k in ROW_KEYS if data.get(k) is not None}
     return {**out, "advantages": data["advantages"][rows]}
+
+
+def model_tokens(data: Shard) -> int:
+    """Completion tokens that enter the loss: all of them, or an episode's model tokens only."""
+    masks = data.get("masks")
+    if masks is None:
+        return sum(len(c) for c in data["completions"])
+    return int(sum(float(m.sum()) for m in masks))
+
+
+def episode_mask(mask: torch.Tensor, masks: list[torch.Tensor] | None) -> torch.Tensor:
+    """The completion mask (B, T) times the episodes' loss masks (1 model token, 0 environment token), so
+    that environment tokens never enter a loss, a KL, an entropy or a token count (DESIGN.md, "Groups").
+    ``masks`` None: single-turn rows, the completion mask as it is."""
+    if masks is None:
+        return mask
+    return mask * pad(masks, mask.shape[1]).to(mask.device, mask.dtype)
 
 
 def pad(rows: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -160,6 +177,9 @@ def micro_batch_loss(
         logp, mask, entropy = completion_logprobs(
             net, data["prompts"], data["completions"], cfg.rollout.temperature, device, entropy_grad=bonus > 0
         )
+    if data.get("masks") is not None:  # episodes: environment tokens out of the mask and the entropy
+        mask = episode_mask(mask, data["masks"])
+        logp, entropy = logp * mask, entropy * mask
     behav = pad(data["behav"], mask.shape[1]).to(device)
     # The proximal policy is the one at the start of the update: with one optimizer step that is the
     # current one, exactly logp without gradient; with several, the log-probs computed before the first.
@@ -168,7 +188,12 @@ def micro_batch_loss(
         logp=logp, behav_logp=behav, advantages=data["advantages"].to(device), mask=mask, prox_logp=prox
     )
     loss, metrics = compute_loss(
-        inputs, cfg.learner.loss, max_len=cfg.max_new_tokens, total_tokens=totals[0], total_seqs=totals[1], seed=seed
+        inputs,
+        cfg.learner.loss,
+        max_len=cfg.max_completion_tokens,
+        total_tokens=totals[0],
+        total_seqs=totals[1],
+        seed=seed,
     )
     if bonus > 0:  # this micro-batch's share of the batch's token-mean entropy, as the loss is
         loss = loss - bonus * entropy.sum() / max(totals[0], 1.0)
@@ -223,7 +248,7 @@ def optimizer_step(
     part = _take(data, rows)
     lengths = [len(p) + len(c) for p, c in zip(part["prompts"], part["completions"], strict=True)]
     plan = plan_micro_batches(lengths, cfg.learner.micro_batch_tokens)
-    totals = torch.tensor([sum(len(c) for c in part["completions"]), len(rows)], dtype=torch.float64)
+    totals = torch.tensor([model_tokens(part), len(rows)], dtype=torch.float64)
     if dist.is_initialized():  # global counts make every rank's loss a share of the whole minibatch's mean
         dist.all_reduce(totals)
     opt.zero_grad(set_to_none=True)

@@ -205,12 +205,15 @@ def shard(batch: TrainBatch, rank: int, world: int) -> dict[str, Any]:
     ce = np.cumsum(batch.completion_lens)
     ps, cs = pe - batch.prompt_lens, ce - batch.completion_lens
     t = torch.from_numpy
+    mask = batch.loss_mask
     return {
         "prompts": [t(batch.prompt_ids[ps[i] : pe[i]].astype(np.int64)) for i in rows],
         "completions": [t(batch.completion_ids[cs[i] : ce[i]].astype(np.int64)) for i in rows],
         "behav": [t(batch.logprobs[cs[i] : ce[i]].copy()) for i in rows],
         "advantages": t(batch.advantages[rows].copy()),
         "index": t(rows.astype(np.int64)),
+        # episodes: 1 model token, 0 environment token (learner/step.py multiplies it into the completion mask)
+        "masks": [t(mask[cs[i] : ce[i]].astype(np.float32)) for i in rows] if mask.size else None,
     }
 
 

@@ -86,16 +86,23 @@ class ModelConfig(Section):
     tiny: TinyModelConfig = TinyModelConfig()
 
 
-BUILTIN_TASKS = ("copy", "reverse")
+BUILTIN_TASKS = ("copy", "reverse", "product")
+MAX_TURNS = 1 << 10  # = protocol.messages.MAX_TURNS (a test keeps them equal; numpy stays out of this module)
 
 
 class TaskConfig(Section):
-    type: Literal["copy", "reverse", "dataset"] = Field(
+    type: Literal["copy", "reverse", "product", "dataset"] = Field(
         "copy",
-        description="'copy'/'reverse': built-in generated tasks; 'dataset': rows of task.dataset "
+        description="'copy'/'reverse': built-in generated tasks; 'product': the product of two task.length-digit "
+        "numbers (with task.environment='calc' the model can call a calculator); 'dataset': rows of task.dataset "
         "(the default whenever task.dataset is set)",
     )
-    length: int = Field(3, ge=1, le=32, description="copy/reverse: symbols per prompt; the most, with min_length")
+    length: int = Field(
+        3,
+        ge=1,
+        le=32,
+        description="copy/reverse: symbols per prompt, the most with min_length; product: digits per factor",
+    )
     min_length: int = Field(
         0,
         ge=0,
@@ -135,6 +142,31 @@ class TaskConfig(Section):
     )
     stop: list[str] = Field([], description="stop strings: a completion ends after the token that completes one")
     max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts are skipped and counted")
+    environment: str = Field(
+        "",
+        description="multi-turn episodes with tools: a built-in environment ('calc', 'calc_shaped') or "
+        "'package.module:Class' / "
+        "'path/file.py:Class' (docs/TASKS.md, 'Environments and tools'); '' = single-turn completions",
+    )
+    max_turns: int = Field(4, ge=1, le=MAX_TURNS, description="environment: model turns per episode at most")
+    max_episode_tokens: int = Field(
+        0,
+        ge=0,
+        description="environment: tokens of an episode after its prompt (the model's and the environment's) at "
+        "most; 0 = max_turns x max_new_tokens",
+    )
+    env_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="environment: a reset+step call (tools included) running longer is killed; its episode ends "
+        "with reward 0 (env/errors/timeout)",
+    )
+    max_env_chars: int = Field(
+        4096,
+        ge=1,
+        description="environment: new messages of one step longer than this many characters end the episode with "
+        "reward 0 (env/errors/too_long)",
+    )
     eval_dataset: str = Field("", description="held-out rows for eval (same formats as task.dataset)")
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="or hold out this fraction of task.dataset (the same rows on every rollout server)"
@@ -684,10 +716,25 @@ class Config(Section):
 
     @property
     def max_new_tokens(self) -> int:
+        """Tokens the model samples in one turn (a single-turn completion's length) at most."""
         if self.rollout.max_new_tokens:
             return self.rollout.max_new_tokens
+        if self.task.type == "product":  # a tool call holds the expression: 2 x length digits, '*' and two tags
+            return 2 * self.task.length + 4
         # copy/reverse: the longest answer (task.length symbols, also with task.min_length) + its stop token
         return self.task.length + 1 if self.task.type in BUILTIN_TASKS else 256
+
+    @property
+    def max_completion_tokens(self) -> int:
+        """Tokens after the prompt at most: one turn, or a whole episode with task.environment set."""
+        if not self.task.environment:
+            return self.max_new_tokens
+        return self.task.max_episode_tokens or self.task.max_turns * self.max_new_tokens
+
+    @property
+    def max_turns(self) -> int:
+        """Model turns of a completion at most: 1 without task.environment."""
+        return self.task.max_turns if self.task.environment else 1
 
     @property
     def model_dir(self) -> Path:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 8  # 8: WeightsRequest.base_model (LoRA: the base travels once)
+PROTOCOL_VERSION = 9  # 8: WeightsRequest.base_model (LoRA: the base travels once); 9: ScoredEpisodes
 
 I32, I64, F32, U8 = np.dtype("<i4"), np.dtype("<i8"), np.dtype("<f4"), np.dtype("u1")
 
@@ -36,6 +36,7 @@ HEARTBEAT_STATES = frozenset({"generating", "waiting_for_weights", "loading_weig
 MAX_PROMPTS = 1 << 12  # prompts of one work request or grant
 MAX_GROUP_SIZE = 1 << 12  # completions of one group (a grant's n)
 MAX_LEASE_S = 3600.0
+MAX_TURNS = 1 << 10  # model turns of one episode (ScoredEpisodes.turns); the run's own bound is task.max_turns
 # why the selector refuses a rollout server for good (Refusal.reason; also its rejection counter's key)
 REFUSALS = frozenset({"server_id_in_use", "id_mismatch"})
 
@@ -202,6 +203,48 @@ class ScoredGroup(Message):
 
 
 @dataclass(frozen=True)
+class ScoredEpisodes(ScoredGroup):
+    """A group of n multi-turn episodes of one prompt (DESIGN.md, "Groups"): each episode is one token
+    sequence in ``completion_ids``, the model's own sampled tokens and the environment's (tool results,
+    observations) in the order they happened. ``loss_mask`` marks each token: 1 the model produced it,
+    0 the environment did (it never enters a loss, a KL, an entropy or a token count). The behaviour
+    log-prob of an environment token is exactly 0 (it was not sampled). ``turns``: the model turns of
+    each episode, 1..MAX_TURNS. A group of single-turn completions stays a ``ScoredGroup`` (its mask is
+    all ones): nothing of this type costs it anything."""
+
+    TYPE: ClassVar[str] = "scored_episodes"
+    ARRAYS: ClassVar[dict[str, tuple[np.dtype, int]]] = {
+        **ScoredGroup.ARRAYS,
+        "loss_mask": (U8, 1),  # one per completion token: 1 model, 0 environment
+        "turns": (I32, 1),  # [n]
+    }
+    loss_mask: np.ndarray
+    turns: np.ndarray
+
+    def check(self) -> None:
+        super().check()
+        mask = self.loss_mask
+        if mask.shape != self.completion_ids.shape:
+            raise _invariant(
+                f"loss_mask has {mask.shape[0]} entries for {self.completion_ids.shape[0]} completion tokens"
+            )
+        if self.turns.shape[0] != self.n:
+            raise _invariant("turns and rewards differ in length")
+        if not (int(self.turns.min()) >= 1 and int(self.turns.max()) <= MAX_TURNS):
+            raise _invariant(f"turns must be in 1..{MAX_TURNS}")
+        if mask.size and int(mask.max()) > 1:
+            raise _invariant("loss_mask must be 0 (environment token) or 1 (model token)")
+        if mask.size and bool(np.any(self.logprobs[mask == 0])):
+            raise _invariant("the log-prob of an environment token (loss_mask 0) must be 0")
+        lens = self.completion_lens
+        if int(lens.min()) < 1:
+            raise _invariant("an episode has at least one model token")
+        model = np.add.reduceat(mask, np.cumsum(lens) - lens, dtype=np.int64)  # each segment non-empty
+        if int(model.min()) < 1:
+            raise _invariant("an episode whose tokens are all masked (no model token) trains nothing")
+
+
+@dataclass(frozen=True)
 class BatchRequest(Message):
     """The learner (rank 0) asks the selector for the batch that makes version ``version + 1``.
 
@@ -241,6 +284,7 @@ class TrainBatch(Message):
         "server_index": (I32, 1),  # [B] index into ``servers``
         "group_sessions": (I64, 1),  # [G] each group's (session, seq): with its server, the group's identity
         "group_seqs": (I64, 1),  # [G]
+        "loss_mask": (U8, 1),  # empty: every completion token counts; else one per token (ScoredEpisodes)
     }
     request_id: int
     version: int  # learner version the batch was assembled for
@@ -258,6 +302,7 @@ class TrainBatch(Message):
     server_index: np.ndarray
     group_sessions: np.ndarray
     group_seqs: np.ndarray
+    loss_mask: np.ndarray = field(default_factory=lambda: np.empty(0, U8))
 
     @property
     def size(self) -> int:
@@ -274,6 +319,10 @@ class TrainBatch(Message):
         _ragged(self.completion_ids, self.completion_lens, "completion_ids")
         if self.logprobs.shape != self.completion_ids.shape:
             raise _invariant("logprobs and completion_ids differ in length")
+        if self.loss_mask.size and self.loss_mask.shape != self.completion_ids.shape:
+            raise _invariant("loss_mask must be empty or hold one entry per completion token")
+        if self.loss_mask.size and int(self.loss_mask.max()) > 1:
+            raise _invariant("loss_mask must be 0 or 1")
         for s in self.servers:
             if not isinstance(s, str):
                 raise _invariant("servers must be strings")
@@ -568,6 +617,7 @@ MESSAGES: dict[str, type[Message]] = {
         Hello,
         Heartbeat,
         ScoredGroup,
+        ScoredEpisodes,
         WorkRequest,
         WorkGrant,
         Refusal,

@@ -59,6 +59,7 @@ from protocol.messages import (
     Hello,
     ProtocolError,
     Refusal,
+    ScoredEpisodes,
     ScoredGroup,
     Weights,
     WorkGrant,
@@ -124,6 +125,7 @@ class RolloutServer:
         self.state = "waiting_for_weights"
         self.counters: Counter[str] = Counter()
         self.reward_errors: Counter[str] = Counter()
+        self.env_counters: Counter[str] = Counter()  # env/* over the server's life (rollout_server/episodes.py)
         self.evaluates = cfg.eval.every > 0 and server_id == cfg.eval.server
         self.next_eval = 0
         self.monitor = Monitor(cfg.run.dir, f"rollout-{server_id}", tensorboard=False)
@@ -183,6 +185,8 @@ class RolloutServer:
         version = self.engine.version
         assert version is not None
         prompts = self.task.next_prompts(num_prompts)
+        if self.cfg.task.environment:
+            return self.produce_episodes(prompts, n, version)
         t0 = time.monotonic()
         samples = self.engine.generate(
             [p.ids for p in prompts], n, self.sampling(self.cfg.rollout.temperature), seed=int(self.rng.integers(2**62))
@@ -227,6 +231,27 @@ class RolloutServer:
             },
         )
 
+    def produce_episodes(self, prompts: list[Any], n: int, version: int) -> Produced:
+        """(worker) ``produce`` with ``task.environment``: n multi-turn episodes per prompt (episodes.py)."""
+        from rollout_server.episodes import play
+
+        seed = int(self.rng.integers(2**62))
+        spec = self.sampling(self.cfg.rollout.temperature)
+        parts, metrics, errors = play(self.engine, self.task, self.cfg, prompts, n, spec, seed, self.env_counters)
+        self.reward_errors.update(errors)
+        groups: list[ScoredGroup] = [
+            ScoredEpisodes(
+                server_id=self.server_id,
+                session=self.session,
+                group_id=self.groups_sent + i,
+                version=version,
+                task=self.task.name,
+                **part,
+            )
+            for i, part in enumerate(parts)
+        ]
+        return Produced(groups, {**metrics, **{f"reward/errors/{k}": v for k, v in self.reward_errors.items()}})
+
     def evaluate(self) -> dict[str, Any] | None:
         """(worker) On ``eval.server``: greedy (or ``eval.temperature``) completions of the held-out prompts,
         one per prompt, at version 0 and every ``eval.every`` versions (``eval/*`` metrics)."""
@@ -240,18 +265,24 @@ class RolloutServer:
             self.evaluates = False
             return None
         t0 = time.monotonic()
-        samples = self.engine.generate(
-            [p.ids for p in prompts], 1, self.sampling(self.cfg.eval.temperature), seed=self.cfg.run.seed
-        )
-        scores, _ = self.task.score(prompts, samples.ids, 1)
-        r = scores.rewards
+        spec = self.sampling(self.cfg.eval.temperature)
+        if self.cfg.task.environment:  # an episode per prompt, played as in training
+            from rollout_server.episodes import EpisodeStats, run_episodes, score_episodes
+
+            episodes, _ = run_episodes(self.engine, self.task, self.cfg, prompts, 1, spec, self.cfg.run.seed)
+            r, scores = score_episodes(self.task, episodes, self.cfg.selector.max_abs_reward, EpisodeStats())
+            lengths = [e.length for e in episodes]
+        else:
+            samples = self.engine.generate([p.ids for p in prompts], 1, spec, seed=self.cfg.run.seed)
+            scores, _ = self.task.score(prompts, samples.ids, 1)
+            r, lengths = scores.rewards, [len(c) for c in samples.ids]
         metrics = {
             "eval/reward_mean": float(r.mean()),
             "eval/pass@1": float((r >= self.cfg.eval.pass_threshold).mean()),
-            "eval/completion_len_mean": float(np.mean([len(c) for c in samples.ids])),
+            "eval/completion_len_mean": float(np.mean(lengths)),
             "eval/prompts": len(prompts),
             "time/eval": time.monotonic() - t0,
-            **{f"eval/fn/{k}": v for k, v in scores.per_function.items()},
+            **{f"eval/fn/{k}": v for k, v in (scores.per_function.items() if scores is not None else ())},
         }
         log.info(
             "eval at version %d: reward %.3f, pass@1 %.3f over %d prompts",

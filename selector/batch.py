@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from itertools import accumulate
+from typing import cast
 
 import numpy as np
 
 from protocol.config import SelectorConfig
-from protocol.messages import BatchRequest, ScoredGroup, TrainBatch
+from protocol.messages import U8, BatchRequest, ScoredEpisodes, ScoredGroup, TrainBatch
 from selector.rules import GroupDecision, process_group, process_groups
 
 
@@ -29,6 +30,14 @@ class KeptGroup:
     seq: int = 0
     tokens: int = 0  # completion tokens of all n sampled completions (length accounting: generated vs trained)
     n: int = 0  # completions sampled
+
+
+@dataclass(frozen=True, eq=False)
+class KeptEpisodes(KeptGroup):
+    """The kept episodes of a ``ScoredEpisodes``: a ``KeptGroup`` and each one's loss mask (a subclass, so that
+    a single-turn group's ``KeptGroup`` costs nothing more than it did)."""
+
+    masks: list[np.ndarray] = field(default_factory=list)  # 1 model token, 0 environment token
 
 
 def keep_group(group: ScoredGroup, cfg: SelectorConfig, m: int, rng: np.random.Generator) -> KeptGroup | None:
@@ -71,7 +80,7 @@ def _kept(group: ScoredGroup, decision: GroupDecision, reward_mean: float) -> Ke
         start = end - lens[i]
         completions.append(cids[start:end])
         lps.append(logprobs[start:end])
-    return KeptGroup(
+    out = KeptGroup(
         group.server_id,
         group.version,
         group.prompt_ids,
@@ -86,6 +95,11 @@ def _kept(group: ScoredGroup, decision: GroupDecision, reward_mean: float) -> Ke
         ends[-1] if ends else 0,
         len(lens),
     )
+    if type(group) is ScoredGroup:
+        return out
+    mask = cast(ScoredEpisodes, group).loss_mask  # episodes: their masks sliced as their tokens are
+    masks = [mask[ends[i] - lens[i] : ends[i]] for i in kept.tolist()]
+    return KeptEpisodes(**{f.name: getattr(out, f.name) for f in fields(KeptGroup)}, masks=masks)
 
 
 def build_batch(groups: list[KeptGroup], req: BatchRequest, stats: dict[str, float]) -> TrainBatch:
@@ -118,4 +132,19 @@ def build_batch(groups: list[KeptGroup], req: BatchRequest, stats: dict[str, flo
         server_index=np.array([index[g.server_id] for g in rows], np.int32),
         group_sessions=np.array([g.session for g in groups], np.int64),
         group_seqs=np.array([g.seq for g in groups], np.int64),
+        loss_mask=_loss_mask(groups),
     )
+
+
+def _loss_mask(groups: list[KeptGroup]) -> np.ndarray:
+    """The batch's loss mask: empty when no row is an episode (every token counts), else one entry per
+    completion token (ones for the single-turn rows)."""
+    if all(type(g) is KeptGroup for g in groups):
+        return np.empty(0, U8)
+    return np.concatenate(
+        [
+            m
+            for g in groups
+            for m in (g.masks if isinstance(g, KeptEpisodes) else [np.ones(len(c), U8) for c in g.completions])
+        ]
+    ).astype(U8)

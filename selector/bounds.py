@@ -13,7 +13,9 @@ rejects, with a reason that becomes the counter ``rejected/<reason>``:
   ``version_discarded``: a version below the announced floor (weights a restarted learner discarded).
 - ``token_id``: a prompt or completion token id outside ``0..vocab_size-1`` (once the learner has
   announced the vocabulary size; the learner checks again before training).
-- ``length``: a prompt over ``task.max_prompt_tokens`` or a completion over ``max_new_tokens``;
+- ``length``: a prompt over ``task.max_prompt_tokens`` or a completion over ``max_new_tokens`` (an
+  episode of ``ScoredEpisodes``: over ``max_completion_tokens``, its model and environment tokens);
+  ``turns``: an episode of more model turns than ``task.max_turns`` (a single-turn run: more than 1);
   ``group_size``: n other than ``rollout.group_size`` (or beyond ``rollout.max_group_size`` with
   ``rollout.surplus = "grow_n"``).
 - ``logprob``: a behaviour log-prob below ``selector.min_logprob``; ``reward``: one outside
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protocol.config import Config
-from protocol.messages import ProtocolError, ScoredGroup
+from protocol.messages import ProtocolError, ScoredEpisodes, ScoredGroup
 
 
 @dataclass
@@ -86,11 +88,14 @@ class Bounds:
                 f"task.max_prompt_tokens={self.cfg.task.max_prompt_tokens}",
             )
         longest = int(g.completion_lens.max())
-        if longest > self.cfg.max_new_tokens:
-            raise ProtocolError(
-                "length",
-                f"completion of {longest} tokens from {g.server_id} > max_new_tokens={self.cfg.max_new_tokens}",
-            )
+        if type(g) is ScoredGroup:  # the single-turn path: exactly the checks it always had
+            if longest > self.cfg.max_new_tokens:
+                raise ProtocolError(
+                    "length",
+                    f"completion of {longest} tokens from {g.server_id} > max_new_tokens={self.cfg.max_new_tokens}",
+                )
+        else:
+            self.check_episodes(g, longest)  # type: ignore[arg-type]  # the codec knows two group types
         if self.vocab_size:
             low = min(int(g.prompt_ids.min()), int(g.completion_ids.min()) if g.completion_ids.size else 0)
             high = max(int(g.prompt_ids.max()), int(g.completion_ids.max()) if g.completion_ids.size else 0)
@@ -112,6 +117,24 @@ class Bounds:
                 "reward",
                 f"reward {float(np.abs(g.rewards).max()):.4g} from {g.server_id} outside "
                 f"+-selector.max_abs_reward={cap:g}",
+            )
+
+    def check_episodes(self, g: ScoredEpisodes, longest: int) -> None:
+        """An episode's bounds: its tokens (model and environment) within ``max_completion_tokens``, its turns
+        within ``task.max_turns`` (1 in a run without ``task.environment``)."""
+        cap = self.cfg.max_completion_tokens
+        if longest > cap:
+            raise ProtocolError(
+                "length",
+                f"episode of {longest} tokens from {g.server_id} > {cap} (task.max_episode_tokens, or "
+                "task.max_turns x max_new_tokens)",
+            )
+        turns = int(g.turns.max())
+        if turns > self.cfg.max_turns:
+            raise ProtocolError(
+                "turns",
+                f"episode of {turns} turns from {g.server_id} > {self.cfg.max_turns} (task.max_turns; 1 without "
+                "task.environment)",
             )
 
 

@@ -17,10 +17,21 @@ import numpy as np
 
 from protocol.config import BUILTIN_TASKS, Config, TaskConfig
 from rollout_server.tasks.data import RowSource, TaskError, alphabet_of, numbered_rows
+from rollout_server.tasks.environments import TOOL_TAGS, load_environment
 from rollout_server.tasks.render import prompt_lengths, render, stop_ids, tokenize
 from rollout_server.tasks.rewards import RewardScores, RewardWorker, check_signature, load_reward
 
-__all__ = ["Prompt", "RewardScores", "Task", "TaskError", "alphabet_of", "task_name", "try_rewards", "validate_task"]
+__all__ = [
+    "Prompt",
+    "RewardScores",
+    "Task",
+    "TaskError",
+    "alphabet_of",
+    "task_name",
+    "try_rewards",
+    "validate_task",
+    "words_of",
+]
 
 TRIAL_ROWS = 4  # rows ``try_rewards`` scores: enough to catch a function whose scale is wrong, and fast
 # a value the selector rejects (its group is dropped) or one that cannot be a reward at all
@@ -38,11 +49,25 @@ def task_name(cfg: TaskConfig) -> str:
     return cfg.name
 
 
+def words_of(cfg: TaskConfig) -> tuple[str, ...]:
+    """Whole tokens a tiny tokenizer needs besides its characters: the tool tags when episodes have an environment."""
+    return TOOL_TAGS if cfg.environment else ()
+
+
 def reward_worker(cfg: Config, max_failures: int | None = None) -> RewardWorker:
     """The run's reward functions, bounded by the selector's ``selector.max_abs_reward``."""
     tc = cfg.task
     limit = tc.max_reward_failures if max_failures is None else max_failures
-    return RewardWorker(tc.rewards, tc.weights, tc.reward_timeout_s, cfg.selector.max_abs_reward, limit)
+    return RewardWorker(
+        tc.rewards,
+        tc.weights,
+        tc.reward_timeout_s,
+        cfg.selector.max_abs_reward,
+        limit,
+        env=tc.environment,
+        env_timeout_s=tc.env_timeout_s,
+        max_env_chars=tc.max_env_chars,
+    )
 
 
 class Task:
@@ -139,6 +164,8 @@ def validate_task(cfg: Config, tokenizer: Any | None = None, trial: bool = False
                     ) from None
     for spec in tc.rewards:
         check_signature(spec, load_reward(spec), columns)
+    if tc.environment:
+        load_environment(tc.environment)  # imports, and is a class with reset and step
     if tokenizer is not None:
         for name, rows, where in files:
             check_prompt_lengths(name, rows, where, tc, tokenizer)

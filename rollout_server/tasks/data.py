@@ -126,7 +126,7 @@ def check_prompt(row: dict[str, Any], prompt_field: str, where: str) -> None:
 def generated_row(
     kind: str, length: int, symbols: int, rng: np.random.Generator, min_length: int = 0
 ) -> dict[str, Any]:
-    """One copy/reverse row: ``{"prompt": "cfa=", "answer": "cfa"}`` (reverse: ``"afc"``).
+    """One copy/reverse row: ``{"prompt": "cfa=", "answer": "cfa"}`` (reverse: ``"afc"``), or a product row.
 
     ``length`` symbols, or with ``0 < min_length < length`` a length drawn uniformly from
     ``min_length..length`` first; otherwise no extra draw, so a fixed length gives the same rows
@@ -134,11 +134,16 @@ def generated_row(
     """
     if 0 < min_length < length:
         length = int(rng.integers(min_length, length + 1))
+    if kind == "product":  # two ``length``-digit numbers: {"prompt": "123*456=", "answer": "56088"}
+        a, b = (int(x) for x in rng.integers(10 ** (length - 1), 10**length, size=2))
+        return {"prompt": f"{a}*{b}=", "answer": str(a * b)}
     body = "".join(string.ascii_lowercase[i] for i in rng.integers(0, symbols, size=length))
     return {"prompt": body + "=", "answer": body if kind == "copy" else body[::-1]}
 
 
 def builtin_alphabet(cfg: TaskConfig) -> str:
+    if cfg.type == "product":
+        return string.digits + "*="
     return string.ascii_lowercase[: cfg.symbols] + "="
 
 

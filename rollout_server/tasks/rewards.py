@@ -21,8 +21,6 @@ letting it crawl (:class:`FailureStreaks`).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import logging
 import math
@@ -34,13 +32,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rollout_server.tasks.data import TaskError
+from rollout_server.tasks.environments import Messages, env_call, load_environment
 from rollout_server.tasks.output import OUTPUT_BYTES, OUTPUT_WINDOW_S, OutputBudget
+from rollout_server.tasks.plugins import load_plugin
 from rollout_server.tasks.verifiers import BUILTIN_REWARDS, RewardFn
 
 log = logging.getLogger("podsrl.rollout")
@@ -65,37 +64,9 @@ STARTUP_S = 60.0  # a (re)started worker's imports and load_reward, on top of ta
 
 def load_reward(spec: str) -> RewardFn:
     """Resolve one ``task.reward`` entry to a callable, or raise TaskError naming the fix."""
-    if spec in BUILTIN_REWARDS:
-        return BUILTIN_REWARDS[spec]
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise TaskError(
-            f"task.reward={spec!r} is neither a built-in ({', '.join(sorted(BUILTIN_REWARDS))}) nor "
-            "'package.module:function' / 'path/to/file.py:function'"
-        )
-    try:
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.exists():
-                raise TaskError(f"task.reward={spec!r}: file {target} does not exist")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            assert module_spec is not None and module_spec.loader is not None
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            if "" not in sys.path:
-                sys.path.insert(0, "")  # the working directory, as `python -m` has it
-            module = importlib.import_module(target)
-    except TaskError:
-        raise
-    except Exception as e:
-        raise TaskError(
-            f"task.reward={spec!r}: importing {target} failed ({type(e).__name__}: {e}); check the "
-            "module is on PYTHONPATH (or give a path/to/file.py) and imports cleanly"
-        ) from None
-    fn = getattr(module, name, None)
+    fn = load_plugin("task.reward", spec, BUILTIN_REWARDS, "function")
     if not callable(fn):
-        raise TaskError(f"task.reward={spec!r}: {target} has no function {name!r}")
+        raise TaskError(f"task.reward={spec!r}: {spec.rpartition(':')[0]} has no function {spec.rpartition(':')[2]!r}")
     return fn
 
 
@@ -159,25 +130,30 @@ def check_value(v: float | None | str, max_abs: float) -> float | None | str:
     return v if abs(v) <= max_abs else "out_of_range"
 
 
-def _worker(conn: Any, specs: list[str], out: Any) -> None:
-    """The reward process: load the functions once, then score batches until the pipe closes. Its stdout and
-    stderr are ``out``, a pipe the parent drains within a byte budget (``output.OutputBudget``)."""
+def _worker(conn: Any, specs: list[str], out: Any, env: str = "") -> None:
+    """The reward process: load the functions (and the environment, ``task.environment``) once, then score
+    batches and run environment steps until the pipe closes. Its stdout and stderr are ``out``, a pipe the
+    parent drains within a byte budget (``output.OutputBudget``)."""
     os.dup2(out.fileno(), 1)  # fd level: a C extension's writes and a subprocess's too
     os.dup2(out.fileno(), 2)
     out.close()
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # lines reach the log as printed
     fns = [load_reward(s) for s in specs]
+    factory = load_environment(env) if env else None
     try:
         conn.send(("ready", None))
     except OSError:  # closed while starting
         return
     while True:
         try:
-            kwargs = conn.recv()
+            kind, payload = conn.recv()
         except EOFError:
             return
-        conn.send(("ok", _score_all(fns, kwargs, lambda i, note: conn.send(("note", (i, note))))))
+        if kind == "env" and factory is not None:
+            conn.send(("ok", env_call(factory, *payload)))
+        else:
+            conn.send(("ok", _score_all(fns, payload, lambda i, note: conn.send(("note", (i, note))))))
 
 
 def _score_all(
@@ -245,10 +221,16 @@ class RewardWorker:
         max_failures: int = 0,
         output_bytes: int = OUTPUT_BYTES,
         output_window_s: float = OUTPUT_WINDOW_S,
+        env: str = "",
+        env_timeout_s: float = 10.0,
+        max_env_chars: int = 4096,
     ) -> None:
         """``max_abs``: the selector's ``selector.max_abs_reward``; ``max_failures``: ``task.max_reward_failures``;
-        the worker's stdout/stderr reach the log at most ``output_bytes`` per ``output_window_s``."""
+        the worker's stdout/stderr reach the log at most ``output_bytes`` per ``output_window_s``. ``env``:
+        ``task.environment``, whose steps (:meth:`step_env`) run in the same worker, each cut at
+        ``env_timeout_s``, its new messages bounded by ``max_env_chars``."""
         self.specs, self.weights, self.timeout_s, self.max_abs = specs, weights, timeout_s, max_abs
+        self.env, self.env_timeout_s, self.max_env_chars = env, env_timeout_s, max_env_chars
         self.names = [s.rpartition(":")[2] or s for s in specs]
         self.streaks = FailureStreaks(self.names, max_failures)
         self.output = OutputBudget(self.names, output_bytes, output_window_s)
@@ -258,7 +240,7 @@ class RewardWorker:
         self.conn: Any = None
         self.restarts = 0
         self.starting = True  # until the worker says it has loaded the functions
-        in_process = all(s in BUILTIN_REWARDS for s in specs)
+        in_process = all(s in BUILTIN_REWARDS for s in specs) and not env  # an environment always runs there
         self.in_process = [BUILTIN_REWARDS[s] for s in specs] if in_process else None
         if self.in_process is None:
             self._start()
@@ -267,7 +249,7 @@ class RewardWorker:
         self.conn, child = self.ctx.Pipe()
         out_read, out_write = self.ctx.Pipe(duplex=False)
         self.proc = self.ctx.Process(
-            target=_worker, args=(child, self.specs, out_write), name="podsrl-reward", daemon=True
+            target=_worker, args=(child, self.specs, out_write, self.env), name="podsrl-reward", daemon=True
         )
         self.proc.start()
         child.close()
@@ -354,23 +336,40 @@ class RewardWorker:
     ) -> list[list[float | None | str]]:
         if self.in_process is not None:
             return _score_all(self.in_process, kwargs, self._note)
-        failed: list[list[float | None | str]] = [["worker_died"] * rows for _ in self.specs]
+        kind, payload = self._roundtrip(("score", kwargs), self.timeout_s, on_wait)
+        if kind == "timeout":
+            log.warning(
+                "reward call over task.reward_timeout_s=%ss: worker killed and restarted; its %d rows score 0",
+                self.timeout_s,
+                rows,
+            )
+        return payload if kind == "ok" else [[kind] * rows for _ in self.specs]
+
+    def step_env(self, row: dict[str, Any], turns: Messages, on_wait: Callable[[], None] | None = None) -> Any:
+        """One environment step in the worker (``environments.env_call``): ``("ok", (messages | None, reward |
+        None, tool_calls, tool_errors))``, or ``(reason, detail)``: the environment's own failures, ``timeout``
+        (past ``task.env_timeout_s``: the worker is killed and restarted) or ``worker_died``."""
+        kind, payload = self._roundtrip(("env", (row, turns, self.max_env_chars)), self.env_timeout_s, on_wait)
+        if kind == "timeout":
+            log.warning("environment step over task.env_timeout_s=%ss: worker killed and restarted", self.env_timeout_s)
+            return "timeout", f"ran past task.env_timeout_s={self.env_timeout_s:g}"
+        if kind == "worker_died":
+            return "worker_died", "the worker died (os._exit, a crash, the OOM killer)"
+        return payload
+
+    def _roundtrip(self, request: tuple[str, Any], timeout_s: float, on_wait: Callable[[], None] | None) -> Any:
+        """``("ok", the worker's answer)``, or ``("timeout" | "worker_died", None)`` (the worker restarted)."""
         try:
-            self.conn.send(kwargs)
+            self.conn.send(request)
         except (BrokenPipeError, OSError):
             self._restart()
-            return failed
-        deadline = time.monotonic() + self.timeout_s + (STARTUP_S if self.starting else 0.0)
+            return "worker_died", None
+        deadline = time.monotonic() + timeout_s + (STARTUP_S if self.starting else 0.0)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                log.warning(
-                    "reward call over task.reward_timeout_s=%ss: worker killed and restarted; its %d rows score 0",
-                    self.timeout_s,
-                    rows,
-                )
                 self._restart()
-                return [["timeout"] * rows for _ in self.specs]
+                return "timeout", None
             try:
                 ready = self.conn.poll(min(left, 0.5))
                 if not ready:
@@ -381,15 +380,15 @@ class RewardWorker:
             except (EOFError, OSError):
                 log.warning("reward worker died (exit code %s); restarting it", self.proc.exitcode)
                 self._restart()
-                return failed
+                return "worker_died", None
             if kind == "note":
                 self._note(*payload)
                 continue
-            if kind == "ready":  # start-up is not the reward call's time: the call's clock starts now
+            if kind == "ready":  # start-up is not the call's time: the call's clock starts now
                 self.starting = False
-                deadline = time.monotonic() + self.timeout_s
+                deadline = time.monotonic() + timeout_s
                 continue
-            return payload
+            return "ok", payload
 
     def _note(self, i: int, text: str) -> None:
         self.notes.setdefault(i, text)

@@ -348,6 +348,7 @@ def regex_match(prompts: Column, completions: list[str], pattern: str | Column, 
 BUILTIN_REWARDS: dict[str, RewardFn] = {
     "copy": char_match,  # the built-in tasks' own (task.type copy / reverse)
     "reverse": char_match,
+    "product": char_match,  # the answer's digits in place (task.type product)
     "char_match_strict": char_match_strict,
     "math_answer": math_answer,
     "countdown": countdown,

@@ -30,6 +30,7 @@ from protocol.messages import (
     Message,
     ProtocolError,
     Refusal,
+    ScoredEpisodes,
     ScoredGroup,
     TrainBatch,
     Weights,
@@ -115,6 +116,28 @@ def make_train_batch() -> TrainBatch:
         server_index=np.array([0, 0, 1], np.int32),
         group_sessions=np.array([77, 78], np.int64),
         group_seqs=np.array([4, 0], np.int64),
+        loss_mask=np.array([1, 1, 0, 1, 1, 1, 1, 1, 1], np.uint8),
+    )
+
+
+def make_scored_episodes() -> ScoredEpisodes:
+    """Two episodes of one prompt: a tool call (4 model tokens), its result (3 environment tokens, log-prob 0)
+    and an answer (2 model tokens); and a one-turn answer of 3 tokens."""
+    mask = np.array([1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1], np.uint8)
+    return ScoredEpisodes(
+        server_id="box-7/0",
+        session=77,
+        group_id=9002,
+        version=12,
+        task="product",
+        gen_seconds=0.05,
+        prompt_ids=np.array([1, 5, 9, 7, 2], np.int32),
+        completion_ids=np.array([7, 5, 9, 8, 4, 4, 4, 6, 3, 5, 9, 3], np.int32),
+        completion_lens=np.array([9, 3], np.int32),
+        logprobs=np.where(mask == 1, -0.25, 0.0).astype(np.float32),
+        rewards=np.array([1.0, 0.0], np.float32),
+        loss_mask=mask,
+        turns=np.array([2, 1], np.int32),
     )
 
 
@@ -169,6 +192,7 @@ FACTORIES: dict[type[Message], Callable[[], Message]] = {
     Hello: make_hello,
     Heartbeat: make_heartbeat,
     ScoredGroup: make_scored_group,
+    ScoredEpisodes: make_scored_episodes,
     WorkRequest: make_work_request,
     WorkGrant: make_work_grant,
     Refusal: make_refusal,
@@ -358,6 +382,7 @@ def test_empty_arrays_round_trip() -> None:
         server_index=e32,
         group_sessions=np.zeros(0, np.int64),
         group_seqs=np.zeros(0, np.int64),
+        loss_mask=np.zeros(0, np.uint8),
     )
     assert decode(frames_of(empty)).size == 0
     group = dataclasses.replace(
@@ -880,7 +905,7 @@ def _reference_decode(frames: list, expect: Any = None) -> Message:
             raise ProtocolError("non_finite", name)
         values[name] = arr
     msg = cls(**values)
-    if isinstance(msg, ScoredGroup):
+    if type(msg) is ScoredGroup:
         ok = (
             0 <= msg.version <= 2**53
             and msg.prompt_ids.shape[0] > 0
@@ -1022,3 +1047,52 @@ def test_a_message_class_with_post_init_is_built_through_its_init(monkeypatch) -
     monkeypatch.setitem(MESSAGES, Ping.TYPE, Ping)
     got: Message = decode(frames_of(Ping(text="hi")))
     assert isinstance(got, Ping) and got.text == "hi" and seen == ["hi", "hi"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Episodes (issue 21): a mask per token, log-prob 0 on environment tokens, turns per episode
+# --------------------------------------------------------------------------------------------------
+
+
+def _episodes(**kw: Any) -> list[bytes]:
+    return frames_of(dataclasses.replace(make_scored_episodes(), **kw))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"loss_mask": np.ones(13, np.uint8)}, id="mask_longer_than_tokens"),
+        pytest.param({"loss_mask": np.ones(11, np.uint8)}, id="mask_shorter_than_tokens"),
+        pytest.param({"loss_mask": np.array([1, 1, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0], np.uint8)}, id="all_masked"),
+        pytest.param({"loss_mask": np.full(12, 2, np.uint8)}, id="mask_not_0_or_1"),
+        pytest.param({"logprobs": np.full(12, -0.25, np.float32)}, id="logprob_on_an_environment_token"),
+        pytest.param({"turns": np.array([10_000, 1], np.int32)}, id="ten_thousand_turns"),
+        pytest.param({"turns": np.array([0, 1], np.int32)}, id="zero_turns"),
+        pytest.param({"turns": np.array([2], np.int32)}, id="turns_of_another_group_size"),
+        pytest.param(
+            {"completion_lens": np.array([12, 0], np.int32), "rewards": np.array([1.0, 0.0], np.float32)},
+            id="empty_episode",
+        ),
+    ],
+)
+def test_hostile_episodes_are_rejected_with_a_reason(change: dict[str, Any]) -> None:
+    with pytest.raises(ProtocolError) as e:
+        decode(_episodes(**change))
+    assert e.value.reason == "invariant" and e.value.detail
+
+
+def test_an_episode_group_decodes_where_a_group_is_expected_and_a_group_is_unchanged() -> None:
+    """The selector reads ``ScoredGroup`` and gets episodes too (a subclass); a single-turn group's frames
+    are what they were (no mask, no turns travel)."""
+    got = decode(_episodes(), expect=ScoredGroup)
+    assert isinstance(got, ScoredEpisodes) and got.turns.tolist() == [2, 1]
+    assert len(frames_of(make_scored_group())) == 1 + 5
+    assert type(decode(frames_of(make_scored_group()), expect=ScoredGroup)) is ScoredGroup
+
+
+def test_a_train_batch_mask_is_empty_or_one_per_token() -> None:
+    batch = make_train_batch()
+    assert decode(frames_of(dataclasses.replace(batch, loss_mask=np.empty(0, np.uint8)))).loss_mask.size == 0
+    for bad in (np.ones(8, np.uint8), np.full(9, 3, np.uint8)):
+        with pytest.raises(ProtocolError, match="loss_mask"):
+            decode(frames_of(dataclasses.replace(batch, loss_mask=bad)))

@@ -400,3 +400,12 @@ def test_config_is_frozen() -> None:
     cfg = load_config()
     with pytest.raises(ValueError):
         cfg.max_staleness = 3  # type: ignore[misc]
+
+
+def test_the_config_bounds_turns_as_the_protocol_does():
+    from protocol import config, messages
+
+    assert config.MAX_TURNS == messages.MAX_TURNS
+    cfg = load_config(None, ["task.type=product", "task.environment=calc", "task.max_turns=3"])
+    assert (cfg.max_turns, cfg.max_completion_tokens) == (3, 3 * cfg.max_new_tokens)
+    assert (load_config(None, []).max_turns, load_config(None, []).max_completion_tokens) == (1, 4)

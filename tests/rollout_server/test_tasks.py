@@ -52,7 +52,7 @@ def no_reward_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """For tests that only draw prompts: Task without a reward worker process (it costs a spawn)."""
 
     class NoWorker:
-        def __init__(self, *args: Any) -> None: ...
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
 
         def close(self) -> None: ...
 
@@ -248,7 +248,7 @@ def test_eval_prompts_hold_out_the_same_rows_on_every_server(tmp_path, tokenizer
     a = Task(cfg, tokenizer, {}, seed=0)
     tasks.append(a)
     with pytest.MonkeyPatch.context() as mp:  # the second server only shows its eval rows: no reward process
-        mp.setattr("rollout_server.tasks.RewardWorker", lambda *args: SimpleNamespace(close=lambda: None))
+        mp.setattr("rollout_server.tasks.RewardWorker", lambda *args, **kwargs: SimpleNamespace(close=lambda: None))
         b = Task(cfg, tokenizer, {}, seed=1)
     tasks.append(b)
     held = a.eval_prompts()

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.config import load_config
-from protocol.messages import ProtocolError, ScoredGroup
+from protocol.messages import ProtocolError, ScoredEpisodes, ScoredGroup
 from selector.bounds import Bounds, Early, Identities
 
 CFG = load_config(None, ["rollout.group_size=4", "task.max_prompt_tokens=8", "rollout.max_new_tokens=5"])
@@ -235,3 +235,60 @@ def test_early_groups_are_released_once_announced_rejected_after_the_wait_and_bo
     early.hold(third, now=0.9)  # s-0 has room again
     assert early.release(6, now=1.5) == ([third], [other])  # version 7 was never announced
     assert len(early) == 0 and not early.per_id
+
+
+# episodes (issue 21): a run with an environment bounds turns and the whole episode's tokens
+ENV_CFG = load_config(
+    None,
+    [
+        "rollout.group_size=4",
+        "task.type=product",
+        "task.environment=calc",
+        "task.max_turns=3",
+        "task.max_episode_tokens=20",
+        "rollout.max_new_tokens=5",
+    ],
+)
+
+
+def episodes(lens: list[int], turns: list[int], env: int = 2, task: str = "product") -> ScoredEpisodes:
+    """Episodes of ``lens`` tokens, each with up to ``env`` environment tokens (log-prob 0) after its first two;
+    the last token is the model's."""
+    parts = []
+    for n in lens:
+        m = np.ones(n, np.uint8)
+        m[2 : min(2 + env, n - 1)] = 0
+        parts.append(m)
+    mask = np.concatenate(parts)
+    return ScoredEpisodes(
+        **{f.name: getattr(group(task=task), f.name) for f in dataclasses.fields(ScoredGroup)}
+        | {
+            "completion_ids": np.full(sum(lens), 4, np.int32),
+            "completion_lens": np.array(lens, np.int32),
+            "logprobs": np.where(mask == 1, -0.5, 0.0).astype(np.float32),
+        },
+        loss_mask=mask,
+        turns=np.array(turns, np.int32),
+    )
+
+
+def test_episodes_within_the_run_bounds_pass_and_longer_or_more_turns_are_rejected():
+    b = Bounds(ENV_CFG, version=5, floor=2, vocab_size=VOCAB)
+    b.check(episodes([20, 5, 6, 7], [3, 1, 2, 2]))  # an episode may exceed max_new_tokens (one turn's cap)
+    for bad, reason in ((episodes([21, 5, 6, 7], [3, 1, 2, 2]), "length"), (episodes([9] * 4, [4, 1, 1, 1]), "turns")):
+        with pytest.raises(ProtocolError) as e:
+            b.check(bad)
+        assert e.value.reason == reason and "s-0" in str(e.value)
+
+
+def test_a_run_without_an_environment_takes_one_turn_episodes_only():
+    """A single-turn run bounds an episode as a completion: max_new_tokens tokens, one turn."""
+    b = bounds()
+    b.check(episodes([5, 3, 3, 3], [1, 1, 1, 1], env=0, task="copy"))
+    for bad, reason in (
+        (episodes([5, 3, 3, 3], [2, 1, 1, 1], task="copy"), "turns"),
+        (episodes([6, 3, 3, 3], [1, 1, 1, 1], task="copy"), "length"),
+    ):
+        with pytest.raises(ProtocolError) as e:
+            b.check(bad)
+        assert e.value.reason == reason

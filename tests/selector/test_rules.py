@@ -620,6 +620,7 @@ def _reference_build_batch(groups, req, stats):
         server_index=np.array([index[g.server_id] for _, g, _ in rows], np.int32),
         group_sessions=np.array([g.session for g in groups], np.int64),
         group_seqs=np.array([g.seq for g in groups], np.int64),
+        loss_mask=np.empty(0, np.uint8),  # single-turn groups: every token counts, no mask travels
     )
 
 
