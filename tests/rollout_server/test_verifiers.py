@@ -180,6 +180,7 @@ def test_batched_convention_and_registry():
         "copy",
         "reverse",
         "char_match_strict",
+        "product",
     }
     columns = {
         "answer": ["4", "5"],
@@ -198,10 +199,12 @@ def test_batched_convention_and_registry():
         "copy": [0.0, 0.0],
         "reverse": [0.0, 0.0],
         "char_match_strict": [0.0, 0.0],
+        "product": [0.0, 0.0],
     }
     for name, fn in BUILTIN_REWARDS.items():
         out = fn(prompts=["p1", "p2"], completions=completions, **columns)
         assert out == expected[name], name
+    assert BUILTIN_REWARDS["product"](["p"], ["56088"], answer=["56088"]) == [1.0]  # the digits in place
     with pytest.raises(ValueError):
         math_answer(["p"], ["#### 4"], answer=["4", "5"])  # a column of the wrong length is a bug
 
