@@ -17,8 +17,8 @@ has it, and ``rollout.engine.type='torch'`` never imports this module.
 - ``generation_config="vllm"``: the model's ``generation_config.json`` sampling defaults (top-p, top-k,
   repetition penalty) would otherwise change the sampled distribution behind our back.
 - LoRA versions (``learner.lora``, docs/LORA.md): vLLM starts on the base at ``model.path`` with
-  ``enable_lora``, and each version is a ``LoRARequest`` (``_load_adapter``). Untested: written against
-  vLLM's API (0.8-0.32), not run here.
+  ``enable_lora``, and each version is a ``LoRARequest`` (``_load_adapter``); tested on the CPU build
+  (tests/vllm_tests/test_vllm_lora.py).
 - On CPU: eager mode (torch.compile costs minutes on 2 cores for no gain at this size); the KV cache is
   sized by ``VLLM_CPU_KVCACHE_SPACE`` (GiB) when set, else ``rollout.engine.gpu_memory_utilization`` is
   the fraction of *system* memory vLLM reserves.
@@ -127,7 +127,7 @@ class VLLMEngine:
         digest, as the torch engine does) with ``enable_lora``; each version is written as a peft adapter
         directory and becomes the ``LoRARequest`` every later ``generate`` passes; the previous adapter is
         removed from vLLM's cache and disk. No restart, no weight reload of the base.
-        **Untested**: not in this environment (no vLLM); see docs/LORA.md for the test to add."""
+        Tested on vLLM's CPU build: tests/vllm_tests/test_vllm_lora.py."""
         from vllm.lora.request import LoRARequest
 
         if self.llm is None:
