@@ -1,6 +1,7 @@
 """LoRA: what a version weighs, and how the torch engine should apply an adapter (docs/LORA.md).
 
-    python -m bench.lora            # ~70 s on 2 cores; prints the rows and writes bench/results-lora.json
+    python -m bench lora            # ~70 s on 2 cores: every row below, into bench/results.json
+    python -m bench.lora --sync     # (d) alone, into bench/results-lora-sync.json
     python -m bench.lora --quick    # the tiny model only, a few seconds
 
 (a) Bytes per version on the ~100M-parameter Llama of bench/weights.py (``SIZES["100M"]``, published in
@@ -290,7 +291,7 @@ def run(quick: bool = False) -> list[Result]:
             path = Path(tmp) / "2.6M"
             LlamaForCausalLM(llama_config("2.6M")).save_pretrained(path)
             out += engine_per_token("2.6M Llama", path, SIZES["2.6M"][3])
-    return out
+    return out if quick else out + sync_to_servers()
 
 
 def main() -> None:
