@@ -23,7 +23,7 @@ import time
 from bench.common import ROOT, Result, machine, print_results, save
 
 BENCHES = ("codec", "selector", "rollout", "weights", "training", "pacing", "startup", "flood", "lora")
-OPTIONAL = ("vllm",)  # only by name, in the environment that has it: .venv-vllm/bin/python -m bench vllm
+OPTIONAL = ("vllm", "learning")  # only by name: vllm in .venv-vllm; learning, the ~40 min suite of issue 20
 
 
 BEGIN, END = "<!-- results -->", "<!-- /results -->"

@@ -151,7 +151,12 @@ def add_sweep_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--grid", metavar="FILE", help="TOML grid file: config, seeds, thresholds, window, [base], [grid]")
-    p.add_argument("--config", "-c", metavar="FILE", help="base run file (overrides the grid file's `config`)")
+    p.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="base run file (overrides the grid file's `config`); alone, without --grid or --axis: its seeds",
+    )
     p.add_argument(
         "--axis",
         action="append",
@@ -215,10 +220,10 @@ def sweep_command(args: argparse.Namespace, argv: list[str]) -> int:
                 )
             )
             return 0
-        if not args.grid and not args.axis:
+        if not args.grid and not args.axis and not args.config:
             raise SweepError(
-                "nothing to sweep: give --grid FILE (e.g. configs/sweeps/staleness.toml) or "
-                "--axis KEY=V1,V2 (or --summarize DIR)"
+                "nothing to sweep: give --grid FILE (e.g. configs/sweeps/staleness.toml), --axis KEY=V1,V2, "
+                "or --config FILE alone for its seeds (or --summarize DIR)"
             )
         grid = build_grid(args.grid, args.config, args.axis, args.seeds, args.thresholds, args.window)
         out = Path(args.out or grid.out or (f"runs/sweeps/{Path(args.grid).stem}" if args.grid else "runs/sweep"))

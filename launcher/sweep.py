@@ -3,6 +3,7 @@
     podsrl sweep --grid configs/sweeps/staleness.toml                 # every run, one after another
     podsrl sweep --grid configs/sweeps/staleness.toml --parallel 2 run.steps=100
     podsrl sweep --axis max_staleness=0,2,8 --axis learner.lr=1e-3,3e-3 --seeds 3 --out runs/lr-k
+    podsrl sweep --config configs/add2.toml --seeds 10 --out runs/add2-seeds            # one config, its seeds
     podsrl sweep --grid configs/sweeps/staleness.toml --print-commands   # to run them elsewhere
     podsrl sweep --summarize runs/sweeps/staleness                     # rebuild summary.md / .csv
 

@@ -188,6 +188,19 @@ def test_printed_commands_parse_back_to_the_planned_configs(tmp_path, capsys):
     assert len(seen) == 8
 
 
+def test_a_config_alone_sweeps_its_seeds_and_nothing_at_all_is_refused(tmp_path, capsys):
+    """``--config FILE`` without a grid or an axis is one configuration ("base") x its seeds: the learning
+    suite (bench/learning.py) runs each task this way. With neither, the error names the three ways."""
+    out = tmp_path / "sw"
+    assert podsrl("sweep", "--config", "configs/tiny.toml", "--seeds", "3", "--out", out, "--print-commands") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    dirs = {Path(load_config(ROOT / "configs/tiny.toml", shlex.split(line)[4:]).run.dir) for line in lines}
+    assert dirs == {out / "base" / f"seed{k}" for k in range(3)}
+    assert podsrl("sweep", "--seeds", "3", "--out", out) == 2
+    assert "--config FILE alone for its seeds" in capsys.readouterr().err
+
+
 def run_fake_sweep(out: Path, *extra: str, axis: str = "max_staleness=0,2", seeds: str = "2") -> int:
     return podsrl(
         "sweep",
