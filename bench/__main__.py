@@ -1,6 +1,6 @@
 """Run every benchmark and record the results.
 
-    python -m bench                    # all: codec ... pacing, startup (~28 min on 2 cores)
+    python -m bench                    # all: codec ... startup, fleet (~35 min on 2 cores)
     python -m bench codec selector     # some
     python -m bench --quick            # tiny sizes, seconds (a smoke test, not figures to quote)
     python -m bench --render           # rewrite docs/BENCHMARKS.md's table from bench/results.json
@@ -22,7 +22,7 @@ import time
 
 from bench.common import ROOT, Result, machine, print_results, save
 
-BENCHES = ("codec", "selector", "rollout", "weights", "training", "pacing", "startup")
+BENCHES = ("codec", "selector", "rollout", "weights", "training", "pacing", "startup", "fleet")
 OPTIONAL = ("vllm",)  # only by name, in the environment that has it: .venv-vllm/bin/python -m bench vllm
 
 
