@@ -17,7 +17,8 @@ publish -> last of the N servers; (3) load: every server asks for work, the lear
 back for ``WARM_S + LOAD_S``; groups/s trained over the last ``LOAD_S``, the selector's CPU (utime + stime of
 its pid, every thread) per second, its peak RSS (VmHWM), and per server the share of trained groups over the
 share of generated ones. Then (4): a 10M-parameter fp32 version (``bench.weights`` "10M") to ``SPREAD_N``
-servers fetching with the real ``rollout_server.fetch.Fetcher`` (full, then delta), beside the same to one.
+servers fetching with the real ``rollout_server.fetch.Fetcher`` (full, then delta), beside the same to one
+(``bench/fleet_weights.py``).
 
 Also: ``FD_PROBE_N`` servers against a selector started under ``ulimit -n 1024`` (how many join). Run:
 ``python -m bench fleet`` (about 7 min on 2 cores), ``python -m bench --quick fleet`` (N = 50, ~15 s);
@@ -48,6 +49,7 @@ import zmq
 
 from bench.common import ROOT, Result, child_env, free_ports, print_results
 from bench.fleet_sim import GROUP_N, GROUP_T, PROMPT_T, PROMPTS_PER_CALL, server_name
+from bench.fleet_weights import weights_rows
 from protocol.auth import create_keys, load_auth
 from protocol.config import NetConfig, WeightsConfig
 from protocol.messages import BatchRequest, TrainBatch
@@ -62,8 +64,6 @@ IDLE_S, ANNOUNCE, WARM_S, LOAD_S = 6.0, 6, 2.0, 8.0
 GOAL_GROUPS_S, GOAL_RSS_MIB = 10_000, 1024
 SIZES, QUICK_N = (100, 300, 1000, 3000), 50  # fleet sizes (the full run), the quick run's
 FD_PROBE_N = 1100  # servers against a selector under `ulimit -n 1024`
-SPREAD_N = 32  # servers of the 10M part: 32 x 38 MiB verified (and, for deltas, decompressed) fits a minute
-MIB = 1 << 20
 TIMEOUT_S = 180.0
 
 
@@ -377,112 +377,6 @@ def accounting(sent: dict[str, int], trained: Counter[str], n: int) -> dict[str,
         "starved_examples": starved[:5],
         "never_generated": sum(1 for i in range(n) if not sent.get(server_name(i))),
     }
-
-
-# -- (4) a 10M version to many servers ---------------------------------------------------------------------
-
-
-def spread(n: int, delta: bool, quick: bool) -> dict[str, Any]:
-    """Publish -> the last of ``n`` servers holding the version, verified (``Fetcher``), per round; full versions,
-    or deltas from the version the servers hold (every fp32 element moved by 1e-6: an AdamW step at lr 1e-6)."""
-    from bench.weights import Mover, random_state
-    from learner.publisher import WeightPublisher
-    from protocol.weights import pack_weights
-
-    size, rounds = ("1M", 2) if quick else ("10M", 3)
-    state = random_state(size)
-    mover = Mover(state) if delta else None
-    ports = free_ports(3)
-    net_kwargs = {"announce_port": ports[0], "weights_port": ports[1], "auth": "off"}
-    ctx = zmq.Context()
-    acks = ctx.socket(zmq.PULL)
-    acks.linger = 0
-    acks.bind(f"tcp://127.0.0.1:{ports[2]}")
-    cfg = WeightsConfig(transport="net", delta=delta, delta_max_ratio=1.0)
-    publisher = WeightPublisher(ctx, NetConfig(**net_kwargs), weights=cfg)
-    procs: list[subprocess.Popen] = []
-    per = 8
-    version, seconds, packs, wire = 0, [], [], []
-    try:
-        for i, lo in enumerate(range(0, n, per)):
-            code = (
-                f"from bench.fleet_sim import fetch_main; fetch_main({i}, {lo}, {min(per, n - lo)}, {net_kwargs!r}, "
-                f"{{'ack_port': {ports[2]}, 'delta': {delta}}})"
-            )
-            procs.append(subprocess.Popen([sys.executable, "-c", code], env=child_env(), cwd=ROOT))
-
-        def wait(v: int) -> float:
-            """When the last server reported version ``v`` (monotonic)."""
-            got: dict[str, float] = {}
-            deadline = time.monotonic() + TIMEOUT_S
-            while len(got) < n:
-                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                    raise RuntimeError(f"{n - len(got)} of {n} servers did not report version {v}")
-                if acks.poll(200):
-                    msg = msgpack.unpackb(acks.recv())
-                    if msg[0] != "ready" and msg[1] == v:
-                        got[msg[0]] = msg[2]
-                        wire.append(msg[3])
-            return max(got.values())
-
-        for r in range(rounds + 1):  # round 0 (untimed): every server joins and holds a version
-            if mover is not None and r:
-                mover.step()
-            version += 1
-            t0 = time.monotonic()
-            w = pack_weights(state, version, "{}", alloc=publisher.alloc)
-            t1 = time.monotonic()
-            publisher.publish(w)
-            last = wait(version)
-            if r:
-                seconds.append(last - t1)
-                packs.append(t1 - t0)
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=10)
-        publisher.close()
-        close(acks)
-        ctx.destroy(linger=0)
-    nbytes = sum(v.numel() * v.element_size() for v in state.values())
-    return {"seconds": seconds, "pack_s": packs, "nbytes": nbytes, "wire_bytes": statistics.median(wire[-n:])}
-
-
-def weights_rows(quick: bool) -> list[Result]:
-    n = 4 if quick else SPREAD_N
-    out = []
-    for delta in (False, True):
-        many = spread(n, delta, quick)
-        one = many if quick else spread(1, delta, quick)  # (quick: no peer, to stay a smoke test)
-        a, b = statistics.median(many["seconds"]), statistics.median(one["seconds"])
-        kind = "delta (every fp32 element moved by 1e-6)" if delta else "full"
-        mib = many["nbytes"] / MIB
-        out.append(
-            Result(
-                BENCH,
-                f"a {mib:.0f} MiB fp32 version ({'1M' if quick else '10M'} params), {kind}, publish -> all {n} "
-                "servers verified",
-                1e3 * a,
-                "ms",
-                "the same version to 1 server (same run)" if not quick else "(not measured in --quick)",
-                1e3 * b if not quick else None,
-                a / b if not quick else None,
-                "report (no threshold set)",
-                None,
-                ratio_means=f"time to {n} / time to 1 ({n}x would be serial)",
-                notes=(
-                    f"{n} servers, 8 per process, each fetching with the real Fetcher (rollout_server/fetch.py) on "
-                    f"uvloop, {'a delta from the version it holds' if delta else 'the full version'}; "
-                    f"{many['wire_bytes'] / MIB:.1f} MiB on the wire per server; median of {len(many['seconds'])} "
-                    f"rounds (pack {1e3 * statistics.median(many['pack_s']):.0f} ms before, not included); "
-                    f"{1e3 * a / n:.0f} ms per server amortised; 2 shared cores do every server's verify"
-                    f"{' and decompression' if delta else ''}"
-                ),
-                extra={"seconds": many["seconds"], "one_seconds": one["seconds"], "servers": n},
-            )
-        )
-    return out
 
 
 # -- the rows ----------------------------------------------------------------------------------------------

@@ -3,24 +3,21 @@
 A simulated server has what the selector and the learner see of a real one (``rollout_server/server.py``):
 its own identity (``server_id``, a random ``session``, its own CURVE key when ``net.auth`` is on), a
 DEALER on the groups link (Hello, a Heartbeat every ``rollout.heartbeat_s``, ``WorkRequest`` ->
-``WorkGrant`` under ``rollout.pacing = "credits"``, then the granted ScoredGroups of the version it asked
-with) and a SUB on the announce link. It has no engine: a call of ``p`` prompts "generates" for
+``WorkGrant`` under ``rollout.pacing = "credits"``, then the granted ScoredGroups of the version it runs)
+and a SUB on the announce link. As in the real server, any grant is work (one for an older request too), and
+a server waiting for work asks again as soon as a newer version is announced (a real one: once it has
+loaded it; here loading is instant). It has no engine: a call of ``p`` prompts "generates" for
 ``p x per_prompt_s`` (the server's speed, drawn log-uniform over ``SPREAD``) and sends pre-built 16x64-token
 groups, each with its own (session, group id) header.
 
-One process runs a block of servers on one zmq context and one ``zmq.Poller`` loop with a timer heap
-(heartbeats, calls finishing): never a process per server. The bench drives the processes with a PUB
+One process runs a block of servers on one zmq context and one epoll loop with a timer heap (heartbeats,
+calls finishing, requests to re-send): never a process per server. The bench drives the processes with a PUB
 (``mode``: idle = Hello and heartbeats only, work = ask, generate, send; ``report``; ``stop``) and they
 answer on a PUSH.
-
-:func:`fetch_main` is the other kind (``bench/fleet.py``, the 10M version part): servers that each fetch
-every announced version with the real ``rollout_server.fetch.Fetcher``, several per process on one
-asyncio loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import faulthandler
 import heapq
@@ -40,20 +37,19 @@ import zmq
 
 from protocol.auth import load_auth
 from protocol.codec import encode
-from protocol.config import NetConfig, WeightsConfig
+from protocol.config import NetConfig
 from protocol.messages import (
     Heartbeat,
     Hello,
     ProtocolError,
     Refusal,
     ScoredGroup,
-    Weights,
     WeightsAnnouncement,
     WorkGrant,
     WorkRequest,
     new_session,
 )
-from protocol.sockets import announce_subscriber, close, group_sender, recv, weight_client
+from protocol.sockets import announce_subscriber, close, group_sender, recv
 
 GROUP_N, GROUP_T, PROMPT_T = 16, 64, 8  # completions per group, tokens per completion, prompt tokens
 PROMPTS_PER_CALL = 4
@@ -357,64 +353,4 @@ def sim_main(index: int, first: int, count: int, net_kwargs: dict[str, Any], opt
     finally:
         block.close()
         close(ctl, ack)
-        ctx.term()
-
-
-# -- servers that fetch every version (the 10M part) ------------------------------------------------------
-
-
-def fetch_main(index: int, first: int, count: int, net_kwargs: dict[str, Any], opts: dict[str, Any]) -> None:
-    """One process of ``count`` servers, each fetching every announced version with the real Fetcher
-    (full when ``opts["delta"]`` is false, else a delta from the version the process holds) and reporting
-    (server, version, done at, bytes, delta) to the bench's PULL."""
-    import uvloop
-
-    logging.basicConfig(level=logging.ERROR)
-    uvloop.run(_fetch_async(index, first, count, NetConfig(**net_kwargs), opts))
-
-
-async def _fetch_async(index: int, first: int, count: int, net: NetConfig, opts: dict[str, Any]) -> None:
-    import zmq.asyncio
-
-    from protocol.sockets import arecv
-    from rollout_server.fetch import Fetcher
-
-    ctx = zmq.asyncio.Context()
-    ack = ctx.socket(zmq.PUSH)
-    ack.connect(f"tcp://127.0.0.1:{opts['ack_port']}")
-    held: list[Weights | None] = [None]  # the version this process's servers hold (one copy, shared as a base)
-    socks: list[zmq.Socket] = []
-
-    async def server(i: int) -> None:
-        name = server_name(i)
-        auth = load_auth(net, "rollout", name)
-        sub = cast(zmq.asyncio.Socket, announce_subscriber(ctx, net, auth))
-        dealer = cast(zmq.asyncio.Socket, weight_client(ctx, net, auth))
-        socks.extend([sub, dealer])
-        fetcher = Fetcher(dealer, WeightsConfig(transport="net"), 120.0)
-        got = -1
-        while True:
-            _, ann = await arecv(sub, WeightsAnnouncement)
-            if ann.version <= got:
-                continue
-            base = held[0] if opts["delta"] and held[0] is not None and held[0].version < ann.version else None
-            w = await fetcher.fetch(base, with_files=False)
-            t = time.monotonic()
-            got = w.version
-            if held[0] is None or held[0].version < w.version:
-                held[0] = w  # the next delta's base; the other servers' copies are dropped
-            delta = bool(fetcher.last.get("delta"))
-            await ack.send(msgpack.packb([name, w.version, t, int(fetcher.last.get("bytes", 0)), delta]))
-
-    tasks = [asyncio.ensure_future(server(i)) for i in range(first, first + count)]
-    await ack.send(msgpack.packb(["ready", index]))
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            t.result()
-    finally:
-        for t in tasks:
-            t.cancel()
-        for s in [*socks, ack]:
-            s.close(linger=0)
         ctx.term()
