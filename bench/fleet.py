@@ -72,6 +72,11 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _runq_s(pid: int) -> float:
+    """Seconds the main thread of ``pid`` (the selector's loop) has waited for a CPU while runnable."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
 def _status_kib(pid: int, key: str) -> int:
     m = re.search(rf"^{key}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
     return int(m.group(1)) if m else 0
@@ -335,15 +340,16 @@ def measure(n: int, auth: bool, keys_dir: Path, quick: bool) -> dict[str, Any]:
             fleet.command("mode", mode="work")
             t_start = time.monotonic()
             trained, _ = fleet.learn(warm_s)
-            c0, t0, me0 = _cpu_s(pid), time.monotonic(), time.process_time()
+            c0, t0, me0, q0 = _cpu_s(pid), time.monotonic(), time.process_time(), _runq_s(pid)
             more, counted = fleet.learn(load_s, count_from=t0)
-            c1, t1, me1 = _cpu_s(pid), time.monotonic(), time.process_time()
+            c1, t1, me1, q1 = _cpu_s(pid), time.monotonic(), time.process_time(), _runq_s(pid)
             trained += more
             fleet.command("mode", mode="idle")
             rep = fleet.report()
             out["load_s"] = t1 - t_start
             out["groups_s"] = counted / (t1 - t0)
             out["load_cpu"] = (c1 - c0) / (t1 - t0)
+            out["load_runq"] = (q1 - q0) / (t1 - t0)  # the loop runnable but not running: the machine is full
             out["sim_cpu"] = (rep["sim_cpu_s"] - sim_cpu0) / (time.monotonic() - t_start)
             out["learner_cpu"] = (me1 - me0) / (t1 - t0)
             out["rss_peak_mib"] = _status_kib(pid, "VmHWM") / 1024
@@ -386,7 +392,8 @@ def _notes(m: dict[str, Any]) -> str:
     t = m["selector_totals"]
     us = 1e6 * m["load_cpu"] / max(m["groups_s"], 1e-9)
     return (
-        f"selector CPU {m['load_cpu']:.2f} s/s ({us:.0f} us per group trained), peak RSS {m['rss_peak_mib']:.0f} "
+        f"selector CPU {m['load_cpu']:.2f} s/s ({us:.0f} us per group trained; its loop waited for a CPU "
+        f"{m.get('load_runq', 0):.2f} s/s), peak RSS {m['rss_peak_mib']:.0f} "
         f"MiB, {m['fds']} fds; simulation processes {m['sim_cpu']:.2f} s/s, learner + publisher "
         f"{m['learner_cpu']:.2f} s/s; {m['groups_trained']} of {m['groups_sent']} groups sent trained; per server "
         f"trained/generated share min {m['share_min']:.2f} (p10 {m['share_p10']:.2f}), {m['starved']} starved, "
