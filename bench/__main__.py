@@ -1,6 +1,6 @@
 """Run every benchmark and record the results.
 
-    python -m bench                    # all: codec ... flood, lora (~33 min on 2 cores)
+    python -m bench                    # all: codec ... flood, lora, fleet (~37 min on 2 cores)
     python -m bench codec selector     # some
     python -m bench --quick            # tiny sizes, seconds (a smoke test, not figures to quote)
     python -m bench --render           # rewrite docs/BENCHMARKS.md's table from bench/results.json
@@ -22,7 +22,7 @@ import time
 
 from bench.common import ROOT, Result, machine, print_results, save
 
-BENCHES = ("codec", "selector", "rollout", "weights", "training", "pacing", "startup", "flood", "lora")
+BENCHES = ("codec", "selector", "rollout", "weights", "training", "pacing", "startup", "flood", "lora", "fleet")
 OPTIONAL = ("vllm", "learning")  # only by name: vllm in .venv-vllm; learning, the ~40 min suite of issue 20
 
 

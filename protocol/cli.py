@@ -14,6 +14,7 @@ import os
 import sys
 
 from protocol.config import Config, load_config
+from protocol.limits import open_files_needed, raise_open_files
 
 
 def die_with_parent(sig: int) -> bool:
@@ -65,6 +66,9 @@ def configure(args: argparse.Namespace, role: str, quiet: bool = False) -> Confi
         datefmt="%H:%M:%S",
         handlers=[CappedHandler(cfg.run.max_log_mib)],
     )
+    need = open_files_needed(role, cfg.selector.max_peers)  # one or two per rollout server (protocol/limits.py)
+    if need:
+        raise_open_files(need, f"the {role} with selector.max_peers={cfg.selector.max_peers}")
     return cfg
 
 

@@ -83,6 +83,16 @@ class Pace:
 
 
 @dataclass
+class Pipeline:
+    """Bounded mode: groups buffered and fresh for the next request, granted and not delivered, and the
+    oldest version with an open lease (None: none)."""
+
+    fresh: int
+    outstanding: int
+    oldest: int | None
+
+
+@dataclass
 class Pacer:
     cfg: Config
     tally: Tally
@@ -185,8 +195,9 @@ class Pacer:
             if version is None or lease.version == version
         )
 
-    def capacity(self, version: int, request_version: int, buffer: Buffer) -> int:
-        """How many more groups of ``version`` can be granted now and still be trained within the bound."""
+    def capacity(self, version: int, request_version: int, buffer: Buffer, pipeline: Pipeline | None = None) -> int:
+        """How many more groups of ``version`` can be granted now and still be trained within the bound.
+        ``pipeline``: the totals :meth:`grants` keeps for its whole pass (else counted here)."""
         k = self.cfg.max_staleness
         if self.cfg.run.staleness_mode == "exact":
             last_use = k if version == 0 else version + k  # the last request that trains this version
@@ -194,10 +205,16 @@ class Pacer:
                 return 0
             done = self.trained_versions.get(version, 0) + buffer.count_version(version) + self.outstanding(version)
             return exact_quota(self.cfg, version) - done
+        p = pipeline or self.pipeline(request_version, buffer)
         # A buffered group goes before newer ones (oldest first), but a granted one not yet here may arrive
         # after everything granted since: what is granted now must leave room for the oldest of those.
-        oldest = min([version, *(lease.version for p in self.servers.values() for lease in p.leases)])
-        return self.window(oldest, request_version) - buffer.fresh(request_version) - self.outstanding()
+        oldest = version if p.oldest is None else min(version, p.oldest)
+        return self.window(oldest, request_version) - p.fresh - p.outstanding
+
+    def pipeline(self, request_version: int, buffer: Buffer) -> Pipeline:
+        """What bounded mode's capacity subtracts, counted once: O(leases + buffer)."""
+        versions = [lease.version for p in self.servers.values() for lease in p.leases]
+        return Pipeline(buffer.fresh(request_version), self.outstanding(), min(versions, default=None))
 
     def window(self, version: int, request_version: int) -> int:
         """Bounded mode: the groups of ``version`` an empty pipeline could take and still train within K."""
@@ -271,17 +288,21 @@ class Pacer:
         out: list[tuple[list[bytes], WorkGrant]] = []
         r = self.next_request(announced)
         exact = self.cfg.run.staleness_mode == "exact"
-        for sid in list(self.queue):
+        # counted once per pass and updated with each grant: per request they cost O(servers + buffer), and
+        # with 1,000 servers waiting that was 40% of the selector's CPU (bench/fleet.py, docs/BENCHMARKS.md)
+        pipe = None if exact else self.pipeline(r, buffer)
+        done: set[str] = set()
+        for sid in self.queue:
             pace = self.servers[sid]
             w = pace.waiting
             assert w is not None
             if w.req.version > announced:
                 continue  # its announcement is still on its way to this process
-            n, cap = self.size(pace, w.req, r), self.capacity(w.req.version, r, buffer)
+            n, cap = self.size(pace, w.req, r), self.capacity(w.req.version, r, buffer, pipe)
             if exact:
                 n = min(n, cap)  # a version's last groups may be fewer than a call: it must still complete
             elif cap < n:
-                if cap >= 1 and not self.outstanding():
+                if cap >= 1 and not (pipe.outstanding if pipe is not None else self.outstanding()):
                     n = cap  # nothing else is on its way: a smaller call, or the learner waits for good
                 elif self.window(w.req.version, r) >= n:
                     break  # it fits once the pipeline drains: the ones behind it wait their turn
@@ -293,8 +314,13 @@ class Pacer:
             lease_s, size = self.lease_s(pace, n), self.group_size()
             pace.leases.append(Lease(w.req.request_id, w.req.version, n, n, now, now + lease_s, size))
             pace.waiting, pace.last_granted = None, w.req.request_id
-            self.queue.remove(sid)
+            done.add(sid)
+            if pipe is not None:
+                pipe.outstanding += n
+                pipe.oldest = w.req.version if pipe.oldest is None else min(pipe.oldest, w.req.version)
             self.tally.add("pacing/granted", n)
             self.tally.add(f"pacing/granted/{sid}", n)
             out.append((w.route, WorkGrant(request_id=w.req.request_id, prompts=n, group_size=size, lease_s=lease_s)))
+        if done:
+            self.queue = deque(sid for sid in self.queue if sid not in done)
         return out

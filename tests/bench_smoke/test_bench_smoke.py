@@ -12,7 +12,7 @@ from helpers import ROOT, child_env
 @pytest.mark.slow
 def test_microbenchmarks_run_in_quick_mode():
     res = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "codec", "selector", "rollout", "weights"],
+        [sys.executable, "-m", "bench", "--quick", "codec", "selector", "rollout", "weights", "fleet"],
         cwd=ROOT,
         env=child_env(),
         capture_output=True,
@@ -20,7 +20,7 @@ def test_microbenchmarks_run_in_quick_mode():
         timeout=300,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    for name in ("[codec]", "[selector]", "[rollout]", "[weights]"):
+    for name in ("[codec]", "[selector]", "[rollout]", "[weights]", "[fleet]"):
         assert name in res.stdout
     # the rollout bench measures every side of each comparison, and its paths really push and score groups
     rows = {
