@@ -420,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         if lead is not None:
             lead.publish(run, final=True)
             log.info("learner done at version %d", run.version)
+        if world > 1:  # every rank tears its process group down together, after rank 0's last publish (one
+            dist.barrier()  # rank left alone tearing down gloo aborted once: "terminate called without ...")
     return 0
 
 

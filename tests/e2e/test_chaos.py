@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 T = TypeVar("T")
 
 K = 2
-STEPS = 120
+STEPS = 240  # room for every phase: finding a corrupt segment alone has taken 50 steps
 EVERY = 20  # learner.checkpoint_every
 # Restarted process started -> the first learner step it made possible, start-up included (the learner's
 # is 5-9 s on 2 shared cores: torchrun and its worker each import torch, then the checkpoint is loaded).
@@ -197,8 +197,15 @@ def test_chaos_rollout_selector_learner_killed_run_completes_nothing_trained_twi
             run.start(name)
         print(f"\n{run.elapsed()} started {', '.join(run.commands)}")
 
-        # 1. SIGKILL rollout-1: training goes on with rollout-0 alone.
+        # 1. SIGKILL rollout-1 once groups of both servers were trained: training goes on with rollout-0 alone.
         step = run.at_step(20, timeout=120)
+
+        def both_trained() -> bool:
+            audit = complete_records(metrics / "trained_groups.jsonl")
+            return {server for line in audit for server, *_ in line["groups"]} >= {"rollout-0", "rollout-1"}
+
+        run.wait_for("groups of both rollout servers trained", both_trained, timeout=60)
+        step = run.train_step()
         killed_at = time.time()
         run.kill("rollout-1")
         print(f"{run.elapsed()} SIGKILLed rollout-1 at step {step}")
