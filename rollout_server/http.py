@@ -109,6 +109,10 @@ class HttpEndpoint:
         )
         self.max_body = BYTES_PER_TOKEN * context + (64 << 10)
         self.counters: Counter[str] = Counter()
+        self.seconds: dict[str, float] = {
+            "requests": 0.0,
+            "engine": 0.0,
+        }  # of the answered generation requests: in all, and in the engine
         self.runner: web.AppRunner | None = None
         self.port = 0
 
@@ -159,6 +163,7 @@ class HttpEndpoint:
         return {
             **{f"http/{k}": float(v) for k, v in self.counters.items()},
             **self.book.metrics(),
+            **{f"time/http_{k}": v for k, v in self.seconds.items()},
             "env/errors/prefix_mismatch": float(self.host.env_counters["errors/prefix_mismatch"]),
         }
 
@@ -226,10 +231,17 @@ class HttpEndpoint:
         return web.json_response(self.metrics(), headers=self._headers())
 
     async def _completions(self, request: web.Request) -> web.Response:
-        return await self._generate(request, "completions")
+        return await self._timed(request, "completions")
 
     async def _chat(self, request: web.Request) -> web.Response:
-        return await self._generate(request, "chat")
+        return await self._timed(request, "chat")
+
+    async def _timed(self, request: web.Request, kind: str) -> web.Response:
+        """A generation request, its time (body read to response built) added to ``time/http_requests``."""
+        t0 = time.monotonic()
+        out = await self._generate(request, kind)
+        self.seconds["requests"] += time.monotonic() - t0
+        return out
 
     async def _reward(self, request: web.Request) -> web.Response:
         body = await _json(request)
@@ -301,6 +313,7 @@ class HttpEndpoint:
     def _respond(
         self, req: Request, s: Sampled, extra: dict[str, Any], headers: dict[str, str] | None = None
     ) -> web.Response:
+        self.seconds["engine"] += s.seconds
         body = response(req, self.limits.model, s.version, s.prompt_ids, s.choices, extra)
         return web.json_response(body, headers={**self._headers(headers), VERSION_HEADER: str(s.version)})
 
