@@ -318,5 +318,5 @@ def test_the_example_agent_plays_a_group_that_the_selector_accepts(served: Serve
     rewards = play_group(served.client, served.url, TOKEN, "abc=", "abc", 2)
     g = served.groups.get(timeout=30)
     assert isinstance(g, ScoredEpisodes), g
-    assert g.rewards.tolist() == np.float32(rewards).tolist()  # the wire's rewards are float32
+    assert g.rewards.tolist() == np.asarray(rewards, np.float32).tolist()  # the wire's rewards are float32
     assert g.turns.tolist() == [2, 2] and (g.loss_mask == 0).any()
