@@ -146,3 +146,25 @@ def test_neutral_values_and_bookkeeping_arguments_pass() -> None:
         API,
     )
     assert req.max_tokens == 3 and req.logprobs and req.messages == [{"role": "user", "content": "hi"}]
+
+
+def test_the_endpoint_off_loopback_needs_tokens_and_counts_episodes_as_multi_turn(tmp_path) -> None:
+    from protocol.config import load_config
+    from rollout_server.http import read_tokens
+
+    with pytest.raises(ValueError, match="rollout.http_tokens_file"):
+        load_config(None, ["rollout.http_port=8001", "rollout.http_host=0.0.0.0"])
+    with pytest.raises(ValueError, match="set rollout.http_port too"):
+        load_config(None, ["rollout.generate=false"])
+    cfg = load_config(None, ["rollout.http_port=8001", "task.max_turns=3", "task.max_episode_tokens=50"])
+    assert cfg.max_turns == 3 and cfg.max_completion_tokens == 50  # the selector lets such episodes through
+    plain = load_config(None, ["task.max_turns=3", "task.max_episode_tokens=50"])
+    assert plain.max_turns == 1 and plain.max_completion_tokens == plain.max_new_tokens
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# a comment\n\n  abc  \ndef\n")
+    assert read_tokens(str(tokens)) == {"abc": "token-3", "def": "token-4"}
+    tokens.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="holds no token"):
+        read_tokens(str(tokens))
+    with pytest.raises(ValueError, match="cannot be read"):
+        read_tokens(str(tmp_path / "missing"))
