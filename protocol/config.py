@@ -274,7 +274,48 @@ class RolloutConfig(Section):
         "selector keeps its m from more candidates (PODS)",
     )
     max_group_size: int = Field(0, ge=0, description="surplus='grow_n': the largest n granted; 0 = 4 x group_size")
+    http_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="an OpenAI-compatible HTTP endpoint on each rollout server (/v1/models, /v1/completions, "
+        "/v1/chat/completions; docs/TASKS.md, 'Driving episodes over HTTP'); 0 = off. Set it in the run's config "
+        "file, not for one server: it lets episodes of task.max_turns turns through the selector too",
+    )
+    http_host: str = Field(
+        "127.0.0.1",
+        description="address the HTTP endpoint binds; any other than loopback needs rollout.http_tokens_file",
+    )
+    http_tokens_file: str = Field(
+        "",
+        description="bearer tokens the HTTP endpoint accepts, one a line ('Authorization: Bearer <token>'); "
+        "when set every request needs one, also on loopback; '' = no authentication (loopback only)",
+    )
+    http_max_open_episodes: int = Field(
+        256, ge=1, le=1 << 16, description="HTTP: episodes one client (token) may hold open; more are refused (429)"
+    )
+    http_episode_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="HTTP: an episode group without a request for this long is dropped (http/episodes_dropped/idle)",
+    )
+    generate: bool = Field(
+        True,
+        description="false: the server samples nothing of its own task; it loads each new version and serves "
+        "its HTTP endpoint only (an external agent program makes every group; needs rollout.http_port)",
+    )
     engine: EngineConfig = EngineConfig()
+
+    @model_validator(mode="after")
+    def _http_auth(self) -> RolloutConfig:
+        if not self.generate and not self.http_port:
+            raise ValueError("rollout.generate=false leaves the server nothing to do: set rollout.http_port too")
+        if self.http_port and not self.http_tokens_file and not is_loopback(self.http_host):
+            raise ValueError(
+                f"rollout.http_host={self.http_host!r} is not loopback: set rollout.http_tokens_file=<file of bearer "
+                "tokens, one a line> (every client then sends 'Authorization: Bearer <token>')"
+            )
+        return self
 
 
 # Literals of names below are the keys of a role's registry (protocol/ imports no role): rule, adv_norm
@@ -725,16 +766,21 @@ class Config(Section):
         return self.task.length + 1 if self.task.type in BUILTIN_TASKS else 256
 
     @property
+    def multi_turn(self) -> bool:
+        """Groups may be multi-turn episodes: with task.environment, or episodes driven over HTTP."""
+        return bool(self.task.environment) or self.rollout.http_port > 0
+
+    @property
     def max_completion_tokens(self) -> int:
-        """Tokens after the prompt at most: one turn, or a whole episode with task.environment set."""
-        if not self.task.environment:
+        """Tokens after the prompt at most: one turn, or a whole episode (task.environment, rollout.http_port)."""
+        if not self.multi_turn:
             return self.max_new_tokens
         return self.task.max_episode_tokens or self.task.max_turns * self.max_new_tokens
 
     @property
     def max_turns(self) -> int:
-        """Model turns of a completion at most: 1 without task.environment."""
-        return self.task.max_turns if self.task.environment else 1
+        """Model turns of a completion at most: 1 without task.environment or rollout.http_port."""
+        return self.task.max_turns if self.multi_turn else 1
 
     @property
     def model_dir(self) -> Path:

@@ -26,12 +26,15 @@ model's config and tokenizer arrive with the first weights, so the server needs
 no model files; the dataset file and any reward plug-in must be readable here (docs/TASKS.md).
 Rewards run in a worker process with a hard timeout (``rollout_server/tasks/rewards.py``). The server
 named by ``eval.server`` also evaluates held-out prompts every ``eval.every`` versions (``eval/*``).
+With ``rollout.http_port`` it also serves an OpenAI-compatible endpoint on the same loop and engine
+(``rollout_server/http.py``); with ``rollout.generate = false``, only that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -46,7 +49,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import zmq
@@ -71,6 +74,9 @@ from protocol.sockets import arecv, asend, close, group_sender
 from protocol.weights import unpack_files
 from rollout_server.sampling import SamplingSpec
 from rollout_server.weights_client import WeightsClient
+
+if TYPE_CHECKING:
+    from rollout_server.http import HttpEndpoint
 
 log = logging.getLogger("podsrl.rollout")
 T = TypeVar("T")
@@ -139,9 +145,15 @@ class RolloutServer:
         self._asked: tuple[int, int, float] | None = None  # the request in flight: (id, version, sent at)
         self._requests = 0
         self.idle_s = 0.0  # pacing: time spent waiting for work
+        self._group_lock = asyncio.Lock()
+        self.http: HttpEndpoint | None = None
+        if cfg.rollout.http_port:
+            from rollout_server.http import HttpEndpoint
+
+            self.http = HttpEndpoint(cfg, self, self.monitor, seed + 1)
 
     # -- the worker thread ---------------------------------------------------------------------
-    async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+    async def in_worker(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def install(self, w: Weights) -> dict[str, Any]:
@@ -202,7 +214,7 @@ class RolloutServer:
                 ScoredGroup(
                     server_id=self.server_id,
                     session=self.session,
-                    group_id=self.groups_sent + i,
+                    group_id=0,  # set when sent (_send_group)
                     version=version,
                     task=self.task.name,
                     gen_seconds=gen_s / len(prompts),
@@ -239,18 +251,13 @@ class RolloutServer:
         spec = self.sampling(self.cfg.rollout.temperature)
         parts, metrics, errors = play(self.engine, self.task, self.cfg, prompts, n, spec, seed, self.env_counters)
         self.reward_errors.update(errors)
-        groups: list[ScoredGroup] = [
-            ScoredEpisodes(
-                server_id=self.server_id,
-                session=self.session,
-                group_id=self.groups_sent + i,
-                version=version,
-                task=self.task.name,
-                **part,
-            )
-            for i, part in enumerate(parts)
-        ]
+        groups: list[ScoredGroup] = [self.episodes_message({**part, "version": version}) for part in parts]
         return Produced(groups, {**metrics, **{f"reward/errors/{k}": v for k, v in self.reward_errors.items()}})
+
+    def episodes_message(self, part: dict[str, Any]) -> ScoredEpisodes:
+        """A group of episodes (``part``: its fields but the server's identity; its sequence number is set
+        when it is sent), from this server's engine calls or from the HTTP endpoint's episodes."""
+        return ScoredEpisodes(server_id=self.server_id, session=self.session, group_id=0, task=self.task.name, **part)
 
     def evaluate(self) -> dict[str, Any] | None:
         """(worker) On ``eval.server``: greedy (or ``eval.temperature``) completions of the held-out prompts,
@@ -350,7 +357,7 @@ class RolloutServer:
             ready = weights.newer(self.engine.version)
             if ready is not None:
                 self.state = "loading_weights"
-                await weights.install(ready, functools.partial(self._in_worker, self.install))
+                await weights.install(ready, functools.partial(self.in_worker, self.install))
                 await self._evaluate()  # every version loaded is evaluated when due, even one too stale to use
             if weights.usable(self.engine.version) and not weights.learner_gone():
                 self.state = "generating"
@@ -411,6 +418,12 @@ class RolloutServer:
         and ask again). A request carries the version the engine runs, which is the version it will
         generate with: weights are swapped only in ``_weights``, before the request."""
         cfg = self.cfg.rollout
+        if not cfg.generate:  # HTTP only: look at the weights again when a newer version is fetched
+            self.weights.fetched.clear()
+            if self.weights.ready is None:
+                self.state = "waiting_for_work"
+                await self.weights.wait(1.0, self.weights.fetched)
+            return 0, 0
         if cfg.pacing == "free":
             return cfg.prompts_per_call, cfg.group_size
         self._granted.clear()
@@ -452,16 +465,26 @@ class RolloutServer:
         a server that waits for work, or loads a newer version at once, still evaluates this one)."""
         if self.evaluates:
             self.state = "evaluating"
-            metrics = await self._in_worker(self.evaluate)
+            metrics = await self.in_worker(self.evaluate)
             if metrics is not None:
                 self.monitor.log(self.engine.version or 0, metrics)
 
+    async def _send_group(self, group: ScoredGroup) -> None:
+        """Send a group as the next of this session's sequence (the selector drops one at or below the last
+        it saw): groups of the server's own engine calls and of the HTTP endpoint go one at a time."""
+        async with self._group_lock:
+            await self._send(dataclasses.replace(group, group_id=self.groups_sent))
+            self.groups_sent += 1
+
+    async def push_episodes(self, part: dict[str, Any]) -> None:
+        """(HTTP endpoint) A complete group of episodes driven over HTTP (``rollout_server/http_episodes.py``)."""
+        await self._send_group(self.episodes_message(part))
+
     async def _generate(self, num_prompts: int, n: int) -> None:
         self.state = "generating"
-        produced = await self._in_worker(self.produce, num_prompts, n)
+        produced = await self.in_worker(self.produce, num_prompts, n)
         for group in produced.groups:
-            await self._send(group)
-            self.groups_sent += 1
+            await self._send_group(group)
         self.monitor.log(
             produced.groups[0].version if produced.groups else 0,
             {
@@ -487,6 +510,9 @@ class RolloutServer:
 
         # before the Hello: a refusal may answer it (both pacing modes; grants come only when asked for)
         helpers.append(asyncio.ensure_future(self._replies()))
+        if self.http is not None:  # answers "no weights yet" (503) until the first version is loaded
+            await self.http.start()
+            helpers.append(asyncio.ensure_future(self.http.sweep_forever()))
 
         async def work() -> None:
             await self._send(
@@ -518,6 +544,8 @@ class RolloutServer:
                 t.cancel()
             # bounded: a part stuck where a cancellation cannot reach must not keep the process alive
             await asyncio.wait({main, stop, *helpers}, timeout=10)
+            if self.http is not None:
+                await self.http.close()
 
     def run(self) -> None:
         import uvloop
