@@ -11,7 +11,7 @@ import ipaddress
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -341,11 +341,12 @@ class SelectorConfig(Section):
         description="rollout server identities tracked at once; a new one beyond "
         "this is refused (dead peers are forgotten after 10 x peer_timeout_s)",
     )
-    peer_groups_per_s: float = Field(
-        1000.0,
-        ge=0,
-        description="groups one rollout server may deliver a second outside its pacing grants "
-        "(a burst of 4 s worth); more are rejected as rejected/peer_rate; 0 = no bound",
+    peer_groups_per_s: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="groups one rollout server may deliver a second outside its pacing grants (a burst of 4 s "
+        "worth, at least 4 calls); more are rejected as rejected/peer_rate; 'auto': 16 under rollout.pacing="
+        "'credits' (a paced server delivers ungranted groups only after a lease expired or a selector restart) "
+        "and 1000 under 'free'; 0 = no bound",
     )
     min_logprob: float = Field(
         -100.0,

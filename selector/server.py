@@ -22,9 +22,10 @@ announcement). With authentication, a rollout server speaks only as the id its k
 (``selector/requests.py``, ``rejected/batch_not_learner``). A process refused for good (its key's id
 is another, or another live process holds its id) is answered a ``Refusal`` and stops, naming the
 fix. Each server id may deliver ``selector.peer_groups_per_s`` groups a second outside its pacing
-grants (``protocol/budget.py``, ``rejected/peer_rate``), so one peer cannot fill the buffer that
-the others share. Rejections are counted per reason and logged at most once per reason every 10 s. The peer table
-is bounded (``selector.max_peers``; dead peers are forgotten).
+grants (by default 16 under credits, 1000 unpaced; ``protocol/budget.py``, ``rejected/peer_rate``), so
+one peer cannot fill the batches the others share. Rejections are counted per reason and logged at
+most once per reason every 10 s. The peer table is bounded (``selector.max_peers``; dead peers are
+forgotten).
 """
 
 from __future__ import annotations
@@ -119,8 +120,9 @@ class Selector:
         # a new process may take a server id over once the old one has missed about three heartbeats
         self.identities = Identities(takeover_s=3 * self.cfg.rollout.heartbeat_s)
         self.warn = RateLimitedLog(log)
-        rate = self.cfg.selector.peer_groups_per_s  # groups outside pacing grants, per server id (fair shares)
-        self.budget = Budgets(per_s=rate, burst=4 * rate, max_peers=4 * self.cfg.selector.max_peers) if rate else None
+        rate = self.peer_groups_per_s  # groups outside pacing grants, per server id (fair shares)
+        burst = max(4 * rate, 4 * self.cfg.rollout.prompts_per_call)
+        self.budget = Budgets(per_s=rate, burst=burst, max_peers=4 * self.cfg.selector.max_peers) if rate else None
         self.flooding: dict[bytes, str] = {}  # connections over their server's budget -> that server id
         self.peers: dict[str, Peer] = {}
         self.monitor = Monitor(self.cfg.run.dir, "selector", tensorboard=False)
@@ -130,6 +132,16 @@ class Selector:
         self.pending_at = 0.0  # when the pending batch request arrived
         self.reading = False  # the poller watches the groups link (set_reading)
         self.last_check = 0.0  # when check_peers last ran
+
+    @property
+    def peer_groups_per_s(self) -> float:
+        """``selector.peer_groups_per_s``, or its default for the run's pacing: 16 under credits (a paced
+        server's ungranted groups come only after a lease expired or a selector restart: a call's worth at
+        most), 1000 unpaced (the tiny model's server makes ~290 a second)."""
+        rate = self.cfg.selector.peer_groups_per_s
+        if rate != "auto":
+            return rate
+        return 16.0 if self.cfg.rollout.pacing == "credits" else 1000.0
 
     @property
     def version(self) -> int:
@@ -235,7 +247,7 @@ class Selector:
             raise ProtocolError(
                 "peer_rate",
                 f"{msg.server_id!r} sends more than selector.peer_groups_per_s="
-                f"{self.cfg.selector.peer_groups_per_s:g} groups a second outside its pacing grants: "
+                f"{self.peer_groups_per_s:g} groups a second outside its pacing grants: "
                 "if it is an honest server, raise that bound or pace it (rollout.pacing = 'credits')",
             )
         if msg.server_id not in self.peers and len(self.peers) >= self.cfg.selector.max_peers:
