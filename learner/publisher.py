@@ -69,7 +69,7 @@ import zmq
 
 from learner.transports import Offer, Place, build_transports
 from protocol.auth import load_auth
-from protocol.budget import Budgets
+from protocol.budget import Budgets, LinkReads
 from protocol.config import NetConfig, WeightsConfig
 from protocol.messages import (
     ANNOUNCE_EVERY_S,
@@ -98,7 +98,6 @@ STARTS_PER_S = 32.0  # transfers one peer may start per second (a burst of this 
 # bench/flood.py). 4,096 chunk requests a second are 16 GiB/s of 4 MiB chunks; beyond, requests wait in
 # their peers' queues (fair-queued by ZeroMQ, so a flooding peer delays an honest one by its turn only).
 READS_PER_S = 4096.0
-PAUSE_S = 0.01  # how long reading stops when the budget ran out
 MAX_PINS = 4096  # transfers tracked at once (a hostile peer opening transfers cannot grow this further)
 
 
@@ -166,7 +165,7 @@ class WeightPublisher:
         self.pins_dropped = 0  # transfers told 'gone' because weights.max_pinned was reached
         self.pins_expired = 0  # transfers silent for weights.pin_s
         self.starts = Budgets(per_s=STARTS_PER_S)  # per-peer bound on transfer starts (weights/throttled)
-        self.reads = Budgets(per_s=READS_PER_S)  # all peers' requests read per second (this thread's GIL share)
+        self.reads = LinkReads(self._router, READS_PER_S)  # all peers' requests a second (this thread's GIL share)
         self._thread = threading.Thread(target=self._serve_or_stop, name="weight-publisher", daemon=True)
         self._thread.start()
 
@@ -239,7 +238,7 @@ class WeightPublisher:
             "weights/pins_dropped": self.pins_dropped,
             "weights/pins_expired": self.pins_expired,
             "weights/throttled": self.starts.refused,
-            "weights/read_pauses": self.reads.refused,
+            "weights/read_pauses": self.reads.pauses,
         }
 
     def close(self) -> None:
@@ -486,15 +485,15 @@ class WeightPublisher:
             log.critical("the weights server thread failed; stopping the learner", exc_info=True)
             os.kill(os.getpid(), signal.SIGINT)  # a real signal: it wakes a main thread blocked in a wait
 
-    def _read_requests(self, waiting: list[tuple[list[bytes], WeightsRequest]], now: float) -> bool:
-        """Read a burst of requests into ``waiting``; False when the read budget ran out (``READS_PER_S``)."""
+    def _read_requests(self, waiting: list[tuple[list[bytes], WeightsRequest]], poller: zmq.Poller, now: float) -> None:
+        """Read a burst of requests into ``waiting``, within the read budget (``READS_PER_S``)."""
         for _ in range(64):  # a burst of chunk requests, then look at the clock again
-            if not self.reads.allow(None, now):
-                return False
+            if not self.reads.take(poller, now):
+                return
             try:
                 frames = self._router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return True
+                return
             peer = frames[0].bytes
             if self.starts.spent(peer, now):  # a flooding peer: not even decoded until it refills
                 self.starts.refused += 1
@@ -512,7 +511,6 @@ class WeightPublisher:
             if req.corrupt >= 0:
                 self._corrupt_reported(req.corrupt)
             waiting.append((route, req))
-        return True
 
     def _serve(self) -> None:
         wake = self._ctx.socket(zmq.PAIR)
@@ -523,20 +521,16 @@ class WeightPublisher:
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._pub, zmq.POLLIN)  # subscriptions: a process joined (protocol/sockets.py)
         announced, join_due = time.monotonic(), math.inf  # join_due: announce then, for a new subscriber
-        paused_until = 0.0  # the read budget ran out: requests are not read until then
         timeout_ms = int(ANNOUNCE_EVERY_S * 1000)
         try:
             while True:
-                due = min(join_due, paused_until or math.inf)
+                due = min(join_due, self.reads.paused_until or math.inf)
                 due_ms = math.ceil((due - time.monotonic()) * 1000) if due < math.inf else timeout_ms
                 events = dict(poller.poll(max(0, min(timeout_ms, due_ms))))
                 now = time.monotonic()
-                if paused_until and now >= paused_until:  # the read budget refilled: listen to peers again
-                    poller.modify(self._router, zmq.POLLIN)
-                    paused_until = 0.0
-                if self._router in events and not self._read_requests(waiting, now):
-                    poller.modify(self._router, 0)  # requests wait in their peers' queues meanwhile
-                    paused_until = now + PAUSE_S
+                self.reads.resume(poller, now)
+                if self._router in events:
+                    self._read_requests(waiting, poller, now)
                 if wake in events and wake.recv() == b"stop":
                     return
                 if self._pub in events and self._drain_subscriptions():  # (a reconnecting loop: one per JOIN_GAP_S)

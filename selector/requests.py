@@ -16,9 +16,10 @@ know the learner yet, and the learner re-sends every second (``learner/train.py`
 A connection other than the learner's may send ``STRANGER_PER_S`` requests a second (a burst of twice
 that); beyond, its requests are dropped before they are decoded and counted the same way, so a flood
 costs the selector a ``recv`` per request (``Selector.on_request``, ``protocol/budget.py``). And at most
-``REQUEST_READS_PER_S`` requests are read a second from all connections together: beyond, the link is
-not read for ``PAUSE_S`` and a flood waits in its own queue, while ZeroMQ's fair queueing still reads the
-learner's request at its turn (``Selector.read_requests``).
+``REQUEST_READS_PER_S`` requests are read a second from all connections together
+(``protocol.budget.LinkReads``): beyond, the link is not read for a pause and a flood waits in its own
+queue, while ZeroMQ's fair queueing still reads the learner's request at its turn
+(``Selector.read_requests``).
 Without authentication this keeps out a process that does not know the session, not one that
 subscribes to the announcements (docs/RELIABILITY.md, "Batch requests").
 """
@@ -33,7 +34,6 @@ from protocol.messages import BatchRequest
 WAIT_S = 1.0  # a request of an unannounced session waits this long for its announcement
 MAX_HELD = 4  # sessions whose requests wait at once; the oldest is dropped first
 REQUEST_READS_PER_S = 1024.0  # batch requests read a second, all connections together (the learner sends one a step)
-PAUSE_S = 0.01  # how long the batches link is not read once that budget ran out
 STRANGER_PER_S = 4.0  # requests a second from a connection not (yet) the learner's (it re-sends once a second)
 
 Request = tuple[list[bytes], BatchRequest]  # (route, request)

@@ -42,7 +42,7 @@ import numpy as np
 import zmq
 
 from protocol.auth import load_auth
-from protocol.budget import Budgets
+from protocol.budget import Budgets, LinkReads
 from protocol.config import Config
 from protocol.messages import (
     LEARNER_SILENT_S,
@@ -73,7 +73,7 @@ from selector.batch import KeptGroup, build_batch
 from selector.bounds import Bounds, Early, Identities
 from selector.buffer import Buffer, Tally
 from selector.pacing import Pacer
-from selector.requests import PAUSE_S, REQUEST_READS_PER_S, STRANGER_PER_S, LearnerRequests
+from selector.requests import REQUEST_READS_PER_S, STRANGER_PER_S, LearnerRequests
 
 log = logging.getLogger("podsrl.selector")
 GroupLinkMessage = Hello | Heartbeat | ScoredGroup | WorkRequest
@@ -110,8 +110,7 @@ class Selector:
         self.pending: tuple[list[bytes], BatchRequest] | None = None
         self.requests = LearnerRequests()  # only the announced learner's batch requests are served
         self.strangers = Budgets(per_s=STRANGER_PER_S, burst=2 * STRANGER_PER_S)  # other connections' requests
-        self.request_reads = Budgets(per_s=REQUEST_READS_PER_S)  # all connections' batch requests read a second
-        self.requests_paused_until = 0.0  # request_reads ran out: the batches link is not polled until then
+        self.request_reads = LinkReads(self.batches, REQUEST_READS_PER_S)  # all connections' requests a second
         self.learner_peer = b""  # the routing id of the connection the learner's last request came on
         self.bounds = Bounds(self.cfg)  # the newest announced version, its floor and the vocabulary size
         self.early = Early()  # groups of the next version, waiting for its announcement
@@ -375,12 +374,10 @@ class Selector:
     def read_requests(self, poller: zmq.Poller) -> None:
         """A burst of batch requests (a flood of forged ones does not queue the learner's behind it),
         within ``REQUEST_READS_PER_S`` for all connections together: when that runs out the link is not
-        polled for ``PAUSE_S``, so a flood waits in its own queue (ZeroMQ fair-queues the learner's)."""
+        polled for a pause, so a flood waits in its own queue (ZeroMQ fair-queues the learner's)."""
         now = time.monotonic()
         for _ in range(64):
-            if not self.request_reads.allow(None, now):
-                poller.modify(self.batches, 0)
-                self.requests_paused_until = now + PAUSE_S
+            if not self.request_reads.take(poller, now):
                 return
             try:
                 frames = self.batches.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -570,9 +567,7 @@ class Selector:
         announcements, a burst of groups and a batch request (in that order), serve, grant, check peers."""
         silent = self.learner_silent()
         self.set_reading(poller, silent)
-        if self.requests_paused_until and time.monotonic() >= self.requests_paused_until:
-            poller.modify(self.batches, zmq.POLLIN)
-            self.requests_paused_until = 0.0
+        self.request_reads.resume(poller, time.monotonic())
         events = dict(poller.poll(self.poll_timeout_ms()))
         if self.sub in events:  # first: a group or request may carry the version just announced
             self.drain_announcements()
@@ -611,7 +606,7 @@ class Selector:
     def poll_timeout_ms(self) -> int:
         """200 ms, or less when a held batch (``Pacer.hold``) is to be looked at again sooner, or the
         batches link listened to again (``read_requests``)."""
-        due = min(self.hold_until or math.inf, self.requests_paused_until or math.inf)
+        due = min(self.hold_until or math.inf, self.request_reads.paused_until or math.inf)
         if due == math.inf:
             return 200
         return max(1, min(200, math.ceil(1e3 * (due - time.monotonic()))))

@@ -853,7 +853,7 @@ def test_reads_are_bounded_for_all_peers_together_and_an_honest_fetch_gets_its_t
             send(flood, WeightsRequest(version=-1, fetch=i))
         got = aio.fetch(aio.fetcher(net, SMALL), None)
         assert same_bytes(got, versions[0])
-        wait_for(lambda: pub.reads.refused, REPLY_S, "the read budget to run out")
+        wait_for(lambda: pub.reads.pauses, REPLY_S, "the read budget to run out")
         handled = pub.starts.refused + pub.metrics()["weights/chunks_served"]
         assert handled <= 500 * (time.monotonic() - started) + 500 + 64  # the rate, a burst, one burst read
         assert handled < 3000

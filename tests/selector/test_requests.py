@@ -8,6 +8,7 @@ import pytest
 import zmq
 
 import selector.server as server
+from protocol.budget import PAUSE_S
 from protocol.config import load_config
 from protocol.messages import BatchRequest
 from protocol.sockets import batch_client, close, send
@@ -66,7 +67,7 @@ def test_the_batches_link_is_read_within_a_budget_then_left_alone_for_a_pause(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, net_overrides: list[str]
 ) -> None:
     """All connections together get ``REQUEST_READS_PER_S`` reads a second (here 16, a burst of 16):
-    beyond, the batches link is not polled for ``PAUSE_S`` and the rest of a flood waits in its own
+    beyond, the batches link is not polled for ``protocol.budget.PAUSE_S`` and the rest of a flood waits in its own
     queue instead of costing the selector's CPU; the loop wakes up in time to listen again."""
     monkeypatch.setattr(server, "REQUEST_READS_PER_S", 16.0)
     cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", *net_overrides])
@@ -79,13 +80,13 @@ def test_the_batches_link_is_read_within_a_budget_then_left_alone_for_a_pause(
             send(forger, req(6, request_id=i))
         assert poller.poll(5000)
         for _ in range(16):  # bursts of at most 64 each, until the budget runs out
-            if sel.requests_paused_until:
+            if sel.request_reads.paused_until:
                 break
             sel.read_requests(poller)
-        assert sel.requests_paused_until and sel.request_reads.refused == 1
+        assert sel.request_reads.paused_until and sel.request_reads.pauses == 1
         assert sel.strangers.refused == 16 - 8  # 16 read: 8 decoded (a stranger's burst), 8 dropped undecoded
         assert not poller.poll(0)  # not listened to during the pause, though 84 requests wait
-        assert sel.poll_timeout_ms() <= 1e3 * server.PAUSE_S
+        assert sel.poll_timeout_ms() <= 1e3 * PAUSE_S
         left = 0
         while sel.batches.poll(0):
             sel.batches.recv_multipart()
