@@ -767,6 +767,16 @@ class Config(Section):
         return self.task.length + 1 if self.task.type in BUILTIN_TASKS else 256
 
     @property
+    def peer_groups_per_s(self) -> float:
+        """``selector.peer_groups_per_s``, 'auto' resolved for the run's pacing: 16 under credits (a paced
+        server's ungranted groups come only after a lease expired or a selector restart: a call's worth at
+        most), 1000 unpaced (the tiny model's server makes ~290 a second)."""
+        rate = self.selector.peer_groups_per_s
+        if rate != "auto":
+            return rate
+        return 16.0 if self.rollout.pacing == "credits" else 1000.0
+
+    @property
     def multi_turn(self) -> bool:
         """Groups may be multi-turn episodes: with task.environment, or episodes driven over HTTP."""
         return bool(self.task.environment) or self.rollout.http_port > 0

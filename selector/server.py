@@ -119,7 +119,7 @@ class Selector:
         # a new process may take a server id over once the old one has missed about three heartbeats
         self.identities = Identities(takeover_s=3 * self.cfg.rollout.heartbeat_s)
         self.warn = RateLimitedLog(log)
-        rate = self.peer_groups_per_s  # groups outside pacing grants, per server id (fair shares)
+        rate = self.cfg.peer_groups_per_s  # groups outside pacing grants, per server id (fair shares)
         burst = max(4 * rate, 4 * self.cfg.rollout.prompts_per_call)
         self.budget = Budgets(per_s=rate, burst=burst, max_peers=4 * self.cfg.selector.max_peers) if rate else None
         self.flooding: dict[bytes, str] = {}  # connections over their server's budget -> that server id
@@ -131,16 +131,6 @@ class Selector:
         self.pending_at = 0.0  # when the pending batch request arrived
         self.reading = False  # the poller watches the groups link (set_reading)
         self.last_check = 0.0  # when check_peers last ran
-
-    @property
-    def peer_groups_per_s(self) -> float:
-        """``selector.peer_groups_per_s``, or its default for the run's pacing: 16 under credits (a paced
-        server's ungranted groups come only after a lease expired or a selector restart: a call's worth at
-        most), 1000 unpaced (the tiny model's server makes ~290 a second)."""
-        rate = self.cfg.selector.peer_groups_per_s
-        if rate != "auto":
-            return rate
-        return 16.0 if self.cfg.rollout.pacing == "credits" else 1000.0
 
     @property
     def version(self) -> int:
@@ -246,7 +236,7 @@ class Selector:
             raise ProtocolError(
                 "peer_rate",
                 f"{msg.server_id!r} sends more than selector.peer_groups_per_s="
-                f"{self.peer_groups_per_s:g} groups a second outside its pacing grants: "
+                f"{self.cfg.peer_groups_per_s:g} groups a second outside its pacing grants: "
                 "if it is an honest server, raise that bound or pace it (rollout.pacing = 'credits')",
             )
         if msg.server_id not in self.peers and len(self.peers) >= self.cfg.selector.max_peers:

@@ -409,3 +409,17 @@ def test_the_config_bounds_turns_as_the_protocol_does():
     cfg = load_config(None, ["task.type=product", "task.environment=calc", "task.max_turns=3"])
     assert (cfg.max_turns, cfg.max_completion_tokens) == (3, 3 * cfg.max_new_tokens)
     assert (load_config(None, []).max_turns, load_config(None, []).max_completion_tokens) == (1, 4)
+
+
+def test_the_per_peer_group_budget_defaults_to_the_runs_pacing() -> None:
+    """'auto': a paced server delivers groups without a grant only after a lease expired or a selector
+    restart (a call's worth), so 16 a second is plenty; an unpaced one makes all its groups without one
+    (the tiny model's ~290 a second), so 1000. A number is taken as it is; 0 turns the bound off."""
+
+    def rate(*overrides: str) -> float:
+        return load_config(None, list(overrides)).peer_groups_per_s
+
+    assert rate() == 16.0 and rate("rollout.pacing=credits") == 16.0
+    assert rate("rollout.pacing=free") == 1000.0
+    assert rate("rollout.pacing=free", "selector.peer_groups_per_s=50") == 50.0
+    assert rate("selector.peer_groups_per_s=0") == 0.0

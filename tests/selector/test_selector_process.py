@@ -478,22 +478,3 @@ def test_a_connection_flooding_batch_requests_is_dropped_undecoded_and_the_learn
     # all but a burst of 8 (and the refill) dropped undecoded and counted; decoded one at a time, the 200
     # would have been one held request, replaced 199 times and counted at most once a second
     assert 200 - 8 - 4 <= counted <= 200
-
-
-def test_the_per_peer_group_budget_defaults_to_the_runs_pacing() -> None:
-    """'auto': a paced server delivers groups without a grant only after a lease expired or a selector
-    restart (a call's worth), so 16 a second is plenty; an unpaced one makes all its groups without one
-    (the tiny model's ~290 a second), so 1000. A number is taken as it is; 0 turns the bound off."""
-    from types import SimpleNamespace
-    from typing import cast
-
-    from selector.server import Selector
-
-    def rate(*overrides: str) -> float:
-        fake = SimpleNamespace(cfg=load_config(None, list(overrides)))
-        return cast(float, Selector.peer_groups_per_s.fget(cast(Selector, fake)))  # type: ignore[attr-defined]
-
-    assert rate() == 16.0 and rate("rollout.pacing=credits") == 16.0
-    assert rate("rollout.pacing=free") == 1000.0
-    assert rate("rollout.pacing=free", "selector.peer_groups_per_s=50") == 50.0
-    assert rate("selector.peer_groups_per_s=0") == 0.0
