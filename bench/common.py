@@ -11,13 +11,18 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from launcher.ports import free_ports  # the launcher's: n distinct free loopback ports
+from protocol.messages import ScoredGroup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +83,14 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
+def spawn_python(args: list[str], log: Path, **popen: Any) -> subprocess.Popen:
+    """``python ARGS`` in the repository root with :func:`child_env`, stdout and stderr to ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, *args], env=child_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, **popen
+        )
+
+
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(),
@@ -114,3 +127,23 @@ def print_results(results: list[Result]) -> None:
             f"goal {r.goal} {met}",
             flush=True,
         )
+
+
+def scored_group(rewards: np.ndarray, t: int = 64, p: int = 8, server: str = "bench-0", gid: int = 0) -> ScoredGroup:
+    """A valid group of ``len(rewards)`` completions of ``t`` random tokens after a ``p``-token prompt,
+    seeded by ``gid``."""
+    n = rewards.shape[0]
+    rng = np.random.default_rng(gid)
+    return ScoredGroup(
+        server_id=server,
+        session=1,
+        group_id=gid,
+        version=0,
+        task="copy",
+        gen_seconds=0.0,
+        prompt_ids=np.arange(1, p + 1, dtype=np.int32),
+        completion_ids=rng.integers(4, 32000, n * t, dtype=np.int32),
+        completion_lens=np.full(n, t, np.int32),
+        logprobs=-rng.exponential(1.0, n * t).astype(np.float32),
+        rewards=rewards.astype(np.float32),
+    )

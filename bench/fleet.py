@@ -47,7 +47,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from bench.common import ROOT, Result, child_env, free_ports, print_results
+from bench.common import Result, free_ports, print_results, spawn_python
 from bench.fleet_sim import GROUP_N, GROUP_T, PROMPT_T, PROMPTS_PER_CALL, server_name
 from bench.fleet_weights import weights_rows
 from protocol.auth import create_keys, load_auth
@@ -142,15 +142,7 @@ class Fleet:
         def limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
-        log = (self.tmp / f"{name}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, *args],
-            env=child_env(),
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=limit if nofile else None,
-        )
+        proc = spawn_python(args, self.tmp / f"{name}.log", preexec_fn=limit if nofile else None)
         self.procs.append(proc)
         return proc
 

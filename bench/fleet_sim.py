@@ -35,6 +35,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from bench.common import scored_group
 from protocol.auth import load_auth
 from protocol.codec import encode
 from protocol.config import NetConfig
@@ -70,22 +71,7 @@ def speed(i: int, fastest_s: float, spread: float) -> float:
 def _pool(seed: int) -> list[ScoredGroup]:
     """Pre-built groups (arrays shared by every send; the header is rebuilt per group)."""
     rng = np.random.default_rng(seed)
-    return [
-        ScoredGroup(
-            server_id="x",
-            session=0,
-            group_id=0,
-            version=0,
-            task="copy",
-            gen_seconds=0.0,
-            prompt_ids=np.arange(1, PROMPT_T + 1, dtype=np.int32),
-            completion_ids=rng.integers(4, 32000, GROUP_N * GROUP_T, dtype=np.int32),
-            completion_lens=np.full(GROUP_N, GROUP_T, np.int32),
-            logprobs=-rng.exponential(1.0, GROUP_N * GROUP_T).astype(np.float32),
-            rewards=rng.choice(LEVELS, GROUP_N).astype(np.float32),
-        )
-        for _ in range(32)
-    ]
+    return [scored_group(rng.choice(LEVELS, GROUP_N), t=GROUP_T, p=PROMPT_T, gid=32 * seed + k) for k in range(32)]
 
 
 @dataclass

@@ -50,7 +50,8 @@ import msgpack
 import numpy as np
 import zmq
 
-from bench.common import ROOT, Result, child_env, free_port, interleaved, print_results
+from bench.common import ROOT, Result, child_env, free_port, interleaved, print_results, spawn_python
+from bench.common import scored_group as make_group
 from protocol.codec import decode, encode
 from protocol.config import Config, NetConfig, SelectorConfig, load_config
 from protocol.messages import BatchRequest, ScoredGroup, TrainBatch, WeightsAnnouncement
@@ -127,24 +128,6 @@ def brute_force_python(r: list[float], m: int) -> tuple[int, ...]:
 
 def _variance(r: np.ndarray, kept: Any) -> float:
     return float(np.asarray(r, np.float64)[list(kept)].var())
-
-
-def make_group(rewards: np.ndarray, t: int = 64, p: int = 8, server: str = "bench-0", gid: int = 0) -> ScoredGroup:
-    n = rewards.shape[0]
-    rng = np.random.default_rng(gid)
-    return ScoredGroup(
-        server_id=server,
-        session=1,
-        group_id=gid,
-        version=0,
-        task="copy",
-        gen_seconds=0.0,
-        prompt_ids=np.arange(1, p + 1, dtype=np.int32),
-        completion_ids=rng.integers(4, 32000, n * t, dtype=np.int32),
-        completion_lens=np.full(n, t, np.int32),
-        logprobs=-rng.exponential(1.0, n * t).astype(np.float32),
-        rewards=rewards.astype(np.float32),
-    )
 
 
 def _same(d: Any, e: Any) -> bool:
@@ -533,15 +516,7 @@ class _Rig:
         }
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = (self.tmp / f"{name}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, *args],
-            env=child_env(),
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = spawn_python(args, self.tmp / f"{name}.log", start_new_session=True)
         self.procs.append(proc)
         return proc
 
