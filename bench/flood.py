@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ import zmq
 from bench.common import ROOT, Result
 from launcher.cli import podsrl_command
 from protocol.config import Config, load_config
-from protocol.messages import BatchRequest, ScoredGroup, WeightsAnnouncement, WeightsRequest, new_session
+from protocol.messages import BatchRequest, Message, ScoredGroup, WeightsAnnouncement, WeightsRequest, new_session
 from protocol.metrics import read_metrics
 from protocol.sockets import announce_subscriber, batch_client, close, group_sender, recv, send, weight_client
 
@@ -76,31 +77,24 @@ def flood(run_dir: Path, stop: threading.Event, sent: dict[str, float], kinds: t
         announce_subscriber(ctx, net),
     )
     forged, session, version = new_session(), new_session(), -1
+    make: dict[str, tuple[zmq.Socket, Callable[[], Message | None]]] = {  # None: nothing to send yet
+        "batch": (batches, lambda: BatchRequest(request_id=1, version=0, num_groups=8, session=forged)),
+        "weights": (weights, lambda: WeightsRequest(version=-1, fetch=new_session())),
+        "groups": (groups, lambda: forged_group(cfg, session, int(sent["groups"]), version) if version >= 0 else None),
+    }
     try:
         while not stop.is_set():
             while sub.poll(0):
                 version = max(version, recv(sub, WeightsAnnouncement)[1].version)
             for _ in range(64):
-                try:
-                    if "batch" not in kinds:
-                        raise zmq.Again
-                    send(
-                        batches, BatchRequest(request_id=1, version=0, num_groups=8, session=forged), flags=zmq.NOBLOCK
-                    )
-                    sent["batch"] += 1
-                except zmq.Again:
-                    pass
-                try:
-                    if "weights" not in kinds:
-                        raise zmq.Again
-                    send(weights, WeightsRequest(version=-1, fetch=new_session()), flags=zmq.NOBLOCK)
-                    sent["weights"] += 1
-                except zmq.Again:
-                    pass
-                if version >= 0 and "groups" in kinds:
+                for kind in kinds:
+                    sock, message = make[kind]
+                    msg = message()
+                    if msg is None:
+                        continue
                     try:
-                        send(groups, forged_group(cfg, session, int(sent["groups"]), version), flags=zmq.NOBLOCK)
-                        sent["groups"] += 1
+                        send(sock, msg, flags=zmq.NOBLOCK)
+                        sent[kind] += 1
                     except zmq.Again:
                         pass
                 # drain whatever comes back, so our own queues never block the links
